@@ -1,0 +1,33 @@
+"""The emulator's ASGI app: DIMO Auth, Token Exchange, Identity and Telemetry on one port."""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+from connectors.dimo.emulator import auth, identity, telemetry
+from connectors.dimo.emulator.faults import FaultInjector
+from connectors.dimo.emulator.gql import json_response
+from connectors.dimo.emulator.state import EmulatorState
+
+
+def create_app(state: EmulatorState) -> ASGIApp:
+    """Build the app for ``state``; fault injection wraps it when the spec enables any fault."""
+
+    async def healthz(_: Request) -> Response:
+        return json_response({"status": "ok", "vehicles": len(state.fleet.vehicles)})
+
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        *auth.routes(state),
+        *identity.routes(state),
+        *telemetry.routes(state),
+    ]
+    app = Starlette(routes=routes)
+    app.state.emulator = state
+    if state.faults.enabled:
+        return FaultInjector(app, state.faults)
+    return app

@@ -1,0 +1,176 @@
+"""Run the emulator: build the fleet, bind a socket, serve with uvicorn; or run it as a child process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from connectors.dimo.emulator.app import create_app
+from connectors.dimo.emulator.faults import FaultSpec
+from connectors.dimo.emulator.fleet import Fleet
+from connectors.dimo.emulator.state import EmulatorConfig, EmulatorState, make_license
+from depin_core.errors import ConfigError, DepinError
+from depin_core.fs import atomic_write_bytes
+
+
+def build_fleet(config: EmulatorConfig) -> Fleet:
+    """The fleet ``config`` asks for: a replay file, or simulated vehicles plus optional CMAP vehicles."""
+    from connectors.dimo.emulator import replay, simulator
+
+    license = make_license(config.seed)
+    end = (config.end or datetime.now(UTC)).astimezone(UTC)
+    if config.replay is not None:
+        return replay.replay_fleet(license, config.replay)
+    fleet = simulator.simulate_fleet(
+        license,
+        vehicles=config.vehicles,
+        days=config.days,
+        seed=config.seed,
+        end=end,
+        restricted_fraction=config.restricted_fraction,
+    )
+    if config.cmap_dir is not None:
+        fleet = replay.add_cmap_vehicles(fleet, config.cmap_dir, seed=config.seed)
+    return fleet
+
+
+def credentials_document(fleet: Fleet, base_url: str) -> dict[str, str]:
+    """The ``--credentials-out`` JSON: a license whose signer may read every shared vehicle."""
+    lic = fleet.license
+    return {
+        "client_id": lic.client_id,
+        "domain": lic.domain,
+        "private_key": lic.private_key,
+        "auth_url": base_url,
+        "token_exchange_url": base_url,
+        "identity_url": f"{base_url}/identity/query",
+        "telemetry_url": f"{base_url}/telemetry/query",
+    }
+
+
+def build_state(config: EmulatorConfig, public_url: str) -> EmulatorState:
+    return EmulatorState(
+        fleet=build_fleet(config),
+        public_url=public_url,
+        dev_jwt_ttl=timedelta(seconds=config.dev_jwt_ttl_s),
+        vehicle_jwt_ttl=timedelta(seconds=config.vehicle_jwt_ttl_s),
+        faults=FaultSpec.parse(config.faults),
+    )
+
+
+def write_outputs(config: EmulatorConfig, state: EmulatorState) -> None:
+    """Write the credentials file and the ground-truth tables, when asked for."""
+    if config.credentials_out:
+        doc = credentials_document(state.fleet, state.public_url)
+        atomic_write_bytes(config.credentials_out, json.dumps(doc, indent=2).encode())
+        os.chmod(config.credentials_out, 0o600)
+    if config.ground_truth_out:
+        out = Path(config.ground_truth_out)
+        out.mkdir(parents=True, exist_ok=True)
+        state.fleet.truth_vehicles.write_parquet(out / "vehicles.parquet")
+        state.fleet.truth_faults.write_parquet(out / "faults.parquet")
+
+
+def serve(config: EmulatorConfig, *, on_ready: Any = None) -> None:
+    """Build the fleet and serve until interrupted (Ctrl-C / SIGTERM)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((config.host, config.port))
+    except OSError as exc:
+        raise ConfigError(f"port: cannot bind {config.host}:{config.port} ({exc.strerror}); pick another --port") from None
+    port = sock.getsockname()[1]
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    state = build_state(config, f"http://{host}:{port}")
+    write_outputs(config, state)
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(state), log_level=config.log_level, access_log=False, lifespan="off")
+    )
+    if on_ready:
+        on_ready(state)
+    asyncio.run(server.serve(sockets=[sock]))
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class EmulatorProcess:
+    """The emulator in a child process, for tests, benchmarks and the demo. Always stopped on exit.
+
+    >>> with EmulatorProcess(EmulatorConfig(vehicles=5, days=2)) as emu:
+    ...     emu.credentials["telemetry_url"]
+    """
+
+    def __init__(self, config: EmulatorConfig, *, startup_timeout: float = 120.0, cpu: int | None = None) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="depin-emulator-")
+        creds = config.credentials_out or Path(self._tmp.name) / "credentials.json"
+        port = config.port or _free_port(config.host)
+        self.config = config.model_copy(update={"credentials_out": creds, "port": port})
+        self.startup_timeout = startup_timeout
+        self.cpu = cpu
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.credentials: dict[str, str] = {}
+
+    @property
+    def base_url(self) -> str:
+        return self.credentials["auth_url"]
+
+    @property
+    def credentials_path(self) -> Path:
+        assert self.config.credentials_out is not None
+        return Path(self.config.credentials_out)
+
+    def start(self) -> EmulatorProcess:
+        cmd = [sys.executable, "-m", "connectors.dimo.emulator", "--config-json", self.config.model_dump_json()]
+        if self.cpu is not None and hasattr(os, "sched_setaffinity"):
+            cmd = ["taskset", "-c", str(self.cpu), *cmd]
+        self.credentials_path.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise DepinError(f"emulator exited with code {self.proc.returncode}: {err[-2000:]}")
+            if self.credentials_path.exists():
+                self.credentials = json.loads(self.credentials_path.read_text())
+                try:
+                    if httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.05)
+        self.stop()
+        raise DepinError(f"emulator did not become ready within {self.startup_timeout:.0f}s")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc and self.proc.stderr:
+            self.proc.stderr.close()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> EmulatorProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

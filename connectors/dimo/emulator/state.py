@@ -1,0 +1,78 @@
+"""Configuration and in-memory state of one emulator instance."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from eth_account import Account
+from pydantic import BaseModel, Field
+
+from connectors.dimo.emulator.faults import FaultSpec
+from connectors.dimo.emulator.fleet import DeveloperLicense, Fleet
+from connectors.dimo.emulator.keys import SigningKey
+
+DEFAULT_DOMAIN = "http://localhost:8765/callback"
+
+
+class EmulatorConfig(BaseModel):
+    """Everything ``depin emulator`` accepts; JSON-serializable so a parent process can pass it on."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=0, le=65535)
+    vehicles: int = Field(20, ge=0, le=100_000)
+    days: float = Field(7.0, gt=0, le=3650)
+    seed: int = 0
+    replay: Path | None = None
+    cmap_dir: Path | None = Field(None, description="import CMAP 1 Hz speed traces from this folder as vehicles")
+    faults: str = ""
+    credentials_out: Path | None = None
+    ground_truth_out: Path | None = None
+    end: datetime | None = Field(None, description="end of the simulated history; default: start-up time")
+    dev_jwt_ttl_s: int = Field(14 * 86400, gt=0)
+    vehicle_jwt_ttl_s: int = Field(600, gt=0)
+    restricted_fraction: float = Field(0.0, ge=0, le=1, description="share of vehicles not shared with the license")
+    log_level: str = "warning"
+
+
+def make_license(seed: int, domain: str = DEFAULT_DOMAIN) -> DeveloperLicense:
+    """A deterministic developer license (contract address + one signer key) derived from ``seed``."""
+    digest = hashlib.sha256(f"depin-emulator-license-{seed}".encode()).digest()
+    signer = Account.from_key(hashlib.sha256(digest + b"signer").digest())
+    client_id = Account.from_key(hashlib.sha256(digest + b"contract").digest()).address
+    return DeveloperLicense(
+        client_id=client_id, domain=domain, signers=(signer.address,), private_key="0x" + signer.key.hex().removeprefix("0x")
+    )
+
+
+@dataclass
+class Challenge:
+    client_id: str
+    domain: str
+    address: str
+    text: str
+    issued_at: float
+
+
+@dataclass
+class EmulatorState:
+    fleet: Fleet
+    public_url: str
+    dev_key: SigningKey = field(default_factory=lambda: SigningKey.generate("dex-1"))
+    vehicle_key: SigningKey = field(default_factory=lambda: SigningKey.generate("rr-1"))
+    dev_jwt_ttl: timedelta = timedelta(days=14)
+    vehicle_jwt_ttl: timedelta = timedelta(minutes=10)
+    faults: FaultSpec = field(default_factory=FaultSpec)
+    challenges: dict[str, Challenge] = field(default_factory=dict)
+    clock: Callable[[], float] = time.time
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock(), UTC)
+
+    @property
+    def license(self) -> DeveloperLicense:
+        return self.fleet.license
