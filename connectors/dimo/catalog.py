@@ -34,6 +34,9 @@ _LAST_SIGNALS = frozenset(
         "powertrainTractionBatteryStateOfHealth",
         "serviceDistanceToService",
         "serviceTimeToService",
+        "powertrainTransmissionActualGear",
+        "powertrainTransmissionCurrentGear",
+        "powertrainTransmissionSelectedGear",
     }
 )
 

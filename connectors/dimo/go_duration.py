@@ -17,7 +17,7 @@ def parse_go_duration_ns(text: str) -> int:
     orig = text
     s = text
     neg = False
-    if s[:1] in "+-":
+    if s[:1] in ("+", "-"):
         neg = s[0] == "-"
         s = s[1:]
     if s == "0":

@@ -91,3 +91,24 @@ def validate_table(table: pa.Table) -> None:
     for name in table.column_names:
         if name not in KEY_COLUMNS and name not in LOCATION_COLUMNS and name not in catalog:
             raise ConfigError(f"telemetry column {name!r} is not a DIMO signal")
+
+
+def signals_of_columns(column_names: Iterable[str]) -> list[str]:
+    """The DIMO signals behind a table's columns (``latitude``/``longitude`` map to the location signal)."""
+    out: list[str] = []
+    for name in column_names:
+        if name in KEY_COLUMNS:
+            continue
+        out.append(LOCATION_SIGNAL if name in LOCATION_COLUMNS else name)
+    return list(dict.fromkeys(out))
+
+
+def conform_table(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Reorder ``table``'s columns to ``schema``, adding all-null columns for signals it lacks."""
+    columns = []
+    for field in schema:
+        if field.name in table.column_names:
+            columns.append(table.column(field.name).cast(field.type))
+        else:
+            columns.append(pa.nulls(table.num_rows, field.type))
+    return pa.Table.from_arrays(columns, schema=schema)

@@ -7,6 +7,7 @@ without going through the CLI package.
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 from connectors.dimo.emulator.server import serve
 from connectors.dimo.emulator.state import EmulatorConfig
@@ -16,10 +17,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m connectors.dimo.emulator")
     parser.add_argument("--config-json", default="{}", help="EmulatorConfig as JSON")
     args = parser.parse_args()
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         serve(EmulatorConfig.model_validate_json(args.config_json))
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

@@ -27,11 +27,13 @@ from depin_core.fs import atomic_write_bytes
 
 def build_fleet(config: EmulatorConfig) -> Fleet:
     """The fleet ``config`` asks for: a replay file, or simulated vehicles plus optional CMAP vehicles."""
-    from connectors.dimo.emulator import replay, simulator
+    from connectors.dimo.emulator import simulator
 
     license = make_license(config.seed)
     end = (config.end or datetime.now(UTC)).astimezone(UTC)
     if config.replay is not None:
+        from connectors.dimo.emulator import replay
+
         return replay.replay_fleet(license, config.replay)
     fleet = simulator.simulate_fleet(
         license,
@@ -42,6 +44,8 @@ def build_fleet(config: EmulatorConfig) -> Fleet:
         restricted_fraction=config.restricted_fraction,
     )
     if config.cmap_dir is not None:
+        from connectors.dimo.emulator import replay
+
         fleet = replay.add_cmap_vehicles(fleet, config.cmap_dir, seed=config.seed)
     return fleet
 
@@ -119,7 +123,9 @@ class EmulatorProcess:
     def __init__(self, config: EmulatorConfig, *, startup_timeout: float = 120.0, cpu: int | None = None) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="depin-emulator-")
         creds = config.credentials_out or Path(self._tmp.name) / "credentials.json"
-        port = config.port or _free_port(config.host)
+        # a child process gets a free port unless the caller chose one explicitly
+        explicit = "port" in config.model_fields_set and config.port
+        port = config.port if explicit else _free_port(config.host)
         self.config = config.model_copy(update={"credentials_out": creds, "port": port})
         self.startup_timeout = startup_timeout
         self.cpu = cpu

@@ -1,0 +1,32 @@
+# depin-pipeline — the two commands: `make demo` (set up + run the main job) and `make test` (set up + run the suite).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: demo test bench lint up clean
+
+$(VENV)/.base: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) -e .
+	@touch $@
+
+$(VENV)/.dev: $(VENV)/.base
+	$(PIP) -e '.[dev]'
+	@touch $@
+
+demo: $(VENV)/.base  ## set up .venv and run the main job (emulator -> ingest -> summary)
+	$(VENV)/bin/depin demo --json
+
+test: $(VENV)/.dev  ## set up .venv with dev extras and run the test suite
+	$(PY) -m pytest -q -ra
+
+bench: $(VENV)/.base  ## benchmarks (print ratios against baselines measured in the same run)
+	$(PY) bench/ingest.py
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .venv-dimo-sdk .depin .pytest_cache

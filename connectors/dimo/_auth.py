@@ -1,0 +1,245 @@
+"""DIMO tokens: the Developer JWT (web3 challenge → sign → submit) and per-vehicle JWTs (token exchange).
+
+Both are cached and refreshed before they expire (``exp`` is decoded, never assumed): a token is renewed when
+it is within ``max(60 s, 10 % of its lifetime)`` of ``exp``. One refresh runs at a time; callers that saw the
+same stale token share it. Tokens and the private key never reach logs, reprs or exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+from eth_account import Account
+from eth_account.messages import encode_defunct
+
+from connectors.dimo._http import Service, TokenSource, json_body
+from connectors.dimo.errors import DimoAuthError, DimoPrivilegeError, DimoQueryError, DimoTransientError
+from connectors.dimo.privileges import ID_TO_PERMISSION
+from connectors.dimo.settings import DimoSettings
+
+MIN_MARGIN_S = 60.0
+FORM = {"content-type": "application/x-www-form-urlencoded"}
+
+
+@dataclass(slots=True)
+class _Cached:
+    token: str = field(repr=False)
+    expires_at: float
+    margin: float
+
+    def fresh(self, now: float) -> bool:
+        return now < self.expires_at - self.margin
+
+
+def _cache_entry(token: str, now: float, *, fallback_ttl: float) -> _Cached:
+    """Decode ``exp``/``iat`` without verifying (we are the bearer, not the audience).
+
+    Tokens living under 2 minutes (tests, odd servers) get a quarter of their lifetime as margin, so they
+    are still used for a while instead of being refreshed on every request.
+    """
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        claims = {}
+    exp = float(claims.get("exp") or now + fallback_ttl)
+    iat = float(claims.get("iat") or now)
+    lifetime = max(exp - iat, 0.0)
+    return _Cached(
+        token, exp, max(MIN_MARGIN_S, 0.1 * lifetime) if lifetime > 2 * MIN_MARGIN_S else lifetime / 4
+    )
+
+
+def sign_challenge(challenge: str, private_key: str) -> str:
+    """EIP-191 personal_sign of ``challenge``; 0x-prefixed 65-byte hex signature."""
+    sig = Account.from_key(private_key).sign_message(encode_defunct(text=challenge)).signature.hex()
+    return sig if sig.startswith("0x") else "0x" + sig
+
+
+class DeveloperToken(TokenSource):
+    """The Developer JWT for the license in ``settings`` (cached, refreshed before expiry)."""
+
+    def __init__(
+        self, settings: DimoSettings, service: Service, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        settings.require_credentials()
+        self._settings = settings
+        self._service = service
+        self._clock = clock
+        self._cached: _Cached | None = None
+        self._lock = asyncio.Lock()
+        self.fetches = 0
+
+    def __repr__(self) -> str:
+        return f"DeveloperToken(client_id={self._settings.client_id!r})"
+
+    async def token(self) -> str:
+        cached = self._cached
+        if cached is not None and cached.fresh(self._clock()):
+            return cached.token
+        async with self._lock:
+            cached = self._cached
+            if cached is None or not cached.fresh(self._clock()):
+                cached = self._cached = await self._fetch()
+            return cached.token
+
+    async def refresh(self, stale: str) -> None:
+        async with self._lock:
+            if self._cached is None or self._cached.token == stale:
+                self._cached = await self._fetch()
+
+    async def _fetch(self) -> _Cached:
+        s = self._settings
+        base = s.urls.auth
+        assert s.client_id and s.domain and s.private_key  # require_credentials() checked
+        common = {"client_id": s.client_id, "domain": s.domain}
+        for attempt in range(2):
+            try:
+                challenge = await self._service.call(
+                    "POST",
+                    f"{base}/auth/web3/generate_challenge",
+                    what="DIMO auth generate_challenge",
+                    parse=lambda r: json_body(r, "DIMO auth generate_challenge"),
+                    headers=FORM,
+                    data={**common, "scope": "openid email", "response_type": "code", "address": s.client_id},
+                )
+                signature = sign_challenge(str(challenge["challenge"]), s.private_key.get_secret_value())
+                doc = await self._service.call(
+                    "POST",
+                    f"{base}/auth/web3/submit_challenge",
+                    what="DIMO auth submit_challenge",
+                    parse=lambda r: json_body(r, "DIMO auth submit_challenge"),
+                    headers=FORM,
+                    data={
+                        **common,
+                        "state": str(challenge["state"]),
+                        "signature": signature,
+                        "grant_type": "authorization_code",
+                    },
+                )
+            except DimoQueryError as exc:
+                text = str(exc)
+                if attempt == 0 and ("does not exist" in text or "expired" in text):
+                    continue  # the challenge was consumed by a retried submit, or timed out: start over
+                raise DimoAuthError(_auth_advice(text, s.client_id)) from None
+            except (KeyError, TypeError):
+                raise DimoTransientError("DIMO auth: challenge response lacks state/challenge") from None
+            token = doc.get("access_token") if isinstance(doc, dict) else None
+            if not token:
+                raise DimoAuthError(
+                    "DIMO auth: submit_challenge returned no access_token; check the auth URL"
+                )
+            self.fetches += 1
+            ttl = float(doc.get("expires_in") or 3600)
+            return _cache_entry(str(token), self._clock(), fallback_ttl=ttl)
+        raise DimoAuthError("DIMO auth: the challenge expired twice in a row; check the machine's clock")
+
+
+def _auth_advice(text: str, client_id: str) -> str:
+    if "HTTP 404" in text or "Invalid client_id" in text:
+        return f"{text}: client id {client_id} is not a developer license; check DEPIN_DIMO_CLIENT_ID"
+    if "redirect_uri" in text:
+        return (
+            f"{text}: DEPIN_DIMO_DOMAIN must be a redirect URI registered on the license in console.dimo.org"
+        )
+    if "verify signature" in text:
+        return f"{text}: DEPIN_DIMO_PRIVATE_KEY is not an enabled signer (API key) of license {client_id}"
+    return f"{text}: check DEPIN_DIMO_CLIENT_ID, DEPIN_DIMO_DOMAIN and DEPIN_DIMO_PRIVATE_KEY"
+
+
+class VehicleTokens:
+    """Per-vehicle JWTs from ``POST /v1/tokens/exchange``, cached until shortly before ``exp``."""
+
+    def __init__(
+        self,
+        settings: DimoSettings,
+        service: Service,
+        developer: DeveloperToken,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._service = service
+        self._developer = developer
+        self._clock = clock
+        self._cache: dict[int, tuple[frozenset[int], _Cached]] = {}
+        self._locks: dict[int, asyncio.Lock] = {}
+        self.exchanges = 0
+
+    def __repr__(self) -> str:
+        return f"VehicleTokens(cached={len(self._cache)})"
+
+    def source(self, token_id: int, privileges: Iterable[int]) -> TokenSource:
+        """A token source for one vehicle, asking for ``privileges`` (ids)."""
+        return _VehicleSource(self, token_id, frozenset(privileges))
+
+    def invalidate(self, token_id: int) -> None:
+        self._cache.pop(token_id, None)
+
+    async def get(self, token_id: int, privileges: frozenset[int], *, stale: str | None = None) -> str:
+        hit = self._cache.get(token_id)
+        if hit and privileges <= hit[0] and hit[1].fresh(self._clock()) and hit[1].token != stale:
+            return hit[1].token
+        lock = self._locks.setdefault(token_id, asyncio.Lock())
+        async with lock:
+            hit = self._cache.get(token_id)
+            if hit and privileges <= hit[0] and hit[1].fresh(self._clock()) and hit[1].token != stale:
+                return hit[1].token
+            wanted = privileges | (hit[0] if hit else frozenset())
+            entry = await self._exchange(token_id, wanted)
+            self._cache[token_id] = (wanted, entry)
+            return entry.token
+
+    async def _exchange(self, token_id: int, privileges: frozenset[int]) -> _Cached:
+        s = self._settings
+        urls = s.urls
+        what = f"DIMO token exchange for vehicle {token_id}"
+        # Legacy body: what every SDK sends, accepted by token-exchange-api and the emulator.
+        body = {
+            "nftContractAddress": urls.nft_contract,
+            "privileges": sorted(privileges),
+            "tokenId": token_id,
+        }
+        try:
+            doc: Any = await self._service.call(
+                "POST",
+                f"{urls.token_exchange}/v1/tokens/exchange",
+                what=what,
+                parse=lambda r: json_body(r, what),
+                auth=self._developer,
+                json=body,
+            )
+        except DimoPrivilegeError as exc:
+            perms = ", ".join(ID_TO_PERMISSION.get(p, str(p)) for p in sorted(privileges))
+            raise DimoPrivilegeError(
+                f"vehicle {token_id}: license {s.client_id} was refused {perms} ({exc}); the vehicle owner must "
+                "share these privileges with the license (SACD grant), or drop the signals that need them"
+            ) from None
+        token = doc.get("token") if isinstance(doc, dict) else None
+        if not token:
+            raise DimoTransientError(f"{what}: response has no token")
+        self.exchanges += 1
+        return _cache_entry(str(token), self._clock(), fallback_ttl=600)
+
+
+class _VehicleSource(TokenSource):
+    def __init__(self, tokens: VehicleTokens, token_id: int, privileges: frozenset[int]) -> None:
+        self._tokens = tokens
+        self._token_id = token_id
+        self._privileges = privileges
+
+    def __repr__(self) -> str:
+        return f"_VehicleSource(token_id={self._token_id})"
+
+    async def token(self) -> str:
+        return await self._tokens.get(self._token_id, self._privileges)
+
+    async def refresh(self, stale: str) -> None:
+        await self._tokens.get(self._token_id, self._privileges, stale=stale)
+
+
+__all__ = ["DeveloperToken", "VehicleTokens", "sign_challenge"]

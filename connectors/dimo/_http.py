@@ -1,0 +1,335 @@
+"""HTTP plumbing of the DIMO client: per-service rate limiting, bounded concurrency, retries with full-jitter
+backoff (honouring ``Retry-After``), one token refresh on 401, and error classification.
+
+Classification: 429/500/502/503/504, timeouts, connect errors, dropped connections and unparseable pages are
+transient (retried, then :class:`DimoTransientError`); 401 refreshes the token once; 400/403/404 and
+GraphQL errors are permanent with a message saying what to fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import httpx
+import orjson
+
+from connectors.dimo.errors import (
+    ComplexityLimitExceeded,
+    DimoAuthError,
+    DimoPrivilegeError,
+    DimoQueryError,
+    DimoTransientError,
+    ExecutionTimeExceeded,
+)
+
+T = TypeVar("T")
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+RETRY_AFTER_CAP_S = 60.0  # a server asking for longer is treated as 'a minute'
+USER_AGENT = "depin-pipeline/0.1 (+httpx)"
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class TokenRejected(Exception):
+    """The server rejected the bearer token (HTTP 401 or a GraphQL ``unauthorized: jwt …`` error)."""
+
+
+class TokenSource(Protocol):
+    """Hands out a bearer token; ``refresh(stale)`` replaces it unless someone already did."""
+
+    async def token(self) -> str: ...
+
+    async def refresh(self, stale: str) -> None: ...
+
+
+@dataclass
+class ClientStats:
+    """Counters for one client: requests sent, retries, bytes received, status codes, time in requests."""
+
+    requests: int = 0
+    retries: int = 0
+    bytes: int = 0
+    statuses: Counter[int] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+    vehicles_skipped: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "retries": self.retries,
+            "bytes": self.bytes,
+            "statuses": dict(self.statuses),
+            "errors": dict(self.errors),
+            "seconds": round(self.seconds, 3),
+            "vehicles_skipped": self.vehicles_skipped,
+        }
+
+
+class RateLimiter:
+    """Async token bucket: ``rate`` requests/s with a small ``burst``; ``rate <= 0`` disables it."""
+
+    def __init__(
+        self,
+        rate: float,
+        burst: int = 2,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self.rate = rate
+        self.burst = max(1, burst)
+        self._tokens = float(self.burst)
+        self._clock = clock
+        self._sleep = sleep
+        self._last = clock()
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        """Wait until one request may be sent."""
+        if self.rate <= 0:
+            return
+        async with self._lock:  # FIFO: waiters are served in arrival order
+            while True:
+                now = self._clock()
+                self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+                self._last = now
+                if self._tokens >= 1:
+                    self._tokens -= 1
+                    return
+                await self._sleep((1 - self._tokens) / self.rate)
+
+
+@dataclass
+class RetryPolicy:
+    """Full-jitter exponential backoff; a server's ``Retry-After`` wins (capped at 60 s)."""
+
+    max_retries: int = 8
+    base_s: float = 0.5
+    max_s: float = 30.0
+    sleep: Sleep = asyncio.sleep
+    rng: random.Random = field(default_factory=random.Random)
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before retry number ``attempt`` (1-based)."""
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), RETRY_AFTER_CAP_S)
+        return self.rng.uniform(0, min(self.max_s, self.base_s * 2 ** (attempt - 1)))
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """``Retry-After`` as seconds: delta-seconds or an HTTP date; None when absent or unparseable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _short(body: bytes, limit: int = 300) -> str:
+    return body[:limit].decode("utf-8", "replace").strip()
+
+
+def _message(body: bytes) -> str:
+    """The human message of an error body (JSON ``message``/``error_description``/``errors``, or text)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return _short(body)
+    if isinstance(doc, dict):
+        if isinstance(doc.get("errors"), list) and doc["errors"]:
+            return "; ".join(str(e.get("message", e)) for e in doc["errors"] if isinstance(e, dict))
+        for key in ("message", "error_description", "error"):
+            if doc.get(key):
+                return str(doc[key])
+    return _short(body)
+
+
+def classify_status(resp: httpx.Response, what: str) -> None:
+    """Raise the right error for a non-2xx response (401 → :class:`TokenRejected`)."""
+    status = resp.status_code
+    if status < 300:
+        return
+    if status == 401:
+        raise TokenRejected(_message(resp.content))
+    if status in RETRYABLE_STATUS:
+        raise DimoTransientError(
+            f"{what}: HTTP {status} ({_message(resp.content)[:120]})",
+            retry_after=parse_retry_after(resp.headers.get("retry-after")),
+        )
+    if status == 422:
+        doc = orjson_or_none(resp.content)
+        if doc is None:  # gqlgen always sends JSON: this page was cut short
+            raise DimoTransientError(f"{what}: HTTP 422 with a truncated body")
+        raise_graphql_errors(doc, what)
+    msg = _message(resp.content)
+    if status == 403:
+        raise DimoPrivilegeError(f"{what}: HTTP 403 {msg}")
+    raise DimoQueryError(f"{what}: HTTP {status} {msg}")
+
+
+def orjson_or_none(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def raise_graphql_errors(doc: Any, what: str, *, privilege_hint: str = "") -> None:
+    """Raise for a GraphQL ``errors`` list (no-op when there is none)."""
+    errors = doc.get("errors") if isinstance(doc, dict) else None
+    if not errors or not isinstance(errors, list):
+        return
+    first = errors[0] if isinstance(errors[0], dict) else {"message": str(errors[0])}
+    msg = str(first.get("message", ""))
+    code = str((first.get("extensions") or {}).get("code", ""))
+    all_msgs = "; ".join(str(e.get("message", "")) for e in errors if isinstance(e, dict))
+    if code == "COMPLEXITY_LIMIT_EXCEEDED":
+        raise ComplexityLimitExceeded(f"{what}: {msg}")
+    if "maximum execution time" in msg:
+        raise ExecutionTimeExceeded(f"{what}: {msg}")
+    if msg.startswith("unauthorized: jwt") or msg.startswith("unauthorized: token id does not match"):
+        raise TokenRejected(msg)
+    if msg.startswith("unauthorized"):
+        raise DimoPrivilegeError(f"{what}: {all_msgs}{privilege_hint}")
+    if code in ("TOO_MANY_REQUESTS", "INTERNAL_SERVER_ERROR"):
+        raise DimoTransientError(f"{what}: {msg} ({code})")
+    if code in ("GRAPHQL_VALIDATION_FAILED", "GRAPHQL_PARSE_FAILED"):
+        raise DimoQueryError(
+            f"{what}: the server rejected the query ({all_msgs}); a signal may have been renamed or removed "
+            "from the DIMO schema — drop it or update the catalog"
+        )
+    raise DimoQueryError(f"{what}: {all_msgs}" + (f" ({code})" if code else ""))
+
+
+class Service:
+    """One DIMO service: a keep-alive ``httpx.AsyncClient``, a rate limiter, a concurrency bound, retries."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        rate: float,
+        concurrency: int,
+        timeout_s: float,
+        policy: RetryPolicy,
+        stats: ClientStats,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.name = name
+        self.policy = policy
+        self.stats = stats
+        self.limiter = RateLimiter(rate, sleep=policy.sleep)
+        self.slots = asyncio.Semaphore(concurrency)
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        self.http = httpx.AsyncClient(
+            timeout=timeout_s,
+            limits=limits,
+            http2=False,
+            transport=transport,
+            headers={"user-agent": USER_AGENT},
+        )
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def _send(self, method: str, url: str, what: str, **kwargs: Any) -> httpx.Response:
+        async with self.slots:
+            await self.limiter.acquire()
+            started = time.perf_counter()
+            self.stats.requests += 1
+            try:
+                resp = await self.http.request(method, url, **kwargs)
+            except httpx.TimeoutException as exc:
+                raise DimoTransientError(f"{what}: timed out ({type(exc).__name__})") from None
+            except (
+                httpx.ConnectError,
+                httpx.RemoteProtocolError,
+                httpx.ReadError,
+                httpx.WriteError,
+                httpx.PoolTimeout,
+            ) as exc:
+                raise DimoTransientError(f"{what}: connection failed ({type(exc).__name__})") from None
+            finally:
+                self.stats.seconds += time.perf_counter() - started
+        self.stats.statuses[resp.status_code] += 1
+        self.stats.bytes += len(resp.content)
+        return resp
+
+    async def call(
+        self,
+        method: str,
+        url: str,
+        *,
+        what: str,
+        parse: Callable[[httpx.Response], Awaitable[T]],
+        auth: TokenSource | None = None,
+        **kwargs: Any,
+    ) -> T:
+        """Send with retries; ``parse`` turns a 2xx into a value and may raise (transient → retried)."""
+        attempt = 0
+        refreshed = False
+        headers = dict(kwargs.pop("headers", None) or {})
+        while True:
+            token = None
+            try:
+                if auth is not None:
+                    token = await auth.token()
+                    headers["authorization"] = f"Bearer {token}"
+                resp = await self._send(method, url, what, headers=headers, **kwargs)
+                classify_status(resp, what)
+                return await parse(resp)
+            except TokenRejected as exc:
+                self.stats.errors["401"] += 1
+                if auth is None or token is None or refreshed:
+                    raise DimoAuthError(
+                        f"{what}: the token was rejected ({exc}) even after a refresh; check that the license "
+                        "credentials are valid and the clock is right"
+                    ) from None
+                refreshed = True
+                await auth.refresh(token)
+            except DimoTransientError as exc:
+                attempt += 1
+                self.stats.errors[type(exc).__name__] += 1
+                if attempt > self.policy.max_retries:
+                    raise DimoTransientError(
+                        f"{exc} — gave up after {attempt} attempts; DIMO may be overloaded, try again later "
+                        "or lower max_concurrency / rate_limit_per_s",
+                        retry_after=exc.retry_after,
+                    ) from None
+                self.stats.retries += 1
+                await self.policy.sleep(self.policy.delay(attempt, exc.retry_after))
+
+
+async def json_body(resp: httpx.Response, what: str) -> Any:
+    """Decode a JSON body; an unparseable page is transient (proxies cut pages short)."""
+    try:
+        return orjson.loads(resp.content)
+    except orjson.JSONDecodeError:
+        raise DimoTransientError(f"{what}: response is not valid JSON (truncated page?)") from None
+
+
+async def graphql_data(resp: httpx.Response, what: str, *, privilege_hint: str = "") -> dict[str, Any]:
+    """The ``data`` object of a GraphQL response, raising classified errors for ``errors``."""
+    doc = await json_body(resp, what)
+    if not isinstance(doc, dict):
+        raise DimoTransientError(f"{what}: response is not a GraphQL document")
+    raise_graphql_errors(doc, what, privilege_hint=privilege_hint)
+    data = doc.get("data")
+    if not isinstance(data, dict):
+        raise DimoTransientError(f"{what}: response has no data")
+    return data

@@ -1,0 +1,311 @@
+"""Telemetry history: query building, request planning (signal chunks × time windows) and page → Arrow.
+
+Planning. A request is one ``signals(tokenId, interval, from, to)`` query for a chunk of signals over a window.
+Chunks keep gqlgen's complexity (each selected field 1 + its children) at most 100 and at most
+``max_signals_per_request`` signals. Windows are whole multiples of ``interval`` starting at ``since`` (so every
+bucket start stays on the ``since + k·interval`` grid) with buckets × value columns ≤ ``max_values_per_request``
+and length ≤ ``max_window``. A 422 COMPLEXITY_LIMIT_EXCEEDED halves the chunk; "maximum execution time" halves
+the window; both lessons are remembered for later plans.
+
+Conversion (measured on a 1440-row × 15-signal page, 644 KB, this 2-core machine, best of 7×20):
+  orjson.loads alone 1.8 ms · orjson + pa.Table.from_pylist 3.7 ms · orjson + pa.array(struct) 3.3 ms ·
+  polars.read_json(schema) + arrow cast 3.2 ms · pyarrow.json (one block) 4.2 ms.
+polars and pyarrow.json release the GIL (2 threads: 1.5x throughput), orjson-based ones do not (0.6x), so
+pages are parsed with polars in a worker thread while the event loop keeps the other requests moving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from functools import lru_cache
+
+import numpy as np
+import orjson
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from connectors.dimo._http import orjson_or_none, raise_graphql_errors
+from connectors.dimo.catalog import signal_catalog
+from connectors.dimo.errors import ComplexityLimitExceeded, DimoTransientError, ExecutionTimeExceeded
+from connectors.dimo.schema import LOCATION_COLUMNS, TIMESTAMP_TYPE, signal_fields
+from depin_core.timeparse import to_rfc3339
+
+COMPLEXITY_LIMIT = 100
+PARSE_IN_THREAD = True
+_US = timedelta(microseconds=1)
+
+
+# ---------------------------------------------------------------- query building
+
+
+def _is_location(name: str) -> bool:
+    return signal_catalog()[name].gql_type == "Location"
+
+
+def query_complexity(signals: Sequence[str]) -> int:
+    """gqlgen's default complexity of :func:`build_query`: ``signals`` + ``timestamp`` + each field (+children)."""
+    return 2 + sum(3 if _is_location(s) else 1 for s in signals)
+
+
+def value_columns(signals: Sequence[str]) -> int:
+    """Arrow value columns for ``signals`` (location → latitude + longitude)."""
+    return sum(2 if _is_location(s) else 1 for s in signals)
+
+
+@lru_cache(maxsize=1024)
+def build_query(signals: tuple[str, ...]) -> str:
+    """The ``signals`` query for a chunk; response keys are the signal names themselves."""
+    catalog = signal_catalog()
+    lines = []
+    for name in signals:
+        sig = catalog[name]
+        if sig.gql_type == "Location":
+            lines.append(f"{name}(agg: {sig.default_agg}) {{ latitude longitude }}")
+        else:
+            lines.append(f"{name}(agg: {sig.default_agg})")
+    body = "\n    ".join(["timestamp", *lines])
+    return (
+        "query Signals($tokenId: Int!, $interval: String!, $from: Time!, $to: Time!) {\n"
+        "  signals(tokenId: $tokenId, interval: $interval, from: $from, to: $to) {\n"
+        f"    {body}\n  }}\n}}"
+    )
+
+
+# ---------------------------------------------------------------- planning
+
+
+def chunk_signals(
+    signals: Sequence[str], max_signals: int, limit: int = COMPLEXITY_LIMIT
+) -> list[tuple[str, ...]]:
+    """Split ``signals`` (in order) into chunks of at most ``max_signals`` and complexity ≤ ``limit``."""
+    chunks: list[tuple[str, ...]] = []
+    current: list[str] = []
+    for name in signals:
+        if current and (len(current) >= max_signals or query_complexity([*current, name]) > limit):
+            chunks.append(tuple(current))
+            current = []
+        current.append(name)
+    if current:
+        chunks.append(tuple(current))
+    return chunks
+
+
+def plan_windows(
+    since: datetime,
+    until: datetime,
+    interval: timedelta,
+    *,
+    columns: int,
+    max_values: int,
+    max_window: timedelta,
+) -> list[tuple[datetime, datetime]]:
+    """``[since, until)`` as windows of whole intervals starting at ``since + k·window``."""
+    if until <= since:
+        return []
+    step = interval // _US
+    total = -(-((until - since) // _US) // step)  # buckets, the last one maybe partial
+    per = max(1, min(max_values // max(columns, 1), max_window // interval, total))
+    out = []
+    for k in range(0, total, per):
+        start = since + interval * k
+        out.append((start, min(until, since + interval * (k + per))))
+    return out
+
+
+def buckets_in(start: datetime, end: datetime, interval: timedelta) -> int:
+    return -(-((end - start) // _US) // (interval // _US))
+
+
+# ---------------------------------------------------------------- conversion
+
+
+@lru_cache(maxsize=1024)
+def _page_schemas(signals: tuple[str, ...]) -> tuple[dict[str, pl.DataType], pa.Schema]:
+    """(polars read schema of a response, Arrow schema of the converted page) for a chunk."""
+    row: dict[str, pl.DataType] = {"timestamp": pl.Utf8()}
+    fields = [pa.field("timestamp", TIMESTAMP_TYPE, nullable=False)]
+    for name in signals:
+        sig = signal_catalog()[name]
+        if sig.gql_type == "Location":
+            row[name] = pl.Struct({c: pl.Float64() for c in LOCATION_COLUMNS})
+        else:
+            row[name] = pl.Utf8() if sig.gql_type == "String" else pl.Float64()
+        fields.extend(signal_fields(name))
+    # ``errors`` is read with the page: no separate scan of the body for error documents.
+    read = {
+        "errors": pl.List(pl.Struct({"message": pl.Utf8()})),
+        "data": pl.Struct({"signals": pl.List(pl.Struct(row))}),
+    }
+    return read, pa.schema(fields)
+
+
+def empty_page(signals: tuple[str, ...]) -> pa.Table:
+    return _page_schemas(signals)[1].empty_table()
+
+
+def parse_page(
+    body: bytes, signals: tuple[str, ...], *, what: str = "DIMO telemetry", privilege_hint: str = ""
+) -> pa.Table:
+    """One ``signals`` response → Arrow (``timestamp`` + value columns), no per-row Python.
+
+    GraphQL errors raise classified errors; a page that cannot be parsed is transient (retried).
+    """
+    read_schema, schema = _page_schemas(signals)
+    try:
+        df = pl.read_json(io.BytesIO(body), schema=read_schema)
+        errors = df.get_column("errors")[0]
+        rows = df.get_column("data").struct.field("signals")[0]
+    except (pl.exceptions.PolarsError, IndexError) as exc:
+        doc = orjson_or_none(body)
+        if doc is not None:  # valid JSON of an unexpected shape: maybe errors polars could not type
+            raise_graphql_errors(doc, what, privilege_hint=privilege_hint)
+        raise DimoTransientError(
+            f"{what}: response could not be parsed ({type(exc).__name__}); retrying"
+        ) from None
+    if errors is not None and len(errors):  # error documents are small: decode them fully to classify
+        raise_graphql_errors(orjson.loads(body), what, privilege_hint=privilege_hint)
+    if rows is None or len(rows) == 0:
+        return schema.empty_table()
+    t = rows.struct.unnest().to_arrow()
+    arrays: list[pa.Array | pa.ChunkedArray] = []
+    for f in schema:
+        if f.name in LOCATION_COLUMNS:
+            arrays.append(pc.struct_field(t.column(f.metadata[b"signal"].decode()), f.name))
+        else:
+            arrays.append(pc.cast(t.column(f.name), f.type))
+    try:
+        return pa.Table.from_arrays(arrays, schema=schema)
+    except pa.ArrowInvalid as exc:  # e.g. a null timestamp
+        raise DimoTransientError(f"{what}: page violates the schema ({exc}); retrying") from None
+
+
+def join_chunks(tables: Sequence[pa.Table]) -> pa.Table:
+    """Outer-join the pages of several signal chunks of one window on ``timestamp`` (sorted)."""
+    out = tables[0]
+    for t in tables[1:]:
+        out = out.join(t, keys="timestamp", join_type="full outer", coalesce_keys=True)
+    return out.sort_by("timestamp")
+
+
+def assemble(token_id: int, pages: Sequence[pa.Table], schema: pa.Schema) -> pa.Table:
+    """Concatenate window tables and shape them to ``schema`` (missing columns become nulls)."""
+    pages = [p for p in pages if p.num_rows]
+    if not pages:
+        return schema.empty_table()
+    combined = pa.concat_tables(pages, promote_options="default") if len(pages) > 1 else pages[0]
+    n = combined.num_rows
+    arrays: list[pa.Array | pa.ChunkedArray] = []
+    for f in schema:
+        if f.name == "token_id":
+            arrays.append(pa.array(np.full(n, token_id, dtype=np.int64)))
+        elif f.name in combined.column_names:
+            arrays.append(combined.column(f.name).cast(f.type))
+        else:
+            arrays.append(pa.nulls(n, f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+# ---------------------------------------------------------------- execution
+
+
+@dataclass
+class Planner:
+    """Plans requests and learns from the server: chunk and window sizes shrink after 422/timeouts."""
+
+    max_signals: int
+    max_values: int
+    max_window: timedelta
+
+    def chunks(self, signals: Sequence[str]) -> list[tuple[str, ...]]:
+        return chunk_signals(signals, self.max_signals)
+
+    def windows(
+        self, since: datetime, until: datetime, interval: timedelta, chunks: Sequence[tuple[str, ...]]
+    ) -> list[tuple[datetime, datetime]]:
+        columns = max((value_columns(c) for c in chunks), default=1)
+        return plan_windows(
+            since, until, interval, columns=columns, max_values=self.max_values, max_window=self.max_window
+        )
+
+
+PageFetcher = Callable[[tuple[str, ...], datetime, datetime], Awaitable[pa.Table]]
+
+
+async def fetch_unit(
+    fetch: PageFetcher,
+    planner: Planner,
+    chunk: tuple[str, ...],
+    start: datetime,
+    end: datetime,
+    interval: timedelta,
+) -> pa.Table:
+    """One chunk over one window, halving the chunk on complexity errors and the window on timeouts."""
+    try:
+        return await fetch(chunk, start, end)
+    except ComplexityLimitExceeded:
+        if len(chunk) == 1:
+            raise
+        planner.max_signals = min(planner.max_signals, max(1, len(chunk) // 2))
+        mid = len(chunk) // 2
+        parts = await asyncio.gather(
+            *(fetch_unit(fetch, planner, c, start, end, interval) for c in (chunk[:mid], chunk[mid:]))
+        )
+        return join_chunks(parts)
+    except ExecutionTimeExceeded as exc:
+        n = buckets_in(start, end, interval)
+        if n <= 1:
+            raise DimoTransientError(f"{exc} (already one bucket per request)") from None
+        planner.max_values = min(planner.max_values, max(1, (n // 2) * value_columns(chunk)))
+        mid = start + interval * (n // 2)
+        parts = await asyncio.gather(
+            fetch_unit(fetch, planner, chunk, start, mid, interval),
+            fetch_unit(fetch, planner, chunk, mid, end, interval),
+        )
+        return pa.concat_tables(parts)
+
+
+async def fetch_range(
+    fetch: PageFetcher,
+    planner: Planner,
+    signals: Sequence[str],
+    since: datetime,
+    until: datetime,
+    interval: timedelta,
+) -> list[pa.Table]:
+    """All windows × chunks for one vehicle, concurrently (the service bounds concurrency); one table per window."""
+    chunks = planner.chunks(signals)
+    windows = planner.windows(since, until, interval, chunks)
+
+    async def window(start: datetime, end: datetime) -> pa.Table:
+        parts = await asyncio.gather(*(fetch_unit(fetch, planner, c, start, end, interval) for c in chunks))
+        return parts[0] if len(parts) == 1 else join_chunks(parts)
+
+    return list(await asyncio.gather(*(window(s, e) for s, e in windows)))
+
+
+def request_body(
+    token_id: int, chunk: tuple[str, ...], start: datetime, end: datetime, interval: str
+) -> bytes:
+    return orjson.dumps(
+        {
+            "query": build_query(chunk),
+            "variables": {
+                "tokenId": token_id,
+                "interval": interval,
+                "from": to_rfc3339(start),
+                "to": to_rfc3339(end),
+            },
+        }
+    )
+
+
+async def parse_off_loop(body: bytes, chunk: tuple[str, ...], what: str, privilege_hint: str) -> pa.Table:
+    """Parse a page in a worker thread (polars releases the GIL) or inline, per ``PARSE_IN_THREAD``."""
+    if PARSE_IN_THREAD and len(body) > 64_000:
+        return await asyncio.to_thread(parse_page, body, chunk, what=what, privilege_hint=privilege_hint)
+    return parse_page(body, chunk, what=what, privilege_hint=privilege_hint)

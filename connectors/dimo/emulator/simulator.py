@@ -1,0 +1,359 @@
+"""A seeded, physically plausible simulated fleet: daily routines, energy physics, faults and ground truth.
+
+``simulate_fleet`` is deterministic in its arguments. Each vehicle follows a daily routine (commutes,
+errands, overnight or DC fast charging for EVs, refuelling for combustion cars); its signals come from the
+vectorised physics in ``sim_physics`` driven by 1 Hz speed profiles (``sim_profiles``) and are sampled by
+``sim_render``. Hidden per-vehicle parameters and injected faults are returned as ground truth.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import polars as pl
+
+from connectors.dimo.emulator.fleet import DeveloperLicense, Fleet, Vehicle
+from connectors.dimo.emulator.sim_catalog import (
+    COMBUSTION,
+    ELECTRIC,
+    FULL_GRANT,
+    TIRE_SIGNALS,
+    TRUTH_FAULT_SCHEMA,
+    Place,
+    VehicleParams,
+    checksum_address,
+    draw_params,
+    make_vehicle,
+    mnemonic,
+    truth_frame,
+    truth_row,
+)
+from connectors.dimo.emulator.sim_profiles import (
+    make_route,
+    split_micro_trips,
+    synthetic_profile,
+    trace_profile,
+)
+from connectors.dimo.emulator.sim_render import (
+    BATTERY_OVERHEAT,
+    TIRE_LEAK,
+    V12,
+    WEAK_12V,
+    Fault,
+    VehicleSim,
+    make_climate,
+)
+from depin_core.errors import ConfigError
+
+EV_SHARE = 0.6
+FIRST_TOKEN_ID = 10_000
+WARMUP_S = 6 * 3600  # simulated before the window so state (temperatures, charge) looks lived-in
+HOME, WORK = -1, -2
+
+
+@dataclass(frozen=True)
+class PlannedTrip:
+    depart: int  # epoch seconds (may be delayed at run time)
+    dest: int  # HOME, WORK or an errand index
+    day: int
+
+
+def _align(t: float, step: int = 10) -> int:
+    return int(math.ceil(t / step) * step)
+
+
+def plan_trips(rng: np.random.Generator, p: VehicleParams, t0: float, t1: float) -> list[PlannedTrip]:
+    """The vehicle's intended trips between ``t0`` and ``t1``: 0 or 2–4 per local day, ending at home."""
+    off = p.city.utc_offset_h * 3600.0
+    first_day = math.floor((t0 + off) / 86400.0)
+    last_day = math.floor((t1 + off) / 86400.0)
+    out: list[PlannedTrip] = []
+    h = 3600.0
+    for day in range(first_day, last_day + 1):
+        midnight = day * 86400.0 - off
+        weekend = (day + 3) % 7 >= 5  # 1970-01-01 was a Thursday
+        if rng.random() < 0.07:
+            continue
+        legs: list[tuple[float, int]] = []
+        errand = int(rng.integers(len(p.errands)))
+        if p.commuter and not weekend:
+            legs += [(rng.normal(7.75, 0.5) * h, WORK), (rng.normal(17.25, 0.6) * h, HOME)]
+            if rng.random() < 0.15:
+                lunch = rng.normal(12.25, 0.3) * h
+                legs += [(lunch, errand), (lunch + rng.uniform(0.5, 1.0) * h, WORK)]
+            elif rng.random() < 0.35:
+                evening = rng.normal(19.5, 0.7) * h
+                legs += [(evening, errand), (evening + rng.uniform(0.3, 1.5) * h, HOME)]
+        else:
+            if rng.random() < 0.2:
+                other = int(rng.integers(len(p.errands)))
+                t = rng.uniform(9.5, 14.0) * h
+                legs += [
+                    (t, errand),
+                    (t + rng.uniform(0.4, 1.5) * h, other),
+                    (t + rng.uniform(2.0, 3.5) * h, HOME),
+                ]
+            else:
+                for t in sorted(rng.uniform(9.0, 19.0, int(rng.integers(1, 3))) * h):
+                    e = int(rng.integers(len(p.errands)))
+                    legs += [(t, e), (t + rng.uniform(0.3, 2.5) * h, HOME)]
+        legs.sort()
+        out += [PlannedTrip(_align(midnight + t), dest, day) for t, dest in legs]
+    return out
+
+
+def _place(p: VehicleParams, dest: int) -> Place:
+    return p.home if dest == HOME else p.work if dest == WORK else p.errands[dest]
+
+
+def _trip_energy_estimate(p: VehicleParams, km: float, air_c: float) -> float:
+    """Pessimistic energy (kWh) or fuel (L) a trip of ``km`` may need."""
+    e = p.energy
+    cold = 1.0 + e.cold * max(0.0, 15.0 - air_c)
+    return km * ((e.base + 1.2 * e.aero + 4.0) / 100.0 * cold + e.aux_kw / 20.0) * 1.3
+
+
+def run_vehicle(
+    sim: VehicleSim,
+    rng: np.random.Generator,
+    plan: list[PlannedTrip],
+    t_end: int,
+    pieces: list[np.ndarray] | None = None,
+) -> None:
+    """Play the planned trips through ``sim`` with charging/refuelling decisions, up to ``t_end``."""
+    p = sim.p
+    loc = HOME
+    for i, trip in enumerate(plan):
+        if trip.dest == loc:
+            continue
+        depart = max(trip.depart, _align(sim.t + 120))
+        if depart >= t_end:
+            break
+        nxt = next((q.depart for q in plan[i + 1 :] if q.depart > depart), t_end)
+        route = make_route(rng, sim.place, _place(p, trip.dest))
+        if pieces:
+            v = trace_profile(rng, route.length_m, pieces)
+        else:
+            v = synthetic_profile(
+                rng,
+                route.length_m,
+                aggression=p.aggression,
+                harsh_brake_prob=p.harsh_brake_prob,
+                harsh_accel_prob=p.harsh_accel_prob,
+            )
+        air = float(sim.climate.air(np.array([float(depart)]))[0])
+        need = _trip_energy_estimate(p, route.length_m / 1000.0, air)
+        sim.park(depart)
+        if sim.ev and sim.soc - need / sim.usable_kwh(depart) * 100.0 < 10.0:
+            sim.charge(
+                dc=True, target_soc=float(rng.uniform(80, 90)), charger_kw=float(rng.choice([50, 100, 150]))
+            )
+        elif not sim.ev and sim.fuel - need / p.tank_l * 100.0 < 6.0:
+            sim.park(sim.t + int(rng.integers(36, 60)) * 10, fuel_to=float(rng.uniform(93, 100)))
+        sim.drive(v, route)
+        loc = trip.dest
+        day_over = i + 1 >= len(plan) or plan[i + 1].day != trip.day
+        if sim.ev:
+            if sim.soc < 20.0 and not (loc == HOME and p.home_charging):
+                sim.park(_align(sim.t + rng.uniform(60, 600)))
+                sim.charge(
+                    dc=True,
+                    target_soc=float(rng.uniform(75, 90)),
+                    charger_kw=float(rng.choice([50, 100, 150])),
+                )
+            elif (
+                day_over
+                and loc == HOME
+                and p.home_charging
+                and (sim.soc < p.plug_threshold or rng.random() < 0.2)
+            ):
+                off = p.city.utc_offset_h * 3600.0
+                if p.offpeak_charging:
+                    start = _align((trip.day * 86400.0 - off) + 23 * 3600.0)
+                else:
+                    start = _align(sim.t + rng.uniform(120, 2400))
+                if start < min(nxt, t_end):
+                    sim.park(max(start, sim.t))
+                    sim.charge(
+                        dc=False, target_soc=p.charge_limit, charger_kw=p.ac_kw, until=min(nxt, t_end) - 60
+                    )
+        elif sim.fuel < 15.0:
+            sim.park(_align(sim.t + rng.uniform(60, 900)))
+            sim.park(sim.t + int(rng.integers(36, 60)) * 10, fuel_to=float(rng.uniform(93, 100)))
+    sim.park(t_end)
+
+
+def draw_faults(
+    rng: np.random.Generator, params: list[VehicleParams], t_start: int, t_end: int
+) -> dict[int, list[Fault]]:
+    """Faults for ~20–30 % of vehicles: a leaking tyre, a weak 12 V battery or (EVs) an overheating pack."""
+    n = len(params)
+    out: dict[int, list[Fault]] = {}
+    if n == 0:
+        return out
+    k = min(n, max(1, round(rng.uniform(0.2, 0.3) * n)))
+    span = t_end - t_start
+    for i in sorted(rng.choice(n, k, replace=False).tolist()):
+        p = params[i]
+        kinds = [TIRE_LEAK, WEAK_12V] + ([BATTERY_OVERHEAT] if p.powertrain == ELECTRIC else [])
+        kind = kinds[int(rng.integers(len(kinds)))]
+        dur = int(min(rng.uniform(1.5, 4.0) * 86400.0, 0.6 * span)) // 60 * 60
+        start = (t_start + int(rng.uniform(0, span - dur))) // 60 * 60
+        if kind == TIRE_LEAK:
+            tire = int(rng.integers(4))
+            fault = Fault(kind, TIRE_SIGNALS[tire], start, start + dur, float(rng.uniform(2.0, 8.0)), tire)
+        elif kind == WEAK_12V:
+            fault = Fault(kind, V12, start, start + dur, float(rng.uniform(11.3, 11.7)))
+        else:
+            fault = Fault(
+                kind,
+                "powertrainTractionBatteryTemperatureAverage",
+                start,
+                start + dur,
+                float(rng.uniform(15.0, 25.0)),
+            )
+        out[p.token_id] = [fault]
+    return out
+
+
+def faults_frame(faults: dict[int, list[Fault]]) -> pl.DataFrame:
+    """``Fleet.truth_faults`` from injected faults."""
+    rows = []
+    for token_id, fs in sorted(faults.items()):
+        for f in fs:
+            unit = {TIRE_LEAK: "kpa_per_day", WEAK_12V: "parked_volts", BATTERY_OVERHEAT: "excess_celsius"}[
+                f.kind
+            ]
+            rows.append(
+                {
+                    "token_id": token_id,
+                    "fault": f.kind,
+                    "signal": f.signal,
+                    "start": datetime.fromtimestamp(f.start, UTC),
+                    "end": datetime.fromtimestamp(f.end, UTC),
+                    "detail": json.dumps({unit: round(f.magnitude, 3)}),
+                }
+            )
+    return pl.DataFrame(rows, schema=TRUTH_FAULT_SCHEMA)
+
+
+def initial_sim(
+    p: VehicleParams,
+    rng: np.random.Generator,
+    *,
+    t0: int,
+    t_start: float,
+    t_end: float,
+    faults: list[Fault],
+    source: str,
+    end_year: int,
+) -> VehicleSim:
+    """A ``VehicleSim`` at home at ``t0`` with a plausible odometer, charge/fuel level and climate.
+
+    Also fixes ``p.soh_end`` from the SoH decline rate and the history length ``[t_start, t_end)``.
+    """
+    age = max(0.2, end_year - p.year + 0.5)
+    if p.powertrain == ELECTRIC:
+        p.soh_end = p.soh_start - p.soh_rate_per_year * (t_end - t_start) / (365.25 * 86400.0)
+    return VehicleSim(
+        p=p,
+        climate=make_climate(rng, p, t0, t_end),
+        rng=rng,
+        t=t0,
+        place=p.home,
+        odometer_km=float(age * rng.uniform(8000, 18000)),
+        soc=float(rng.uniform(45, 90)) if p.powertrain == ELECTRIC else math.nan,
+        fuel=float(rng.uniform(30, 95)) if p.powertrain == COMBUSTION else math.nan,
+        faults=faults,
+        source=source,
+        soh_window=(t_start, t_end),
+    )
+
+
+def simulate_fleet(
+    license: DeveloperLicense,
+    *,
+    vehicles: int,
+    days: float,
+    seed: int,
+    end: datetime,
+    restricted_fraction: float = 0.0,
+    speed_traces: list[np.ndarray] | None = None,
+) -> Fleet:
+    """Simulate ``vehicles`` cars over ``[end − days, end)``; same arguments, identical fleet.
+
+    ~60 % are EVs. Every vehicle grants privileges (1,3,4,5,6) to ``license.client_id`` except a
+    ``restricted_fraction`` share: half of those grant nothing, half only (1,). ``speed_traces`` (1 Hz km/h
+    arrays, e.g. CMAP recordings) replace the synthetic speed profiles with recorded stop-to-stop pieces.
+    """
+    if vehicles < 0 or days <= 0:
+        raise ConfigError(f"simulate_fleet: vehicles={vehicles}, days={days}; use vehicles >= 0 and days > 0")
+    if not 0.0 <= restricted_fraction <= 1.0:
+        raise ConfigError(f"restricted_fraction={restricted_fraction} is outside [0, 1]")
+    end = end.astimezone(UTC)
+    start = end - timedelta(days=days)
+    t_start, t_end = start.timestamp(), end.timestamp()
+    pieces = [p for tr in speed_traces or [] for p in split_micro_trips(tr)] or None
+    if speed_traces and not pieces:
+        raise ConfigError("speed_traces: no trace contains a stop-to-stop piece of 50 m or more")
+
+    master = np.random.default_rng(np.random.SeedSequence([seed, 0x51]))
+    child_seeds = np.random.SeedSequence([seed, 0x52]).spawn(vehicles)
+    rngs = [np.random.default_rng(s) for s in child_seeds]
+    token_ids = (FIRST_TOKEN_ID + np.cumsum(master.integers(1, 40, vehicles))).tolist()
+    kinds = np.where(master.random(vehicles) < EV_SHARE, ELECTRIC, COMBUSTION).tolist()
+    params = [draw_params(r, t, k, end) for r, t, k in zip(rngs, token_ids, kinds, strict=True)]
+    faults = draw_faults(master, params, int(t_start), int(t_end))
+    n_restricted = round(restricted_fraction * vehicles)
+    restricted = master.choice(vehicles, n_restricted, replace=False).tolist() if n_restricted else []
+    no_grant = set(restricted[: n_restricted // 2])
+    owners = [checksum_address(f"owner-{seed}-{i}".encode()) for i in range(vehicles)]
+    for i in range(1, vehicles):  # some owners have more than one car
+        if master.random() < 0.1:
+            owners[i] = owners[int(master.integers(i))]
+
+    names: set[str] = set()
+    fleet_vehicles: dict[int, Vehicle] = {}
+    series: dict[int, pl.DataFrame] = {}
+    events: dict[int, pl.DataFrame] = {}
+    t0 = int(t_start - WARMUP_S) // 60 * 60
+    for i, p in enumerate(params):
+        rng = rngs[i]
+        perms = None if i in no_grant else (1,) if i in restricted else FULL_GRANT
+        vehicle = make_vehicle(
+            p,
+            rng=rng,
+            owner=owners[i],
+            name=mnemonic(master, names),
+            license=license,
+            history_start=start,
+            history_end=end,
+            permissions=perms,
+        )
+        sim = initial_sim(
+            p,
+            rng,
+            t0=t0,
+            t_start=t_start,
+            t_end=t_end,
+            faults=faults.get(p.token_id, []),
+            source=vehicle.source,
+            end_year=end.year,
+        )
+        run_vehicle(sim, rng, plan_trips(rng, p, t0, t_end), math.ceil(t_end), pieces)
+        series[p.token_id], events[p.token_id] = sim.frames(t_start, t_end)
+        fleet_vehicles[p.token_id] = vehicle
+    return Fleet(
+        license=license,
+        vehicles=fleet_vehicles,
+        series=series,
+        events=events,
+        start=start,
+        end=end,
+        truth_vehicles=truth_frame([truth_row(p) for p in params]),
+        truth_faults=faults_frame(faults),
+    )

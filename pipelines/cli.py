@@ -1,0 +1,146 @@
+"""The ``depin`` command line. Every command that does work takes ``--json`` and then prints one JSON
+object as its last stdout line; progress and human text go to stderr."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from depin_core.errors import DepinError
+from pipelines._output import emit_json, err_console
+
+app = typer.Typer(
+    name="depin",
+    help="DePIN data-to-GPU AI pipeline: DIMO telemetry -> Arrow -> torch jobs -> served functions.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object as the last stdout line")]
+
+
+@app.command()
+def emulator(
+    host: Annotated[str, typer.Option(help="address to bind (loopback by default)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to bind (0 = any free port)")] = 8765,
+    vehicles: Annotated[int, typer.Option(help="simulated vehicles")] = 20,
+    days: Annotated[float, typer.Option(help="days of history up to now")] = 7.0,
+    seed: Annotated[int, typer.Option(help="seed of the simulated fleet and license")] = 0,
+    replay: Annotated[Path | None, typer.Option(help="serve this (token_id, signal, ts, value) Parquet/CSV instead")] = None,
+    cmap_dir: Annotated[Path | None, typer.Option(help="add the CMAP 1 Hz speed traces in this folder as vehicles")] = None,
+    faults: Annotated[str, typer.Option(help="fault spec, e.g. 'all=0.2,latency=0.1:50,retry_after=1'")] = "",
+    credentials_out: Annotated[Path | None, typer.Option(help="write license credentials JSON here")] = None,
+    ground_truth_out: Annotated[Path | None, typer.Option(help="write the ground-truth tables (Parquet) here")] = None,
+    restricted_fraction: Annotated[float, typer.Option(help="share of vehicles not fully shared")] = 0.0,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "warning",
+) -> None:
+    """Run the DIMO-compatible emulator (Auth, Token Exchange, Identity, Telemetry) until Ctrl-C."""
+    from connectors.dimo.emulator.server import serve
+    from connectors.dimo.emulator.state import EmulatorConfig
+
+    config = EmulatorConfig(
+        host=host, port=port, vehicles=vehicles, days=days, seed=seed, replay=replay, cmap_dir=cmap_dir,
+        faults=faults, credentials_out=credentials_out, ground_truth_out=ground_truth_out,
+        restricted_fraction=restricted_fraction, log_level=log_level,
+    )
+
+    def ready(state) -> None:  # type: ignore[no-untyped-def]
+        err_console.print(
+            f"[bold green]DIMO emulator[/] on {state.public_url}: {len(state.fleet.vehicles)} vehicles, "
+            f"{state.fleet.start:%Y-%m-%d %H:%M} → {state.fleet.end:%Y-%m-%d %H:%M} UTC"
+            + (f"; credentials → {credentials_out}" if credentials_out else "")
+            + (f"; faults: {faults}" if faults else "")
+        )
+
+    with contextlib.suppress(KeyboardInterrupt):
+        serve(config, on_ready=ready)
+
+
+@app.command()
+def ingest(
+    since: Annotated[str, typer.Option(help="start: ISO-8601 time or relative duration such as 7d")] = "7d",
+    until: Annotated[str, typer.Option(help="end (exclusive): ISO-8601 time, relative duration, or 'now'")] = "now",
+    interval: Annotated[str, typer.Option(help="bucket width (Go duration: 1m, 30s, 1h)")] = "1m",
+    signals: Annotated[str | None, typer.Option(help="comma-separated DIMO signals; default: all reported")] = None,
+    vehicles: Annotated[str | None, typer.Option(help="comma-separated token ids; default: all shared")] = None,
+    out: Annotated[Path, typer.Option(help="dataset directory (Parquet, partitioned by date)")] = Path(
+        ".depin/datasets/telemetry"
+    ),
+    credentials: Annotated[Path | None, typer.Option(help="credentials JSON (from depin emulator --credentials-out)")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ingest DIMO telemetry into a Parquet dataset, incrementally (per-vehicle watermarks, no duplicates)."""
+    from pipelines._ingest_cmd import run_ingest
+
+    report = _run(run_ingest(
+        since=since, until=until, interval=interval, signals=signals, vehicles=vehicles, out=out,
+        credentials=credentials, show_progress=True,
+    ))
+    err_console.print(
+        f"ingested [bold]{report.rows:,}[/] rows from {report.vehicles} vehicles in {report.seconds:.1f}s "
+        f"({report.requests} requests, {report.retries} retries) → {report.dataset}"
+        + (f"; {report.up_to_date} already up to date" if report.up_to_date else "")
+        + (f"; skipped {len(report.skipped)}" if report.skipped else "")
+    )
+    if as_json:
+        emit_json(report.to_json())
+
+
+@app.command()
+def demo(
+    vehicles: Annotated[int, typer.Option(help="simulated vehicles")] = 20,
+    days: Annotated[float, typer.Option(help="days of history")] = 7.0,
+    interval: Annotated[str, typer.Option(help="bucket width")] = "1m",
+    out: Annotated[Path, typer.Option(help="where the demo writes its dataset and summary")] = Path(".depin/demo"),
+    as_json: JsonOpt = False,
+) -> None:
+    """The main job, end to end on this machine: start the DIMO emulator, ingest the fleet, summarize."""
+    from pipelines._demo import run_demo
+
+    summary = run_demo(vehicles=vehicles, days=days, interval=interval, out=out)
+    if as_json:
+        emit_json(summary)
+
+
+@app.command(name="signals")
+def list_signals(as_json: JsonOpt = False) -> None:
+    """List the DIMO signals the connector knows (name, type, unit, privilege)."""
+    from rich.table import Table
+
+    from connectors.dimo.catalog import current_signals
+
+    sigs = current_signals()
+    table = Table("signal", "type", "unit", "privilege", "agg")
+    for s in sigs.values():
+        table.add_row(s.name, s.gql_type, s.unit, s.privilege.removeprefix("VEHICLE_"), s.default_agg)
+    err_console.print(table)
+    if as_json:
+        emit_json({"signals": [{"name": s.name, "type": s.gql_type, "unit": s.unit, "privilege": s.privilege,
+                                "agg": s.default_agg} for s in sigs.values()]})
+
+
+def _run(coro):  # type: ignore[no-untyped-def]
+    try:
+        return asyncio.run(coro)
+    except DepinError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except DepinError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Planning (windows, chunks, halving) and page → Arrow conversion; no network."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime, timedelta
+
+import orjson
+import pyarrow as pa
+import pytest
+
+from connectors.dimo import _telemetry as tm
+from connectors.dimo.catalog import current_signals
+from connectors.dimo.errors import (
+    ComplexityLimitExceeded,
+    DimoPrivilegeError,
+    DimoTransientError,
+    ExecutionTimeExceeded,
+)
+from connectors.dimo.schema import telemetry_schema
+
+T0 = datetime(2026, 1, 1, 0, 0, 30, tzinfo=UTC)  # deliberately not on an epoch-aligned minute
+MIN = timedelta(minutes=1)
+
+
+def test_windows_are_whole_intervals_from_since_and_cover_the_range():
+    until = T0 + timedelta(days=2, seconds=90)
+    wins = tm.plan_windows(T0, until, MIN, columns=15, max_values=22_000, max_window=timedelta(days=7))
+    assert wins[0][0] == T0 and wins[-1][1] == until
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(wins))  # contiguous, no overlap
+    assert all((s - T0) % MIN == timedelta(0) for s, _ in wins)  # bucket grid kept
+    assert all((e - s) // MIN * 15 <= 22_000 for s, e in wins)
+    assert len(wins) == 2  # 2882 buckets (the last partial) at 1466 per window
+
+
+def test_windows_respect_max_window_and_small_budgets():
+    wins = tm.plan_windows(
+        T0,
+        T0 + timedelta(days=30),
+        timedelta(hours=1),
+        columns=2,
+        max_values=10**6,
+        max_window=timedelta(days=7),
+    )
+    assert [e - s for s, e in wins[:-1]] == [timedelta(days=7)] * 4
+    assert tm.plan_windows(
+        T0, T0 + 3 * MIN, MIN, columns=500, max_values=100, max_window=timedelta(days=1)
+    ) == [(T0, T0 + MIN), (T0 + MIN, T0 + 2 * MIN), (T0 + 2 * MIN, T0 + 3 * MIN)]
+    assert tm.plan_windows(T0, T0, MIN, columns=1, max_values=10, max_window=timedelta(days=1)) == []
+
+
+def test_chunks_stay_under_the_complexity_limit():
+    names = list(current_signals())
+    chunks = tm.chunk_signals(names, max_signals=97)
+    assert [n for c in chunks for n in c] == names
+    assert all(tm.query_complexity(c) <= 100 for c in chunks)
+    assert max(len(c) for c in chunks) >= 90
+    assert all(len(c) <= 10 for c in tm.chunk_signals(names, max_signals=10))
+    q = tm.build_query(("speed", "currentLocationCoordinates", "powertrainType"))
+    assert "speed(agg: AVG)" in q and "currentLocationCoordinates(agg: LAST) { latitude longitude }" in q
+    assert "powertrainType(agg: LAST)" in q
+
+
+def _page(rows):
+    return orjson.dumps({"data": {"signals": rows}})
+
+
+SIGS = ("powertrainType", "speed", "currentLocationCoordinates")
+
+
+def test_parse_page_types_nulls_strings_location_and_utc():
+    rows = [
+        {
+            "timestamp": "2024-06-28T00:00:00Z",
+            "speed": 65,
+            "powertrainType": None,
+            "currentLocationCoordinates": None,
+        },
+        {
+            "timestamp": "2024-06-28T00:01:00.25Z",
+            "speed": None,
+            "powertrainType": "ELECTRIC",
+            "currentLocationCoordinates": {"latitude": 40.7, "longitude": -73.9},
+        },
+    ]
+    t = tm.parse_page(_page(rows), SIGS)
+    assert t.schema.field("timestamp").type == pa.timestamp("us", tz="UTC")
+    assert (
+        t.schema.field("speed").type == pa.float64() and t.schema.field("powertrainType").type == pa.string()
+    )
+    assert t.to_pydict() == {
+        "timestamp": [datetime(2024, 6, 28, tzinfo=UTC), datetime(2024, 6, 28, 0, 1, 0, 250000, tzinfo=UTC)],
+        "powertrainType": [None, "ELECTRIC"],
+        "speed": [65.0, None],
+        "latitude": [None, 40.7],
+        "longitude": [None, -73.9],
+    }
+    assert tm.parse_page(_page([]), SIGS).num_rows == 0
+    assert tm.parse_page(b'{"data":{"signals":null}}', SIGS).num_rows == 0
+
+
+def test_parse_page_errors_are_classified():
+    with pytest.raises(DimoTransientError):
+        tm.parse_page(b'{"data":{"signals":[{"timest', SIGS)
+    with pytest.raises(DimoTransientError):
+        tm.parse_page(b'{"errors":[{"message":"x"', SIGS)
+    with pytest.raises(DimoPrivilegeError, match=r"GetLocationHistory.*share"):
+        tm.parse_page(
+            orjson.dumps(
+                {
+                    "errors": [
+                        {
+                            "message": "unauthorized: missing required privilege(s) "
+                            "privilege:GetLocationHistory"
+                        }
+                    ],
+                    "data": {"signals": None},
+                }
+            ),
+            SIGS,
+            privilege_hint="; share location",
+        )
+    with pytest.raises(ExecutionTimeExceeded):
+        tm.parse_page(
+            orjson.dumps(
+                {
+                    "errors": [
+                        {"message": "request exceeded or is estimated to exceed the maximum execution time"}
+                    ],
+                    "data": {"signals": None},
+                }
+            ),
+            SIGS,
+        )
+    # A string value that happens to contain "errors" is not an error.
+    t = tm.parse_page(_page([{"timestamp": "2024-06-28T00:00:00Z", "powertrainType": '"errors"'}]), SIGS)
+    assert t.column("powertrainType").to_pylist() == ['"errors"']
+
+
+def test_join_and_assemble_follow_the_schema_exactly():
+    a = tm.parse_page(
+        _page(
+            [
+                {"timestamp": "2024-06-28T00:00:00Z", "speed": 1},
+                {"timestamp": "2024-06-28T00:02:00Z", "speed": 3},
+            ]
+        ),
+        ("speed",),
+    )
+    b = tm.parse_page(
+        _page(
+            [
+                {"timestamp": "2024-06-28T00:01:00Z", "powertrainType": "X"},
+                {"timestamp": "2024-06-28T00:02:00Z", "powertrainType": "Y"},
+            ]
+        ),
+        ("powertrainType",),
+    )
+    joined = tm.join_chunks([a, b])
+    assert joined.column("timestamp").to_pylist() == [
+        datetime(2024, 6, 28, 0, m, tzinfo=UTC) for m in range(3)
+    ]
+    schema = telemetry_schema(["speed", "powertrainType", "currentLocationCoordinates"], interval="1m0s")
+    table = tm.assemble(42, [joined, tm.empty_page(("speed",))], schema)
+    assert table.schema.equals(schema, check_metadata=True)
+    assert table.column("token_id").to_pylist() == [42, 42, 42]
+    assert table.column("speed").to_pylist() == [1.0, None, 3.0]
+    assert table.column("powertrainType").to_pylist() == [None, "X", "Y"]
+    assert table.column("latitude").null_count == 3  # location not fetched → null column, same schema
+    assert tm.assemble(1, [], schema).schema.equals(schema)
+
+
+async def test_fetch_unit_halves_chunks_on_complexity_and_windows_on_timeouts():
+    calls: list[tuple[tuple[str, ...], datetime, datetime]] = []
+
+    async def fetch(chunk, start, end):
+        calls.append((chunk, start, end))
+        if len(chunk) > 2:
+            raise ComplexityLimitExceeded("too complex")
+        if (end - start) > 4 * MIN:
+            raise ExecutionTimeExceeded("too slow")
+        rows = [
+            {"timestamp": (start + k * MIN).strftime("%Y-%m-%dT%H:%M:%SZ"), **{s: 1.0 for s in chunk}}
+            for k in range((end - start) // MIN)
+        ]
+        return tm.parse_page(_page(rows), chunk)
+
+    planner = tm.Planner(max_signals=90, max_values=10**6, max_window=timedelta(days=1))
+    sigs = ("powertrainRange", "speed", "obdRunTime", "exteriorAirTemperature")
+    t = await tm.fetch_unit(fetch, planner, sigs, T0, T0 + 10 * MIN, MIN)
+    assert t.num_rows == 10 and t.column("timestamp").to_pylist() == [T0 + k * MIN for k in range(10)]
+    assert set(t.column_names) == {"timestamp", *sigs}
+    assert planner.max_signals == 2 and planner.max_values <= 5 * 2
+    assert all((s - T0) % MIN == timedelta(0) for _, s, _ in calls)
+    assert max(len(c) for c, _, _ in calls[1:]) <= 2
+    # The next plan uses the learned, smaller sizes.
+    assert all(len(c) <= 2 for c in planner.chunks(sigs))
+
+
+async def test_one_bucket_timeout_is_transient():
+    async def fetch(chunk, start, end):
+        raise ExecutionTimeExceeded("too slow")
+
+    planner = tm.Planner(90, 1000, timedelta(days=1))
+    with pytest.raises(DimoTransientError):
+        await tm.fetch_unit(fetch, planner, ("speed",), T0, T0 + MIN, MIN)
