@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import random
+import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -35,6 +36,11 @@ RETRY_AFTER_CAP_S = 60.0  # a server asking for longer is treated as 'a minute'
 USER_AGENT = "depin-pipeline/0.1 (+httpx)"
 
 Sleep = Callable[[float], Awaitable[None]]
+
+
+# httpcore may write a request's headers and body separately; without TCP_NODELAY, Nagle's algorithm and
+# the peer's delayed ACK can add ~40 ms to a keep-alive POST (seen on loopback with servers lacking it).
+NO_DELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 
 
 class TokenRejected(Exception):
@@ -238,9 +244,8 @@ class Service:
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         self.http = httpx.AsyncClient(
             timeout=timeout_s,
-            limits=limits,
             http2=False,
-            transport=transport,
+            transport=transport or httpx.AsyncHTTPTransport(limits=limits, socket_options=NO_DELAY),
             headers={"user-agent": USER_AGENT},
         )
 

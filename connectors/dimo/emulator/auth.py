@@ -16,16 +16,13 @@ import secrets
 import string
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import lru_cache
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import jwt
-import orjson
 from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_utils import is_hex_address, to_checksum_address
-from jwt.algorithms import RSAAlgorithm
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
@@ -62,18 +59,12 @@ class VehicleClaims:
     contract: str  # checksummed vehicle NFT contract address
 
 
-@lru_cache(maxsize=16)
-def _public_key(n: str, e: str) -> Any:
-    return RSAAlgorithm.from_jwk(orjson.dumps({"kty": "RSA", "n": n, "e": e}).decode())
-
-
 def _decode(key: SigningKey, token: str, now: float, audience: str | None = None) -> dict[str, Any]:
     """Verify an RS256 JWT signed by ``key``; ``exp`` is checked against ``now`` (the emulator clock)."""
-    public = _public_key(key.public_jwk["n"], key.public_jwk["e"])
     try:
         claims = jwt.decode(
             token,
-            public,
+            key.public_key,
             algorithms=["RS256"],
             audience=audience,
             options={"verify_aud": audience is not None, "verify_exp": False, "verify_iat": False},

@@ -91,6 +91,9 @@ def serve(config: EmulatorConfig, *, on_ready: Any = None) -> None:
     """Build the fleet and serve until interrupted (Ctrl-C / SIGTERM)."""
     sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted sockets inherit TCP_NODELAY; without it a response's headers and body (two writes) wait
+    # ~40 ms for the client's delayed ACK (Nagle) on every keep-alive request.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((config.host, config.port))
     except OSError as exc:
