@@ -27,11 +27,11 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from connectors.dimo.client import DimoClient  # noqa: E402
-from connectors.dimo.emulator.server import EmulatorProcess  # noqa: E402
-from connectors.dimo.emulator.state import EmulatorConfig  # noqa: E402
-from connectors.dimo.settings import DimoSettings  # noqa: E402
-from connectors.dimo.store import TelemetryStore  # noqa: E402
+from connectors.dimo.client import DimoClient
+from connectors.dimo.emulator.server import EmulatorProcess
+from connectors.dimo.emulator.state import EmulatorConfig
+from connectors.dimo.settings import DimoSettings
+from connectors.dimo.store import TelemetryStore
 
 
 class RecordingTransport(httpx.AsyncBaseTransport):
@@ -44,16 +44,26 @@ class RecordingTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         body = await request.aread() if request.url.path.endswith("/telemetry/query") else b""
         if b"signals(tokenId" in body:
-            self.requests.append((str(request.url), {"authorization": request.headers["authorization"],
-                                                     "content-type": "application/json"}, body))
+            self.requests.append(
+                (
+                    str(request.url),
+                    {"authorization": request.headers["authorization"], "content-type": "application/json"},
+                    body,
+                )
+            )
         return await self.inner.handle_async_request(request)
 
     async def aclose(self) -> None:
         await self.inner.aclose()
 
 
-async def run_connector(settings: DimoSettings, since: datetime, until: datetime, interval: timedelta,
-                        transport: httpx.AsyncBaseTransport | None = None) -> tuple[float, list[pa.Table], dict]:
+async def run_connector(
+    settings: DimoSettings,
+    since: datetime,
+    until: datetime,
+    interval: timedelta,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> tuple[float, list[pa.Table], dict]:
     t = time.perf_counter()
     tables: list[pa.Table] = []
     async with DimoClient(settings, transport=transport) as client:
@@ -76,7 +86,9 @@ def run_naive(requests: list[tuple[str, dict[str, str], bytes]]) -> tuple[float,
     return time.perf_counter() - t, rows
 
 
-async def run_ceiling(requests: list[tuple[str, dict[str, str], bytes]], concurrency: int) -> tuple[float, int]:
+async def run_ceiling(
+    requests: list[tuple[str, dict[str, str], bytes]], concurrency: int
+) -> tuple[float, int]:
     t = time.perf_counter()
     nbytes = 0
     slots = asyncio.Semaphore(concurrency)
@@ -110,15 +122,21 @@ def main() -> None:
     end = datetime.now(UTC).replace(second=0, microsecond=0)
     until = end - timedelta(minutes=1)
     since = until - timedelta(days=args.days)
-    config = EmulatorConfig(vehicles=args.vehicles, days=args.days + 0.01, seed=args.seed, end=end,
-                            vehicle_jwt_ttl_s=3600)
+    config = EmulatorConfig(
+        vehicles=args.vehicles, days=args.days + 0.01, seed=args.seed, end=end, vehicle_jwt_ttl_s=3600
+    )
     emu_started = time.perf_counter()
     with EmulatorProcess(config, cpu=1 if cores >= 2 else None) as emu:
         emulator_start_s = time.perf_counter() - emu_started
         settings = DimoSettings.from_credentials_file(emu.credentials_path, rate_limit_per_s=0)
-        print(f"emulator ready in {emulator_start_s:.1f}s; recording the connector's requests …", file=sys.stderr)
+        print(
+            f"emulator ready in {emulator_start_s:.1f}s; recording the connector's requests …",
+            file=sys.stderr,
+        )
         recorder = RecordingTransport()
-        _, tables, _ = asyncio.run(run_connector(settings, since, until, interval, recorder))  # warm-up + record
+        _, tables, _ = asyncio.run(
+            run_connector(settings, since, until, interval, recorder)
+        )  # warm-up + record
         requests = recorder.requests
         rows = sum(t.num_rows for t in tables)
 
@@ -133,8 +151,10 @@ def main() -> None:
             best["naive"] = min(best["naive"], secs)
             secs, nbytes = asyncio.run(run_ceiling(requests, settings.max_concurrency))
             best["ceiling"] = min(best["ceiling"], secs)
-            print(f"run {i + 1}/{args.repeat}: " + ", ".join(f"{k} {v:.2f}s" for k, v in best.items()),
-                  file=sys.stderr)
+            print(
+                f"run {i + 1}/{args.repeat}: " + ", ".join(f"{k} {v:.2f}s" for k, v in best.items()),
+                file=sys.stderr,
+            )
 
     table = pa.concat_tables(tables, promote_options="default")
     store_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"depin-bench-store-{os.getpid()}"

@@ -5,14 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from connectors.dimo.client import DimoClient
-from connectors.dimo.settings import DimoSettings
-from connectors.dimo.store import TelemetryStore
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from connectors.dimo.client import DimoClient
 from connectors.dimo.go_duration import GoDurationError, parse_go_duration
 from connectors.dimo.ingest import IngestProgress, IngestReport, ingest
 from connectors.dimo.schema import resolve_signals
+from connectors.dimo.settings import DimoSettings
+from connectors.dimo.store import TelemetryStore
 from depin_core.errors import ConfigError
 from depin_core.timeparse import parse_instant
 from pipelines._output import err_console
@@ -23,7 +23,9 @@ def parse_interval(text: str) -> timedelta:
     try:
         delta = parse_go_duration(text)
     except GoDurationError as exc:
-        raise ConfigError(f"interval: {exc}; use a Go duration such as 30s, 1m, 15m, 1h (not 1d: use 24h)") from None
+        raise ConfigError(
+            f"interval: {exc}; use a Go duration such as 30s, 1m, 15m, 1h (not 1d: use 24h)"
+        ) from None
     if delta <= timedelta(0):
         raise ConfigError(f"interval: {text!r} must be positive")
     return delta
@@ -33,7 +35,9 @@ def load_settings(credentials: Path | None) -> DimoSettings:
     """DIMO settings from ``--credentials PATH`` (emulator JSON) or the ``DEPIN_DIMO_*`` environment."""
     if credentials is not None:
         if not credentials.exists():
-            raise ConfigError(f"credentials: {credentials} does not exist; run `depin emulator --credentials-out {credentials}`")
+            raise ConfigError(
+                f"credentials: {credentials} does not exist; run `depin emulator --credentials-out {credentials}`"
+            )
         return DimoSettings.from_credentials_file(credentials)
     settings = DimoSettings()
     settings.require_credentials()
@@ -62,9 +66,15 @@ async def run_ingest(
     store = TelemetryStore(out)
 
     with Progress(
-        TextColumn("[bold blue]ingest"), BarColumn(), MofNCompleteColumn(), TextColumn("vehicles"),
-        TextColumn("{task.fields[rows]:,} rows"), TimeElapsedColumn(),
-        console=err_console, disable=not show_progress, transient=True,
+        TextColumn("[bold blue]ingest"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("vehicles"),
+        TextColumn("{task.fields[rows]:,} rows"),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=not show_progress,
+        transient=True,
     ) as progress:
         task = progress.add_task("ingest", total=None, rows=0)
 
@@ -73,7 +83,13 @@ async def run_ingest(
 
         async with DimoClient(settings) as client:
             return await ingest(
-                client, store, since=t0, until=t1, interval=step, signals=wanted, token_ids=token_ids,
+                client,
+                store,
+                since=t0,
+                until=t1,
+                interval=step,
+                signals=wanted,
+                token_ids=token_ids,
                 on_progress=on_progress,
             )
 
@@ -82,4 +98,6 @@ def _parse_token_ids(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ConfigError(f"vehicles: {text!r} must be comma-separated integer token ids, e.g. 10021,10022") from None
+        raise ConfigError(
+            f"vehicles: {text!r} must be comma-separated integer token ids, e.g. 10021,10022"
+        ) from None

@@ -32,11 +32,17 @@ def emulator(
     vehicles: Annotated[int, typer.Option(help="simulated vehicles")] = 20,
     days: Annotated[float, typer.Option(help="days of history up to now")] = 7.0,
     seed: Annotated[int, typer.Option(help="seed of the simulated fleet and license")] = 0,
-    replay: Annotated[Path | None, typer.Option(help="serve this (token_id, signal, ts, value) Parquet/CSV instead")] = None,
-    cmap_dir: Annotated[Path | None, typer.Option(help="add the CMAP 1 Hz speed traces in this folder as vehicles")] = None,
+    replay: Annotated[
+        Path | None, typer.Option(help="serve this (token_id, signal, ts, value) Parquet/CSV instead")
+    ] = None,
+    cmap_dir: Annotated[
+        Path | None, typer.Option(help="add the CMAP 1 Hz speed traces in this folder as vehicles")
+    ] = None,
     faults: Annotated[str, typer.Option(help="fault spec, e.g. 'all=0.2,latency=0.1:50,retry_after=1'")] = "",
     credentials_out: Annotated[Path | None, typer.Option(help="write license credentials JSON here")] = None,
-    ground_truth_out: Annotated[Path | None, typer.Option(help="write the ground-truth tables (Parquet) here")] = None,
+    ground_truth_out: Annotated[
+        Path | None, typer.Option(help="write the ground-truth tables (Parquet) here")
+    ] = None,
     restricted_fraction: Annotated[float, typer.Option(help="share of vehicles not fully shared")] = 0.0,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "warning",
 ) -> None:
@@ -45,9 +51,18 @@ def emulator(
     from connectors.dimo.emulator.state import EmulatorConfig
 
     config = EmulatorConfig(
-        host=host, port=port, vehicles=vehicles, days=days, seed=seed, replay=replay, cmap_dir=cmap_dir,
-        faults=faults, credentials_out=credentials_out, ground_truth_out=ground_truth_out,
-        restricted_fraction=restricted_fraction, log_level=log_level,
+        host=host,
+        port=port,
+        vehicles=vehicles,
+        days=days,
+        seed=seed,
+        replay=replay,
+        cmap_dir=cmap_dir,
+        faults=faults,
+        credentials_out=credentials_out,
+        ground_truth_out=ground_truth_out,
+        restricted_fraction=restricted_fraction,
+        log_level=log_level,
     )
 
     def ready(state) -> None:  # type: ignore[no-untyped-def]
@@ -65,23 +80,39 @@ def emulator(
 @app.command()
 def ingest(
     since: Annotated[str, typer.Option(help="start: ISO-8601 time or relative duration such as 7d")] = "7d",
-    until: Annotated[str, typer.Option(help="end (exclusive): ISO-8601 time, relative duration, or 'now'")] = "now",
+    until: Annotated[
+        str, typer.Option(help="end (exclusive): ISO-8601 time, relative duration, or 'now'")
+    ] = "now",
     interval: Annotated[str, typer.Option(help="bucket width (Go duration: 1m, 30s, 1h)")] = "1m",
-    signals: Annotated[str | None, typer.Option(help="comma-separated DIMO signals; default: all reported")] = None,
-    vehicles: Annotated[str | None, typer.Option(help="comma-separated token ids; default: all shared")] = None,
+    signals: Annotated[
+        str | None, typer.Option(help="comma-separated DIMO signals; default: all reported")
+    ] = None,
+    vehicles: Annotated[
+        str | None, typer.Option(help="comma-separated token ids; default: all shared")
+    ] = None,
     out: Annotated[Path, typer.Option(help="dataset directory (Parquet, partitioned by date)")] = Path(
         ".depin/datasets/telemetry"
     ),
-    credentials: Annotated[Path | None, typer.Option(help="credentials JSON (from depin emulator --credentials-out)")] = None,
+    credentials: Annotated[
+        Path | None, typer.Option(help="credentials JSON (from depin emulator --credentials-out)")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Ingest DIMO telemetry into a Parquet dataset, incrementally (per-vehicle watermarks, no duplicates)."""
     from pipelines._ingest_cmd import run_ingest
 
-    report = _run(run_ingest(
-        since=since, until=until, interval=interval, signals=signals, vehicles=vehicles, out=out,
-        credentials=credentials, show_progress=True,
-    ))
+    report = _run(
+        run_ingest(
+            since=since,
+            until=until,
+            interval=interval,
+            signals=signals,
+            vehicles=vehicles,
+            out=out,
+            credentials=credentials,
+            show_progress=True,
+        )
+    )
     err_console.print(
         f"ingested [bold]{report.rows:,}[/] rows from {report.vehicles} vehicles in {report.seconds:.1f}s "
         f"({report.requests} requests, {report.retries} retries) → {report.dataset}"
@@ -97,7 +128,9 @@ def demo(
     vehicles: Annotated[int, typer.Option(help="simulated vehicles")] = 20,
     days: Annotated[float, typer.Option(help="days of history")] = 7.0,
     interval: Annotated[str, typer.Option(help="bucket width")] = "1m",
-    out: Annotated[Path, typer.Option(help="where the demo writes its dataset and summary")] = Path(".depin/demo"),
+    out: Annotated[Path, typer.Option(help="where the demo writes its dataset and summary")] = Path(
+        ".depin/demo"
+    ),
     as_json: JsonOpt = False,
 ) -> None:
     """The main job, end to end on this machine: start the DIMO emulator, ingest the fleet, summarize."""
@@ -121,8 +154,20 @@ def list_signals(as_json: JsonOpt = False) -> None:
         table.add_row(s.name, s.gql_type, s.unit, s.privilege.removeprefix("VEHICLE_"), s.default_agg)
     err_console.print(table)
     if as_json:
-        emit_json({"signals": [{"name": s.name, "type": s.gql_type, "unit": s.unit, "privilege": s.privilege,
-                                "agg": s.default_agg} for s in sigs.values()]})
+        emit_json(
+            {
+                "signals": [
+                    {
+                        "name": s.name,
+                        "type": s.gql_type,
+                        "unit": s.unit,
+                        "privilege": s.privilege,
+                        "agg": s.default_agg,
+                    }
+                    for s in sigs.values()
+                ]
+            }
+        )
 
 
 def _run(coro):  # type: ignore[no-untyped-def]

@@ -53,7 +53,9 @@ class Signal:
     @property
     def is_flag(self) -> bool:
         """0/1 float signals (booleans in VSS)."""
-        return self.gql_type == "Float" and not self.unit and ("Is" in self.name or self.name.startswith("is"))
+        return (
+            self.gql_type == "Float" and not self.unit and ("Is" in self.name or self.name.startswith("is"))
+        )
 
     @property
     def default_agg(self) -> str:

@@ -5,7 +5,16 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
-_UNITS_NS = {"ns": 1, "us": 1_000, "µs": 1_000, "μs": 1_000, "ms": 1_000_000, "s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9}
+_UNITS_NS = {
+    "ns": 1,
+    "us": 1_000,
+    "µs": 1_000,
+    "μs": 1_000,
+    "ms": 1_000_000,
+    "s": 10**9,
+    "m": 60 * 10**9,
+    "h": 3600 * 10**9,
+}
 
 
 class GoDurationError(ValueError):
@@ -31,11 +40,11 @@ def parse_go_duration_ns(text: str) -> int:
         whole, frac = m.group(1), m.group(2) or ""
         if not whole and len(frac) <= 1:
             raise GoDurationError(f'time: invalid duration "{orig}"')
-        s = s[m.end():]
+        s = s[m.end() :]
         u = re.match(r"[^\d.]*", s)
         assert u is not None
         unit = u.group(0)
-        s = s[u.end():]
+        s = s[u.end() :]
         if not unit:
             raise GoDurationError(f'time: missing unit in duration "{orig}"')
         if unit not in _UNITS_NS:

@@ -98,15 +98,25 @@ async def ingest(
         wanted = set(token_ids)
         missing = wanted - {v.token_id for v in vehicles}
         if missing:
-            raise ConfigError(f"vehicles: {sorted(missing)} are not shared with this license; check the token ids")
+            raise ConfigError(
+                f"vehicles: {sorted(missing)} are not shared with this license; check the token ids"
+            )
         vehicles = [v for v in vehicles if v.token_id in wanted]
 
     marks = store.watermarks()
     starts = {v.token_id: max(lo, marks.get(v.token_id, lo)) for v in vehicles}
     todo = [v for v in vehicles if starts[v.token_id] < hi]
     report = IngestReport(
-        vehicles=0, rows=0, requests=0, retries=0, seconds=0.0, dataset=str(store.root),
-        since=lo.isoformat(), until=hi.isoformat(), interval=interval_text, up_to_date=len(vehicles) - len(todo),
+        vehicles=0,
+        rows=0,
+        requests=0,
+        retries=0,
+        seconds=0.0,
+        dataset=str(store.root),
+        since=lo.isoformat(),
+        until=hi.isoformat(),
+        interval=interval_text,
+        up_to_date=len(vehicles) - len(todo),
     )
     if report.up_to_date:
         log.info("%d vehicle(s) already ingested up to %s", report.up_to_date, hi.isoformat())
@@ -123,8 +133,10 @@ async def ingest(
         if tables:
             names = signals_of_columns(c for t in tables for c in t.column_names)
             schema = telemetry_schema(names, interval=interval_text)
-            store.write(pa.concat_tables([conform_table(t, schema) for t in tables]),
-                        watermarks={tid: hi for tid in pending_ids})
+            store.write(
+                pa.concat_tables([conform_table(t, schema) for t in tables]),
+                watermarks={tid: hi for tid in pending_ids},
+            )
         else:
             store.set_watermarks({tid: hi for tid in pending_ids})
         pending, pending_ids, pending_rows = [], [], 0

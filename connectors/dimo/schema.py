@@ -81,7 +81,9 @@ def validate_table(table: pa.Table) -> None:
     """Check that ``table`` follows the contract: key columns typed and not null, known signal columns."""
     for f in KEY_FIELDS:
         if f.name not in table.column_names:
-            raise ConfigError(f"telemetry table lacks key column {f.name!r}; it must follow connectors.dimo.schema")
+            raise ConfigError(
+                f"telemetry table lacks key column {f.name!r}; it must follow connectors.dimo.schema"
+            )
         actual = table.schema.field(f.name).type
         if actual != f.type:
             raise ConfigError(f"telemetry column {f.name!r} has type {actual}, expected {f.type}")

@@ -92,10 +92,8 @@ class DimoSettings(BaseSettings):
     token_exchange_url: str | None = None
     identity_url: str | None = None
     telemetry_url: str | None = None
-    rate_limit_per_s: float | None = Field(
-        None,
-        ge=0,
-        description="requests/s per service; 0 = off; None = 10 (DIMO's documented limit), off for the emulator",
+    rate_limit_per_s: float = Field(
+        10.0, ge=0, description="requests/s per service (DIMO documents 10 per service per client); 0 = off"
     )
     max_concurrency: int = Field(8, ge=1, le=256)
     timeout_s: float = Field(30.0, gt=0)
@@ -161,9 +159,7 @@ class DimoSettings(BaseSettings):
     @property
     def effective_rate_limit(self) -> float:
         """Requests per second per service (0 = unlimited)."""
-        if self.rate_limit_per_s is not None:
-            return self.rate_limit_per_s
-        return 0.0 if self.environment == "emulator" else 10.0
+        return self.rate_limit_per_s
 
     def require_credentials(self) -> None:
         """Raise ConfigError naming every missing ``DEPIN_DIMO_*`` credential variable."""

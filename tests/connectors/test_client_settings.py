@@ -16,10 +16,11 @@ LIC = "0x" + "12" * 20
 def test_defaults_resolve_urls_per_environment(monkeypatch):
     monkeypatch.delenv("DEPIN_DIMO_ENV", raising=False)
     emu = DimoSettings()
-    assert emu.urls.telemetry == "http://127.0.0.1:8765/telemetry/query" and emu.effective_rate_limit == 0
+    assert emu.urls.telemetry == "http://127.0.0.1:8765/telemetry/query" and emu.effective_rate_limit == 10
     monkeypatch.setenv("DEPIN_DIMO_ENV", "production")
     prod = DimoSettings()
     assert prod.urls.identity == "https://identity-api.dimo.zone/query" and prod.effective_rate_limit == 10
+    assert DimoSettings(rate_limit_per_s=0).effective_rate_limit == 0
     assert DimoSettings(environment="dev").urls.auth == "https://auth.dev.dimo.zone"
     assert DimoSettings(telemetry_url="http://x:1/q/").urls.telemetry == "http://x:1/q"
 

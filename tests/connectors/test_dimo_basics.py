@@ -44,8 +44,17 @@ def test_sacd_bits_match_reference_example() -> None:
 
 @pytest.mark.parametrize(
     ("text", "ns"),
-    [("1m", 60 * 10**9), ("1h30m", 5400 * 10**9), ("1.5h", 5400 * 10**9), ("300ms", 300 * 10**6),
-     ("24h", 86400 * 10**9), ("-1h", -3600 * 10**9), ("0", 0), ("2us", 2000), ("1µs", 1000)],
+    [
+        ("1m", 60 * 10**9),
+        ("1h30m", 5400 * 10**9),
+        ("1.5h", 5400 * 10**9),
+        ("300ms", 300 * 10**6),
+        ("24h", 86400 * 10**9),
+        ("-1h", -3600 * 10**9),
+        ("0", 0),
+        ("2us", 2000),
+        ("1µs", 1000),
+    ],
 )
 def test_go_duration_parse(text: str, ns: int) -> None:
     assert parse_go_duration_ns(text) == ns
@@ -53,8 +62,12 @@ def test_go_duration_parse(text: str, ns: int) -> None:
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("1d", 'time: unknown unit "d" in duration "1d"'), ("10", 'time: missing unit in duration "10"'),
-     ("", 'time: invalid duration ""'), ("h", 'time: invalid duration "h"')],
+    [
+        ("1d", 'time: unknown unit "d" in duration "1d"'),
+        ("10", 'time: missing unit in duration "10"'),
+        ("", 'time: invalid duration ""'),
+        ("h", 'time: invalid duration "h"'),
+    ],
 )
 def test_go_duration_errors_use_go_text(text: str, message: str) -> None:
     with pytest.raises(GoDurationError) as info:
@@ -63,7 +76,12 @@ def test_go_duration_errors_use_go_text(text: str, message: str) -> None:
 
 
 def test_go_duration_format_round_trips() -> None:
-    for delta in (timedelta(minutes=1), timedelta(hours=1, minutes=30), timedelta(seconds=90), timedelta(hours=24)):
+    for delta in (
+        timedelta(minutes=1),
+        timedelta(hours=1, minutes=30),
+        timedelta(seconds=90),
+        timedelta(hours=24),
+    ):
         assert parse_go_duration(format_go_duration(delta)) == delta
     assert format_go_duration(timedelta(hours=24)) == "24h"
 
@@ -87,9 +105,13 @@ def test_unknown_signal_is_a_clear_error() -> None:
 
 def test_conform_and_validate() -> None:
     schema = telemetry_schema(["speed", "exteriorAirTemperature"])
-    part = pa.table({"token_id": pa.array([1], pa.int64()),
-                     "timestamp": pa.array([0], pa.timestamp("us", tz="UTC")),
-                     "speed": [12.5]})
+    part = pa.table(
+        {
+            "token_id": pa.array([1], pa.int64()),
+            "timestamp": pa.array([0], pa.timestamp("us", tz="UTC")),
+            "speed": [12.5],
+        }
+    )
     full = conform_table(part, schema)
     assert full.schema.names == schema.names
     assert full.column("exteriorAirTemperature").null_count == 1

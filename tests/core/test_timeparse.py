@@ -10,8 +10,14 @@ NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("7d", timedelta(days=7)), ("36h", timedelta(hours=36)), ("1h30m", timedelta(minutes=90)),
-     ("90s", timedelta(seconds=90)), ("2w", timedelta(days=14)), ("1.5h", timedelta(minutes=90))],
+    [
+        ("7d", timedelta(days=7)),
+        ("36h", timedelta(hours=36)),
+        ("1h30m", timedelta(minutes=90)),
+        ("90s", timedelta(seconds=90)),
+        ("2w", timedelta(days=14)),
+        ("1.5h", timedelta(minutes=90)),
+    ],
 )
 def test_parse_duration(text: str, expected: timedelta) -> None:
     assert parse_duration(text) == expected

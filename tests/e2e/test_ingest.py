@@ -13,18 +13,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pytest
-from connectors.dimo.client import DimoClient
-from connectors.dimo.settings import DimoSettings
-from connectors.dimo.store import TelemetryStore
 
+from connectors.dimo.client import DimoClient
 from connectors.dimo.emulator.server import EmulatorProcess
 from connectors.dimo.ingest import ingest
+from connectors.dimo.settings import DimoSettings
+from connectors.dimo.store import TelemetryStore
 from tests.e2e.conftest import fleet_config
 
 pytestmark = pytest.mark.e2e
 
-SIGNALS = ["speed", "powertrainTransmissionTravelledDistance", "exteriorAirTemperature",
-           "lowVoltageBatteryCurrentVoltage", "currentLocationCoordinates"]
+SIGNALS = [
+    "speed",
+    "powertrainTransmissionTravelledDistance",
+    "exteriorAirTemperature",
+    "lowVoltageBatteryCurrentVoltage",
+    "currentLocationCoordinates",
+]
 MINUTE = timedelta(minutes=1)
 
 
@@ -34,7 +39,9 @@ def settings_for(emu: EmulatorProcess, **overrides: object) -> DimoSettings:
 
 async def run(emu: EmulatorProcess, out: Path, since, until, signals=SIGNALS, **overrides):  # type: ignore[no-untyped-def]
     async with DimoClient(settings_for(emu, rate_limit_per_s=0, **overrides)) as client:
-        return await ingest(client, TelemetryStore(out), since=since, until=until, interval=MINUTE, signals=signals)
+        return await ingest(
+            client, TelemetryStore(out), since=since, until=until, interval=MINUTE, signals=signals
+        )
 
 
 async def test_ingest_fleet_is_complete_typed_and_incremental(emulator, window, tmp_path) -> None:
@@ -48,10 +55,15 @@ async def test_ingest_fleet_is_complete_typed_and_incremental(emulator, window, 
     assert set(table.column_names) >= {"token_id", "timestamp", "speed", "latitude", "longitude"}
     ts = table.column("timestamp").cast(pa.int64()).to_numpy()
     assert (ts % 60_000_000 == 0).all()
-    assert pc.min(table.column("timestamp")).as_py() == since and pc.max(table.column("timestamp")).as_py() == until - MINUTE
+    assert (
+        pc.min(table.column("timestamp")).as_py() == since
+        and pc.max(table.column("timestamp")).as_py() == until - MINUTE
+    )
     assert pc.min(table.column("speed")).as_py() >= 0 and pc.max(table.column("speed")).as_py() < 250
     for tid in pc.unique(table.column("token_id")).to_pylist():
-        odo = table.filter(pc.equal(table.column("token_id"), tid)).column("powertrainTransmissionTravelledDistance")
+        odo = table.filter(pc.equal(table.column("token_id"), tid)).column(
+            "powertrainTransmissionTravelledDistance"
+        )
         values = odo.drop_null().to_numpy()
         assert (values[1:] >= values[:-1]).all(), "odometer must be monotonic"
 
@@ -61,19 +73,27 @@ async def test_ingest_fleet_is_complete_typed_and_incremental(emulator, window, 
     assert wider.rows == 6 * 30
     final = TelemetryStore(tmp_path).read()
     assert final.num_rows == 6 * 6 * 60 + 6 * 30
-    keys = pa.table({"k": pc.add(pc.multiply(final.column("token_id"), 10**13),
-                                 final.column("timestamp").cast(pa.int64()))})
+    keys = pa.table(
+        {
+            "k": pc.add(
+                pc.multiply(final.column("token_id"), 10**13), final.column("timestamp").cast(pa.int64())
+            )
+        }
+    )
     assert pc.count_distinct(keys.column("k")).as_py() == final.num_rows, "no duplicate (token_id, timestamp)"
     # readable by a plain Parquet reader
-    assert ds.dataset(tmp_path, partitioning="hive", exclude_invalid_files=True).count_rows() == final.num_rows
+    assert (
+        ds.dataset(tmp_path, partitioning="hive", exclude_invalid_files=True).count_rows() == final.num_rows
+    )
 
 
 async def test_faults_at_20_percent_give_the_identical_dataset(emulator, window, tmp_path) -> None:
     since, until = window
     await run(emulator, tmp_path / "clean", since, until)
     with EmulatorProcess(fleet_config(faults="all=0.2,latency=0.05:20,retry_after=0,seed=5")) as faulty:
-        report = await run(faulty, tmp_path / "faulty", since, until, max_retries=30, backoff_base_s=0.01,
-                           backoff_max_s=0.05)
+        report = await run(
+            faulty, tmp_path / "faulty", since, until, max_retries=30, backoff_base_s=0.01, backoff_max_s=0.05
+        )
     assert report.retries > 0, "faults were injected, so some requests must have been retried"
     clean = TelemetryStore(tmp_path / "clean").read()
     faulty_table = TelemetryStore(tmp_path / "faulty").read()
@@ -81,7 +101,9 @@ async def test_faults_at_20_percent_give_the_identical_dataset(emulator, window,
     assert faulty_table.equals(clean)
 
 
-async def test_rerun_over_an_overlapping_window_neither_duplicates_nor_drops(emulator, window, tmp_path) -> None:
+async def test_rerun_over_an_overlapping_window_neither_duplicates_nor_drops(
+    emulator, window, tmp_path
+) -> None:
     since, until = window
     full = tmp_path / "full"
     await run(emulator, full, since, until)
@@ -97,10 +119,29 @@ def test_cli_ingest_prints_json_last_line(emulator, window, tmp_path) -> None:
     since, until = window
     env = {**os.environ, "DEPIN_DIMO_RATE_LIMIT_PER_S": "0"}
     proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "ingest", "--since", since.isoformat(), "--until", until.isoformat(),
-         "--interval", "5m", "--signals", "speed,exteriorAirTemperature", "--credentials",
-         str(emulator.credentials_path), "--out", str(tmp_path / "cli"), "--json"],
-        capture_output=True, text=True, env=env, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pipelines.cli",
+            "ingest",
+            "--since",
+            since.isoformat(),
+            "--until",
+            until.isoformat(),
+            "--interval",
+            "5m",
+            "--signals",
+            "speed,exteriorAirTemperature",
+            "--credentials",
+            str(emulator.credentials_path),
+            "--out",
+            str(tmp_path / "cli"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -111,9 +152,35 @@ def test_cli_ingest_prints_json_last_line(emulator, window, tmp_path) -> None:
 
 def test_cli_bad_input_is_a_clear_error(emulator, tmp_path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "ingest", "--interval", "1d", "--credentials",
-         str(emulator.credentials_path), "--out", str(tmp_path / "x")],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "pipelines.cli",
+            "ingest",
+            "--interval",
+            "1d",
+            "--credentials",
+            str(emulator.credentials_path),
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert "interval" in proc.stderr and "24h" in proc.stderr
+
+
+async def test_vehicles_lacking_privileges_are_skipped_or_trimmed_with_a_log_line(
+    tmp_path, caplog, window
+) -> None:
+    since, until = window
+    with EmulatorProcess(fleet_config(vehicles=8, restricted_fraction=0.5)) as emu:
+        report = await run(emu, tmp_path, since, until)
+    # half the restricted vehicles are not shared at all (not discovered); the other half lack location
+    table = TelemetryStore(tmp_path).read()
+    assert report.vehicles == pc.count_distinct(table.column("token_id")).as_py() < 8
+    no_location = table.filter(pc.is_null(table.column("latitude")))
+    assert no_location.num_rows > 0 and pc.count_distinct(no_location.column("token_id")).as_py() >= 1
+    assert any("GetLocationHistory" in r.getMessage() for r in caplog.records)

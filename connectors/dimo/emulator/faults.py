@@ -75,10 +75,14 @@ class FaultSpec:
                     f"faults: unknown kind {key!r}; use {', '.join((*ERROR_KINDS, 'latency', 'all', 'retry_after', 'seed'))}"
                 ) from None
             except ValueError:
-                raise ConfigError(f"faults: {part!r} is not kind=number (e.g. '429=0.1', 'latency=0.2:100')") from None
+                raise ConfigError(
+                    f"faults: {part!r} is not kind=number (e.g. '429=0.1', 'latency=0.2:100')"
+                ) from None
         total = sum(v for k, v in probs.items() if k != "latency")
         if any(v < 0 for v in probs.values()) or total > 1 or probs.get("latency", 0) > 1:
-            raise ConfigError("faults: probabilities must be in [0, 1] and the error kinds must sum to at most 1")
+            raise ConfigError(
+                "faults: probabilities must be in [0, 1] and the error kinds must sum to at most 1"
+            )
         return cls(probs, latency_ms, retry_after, seed)
 
 
@@ -116,16 +120,25 @@ class FaultInjector:
             return
         self.injected[kind] = self.injected.get(kind, 0) + 1
         if kind in ("429", "503"):
-            await _send(send, int(kind), b'{"message":"emulated overload, retry later"}',
-                        extra=[(b"retry-after", _fmt(self.spec.retry_after))])
+            await _send(
+                send,
+                int(kind),
+                b'{"message":"emulated overload, retry later"}',
+                extra=[(b"retry-after", _fmt(self.spec.retry_after))],
+            )
         elif kind == "expire":
             if scope["path"].startswith("/v1/tokens"):
                 await _send(send, 401, b"Invalid or expired JWT", ctype=b"text/plain; charset=utf-8")
             else:
                 await _send(send, 401, b'{"message":"JWT is invalid."}')
         elif kind == "drop":
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")],
+                }
+            )
             await send({"type": "http.response.body", "body": b'{"data":{', "more_body": True})
             raise DroppedConnection("emulated dropped connection")
         else:  # malformed: the real response, cut in half
@@ -155,8 +168,14 @@ def _fmt(seconds: float) -> bytes:
     return (str(int(seconds)) if float(seconds).is_integer() else f"{seconds:g}").encode()
 
 
-async def _send(send: Send, status: int, body: bytes, *, ctype: bytes = b"application/json",
-                extra: list[tuple[bytes, bytes]] | None = None) -> None:
+async def _send(
+    send: Send,
+    status: int,
+    body: bytes,
+    *,
+    ctype: bytes = b"application/json",
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> None:
     headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode()), *(extra or [])]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -42,7 +42,9 @@ def json_response(payload: Any, status: int = 200, headers: dict[str, str] | Non
 
 def error_response(message: str, code: str, status: int = 422) -> Response:
     """A gqlgen-style error document: ``{"errors":[{"message", "extensions":{"code"}}], "data": null}``."""
-    return json_response({"errors": [{"message": message, "extensions": {"code": code}}], "data": None}, status)
+    return json_response(
+        {"errors": [{"message": message, "extensions": {"code": code}}], "data": None}, status
+    )
 
 
 def gql_error(message: str, path: list[Any] | None = None, code: str | None = None) -> dict[str, Any]:
@@ -109,7 +111,8 @@ class Endpoint:
             return json_response(
                 {
                     "errors": [
-                        {"message": e.message, "extensions": {"code": "GRAPHQL_VALIDATION_FAILED"}} for e in errors
+                        {"message": e.message, "extensions": {"code": "GRAPHQL_VALIDATION_FAILED"}}
+                        for e in errors
                     ],
                     "data": None,
                 },
@@ -159,5 +162,7 @@ def complexity(op: OperationDefinitionNode, fragments: dict[str, FragmentDefinit
 
 def complexity_error(value: int, limit: int = COMPLEXITY_LIMIT) -> Response:
     return error_response(
-        f"operation has complexity {value}, which exceeds the limit of {limit}", "COMPLEXITY_LIMIT_EXCEEDED", 422
+        f"operation has complexity {value}, which exceeds the limit of {limit}",
+        "COMPLEXITY_LIMIT_EXCEEDED",
+        422,
     )

@@ -97,7 +97,9 @@ def serve(config: EmulatorConfig, *, on_ready: Any = None) -> None:
     try:
         sock.bind((config.host, config.port))
     except OSError as exc:
-        raise ConfigError(f"port: cannot bind {config.host}:{config.port} ({exc.strerror}); pick another --port") from None
+        raise ConfigError(
+            f"port: cannot bind {config.host}:{config.port} ({exc.strerror}); pick another --port"
+        ) from None
     port = sock.getsockname()[1]
     host = f"[{config.host}]" if ":" in config.host else config.host
     state = build_state(config, f"http://{host}:{port}")
@@ -123,7 +125,9 @@ class EmulatorProcess:
     ...     emu.credentials["telemetry_url"]
     """
 
-    def __init__(self, config: EmulatorConfig, *, startup_timeout: float = 120.0, cpu: int | None = None) -> None:
+    def __init__(
+        self, config: EmulatorConfig, *, startup_timeout: float = 120.0, cpu: int | None = None
+    ) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="depin-emulator-")
         creds = config.credentials_out or Path(self._tmp.name) / "credentials.json"
         # a child process gets a free port unless the caller chose one explicitly
@@ -145,7 +149,13 @@ class EmulatorProcess:
         return Path(self.config.credentials_out)
 
     def start(self) -> EmulatorProcess:
-        cmd = [sys.executable, "-m", "connectors.dimo.emulator", "--config-json", self.config.model_dump_json()]
+        cmd = [
+            sys.executable,
+            "-m",
+            "connectors.dimo.emulator",
+            "--config-json",
+            self.config.model_dump_json(),
+        ]
         if self.cpu is not None and hasattr(os, "sched_setaffinity"):
             cmd = ["taskset", "-c", str(self.cpu), *cmd]
         self.credentials_path.unlink(missing_ok=True)

@@ -28,14 +28,18 @@ class EmulatorConfig(BaseModel):
     days: float = Field(7.0, gt=0, le=3650)
     seed: int = 0
     replay: Path | None = None
-    cmap_dir: Path | None = Field(None, description="import CMAP 1 Hz speed traces from this folder as vehicles")
+    cmap_dir: Path | None = Field(
+        None, description="import CMAP 1 Hz speed traces from this folder as vehicles"
+    )
     faults: str = ""
     credentials_out: Path | None = None
     ground_truth_out: Path | None = None
     end: datetime | None = Field(None, description="end of the simulated history; default: start-up time")
     dev_jwt_ttl_s: int = Field(14 * 86400, gt=0)
     vehicle_jwt_ttl_s: int = Field(600, gt=0)
-    restricted_fraction: float = Field(0.0, ge=0, le=1, description="share of vehicles not shared with the license")
+    restricted_fraction: float = Field(
+        0.0, ge=0, le=1, description="share of vehicles not shared with the license"
+    )
     log_level: str = "warning"
 
 
@@ -45,7 +49,10 @@ def make_license(seed: int, domain: str = DEFAULT_DOMAIN) -> DeveloperLicense:
     signer = Account.from_key(hashlib.sha256(digest + b"signer").digest())
     client_id = Account.from_key(hashlib.sha256(digest + b"contract").digest()).address
     return DeveloperLicense(
-        client_id=client_id, domain=domain, signers=(signer.address,), private_key="0x" + signer.key.hex().removeprefix("0x")
+        client_id=client_id,
+        domain=domain,
+        signers=(signer.address,),
+        private_key="0x" + signer.key.hex().removeprefix("0x"),
     )
 
 
