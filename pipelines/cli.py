@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
 from depin_core.errors import DepinError
 from pipelines._output import emit_json, err_console
@@ -38,6 +39,9 @@ def emulator(
     cmap_dir: Annotated[
         Path | None, typer.Option(help="add the CMAP 1 Hz speed traces in this folder as vehicles")
     ] = None,
+    cmap: Annotated[
+        bool, typer.Option("--cmap", help="add the bundled real CMAP recordings as vehicles")
+    ] = False,
     faults: Annotated[str, typer.Option(help="fault spec, e.g. 'all=0.2,latency=0.1:50,retry_after=1'")] = "",
     credentials_out: Annotated[Path | None, typer.Option(help="write license credentials JSON here")] = None,
     ground_truth_out: Annotated[
@@ -50,6 +54,10 @@ def emulator(
     from connectors.dimo.emulator.server import serve
     from connectors.dimo.emulator.state import EmulatorConfig
 
+    if cmap and cmap_dir is None:
+        from connectors.dimo.emulator.fleet import bundled_cmap_dir
+
+        cmap_dir = bundled_cmap_dir()
     config = EmulatorConfig(
         host=host,
         port=port,
@@ -184,6 +192,11 @@ def main() -> None:
         app()
     except DepinError as exc:
         err_console.print(f"[bold red]error:[/] {exc}")
+        raise SystemExit(2) from None
+    except ValidationError as exc:
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "input"
+            err_console.print(f"[bold red]error:[/] --{where.replace('_', '-')}: {err['msg']}")
         raise SystemExit(2) from None
 
 

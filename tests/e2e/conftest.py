@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
@@ -13,7 +12,6 @@ from connectors.dimo.emulator.state import EmulatorConfig
 
 # A fixed end of history, so two emulators (with and without faults) serve identical data.
 FIXED_END = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def fleet_config(**overrides: object) -> EmulatorConfig:

@@ -8,15 +8,16 @@ import pandas as pd
 import pyarrow.compute as pc
 import pytest
 
+from connectors.dimo.emulator.fleet import bundled_cmap_dir
 from connectors.dimo.emulator.replay import cmap_replay_rows
 from connectors.dimo.emulator.server import EmulatorProcess
 from connectors.dimo.emulator.state import EmulatorConfig
 from connectors.dimo.store import TelemetryStore
-from tests.e2e.conftest import FIXED_END, SHARED_DATA
+from tests.e2e.conftest import FIXED_END
 from tests.e2e.test_ingest import run
 
 pytestmark = pytest.mark.e2e
-CMAP = SHARED_DATA / "cmap"
+CMAP = bundled_cmap_dir()
 MPH = 1.609344
 
 
@@ -31,7 +32,6 @@ def csv_truth() -> tuple[float, float]:
     return km, top
 
 
-@pytest.mark.skipif(not CMAP.exists(), reason="shared/data/cmap is not present")
 async def test_real_recordings_replay_through_the_client(tmp_path) -> None:
     path = tmp_path / "cmap.parquet"
     cmap_replay_rows(CMAP, end=FIXED_END, seed=0).write_parquet(path)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 
 import polars as pl
 
@@ -102,3 +103,8 @@ class Fleet:
 
     def token_ids_desc(self) -> list[int]:
         return sorted(self.vehicles, reverse=True)
+
+
+def bundled_cmap_dir() -> Path:
+    """The real CMAP recordings shipped with the package (Apache-2.0, see recordings/cmap/SOURCES.md)."""
+    return Path(__file__).resolve().parent / "recordings" / "cmap"

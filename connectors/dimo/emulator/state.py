@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from eth_account import Account
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from connectors.dimo.emulator.faults import FaultSpec
 from connectors.dimo.emulator.fleet import DeveloperLicense, Fleet
@@ -41,6 +41,12 @@ class EmulatorConfig(BaseModel):
         0.0, ge=0, le=1, description="share of vehicles not shared with the license"
     )
     log_level: str = "warning"
+
+    @field_validator("faults")
+    @classmethod
+    def _faults_parse(cls, v: str) -> str:
+        FaultSpec.parse(v)  # raises ConfigError naming the bad part before any fleet is built
+        return v
 
 
 def make_license(seed: int, domain: str = DEFAULT_DOMAIN) -> DeveloperLicense:

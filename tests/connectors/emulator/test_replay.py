@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 from connectors.dimo.emulator import sim_render as R
-from connectors.dimo.emulator.fleet import Fleet
+from connectors.dimo.emulator.fleet import Fleet, bundled_cmap_dir
 from connectors.dimo.emulator.replay import (
     add_cmap_vehicles,
     cmap_replay_rows,
@@ -25,10 +25,9 @@ from connectors.dimo.emulator.simulator import simulate_fleet
 from connectors.dimo.emulator.state import make_license
 from depin_core.errors import ConfigError
 
-CMAP_DIR = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "cmap"
+CMAP_DIR = bundled_cmap_dir()
 END = datetime(2026, 5, 4, 7, 15, 0, tzinfo=UTC)
 LICENSE = make_license(3)
-needs_cmap = pytest.mark.skipif(not CMAP_DIR.is_dir(), reason=f"CMAP data not found at {CMAP_DIR}")
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +37,6 @@ def small_fleet() -> Fleet:
 
 @pytest.fixture(scope="module")
 def cmap_fleet(small_fleet: Fleet) -> Fleet:
-    if not CMAP_DIR.is_dir():
-        pytest.skip(f"CMAP data not found at {CMAP_DIR}")
     return add_cmap_vehicles(small_fleet, CMAP_DIR, seed=4)
 
 
@@ -48,7 +45,6 @@ def raw_cmap(name: str) -> pl.DataFrame:
 
 
 # ---- CMAP ---------------------------------------------------------------------------------------------
-@needs_cmap
 def test_load_cmap_trace_honours_the_file_quirks() -> None:
     path = CMAP_DIR / "4115985_1_2007-04-23.csv"
     assert b"\r\n" in path.read_bytes()[:200]  # the quirk this test is about
@@ -121,7 +117,6 @@ def test_cmap_rows_are_the_recorded_seconds_shifted_into_the_window(cmap_fleet: 
         assert power[moving].min() > -80_000 and power[moving].mean() > 500  # driving discharges the pack
 
 
-@needs_cmap
 def test_cmap_recording_is_clipped_to_a_short_window() -> None:
     end = datetime(2026, 5, 4, 20, 0, tzinfo=UTC)
     short = add_cmap_vehicles(
@@ -131,7 +126,6 @@ def test_cmap_recording_is_clipped_to_a_short_window() -> None:
         assert s["ts"].min() >= short.start and s["ts"].max() < short.end
 
 
-@needs_cmap
 def test_cmap_replay_rows_serve_through_replay(tmp_path: Path) -> None:
     rows = cmap_replay_rows(CMAP_DIR, end=END, seed=9)
     assert rows.columns == ["token_id", "signal", "ts", "value", "value_str"]

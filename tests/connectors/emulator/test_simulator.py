@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -14,7 +13,7 @@ from eth_utils import to_checksum_address
 
 from connectors.dimo.catalog import signal_catalog
 from connectors.dimo.emulator import sim_render as R
-from connectors.dimo.emulator.fleet import SOURCES, Fleet
+from connectors.dimo.emulator.fleet import SOURCES, Fleet, bundled_cmap_dir
 from connectors.dimo.emulator.sim_catalog import FULL_GRANT, TIRE_SIGNALS, draw_params
 from connectors.dimo.emulator.simulator import initial_sim, simulate_fleet
 from connectors.dimo.emulator.state import make_license
@@ -22,7 +21,7 @@ from depin_core.errors import ConfigError
 
 END = datetime(2026, 4, 15, 9, 30, 12, 345678, tzinfo=UTC)
 LICENSE = make_license(7)
-CMAP_DIR = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "cmap"
+CMAP_DIR = bundled_cmap_dir()
 
 
 @pytest.fixture(scope="module")
@@ -333,8 +332,6 @@ def test_consumption_ranking_is_learnable(big_fleet: Fleet) -> None:
 
 
 def test_recorded_speed_traces_replace_synthetic_profiles() -> None:
-    if not CMAP_DIR.is_dir():
-        pytest.skip(f"CMAP data not found at {CMAP_DIR}")
     from connectors.dimo.emulator.replay import load_cmap_speed_traces
 
     traces = load_cmap_speed_traces(CMAP_DIR)
