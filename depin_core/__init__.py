@@ -1,4 +1,4 @@
-"""Shared kernel of depin-pipeline: the error tree, time parsing, atomic files, hashing.
+"""Shared kernel of depin-pipeline: the error tree, time parsing, atomic files.
 
 Every package (connectors, gpu_jobs, serving, pipelines) may import this one; it imports none of them.
 """

@@ -27,8 +27,3 @@ class PermanentError(DepinError):
 
 class ConfigError(PermanentError):
     """A setting, parameter or file is invalid; the message names it and the fix."""
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True when ``exc`` is marked retryable."""
-    return isinstance(exc, TransientError)

@@ -1,8 +1,9 @@
 """DIMO tokens: the Developer JWT (web3 challenge → sign → submit) and per-vehicle JWTs (token exchange).
 
 Both are cached and refreshed before they expire (``exp`` is decoded, never assumed): a token is renewed when
-it is within ``max(60 s, 10 % of its lifetime)`` of ``exp``. One refresh runs at a time; callers that saw the
-same stale token share it. Tokens and the private key never reach logs, reprs or exceptions.
+it is within ``max(60 s, 10 % of its lifetime)`` of ``exp`` (a quarter of its lifetime when that is 2 minutes
+or less). One refresh runs at a time; callers that saw the same stale token share it. Tokens and the private
+key never reach logs, reprs or exceptions.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import jwt
 from eth_account import Account
 from eth_account.messages import encode_defunct
@@ -36,18 +38,26 @@ class _Cached:
         return now < self.expires_at - self.margin
 
 
+def _seconds(value: Any, default: float) -> float:
+    """A numeric claim or field from the server; ``default`` when absent, zero or not a number."""
+    try:
+        return float(value) or default
+    except (TypeError, ValueError):
+        return default
+
+
 def _cache_entry(token: str, now: float, *, fallback_ttl: float) -> _Cached:
     """Decode ``exp``/``iat`` without verifying (we are the bearer, not the audience).
 
-    Tokens living under 2 minutes (tests, odd servers) get a quarter of their lifetime as margin, so they
+    Tokens living 2 minutes or less (tests, odd servers) get a quarter of their lifetime as margin, so they
     are still used for a while instead of being refreshed on every request.
     """
     try:
         claims = jwt.decode(token, options={"verify_signature": False})
     except jwt.PyJWTError:
         claims = {}
-    exp = float(claims.get("exp") or now + fallback_ttl)
-    iat = float(claims.get("iat") or now)
+    exp = _seconds(claims.get("exp"), now + fallback_ttl)
+    iat = _seconds(claims.get("iat"), now)
     lifetime = max(exp - iat, 0.0)
     return _Cached(
         token, exp, max(MIN_MARGIN_S, 0.1 * lifetime) if lifetime > 2 * MIN_MARGIN_S else lifetime / 4
@@ -103,11 +113,11 @@ class DeveloperToken(TokenSource):
                     "POST",
                     f"{base}/auth/web3/generate_challenge",
                     what="DIMO auth generate_challenge",
-                    parse=lambda r: json_body(r, "DIMO auth generate_challenge"),
+                    parse=_challenge,
                     headers=FORM,
                     data={**common, "scope": "openid email", "response_type": "code", "address": s.client_id},
                 )
-                signature = sign_challenge(str(challenge["challenge"]), s.private_key.get_secret_value())
+                signature = sign_challenge(challenge["challenge"], s.private_key.get_secret_value())
                 doc = await self._service.call(
                     "POST",
                     f"{base}/auth/web3/submit_challenge",
@@ -116,7 +126,7 @@ class DeveloperToken(TokenSource):
                     headers=FORM,
                     data={
                         **common,
-                        "state": str(challenge["state"]),
+                        "state": challenge["state"],
                         "signature": signature,
                         "grant_type": "authorization_code",
                     },
@@ -126,17 +136,24 @@ class DeveloperToken(TokenSource):
                 if attempt == 0 and ("does not exist" in text or "expired" in text):
                     continue  # the challenge was consumed by a retried submit, or timed out: start over
                 raise DimoAuthError(_auth_advice(text, s.client_id)) from None
-            except (KeyError, TypeError):
-                raise DimoTransientError("DIMO auth: challenge response lacks state/challenge") from None
             token = doc.get("access_token") if isinstance(doc, dict) else None
             if not token:
                 raise DimoAuthError(
                     "DIMO auth: submit_challenge returned no access_token; check the auth URL"
                 )
             self.fetches += 1
-            ttl = float(doc.get("expires_in") or 3600)
+            ttl = _seconds(doc.get("expires_in"), 3600)
             return _cache_entry(str(token), self._clock(), fallback_ttl=ttl)
         raise DimoAuthError("DIMO auth: the challenge expired twice in a row; check the machine's clock")
+
+
+async def _challenge(resp: httpx.Response) -> dict[str, str]:
+    """``state`` and ``challenge`` of a generate_challenge response; a page lacking them is transient."""
+    what = "DIMO auth generate_challenge"
+    doc = await json_body(resp, what)
+    if not isinstance(doc, dict) or not doc.get("state") or not doc.get("challenge"):
+        raise DimoTransientError(f"{what}: response lacks state/challenge")
+    return {"state": str(doc["state"]), "challenge": str(doc["challenge"])}
 
 
 def _auth_advice(text: str, client_id: str) -> str:
@@ -180,15 +197,21 @@ class VehicleTokens:
     def invalidate(self, token_id: int) -> None:
         self._cache.pop(token_id, None)
 
-    async def get(self, token_id: int, privileges: frozenset[int], *, stale: str | None = None) -> str:
+    def _usable(self, token_id: int, privileges: frozenset[int], stale: str | None) -> str | None:
+        """The cached token when it covers ``privileges``, is fresh and is not ``stale``; else None."""
         hit = self._cache.get(token_id)
         if hit and privileges <= hit[0] and hit[1].fresh(self._clock()) and hit[1].token != stale:
             return hit[1].token
-        lock = self._locks.setdefault(token_id, asyncio.Lock())
-        async with lock:
+        return None
+
+    async def get(self, token_id: int, privileges: frozenset[int], *, stale: str | None = None) -> str:
+        """A token for ``token_id`` holding ``privileges``; exchanged (once, under a lock) when needed."""
+        if token := self._usable(token_id, privileges, stale):
+            return token
+        async with self._locks.setdefault(token_id, asyncio.Lock()):
+            if token := self._usable(token_id, privileges, stale):
+                return token
             hit = self._cache.get(token_id)
-            if hit and privileges <= hit[0] and hit[1].fresh(self._clock()) and hit[1].token != stale:
-                return hit[1].token
             wanted = privileges | (hit[0] if hit else frozenset())
             entry = await self._exchange(token_id, wanted)
             self._cache[token_id] = (wanted, entry)

@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC
 from typing import Any, Protocol, TypeVar
 
 import httpx
@@ -143,6 +144,8 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
+    if when.tzinfo is None:  # "-0000" parses naive; HTTP dates are UTC, not the machine's local time
+        when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
@@ -150,12 +153,17 @@ def _short(body: bytes, limit: int = 300) -> str:
     return body[:limit].decode("utf-8", "replace").strip()
 
 
+def orjson_or_none(body: bytes) -> Any:
+    """``body`` decoded as JSON, or None when it is not valid JSON."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+
+
 def _message(body: bytes) -> str:
     """The human message of an error body (JSON ``message``/``error_description``/``errors``, or text)."""
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return _short(body)
+    doc = orjson_or_none(body)
     if isinstance(doc, dict):
         if isinstance(doc.get("errors"), list) and doc["errors"]:
             return "; ".join(str(e.get("message", e)) for e in doc["errors"] if isinstance(e, dict))
@@ -186,13 +194,6 @@ def classify_status(resp: httpx.Response, what: str) -> None:
     if status == 403:
         raise DimoPrivilegeError(f"{what}: HTTP 403 {msg}")
     raise DimoQueryError(f"{what}: HTTP {status} {msg}")
-
-
-def orjson_or_none(body: bytes) -> Any:
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
 
 
 def raise_graphql_errors(doc: Any, what: str, *, privilege_hint: str = "") -> None:
@@ -261,13 +262,7 @@ class Service:
                 resp = await self.http.request(method, url, **kwargs)
             except httpx.TimeoutException as exc:
                 raise DimoTransientError(f"{what}: timed out ({type(exc).__name__})") from None
-            except (
-                httpx.ConnectError,
-                httpx.RemoteProtocolError,
-                httpx.ReadError,
-                httpx.WriteError,
-                httpx.PoolTimeout,
-            ) as exc:
+            except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:  # connect/read/write/close
                 raise DimoTransientError(f"{what}: connection failed ({type(exc).__name__})") from None
             finally:
                 self.stats.seconds += time.perf_counter() - started
@@ -300,7 +295,12 @@ class Service:
                 return await parse(resp)
             except TokenRejected as exc:
                 self.stats.errors["401"] += 1
-                if auth is None or token is None or refreshed:
+                if auth is None or token is None:
+                    raise DimoAuthError(
+                        f"{what}: the server asked for a token ({exc}) but none was sent; check that the "
+                        "service URL points at the right DIMO API"
+                    ) from None
+                if refreshed:
                     raise DimoAuthError(
                         f"{what}: the token was rejected ({exc}) even after a refresh; check that the license "
                         "credentials are valid and the clock is right"

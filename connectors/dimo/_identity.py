@@ -6,6 +6,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
+
 from connectors.dimo._http import Service, graphql_data
 from connectors.dimo.errors import DimoQueryError, DimoTransientError
 from connectors.dimo.privileges import decode_sacd_permissions
@@ -66,6 +68,20 @@ def _vehicle(node: dict[str, Any], client_id: str) -> VehicleInfo:
     )
 
 
+async def _page(resp: httpx.Response, what: str, client_id: str) -> tuple[list[VehicleInfo], dict[str, Any]]:
+    """(vehicles, pageInfo) of one ``vehicles`` page; a page of the wrong shape is transient (retried)."""
+    data = await graphql_data(resp, what)
+    conn = data.get("vehicles")
+    if not isinstance(conn, dict):
+        raise DimoTransientError(f"{what}: response lacks vehicles")
+    try:
+        vehicles = [_vehicle(n, client_id) for n in conn.get("nodes") or []]
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise DimoTransientError(f"{what}: a vehicle node lacks tokenId or has malformed fields") from None
+    info = conn.get("pageInfo")
+    return vehicles, info if isinstance(info, dict) else {}
+
+
 async def discover_vehicles(
     service: Service, url: str, client_id: str, *, logger: logging.Logger | None = None
 ) -> list[VehicleInfo]:
@@ -75,15 +91,16 @@ async def discover_vehicles(
     out: list[VehicleInfo] = []
     after: str | None = None
     seen: set[str] = set()
+    page = 1
     while True:
         query = _QUERY % (PAGE_SIZE, node_fields)
-        what = f"DIMO identity vehicles page {len(out) // PAGE_SIZE + 1}"
+        what = f"DIMO identity vehicles page {page}"
         try:
-            data = await service.call(
+            vehicles, info = await service.call(
                 "POST",
                 url,
                 what=what,
-                parse=lambda r, w=what: graphql_data(r, w),
+                parse=lambda r, w=what: _page(r, w, client_id),
                 json={"query": query, "variables": {"lic": client_id, "after": after}},
             )
         except DimoQueryError as exc:
@@ -92,11 +109,8 @@ async def discover_vehicles(
                 node_fields = _NODE_SACDS
                 continue
             raise
-        conn = data.get("vehicles")
-        if not isinstance(conn, dict):
-            raise DimoTransientError(f"{what}: response lacks vehicles")
-        out.extend(_vehicle(n, client_id) for n in conn.get("nodes") or [])
-        info = conn.get("pageInfo") or {}
+        out.extend(vehicles)
+        page += 1
         after = info.get("endCursor")
         if not info.get("hasNextPage") or not after:
             break

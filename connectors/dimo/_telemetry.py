@@ -11,7 +11,8 @@ Conversion (measured on a 1440-row × 15-signal page, 644 KB, this 2-core machin
   orjson.loads alone 1.8 ms · orjson + pa.Table.from_pylist 3.7 ms · orjson + pa.array(struct) 3.3 ms ·
   polars.read_json(schema) + arrow cast 3.2 ms · pyarrow.json (one block) 4.2 ms.
 polars and pyarrow.json release the GIL (2 threads: 1.5x throughput), orjson-based ones do not (0.6x), so
-pages are parsed with polars in a worker thread while the event loop keeps the other requests moving.
+pages are parsed with polars in a worker thread while the event loop keeps the other requests moving (small
+pages inline: a thread hop costs more than parsing them).
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ import pyarrow.compute as pc
 from connectors.dimo._http import orjson_or_none, raise_graphql_errors
 from connectors.dimo.catalog import signal_catalog
 from connectors.dimo.errors import ComplexityLimitExceeded, DimoTransientError, ExecutionTimeExceeded
-from connectors.dimo.schema import LOCATION_COLUMNS, TIMESTAMP_TYPE, signal_fields
+from connectors.dimo.schema import LOCATION_COLUMNS, TIMESTAMP_TYPE, conform_table, signal_fields
 from depin_core.timeparse import to_rfc3339
 
 COMPLEXITY_LIMIT = 100
-PARSE_IN_THREAD = True
+THREAD_PARSE_MIN_BYTES = 64_000  # pages larger than this are parsed in a worker thread
 _US = timedelta(microseconds=1)
 
 
@@ -47,9 +48,14 @@ def _is_location(name: str) -> bool:
     return signal_catalog()[name].gql_type == "Location"
 
 
+def _field_complexity(name: str) -> int:
+    """gqlgen's default complexity of one signal field: 1, plus ``latitude longitude`` for a location."""
+    return 3 if _is_location(name) else 1
+
+
 def query_complexity(signals: Sequence[str]) -> int:
     """gqlgen's default complexity of :func:`build_query`: ``signals`` + ``timestamp`` + each field (+children)."""
-    return 2 + sum(3 if _is_location(s) else 1 for s in signals)
+    return 2 + sum(map(_field_complexity, signals))
 
 
 def value_columns(signals: Sequence[str]) -> int:
@@ -83,13 +89,17 @@ def chunk_signals(
     signals: Sequence[str], max_signals: int, limit: int = COMPLEXITY_LIMIT
 ) -> list[tuple[str, ...]]:
     """Split ``signals`` (in order) into chunks of at most ``max_signals`` and complexity ≤ ``limit``."""
+    empty = query_complexity(())
     chunks: list[tuple[str, ...]] = []
     current: list[str] = []
+    complexity = empty  # of ``current``, kept incrementally (the plan is made per vehicle)
     for name in signals:
-        if current and (len(current) >= max_signals or query_complexity([*current, name]) > limit):
+        cost = _field_complexity(name)
+        if current and (len(current) >= max_signals or complexity + cost > limit):
             chunks.append(tuple(current))
-            current = []
+            current, complexity = [], empty
         current.append(name)
+        complexity += cost
     if current:
         chunks.append(tuple(current))
     return chunks
@@ -107,8 +117,7 @@ def plan_windows(
     """``[since, until)`` as windows of whole intervals starting at ``since + k·window``."""
     if until <= since:
         return []
-    step = interval // _US
-    total = -(-((until - since) // _US) // step)  # buckets, the last one maybe partial
+    total = buckets_in(since, until, interval)
     per = max(1, min(max_values // max(columns, 1), max_window // interval, total))
     out = []
     for k in range(0, total, per):
@@ -118,6 +127,7 @@ def plan_windows(
 
 
 def buckets_in(start: datetime, end: datetime, interval: timedelta) -> int:
+    """Buckets of ``interval`` starting in ``[start, end)``, the last one maybe partial."""
     return -(-((end - start) // _US) // (interval // _US))
 
 
@@ -198,16 +208,8 @@ def assemble(token_id: int, pages: Sequence[pa.Table], schema: pa.Schema) -> pa.
     if not pages:
         return schema.empty_table()
     combined = pa.concat_tables(pages, promote_options="default") if len(pages) > 1 else pages[0]
-    n = combined.num_rows
-    arrays: list[pa.Array | pa.ChunkedArray] = []
-    for f in schema:
-        if f.name == "token_id":
-            arrays.append(pa.array(np.full(n, token_id, dtype=np.int64)))
-        elif f.name in combined.column_names:
-            arrays.append(combined.column(f.name).cast(f.type))
-        else:
-            arrays.append(pa.nulls(n, f.type))
-    return pa.Table.from_arrays(arrays, schema=schema)
+    token_ids = pa.array(np.full(combined.num_rows, token_id, dtype=np.int64))
+    return conform_table(combined.append_column("token_id", token_ids), schema)
 
 
 # ---------------------------------------------------------------- execution
@@ -305,7 +307,7 @@ def request_body(
 
 
 async def parse_off_loop(body: bytes, chunk: tuple[str, ...], what: str, privilege_hint: str) -> pa.Table:
-    """Parse a page in a worker thread (polars releases the GIL) or inline, per ``PARSE_IN_THREAD``."""
-    if PARSE_IN_THREAD and len(body) > 64_000:
+    """Parse a page in a worker thread (polars releases the GIL) when it is large, else inline."""
+    if len(body) > THREAD_PARSE_MIN_BYTES:
         return await asyncio.to_thread(parse_page, body, chunk, what=what, privilege_hint=privilege_hint)
     return parse_page(body, chunk, what=what, privilege_hint=privilege_hint)

@@ -88,6 +88,7 @@ def signal_catalog() -> dict[str, Signal]:
     return out
 
 
+@cache
 def current_signals() -> dict[str, Signal]:
-    """Signals served by today's telemetry API (removed ones excluded)."""
+    """Signals served by today's telemetry API (removed ones excluded). Shared: do not mutate."""
     return {n: s for n, s in signal_catalog().items() if s.current}

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Protocol, runtime_checkable
 
 import httpx
@@ -22,7 +23,7 @@ import pyarrow as pa
 
 from connectors.dimo import _telemetry as tm
 from connectors.dimo._auth import DeveloperToken, VehicleTokens
-from connectors.dimo._http import ClientStats, RetryPolicy, Service, graphql_data
+from connectors.dimo._http import ClientStats, RetryPolicy, Service, TokenSource, graphql_data
 from connectors.dimo._identity import VehicleInfo, discover_vehicles
 from connectors.dimo.catalog import ALL_TIME_LOCATION, NON_LOCATION, current_signals, signal_catalog
 from connectors.dimo.errors import DimoPrivilegeError
@@ -37,6 +38,7 @@ __all__ = ["ClientStats", "DimoClient", "TelemetrySource", "VehicleHistory", "Ve
 
 # Signal privilege (catalog) → privilege id the license needs.
 _PRIVILEGE_ID = {NON_LOCATION: NON_LOCATION_HISTORY, ALL_TIME_LOCATION: LOCATION_HISTORY}
+_DATA_PRIVILEGES = frozenset(_PRIVILEGE_ID.values())
 _AVAILABLE_QUERY = "query Available($tokenId: Int!) { availableSignals(tokenId: $tokenId) }"
 
 
@@ -157,15 +159,14 @@ class DimoClient(TelemetrySource):
             self._identity, self._urls.identity, self.settings.client_id, logger=self.log
         )
 
-    def _token_source(self, vehicle: VehicleInfo | int):
-        v = vehicle if isinstance(vehicle, VehicleInfo) else None
-        token_id = vehicle.token_id if isinstance(vehicle, VehicleInfo) else int(vehicle)
-        # One exchange per vehicle covers both data kinds the license holds.
-        privs = (v.privileges if v else frozenset({NON_LOCATION_HISTORY})) & {
-            NON_LOCATION_HISTORY,
-            LOCATION_HISTORY,
-        }
-        return self.vehicle_tokens.source(token_id, privs or {NON_LOCATION_HISTORY})
+    def _token_source(self, vehicle: VehicleInfo | int) -> TokenSource:
+        """Vehicle JWTs for ``vehicle``: one exchange covers both data kinds the license holds (a bare
+        token id asks for non-location data only)."""
+        if isinstance(vehicle, VehicleInfo):
+            token_id, privileges = vehicle.token_id, vehicle.privileges & _DATA_PRIVILEGES
+        else:
+            token_id, privileges = int(vehicle), frozenset()
+        return self.vehicle_tokens.source(token_id, privileges or {NON_LOCATION_HISTORY})
 
     async def available_signals(self, token_id: int | VehicleInfo) -> list[str]:
         """Signals the vehicle has data for, restricted to current catalog names (catalog order)."""
@@ -222,9 +223,10 @@ class DimoClient(TelemetrySource):
         since: datetime,
         until: datetime,
         interval: timedelta,
-        signals: Sequence[str] | None,
+        signals: list[str] | None,
     ) -> VehicleHistory:
-        """Fetch one vehicle; a vehicle the license may not read comes back with ``skipped_reason`` (logged)."""
+        """Fetch one vehicle's ``signals`` (resolved; None = what the vehicle has); a vehicle the license
+        may not read comes back with ``skipped_reason`` (logged)."""
         go_interval = format_go_duration(interval)
 
         def skipped(reason: str, schema: pa.Schema) -> VehicleHistory:
@@ -232,19 +234,19 @@ class DimoClient(TelemetrySource):
             return VehicleHistory(vehicle, schema.empty_table(), 0, since, until, skipped_reason=reason)
 
         if signals is not None:
-            wanted = resolve_signals(signals)
-            schema = telemetry_schema(wanted, interval=go_interval)
+            wanted = signals
+            schema = _schema(tuple(signals), go_interval)
         else:
             schema = None
-            if not vehicle.privileges & {NON_LOCATION_HISTORY, LOCATION_HISTORY}:
+            if not vehicle.privileges & _DATA_PRIVILEGES:
                 _, reason = self._select(vehicle, [])
-                return skipped(reason or "no privileges", telemetry_schema([], interval=go_interval))
+                return skipped(reason or "no privileges", _schema((), go_interval))
             wanted = await self.available_signals(vehicle)
         fetch_signals, reason = self._select(vehicle, wanted) if wanted else ([], None)
         if reason:
-            return skipped(reason, schema or telemetry_schema([], interval=go_interval))
+            return skipped(reason, schema or _schema((), go_interval))
         if schema is None:
-            schema = telemetry_schema(fetch_signals, interval=go_interval)
+            schema = _schema(tuple(fetch_signals), go_interval)
         if until <= since or not fetch_signals:
             return VehicleHistory(vehicle, schema.empty_table(), 0, since, until)
 
@@ -288,9 +290,9 @@ class DimoClient(TelemetrySource):
         signals: Sequence[str] | None = None,
     ) -> pa.Table:
         """One vehicle's history as a table following ``telemetry_schema`` (empty when it is skipped)."""
-        since_, until_ = _utc(since, "since"), _utc(until, "until")
-        _check_interval(interval)
-        return (await self._history(vehicle, since_, until_, interval, signals)).table
+        since_ = _utc(since, "since")
+        until_, wanted = _checked(until, interval, signals)
+        return (await self._history(vehicle, since_, until_, interval, wanted)).table
 
     async def fetch_fleet(
         self,
@@ -306,10 +308,7 @@ class DimoClient(TelemetrySource):
         ``since`` may be one time or a per-vehicle mapping (watermarks). All vehicles share the client's
         concurrency bound and rate limiter; a bounded number of vehicles is in flight at a time.
         """
-        until_ = _utc(until, "until")
-        _check_interval(interval)
-        if signals is not None:
-            resolve_signals(signals)  # fail fast on unknown names
+        until_, wanted = _checked(until, interval, signals)
         starts = {v.token_id: _since_for(since, v.token_id) for v in vehicles}
         started = time.perf_counter()
         in_flight = max(2, 2 * self.settings.max_concurrency)
@@ -319,7 +318,7 @@ class DimoClient(TelemetrySource):
             while True:
                 while len(pending) < in_flight and (v := next(queue, None)) is not None:
                     pending.add(
-                        asyncio.create_task(self._history(v, starts[v.token_id], until_, interval, signals))
+                        asyncio.create_task(self._history(v, starts[v.token_id], until_, interval, wanted))
                     )
                 if not pending:
                     break
@@ -336,6 +335,21 @@ class DimoClient(TelemetrySource):
                 time.perf_counter() - started,
                 self.stats.as_dict(),
             )
+
+
+@lru_cache(maxsize=256)
+def _schema(signals: tuple[str, ...], interval: str) -> pa.Schema:
+    """``telemetry_schema`` memoised: every vehicle of a fleet fetch shares one (immutable) schema."""
+    return telemetry_schema(signals, interval=interval)
+
+
+def _checked(
+    until: datetime, interval: timedelta, signals: Sequence[str] | None
+) -> tuple[datetime, list[str] | None]:
+    """The fetch arguments every vehicle shares, validated: ``until`` in UTC, ``signals`` resolved."""
+    until_ = _utc(until, "until")
+    _check_interval(interval)
+    return until_, (resolve_signals(signals) if signals is not None else None)
 
 
 def _utc(dt: datetime, field: str) -> datetime:

@@ -12,11 +12,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from connectors.dimo.client import TelemetrySource
 from connectors.dimo.go_duration import format_go_duration
 from connectors.dimo.schema import conform_table, signals_of_columns, telemetry_schema
 from connectors.dimo.store import TelemetryStore
@@ -64,7 +64,7 @@ class IngestReport:
 
 
 async def ingest(
-    source: Any,
+    source: TelemetrySource,
     store: TelemetryStore,
     *,
     since: datetime,
@@ -164,7 +164,3 @@ async def ingest(
     report.seconds = round(time.perf_counter() - started, 3)
     report.dataset_rows = store.summary().rows
     return report
-
-
-def default_out_dir() -> Path:
-    return Path(".depin") / "datasets" / "telemetry"

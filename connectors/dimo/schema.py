@@ -72,11 +72,6 @@ def telemetry_schema(
     return pa.schema(fields, metadata=meta)
 
 
-def empty_table(schema: pa.Schema) -> pa.Table:
-    """A zero-row table with ``schema``."""
-    return schema.empty_table()
-
-
 def validate_table(table: pa.Table) -> None:
     """Check that ``table`` follows the contract: key columns typed and not null, known signal columns."""
     for f in KEY_FIELDS:

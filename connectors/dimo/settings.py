@@ -82,8 +82,10 @@ class DimoSettings(BaseSettings):
         env_prefix="DEPIN_DIMO_", extra="ignore", hide_input_in_errors=True, populate_by_name=True
     )
 
+    # Keyword ``environment`` works through populate_by_name; the aliases are only the env var names (a bare
+    # "environment" alias would also read an unprefixed ENVIRONMENT variable meant for something else).
     environment: Environment = Field(
-        "emulator", validation_alias=AliasChoices("environment", "DEPIN_DIMO_ENV", "DEPIN_DIMO_ENVIRONMENT")
+        "emulator", validation_alias=AliasChoices("DEPIN_DIMO_ENV", "DEPIN_DIMO_ENVIRONMENT")
     )
     client_id: str | None = Field(None, description="developer license address (0x + 40 hex)")
     domain: str | None = Field(None, description="a redirect URI registered on the license")
@@ -139,7 +141,7 @@ class DimoSettings(BaseSettings):
         if v is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", v.strip()):
             raise ConfigError(
                 f"DEPIN_DIMO_{info.field_name.upper()} ({info.field_name}) must be an http(s) URL, "
-                f"e.g. {ENVIRONMENTS['production'].__getattribute__(info.field_name.removesuffix('_url'))}"
+                f"e.g. {getattr(ENVIRONMENTS['production'], info.field_name.removesuffix('_url'))}"
             )
         return v.strip().rstrip("/") if v else v
 
@@ -172,7 +174,9 @@ class DimoSettings(BaseSettings):
 
     @classmethod
     def from_credentials_file(cls, path: str | Path, **overrides: Any) -> DimoSettings:
-        """Settings from the JSON written by ``depin emulator --credentials-out``; the file wins over env vars."""
+        """Settings from the JSON written by ``depin emulator --credentials-out``.
+
+        ``overrides`` win over the file, which wins over ``DEPIN_DIMO_*`` environment variables."""
         p = Path(path)
         try:
             doc = json.loads(p.read_text(encoding="utf-8"))
@@ -193,6 +197,5 @@ class DimoSettings(BaseSettings):
             "private_key",
             *(f"{s}_url" for s in ("auth", "token_exchange", "identity", "telemetry")),
         )
-        fields = {k: doc[k] for k in keys if doc.get(k) is not None}
-        fields.setdefault("environment", "emulator")
-        return cls(**fields, **overrides)
+        fields = {"environment": "emulator", **{k: doc[k] for k in keys if doc.get(k) is not None}}
+        return cls(**{**fields, **overrides})

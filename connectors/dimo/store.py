@@ -35,7 +35,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
-from connectors.dimo.schema import KEY_COLUMNS, KEY_FIELDS, SCHEMA_ID, validate_table
+from connectors.dimo.schema import KEY_COLUMNS, KEY_FIELDS, SCHEMA_ID, conform_table, validate_table
 from depin_core.errors import ConfigError
 from depin_core.fs import atomic_write_bytes, temp_path_beside
 
@@ -116,14 +116,10 @@ def _int_keys(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     return tok, ts
 
 
-def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """``table`` with exactly ``schema``'s columns, in order; absent columns become nulls."""
-    n = table.num_rows
-    arrays = [
-        table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(n, f.type)
-        for f in schema
-    ]
-    return pa.Table.from_arrays(arrays, schema=schema)
+def _meta(schema: pa.Schema, key: bytes) -> str | None:
+    """A schema-level metadata value (``depin.schema``, ``depin.interval``) as text, or None."""
+    value = (schema.metadata or {}).get(key)
+    return value.decode() if value else None
 
 
 def _dedupe_sorted(table: pa.Table, n_old: int) -> tuple[pa.Table, int]:
@@ -276,12 +272,10 @@ class TelemetryStore:
 
     def _merged_schema(self, current: pa.Schema | None, table: pa.Table) -> pa.Schema:
         """The dataset schema after adding ``table``'s columns; refuses type or aggregation conflicts."""
-        interval = (table.schema.metadata or {}).get(b"depin.interval")
-        meta = {
-            "depin.schema": (table.schema.metadata or {}).get(b"depin.schema", SCHEMA_ID.encode()).decode()
-        }
+        meta = {"depin.schema": _meta(table.schema, b"depin.schema") or SCHEMA_ID}
+        interval = _meta(table.schema, b"depin.interval")
         if interval:
-            meta["depin.interval"] = interval.decode()
+            meta["depin.interval"] = interval
         if current is None:
             fields = list(KEY_FIELDS) + [f for f in table.schema if f.name not in KEY_COLUMNS]
             return pa.schema(fields, metadata=meta)
@@ -305,8 +299,7 @@ class TelemetryStore:
         return pa.schema(fields, metadata=meta)
 
     def _check_compatible(self, state: StoreState | None, table: pa.Table) -> None:
-        meta = table.schema.metadata or {}
-        schema_id = meta.get(b"depin.schema", SCHEMA_ID.encode()).decode()
+        schema_id = _meta(table.schema, b"depin.schema") or SCHEMA_ID
         if schema_id != (state.schema_id if state else SCHEMA_ID):
             raise ConfigError(
                 f"table has schema {schema_id!r} but the dataset at {self.root} holds "
@@ -314,7 +307,7 @@ class TelemetryStore:
             )
         if state is None or state.schema() is None:
             return
-        interval = meta[b"depin.interval"].decode() if b"depin.interval" in meta else None
+        interval = _meta(table.schema, b"depin.interval")
         if interval != state.interval:
             raise ConfigError(
                 f"table has interval {interval or 'none'} but the dataset at {self.root} holds interval "
@@ -329,7 +322,7 @@ class TelemetryStore:
         """
         n_old = 0
         if path.is_file():
-            old = _conform(pq.read_table(path), schema)
+            old = conform_table(pq.read_table(path), schema)
             n_old = old.num_rows
             new = pa.concat_tables([old, new])
         merged, replaced = _dedupe_sorted(new, n_old)
@@ -354,7 +347,7 @@ class TelemetryStore:
                 self._save_state(state)
             self._remove_temp_files()
 
-            data = _conform(table, schema)
+            data = conform_table(table, schema)
             _, ts = _int_keys(data)
             days = ts // _DAY_US  # floor division: UTC day index, also right before 1970
             order = np.argsort(days, kind="stable")
@@ -401,16 +394,14 @@ class TelemetryStore:
         for _, path in self._partition_files():
             if path in skip or pq.read_schema(path).equals(schema, check_metadata=False):
                 continue
-            staged.append((_stage(path, _conform(pq.read_table(path), schema)), path))
+            staged.append((_stage(path, conform_table(pq.read_table(path), schema)), path))
         return staged
 
     @staticmethod
     def _state_with_schema(state: StoreState | None, schema: pa.Schema) -> StoreState:
-        meta = schema.metadata or {}
-        interval = meta.get(b"depin.interval")
         return (state or StoreState()).model_copy(
             update={
-                "interval": interval.decode() if interval else None,
+                "interval": _meta(schema, b"depin.interval"),
                 "columns": [ColumnInfo(name=f.name, type=str(f.type)) for f in schema],
                 "arrow_schema": base64.b64encode(schema.serialize().to_pybytes()).decode(),
             }

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 
+import httpx
+import jwt
 import pytest
 
-from connectors.dimo._auth import sign_challenge
+from connectors.dimo._auth import _cache_entry, _challenge, sign_challenge
 from connectors.dimo.client import DimoClient
-from connectors.dimo.errors import DimoAuthError, DimoPrivilegeError
+from connectors.dimo.errors import DimoAuthError, DimoPrivilegeError, DimoTransientError
 from connectors.dimo.settings import DimoSettings
 from tests.connectors.test_client_support import (
     NOW,
@@ -125,3 +127,18 @@ async def test_expired_dev_token_on_exchange_is_refreshed_once(fake):
         await client.available_signals(3)
     assert state.hits["/auth/web3/submit_challenge"] == 2
     assert state.hits["/v1/tokens/exchange"] == 3  # 200, 401, 200
+
+
+async def test_malformed_challenge_page_is_transient_and_odd_claims_fall_back():
+    with pytest.raises(DimoTransientError, match="lacks state/challenge"):
+        await _challenge(httpx.Response(200, content=b'{"state": "s"}'))
+    with pytest.raises(DimoTransientError, match="lacks state/challenge"):
+        await _challenge(httpx.Response(200, content=b'["s", "c"]'))
+    assert await _challenge(httpx.Response(200, content=b'{"state": 7, "challenge": "c"}')) == {
+        "state": "7",
+        "challenge": "c",
+    }
+    # A server's non-numeric exp/iat must not crash the cache: the fallback lifetime is used instead.
+    token = jwt.encode({"exp": "soon", "iat": None}, "k" * 32)
+    entry = _cache_entry(token, 1000.0, fallback_ttl=600)
+    assert entry.expires_at == 1600.0 and entry.margin == 60.0 and entry.fresh(1500.0)

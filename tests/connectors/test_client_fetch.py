@@ -5,10 +5,14 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime, timedelta
 
+import httpx
+import orjson
 import pyarrow as pa
 import pytest
 
+from connectors.dimo._identity import _page as _identity_page
 from connectors.dimo.client import DimoClient, TelemetrySource, VehicleHistory, VehicleInfo
+from connectors.dimo.errors import DimoTransientError
 from connectors.dimo.schema import telemetry_schema
 from depin_core.errors import ConfigError
 from tests.connectors.test_client_support import (
@@ -136,3 +140,16 @@ async def test_unknown_signal_fails_fast(fake):
 
 async def _no_sleep(_: float) -> None:
     return None
+
+
+async def test_identity_page_of_the_wrong_shape_is_transient():
+    def page(nodes) -> httpx.Response:
+        return httpx.Response(200, content=orjson.dumps({"data": {"vehicles": {"nodes": nodes}}}))
+
+    vehicles, info = await _identity_page(page([{"tokenId": "5", "owner": CLIENT_ID}]), "p1", CLIENT_ID)
+    assert vehicles == [VehicleInfo(5, owner=CLIENT_ID, privileges=frozenset(range(1, 9)))] and info == {}
+    for bad in ([{"owner": CLIENT_ID}], [{"tokenId": "x"}], ["not a node"]):
+        with pytest.raises(DimoTransientError, match="p1: a vehicle node lacks tokenId"):
+            await _identity_page(page(bad), "p1", CLIENT_ID)
+    with pytest.raises(DimoTransientError, match="lacks vehicles"):
+        await _identity_page(httpx.Response(200, content=b'{"data": {}}'), "p1", CLIENT_ID)

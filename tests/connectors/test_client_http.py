@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
@@ -92,7 +93,7 @@ async def test_401_without_token_source_is_an_auth_error(fake):
     _state, url = fake
     service, _ = _service(RecordingSleep())
     try:
-        with pytest.raises(DimoAuthError):
+        with pytest.raises(DimoAuthError, match="none was sent"):
             await service.call(
                 "POST",
                 f"{url}/telemetry/query",
@@ -130,6 +131,16 @@ def test_retry_after_parsing_and_backoff_bounds():
     delays = [policy.delay(a) for a in range(1, 12) for _ in range(20)]
     assert min(delays) >= 0 and max(delays) <= 4
     assert max(policy.delay(1) for _ in range(50)) <= 0.5
+
+
+def test_retry_after_date_without_zone_is_utc_not_local_time(monkeypatch):
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:  # "-0000" parses to a naive datetime
+        assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 -0000", now=1445412470.0) == pytest.approx(10.0)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 async def test_rate_limiter_spaces_requests_with_a_small_burst():

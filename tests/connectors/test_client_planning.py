@@ -61,6 +61,26 @@ def test_chunks_stay_under_the_complexity_limit():
     assert "powertrainType(agg: LAST)" in q
 
 
+def test_chunks_match_the_greedy_rule_around_location_fields():
+    def reference(signals, max_signals, limit):  # the rule, recomputed from scratch for every signal
+        chunks, current = [], []
+        for name in signals:
+            if current and (len(current) >= max_signals or tm.query_complexity([*current, name]) > limit):
+                chunks.append(tuple(current))
+                current = []
+            current.append(name)
+        return [*chunks, tuple(current)] if current else chunks
+
+    names = list(current_signals())
+    loc = "currentLocationCoordinates"
+    mixed = [n for n in names if n != loc]
+    mixed = [*mixed[:5], loc, *mixed[5:40], loc, *mixed[40:]]  # location fields cost 3, placed at the edges
+    for limit in (5, 7, 8, 40, 100):
+        for max_signals in (1, 3, 90):
+            assert tm.chunk_signals(mixed, max_signals, limit) == reference(mixed, max_signals, limit)
+    assert tm.chunk_signals([], 10) == []
+
+
 def _page(rows):
     return orjson.dumps({"data": {"signals": rows}})
 

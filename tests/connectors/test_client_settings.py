@@ -77,3 +77,24 @@ def test_credentials_file_wins_over_env_for_its_fields(tmp_path, monkeypatch):
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="not readable JSON"):
         DimoSettings.from_credentials_file(path)
+
+
+def test_environment_comes_only_from_prefixed_variables(monkeypatch):
+    monkeypatch.delenv("DEPIN_DIMO_ENV", raising=False)
+    monkeypatch.delenv("DEPIN_DIMO_ENVIRONMENT", raising=False)
+    monkeypatch.setenv("ENVIRONMENT", "production")  # someone else's variable: must not switch to prod DIMO
+    assert DimoSettings().environment == "emulator"
+    monkeypatch.setenv("ENVIRONMENT", "staging")  # nor break validation
+    assert DimoSettings(environment="dev").environment == "dev"
+    monkeypatch.setenv("DEPIN_DIMO_ENVIRONMENT", "dev")
+    assert DimoSettings().environment == "dev"
+    monkeypatch.setenv("DEPIN_DIMO_ENV", "production")
+    assert DimoSettings().environment == "production"
+
+
+def test_credentials_file_overrides_win_over_its_fields(tmp_path, monkeypatch):
+    monkeypatch.delenv("DEPIN_DIMO_ENV", raising=False)
+    path = tmp_path / "creds.json"
+    path.write_text(json.dumps({"client_id": LIC, "telemetry_url": "http://127.0.0.1:9/telemetry/query"}))
+    s = DimoSettings.from_credentials_file(path, telemetry_url="http://127.0.0.1:7/q", environment="dev")
+    assert s.urls.telemetry == "http://127.0.0.1:7/q" and s.environment == "dev" and s.client_id == LIC

@@ -192,6 +192,16 @@ def test_interval_mismatch_is_refused(tmp_path: Path) -> None:
     assert store.read().num_rows == 1
 
 
+def test_empty_interval_metadata_means_no_interval_on_every_write(tmp_path: Path) -> None:
+    store = TelemetryStore(tmp_path)
+    t = make_table([1], [0], [1.0], interval=None)
+    t = t.replace_schema_metadata({**t.schema.metadata, b"depin.interval": b""})
+    store.write(t)
+    assert store.interval is None
+    store.write(t)  # the same table again is not an interval mismatch
+    assert store.read().num_rows == 1
+
+
 def test_invalid_table_is_refused(tmp_path: Path) -> None:
     t = make_table([1], [0], [1.0]).set_column(0, "token_id", pa.array([1], pa.int32()))
     with pytest.raises(ConfigError, match="token_id"):

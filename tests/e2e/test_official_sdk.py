@@ -17,10 +17,10 @@ from typing import Any
 import httpx
 import pytest
 
-from connectors.dimo.emulator.fleet import VEHICLE_NFT_PROD
 from connectors.dimo.emulator.server import EmulatorProcess
 from connectors.dimo.emulator.state import EmulatorConfig
 from connectors.dimo.privileges import decode_sacd_permissions
+from connectors.dimo.settings import VEHICLE_NFT_PROD
 
 pytestmark = pytest.mark.e2e
 

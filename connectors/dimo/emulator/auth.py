@@ -28,18 +28,19 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from connectors.dimo.emulator.fleet import VEHICLE_NFT_DEV, VEHICLE_NFT_PROD
 from connectors.dimo.emulator.gql import json_response
 from connectors.dimo.emulator.keys import SigningKey
 from connectors.dimo.emulator.state import Challenge, EmulatorState
 from connectors.dimo.privileges import ID_TO_PERMISSION, PERMISSION_TO_ID
+from connectors.dimo.settings import VEHICLE_NFT_DEV, VEHICLE_NFT_PROD
 
 VEHICLE_JWT_ISSUER = "https://auth-roles-rights.dimo.zone"
 VEHICLE_JWT_AUDIENCE = "dimo.zone"
 AUTH_REQUEST_TTL_S = 24 * 3600
 NFT_CHAINS = {VEHICLE_NFT_PROD.lower(): 137, VEHICLE_NFT_DEV.lower(): 80002}
 _NONCE_ALPHABET = string.ascii_letters + string.digits
-_DID_RE = re.compile(r"^did:erc721:(\d+):(0x[0-9a-fA-F]{40}):(\d+)$")
+# did:erc721:<chain id>:<NFT contract>:<token id>
+ERC721_DID = re.compile(r"^did:erc721:(\d+):(0x[0-9a-fA-F]{40}):(\d+)$")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -103,7 +104,7 @@ def verify_vehicle_jwt(state: EmulatorState, authorization: str | None) -> Vehic
     claims = _decode(state.vehicle_key, token, state.clock(), audience=VEHICLE_JWT_AUDIENCE)
     if claims.get("iss") != VEHICLE_JWT_ISSUER:
         raise InvalidJWT("token issuer is not the vehicle token issuer")
-    m = _DID_RE.match(str(claims.get("asset", "")))
+    m = ERC721_DID.match(str(claims.get("asset", "")))
     if m:
         contract, token_id = m.group(2), int(m.group(3))
     else:  # pre-2025 tokens carry only contract_address/token_id
@@ -111,11 +112,13 @@ def verify_vehicle_jwt(state: EmulatorState, authorization: str | None) -> Vehic
         if not is_hex_address(contract) or not raw_id.isdigit():
             raise InvalidJWT("token has no asset DID")
         token_id = int(raw_id)
-    perms = claims.get("permissions")
+    perms, ids = claims.get("permissions"), claims.get("privilege_ids")
     if isinstance(perms, list):
-        privileges = frozenset(PERMISSION_TO_ID[p] for p in perms if p in PERMISSION_TO_ID)
-    else:
-        privileges = frozenset(int(p) for p in claims.get("privilege_ids") or [] if isinstance(p, int))
+        privileges = frozenset(
+            PERMISSION_TO_ID[p] for p in perms if isinstance(p, str) and p in PERMISSION_TO_ID
+        )
+    else:  # pre-2025 tokens carry only privilege_ids
+        privileges = frozenset(p for p in ids if type(p) is int) if isinstance(ids, list) else frozenset()
     return VehicleClaims(token_id=token_id, privileges=privileges, contract=to_checksum_address(contract))
 
 
@@ -348,7 +351,7 @@ def _exchange_route(state: EmulatorState) -> Route:
             return _exchange_error(400, "Couldn't parse request body.")
 
         if body.asset is not None:
-            m = _DID_RE.match(body.asset)
+            m = ERC721_DID.match(body.asset)
             if not m:
                 return _exchange_error(400, f'Invalid asset DID "{body.asset}".')
             contract, token_id = m.group(2), int(m.group(3))

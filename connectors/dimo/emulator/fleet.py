@@ -18,6 +18,8 @@ from pathlib import Path
 
 import polars as pl
 
+from connectors.dimo.settings import VEHICLE_NFT_PROD
+
 # Data sources as ethr DIDs (telemetry-api >= 2026-03 accepts only DIDs in SignalFilter.source).
 SOURCES = {
     "autopi": "did:ethr:137:0x5e31bBc786D7bEd95216383787deA1ab0f1c1897",
@@ -26,8 +28,6 @@ SOURCES = {
     "tesla": "did:ethr:137:0xc4035Fecb1cc906130423EF05f9C20977F643722",
 }
 
-VEHICLE_NFT_PROD = "0xbA5738a18d83D41847dfFbDC6101d37C69c9B0cF"
-VEHICLE_NFT_DEV = "0x45fbCD3ef7361d156e8b16F5538AE36DEdf61Da8"
 CHAIN_ID = 137
 
 

@@ -6,6 +6,7 @@ documents are cached by query text. Errors follow gqlgen, which both DIMO servic
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -40,18 +41,27 @@ def json_response(payload: Any, status: int = 200, headers: dict[str, str] | Non
     return Response(orjson.dumps(payload), status_code=status, media_type="application/json", headers=headers)
 
 
+def format_error(err: GraphQLError) -> dict[str, Any]:
+    """A gqlgen-style error entry: message, path, and extensions when set."""
+    out: dict[str, Any] = {"message": err.message, "path": err.path}
+    if err.extensions:
+        out["extensions"] = err.extensions
+    return out
+
+
+def validation_failed_body(messages: Iterable[str]) -> dict[str, Any]:
+    """The 422 body gqlgen sends when validation (or variable coercion) fails."""
+    return {
+        "errors": [{"message": m, "extensions": {"code": "GRAPHQL_VALIDATION_FAILED"}} for m in messages],
+        "data": None,
+    }
+
+
 def error_response(message: str, code: str, status: int = 422) -> Response:
     """A gqlgen-style error document: ``{"errors":[{"message", "extensions":{"code"}}], "data": null}``."""
     return json_response(
         {"errors": [{"message": message, "extensions": {"code": code}}], "data": None}, status
     )
-
-
-def gql_error(message: str, path: list[Any] | None = None, code: str | None = None) -> dict[str, Any]:
-    err: dict[str, Any] = {"message": message, "path": path}
-    if code:
-        err["extensions"] = {"code": code}
-    return err
 
 
 @dataclass(frozen=True)
@@ -108,16 +118,7 @@ class Endpoint:
             return error_response(exc.message, "GRAPHQL_PARSE_FAILED")
         errors = validate(self.schema, doc)
         if errors:
-            return json_response(
-                {
-                    "errors": [
-                        {"message": e.message, "extensions": {"code": "GRAPHQL_VALIDATION_FAILED"}}
-                        for e in errors
-                    ],
-                    "data": None,
-                },
-                422,
-            )
+            return json_response(validation_failed_body(e.message for e in errors), 422)
         return doc
 
     def prepare(self, query: str) -> DocumentNode | Response:

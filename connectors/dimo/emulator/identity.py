@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property, lru_cache
+from operator import attrgetter
 from typing import Any
 
 from eth_utils import is_hex_address, to_checksum_address
@@ -24,7 +25,6 @@ from graphql import (
     ExecutionResult,
     GraphQLError,
     GraphQLResolveInfo,
-    GraphQLScalarType,
     GraphQLSchema,
     ValueNode,
     build_schema,
@@ -35,23 +35,26 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from connectors.dimo.emulator.fleet import CHAIN_ID, SOURCES, VEHICLE_NFT_PROD, Fleet, Grant, Vehicle
+from connectors.dimo.emulator.auth import ERC721_DID
+from connectors.dimo.emulator.fleet import CHAIN_ID, SOURCES, Fleet, Grant, Vehicle, vehicle_did
 from connectors.dimo.emulator.gql import (
     BadRequest,
     Endpoint,
     error_response,
+    format_error,
     json_response,
     load_sdl,
     read_graphql_request,
+    validation_failed_body,
 )
 from connectors.dimo.emulator.state import EmulatorState
+from connectors.dimo.emulator.telemetry_schema import format_time, parse_time, wire_scalar
 from connectors.dimo.privileges import encode_sacd_permissions
 
 MAX_PAGE_SIZE = 100
 _checksum = lru_cache(maxsize=1 << 16)(to_checksum_address)
 DEV_LICENSE_NFT = "0x9A9D2E717bB005B240094ba761Ff074d392C7C85"  # DIMO DevLicense contract (Polygon)
 SYNTHETIC_DEVICE_NFT = "0x4804e8D1661cd1a1e5dDdE1ff458A7f878c0aC6D"  # [I] SyntheticDevice contract (Polygon)
-_DID_RE = re.compile(r"^did:erc721:(\d+):(0x[0-9a-fA-F]{40}):(\d+)$")
 # aftermarket device manufacturer (token id, name) by connection; synthetic integration ids [I]
 _AFTERMARKET_MAKERS = {SOURCES["autopi"]: (136, "AutoPi"), SOURCES["macaron"]: (142, "Hashdog")}
 _INTEGRATIONS = {SOURCES["smartcar"]: 1, SOURCES["tesla"]: 2}
@@ -86,17 +89,9 @@ def cursor_to_id(cursor: str) -> int:
         raw = base64.b64decode(cursor, validate=True).decode()
     except (binascii.Error, UnicodeDecodeError):
         raise GraphQLError(f"illegal base64 data in cursor {cursor!r}") from None
-    if not re.fullmatch(r"[+-]?\d+", raw):
+    if not re.fullmatch(r"[+-]?[0-9]+", raw):  # strconv.Atoi: ASCII digits only
         raise GraphQLError(f'strconv.Atoi: parsing "{raw}": invalid syntax')
     return int(raw)
-
-
-def _rfc3339(value: Any) -> str:
-    if not isinstance(value, datetime):
-        raise TypeError(f"Time cannot represent {value!r}")
-    dt = value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
-    frac = f".{dt.microsecond:06d}".rstrip("0") if dt.microsecond else ""
-    return dt.strftime("%Y-%m-%dT%H:%M:%S") + frac + "Z"
 
 
 def _parse_address(value: Any) -> str:
@@ -109,13 +104,6 @@ def _parse_address_literal(node: ValueNode, _vars: Any = None) -> str:
     if not isinstance(node, StringValueNode):
         raise GraphQLError("Address must be a string")
     return _parse_address(node.value)
-
-
-def _parse_time(value: Any) -> datetime:
-    try:
-        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).astimezone(UTC)
-    except ValueError:
-        raise GraphQLError(f"invalid Time {value!r}: expected RFC 3339") from None
 
 
 def _derived_address(kind: str, token_id: int) -> str:
@@ -145,6 +133,17 @@ def validate_first_last(first: int | None, last: int | None, limit: int = MAX_PA
         raise GraphQLError(f"the value {last} for `last` exceeds the limit {limit}")
 
 
+def _slice(
+    lo: int, hi: int, first: int | None, last: int | None, after: bool, before: bool
+) -> tuple[int, int, bool, bool]:
+    """``first``/``last`` of the rows ``[lo, hi)`` left by the cursors: ``(start, stop, has_next, has_prev)``."""
+    hi = max(lo, hi)
+    if first is not None:
+        return lo, min(hi, lo + first), before or hi - lo > first, after
+    assert last is not None
+    return max(lo, hi - last), hi, before, after or hi - lo > last
+
+
 @dataclass(frozen=True)
 class Page:
     ids: list[int]
@@ -167,13 +166,8 @@ def page_desc(
         lo = bisect_right(neg_sorted, -after)
     if before is not None:  # tokenId > before
         hi = bisect_left(neg_sorted, -before)
-    hi = max(lo, hi)
-    if first is not None:
-        ids = ids_desc[lo : min(hi, lo + first)]
-        return Page(ids, len(ids_desc), before is not None or hi - lo > first, after is not None)
-    assert last is not None
-    ids = ids_desc[max(lo, hi - last) : hi]
-    return Page(ids, len(ids_desc), before is not None, after is not None or hi - lo > last)
+    start, stop, has_next, has_prev = _slice(lo, hi, first, last, after is not None, before is not None)
+    return Page(ids_desc[start:stop], len(ids_desc), has_next, has_prev)
 
 
 def _connection(
@@ -192,10 +186,12 @@ def _connection(
     }
 
 
-def offset_connection(
-    items: list[Any], first: int | None, after: str | None, last: int | None, before: str | None
-) -> dict[str, Any]:
-    """A small in-order connection (SACDs, privileges, signers); cursors encode the position."""
+def offset_connection(items: list[Any], args: dict[str, Any]) -> dict[str, Any]:
+    """A small in-order connection (SACDs, privileges, signers) over the field's paging ``args``.
+
+    Cursors encode the position; without ``first`` and ``last`` the first 100 items are returned.
+    """
+    first, last, after, before = args.get("first"), args.get("last"), args.get("after"), args.get("before")
     if first is None and last is None:
         first = MAX_PAGE_SIZE
     validate_first_last(first, last)
@@ -204,14 +200,7 @@ def offset_connection(
         lo = max(0, cursor_to_id(after) + 1)
     if before is not None:
         hi = min(hi, cursor_to_id(before))
-    hi = max(lo, hi)
-    if first is not None:
-        start, stop = lo, min(hi, lo + first)
-        has_next, has_prev = before is not None or hi - lo > first, after is not None
-    else:
-        assert last is not None
-        start, stop = max(lo, hi - last), hi
-        has_next, has_prev = before is not None, after is not None or hi - lo > last
+    start, stop, has_next, has_prev = _slice(lo, hi, first, last, after is not None, before is not None)
     return _connection(
         items[start:stop], [id_to_cursor(i) for i in range(start, stop)], len(items), has_next, has_prev
     )
@@ -279,33 +268,29 @@ class FleetIndex:
                 owned_set = set(owned)
                 owned = [t for t in ids if t in owned_set]
             ids = owned
-        checks = [
-            (key, flt.get(key))
-            for key in ("make", "model", "year", "manufacturerTokenId", "deviceDefinitionId")
-            if flt.get(key) is not None
-        ]
+        checks = [(key, flt.get(key)) for key in _FILTER_ATTRS if flt.get(key) is not None]
         if checks:
             vs = self.fleet.vehicles
             ids = [
                 t
                 for t in (self.ids_desc if ids is None else ids)
-                if all(_attr(vs[t], k) == v for k, v in checks)
+                if all(_FILTER_ATTRS[k](vs[t]) == v for k, v in checks)
             ]
         return (self.ids_desc if ids is None else ids), valid_until
 
 
-def _attr(v: Vehicle, key: str) -> Any:
-    return {
-        "make": v.make,
-        "model": v.model,
-        "year": v.year,
-        "manufacturerTokenId": v.manufacturer_token_id,
-        "deviceDefinitionId": _definition_id(v),
-    }[key]
-
-
 def _definition_id(v: Vehicle) -> str:
     return v.definition_id or re.sub(r"[^a-z0-9]+", "_", f"{v.make} {v.model} {v.year}".lower()).strip("_")
+
+
+# VehiclesFilter fields matched by equality, and how to read each from a Vehicle.
+_FILTER_ATTRS: dict[str, Callable[[Vehicle], Any]] = {
+    "make": attrgetter("make"),
+    "model": attrgetter("model"),
+    "year": attrgetter("year"),
+    "manufacturerTokenId": attrgetter("manufacturer_token_id"),
+    "deviceDefinitionId": _definition_id,
+}
 
 
 @dataclass(frozen=True)
@@ -352,7 +337,7 @@ class VehicleView:
         self.v = v
         self._state = state
         self.tokenId = v.token_id
-        self.tokenDID = f"did:erc721:{CHAIN_ID}:{VEHICLE_NFT_PROD}:{v.token_id}"
+        self.tokenDID = vehicle_did(v.token_id)
         self.owner = v.owner
         self.mintedAt = v.minted_at
         self.name = v.name
@@ -378,17 +363,19 @@ class VehicleView:
         v = self.v
         return {"id": _definition_id(v), "make": v.make, "model": v.model, "year": v.year}
 
-    @property
-    def manufacturer(self) -> dict[str, Any]:
-        tid = self.v.manufacturer_token_id
+    def _manufacturer(self, token_id: int, name: str) -> dict[str, Any]:
         return {
-            "id": global_id("M", tid),
-            "tokenId": tid,
-            "name": self.v.make,
-            "owner": _derived_address("manufacturer", tid),
+            "id": global_id("M", token_id),
+            "tokenId": token_id,
+            "name": name,
+            "owner": _derived_address("manufacturer", token_id),
             "tableId": None,
             "mintedAt": self._state.fleet.start,
         }
+
+    @property
+    def manufacturer(self) -> dict[str, Any]:
+        return self._manufacturer(self.v.manufacturer_token_id, self.v.make)
 
     @property
     def aftermarketDevice(self) -> dict[str, Any] | None:
@@ -400,14 +387,7 @@ class VehicleView:
         return {
             "id": global_id("AD", tid),
             "tokenId": tid,
-            "manufacturer": {
-                "id": global_id("M", mid),
-                "tokenId": mid,
-                "name": mname,
-                "owner": _derived_address("manufacturer", mid),
-                "tableId": None,
-                "mintedAt": self._state.fleet.start,
-            },
+            "manufacturer": self._manufacturer(mid, mname),
             "address": _derived_address("aftermarket", tid),
             "owner": self.v.owner,
             "serial": f"{serial[:8]}-{serial[8:12]}-{serial[12:16]}-{serial[16:20]}-{serial[20:32]}",
@@ -447,9 +427,7 @@ class VehicleView:
         return next((s for s in self._sacds if s.grantee.lower() == g), None)
 
     def sacds(self, _info: GraphQLResolveInfo, **kw: Any) -> dict[str, Any]:
-        return offset_connection(
-            self._sacds, kw.get("first"), kw.get("after"), kw.get("last"), kw.get("before")
-        )
+        return offset_connection(self._sacds, kw)
 
     def privileges(self, _info: GraphQLResolveInfo, **kw: Any) -> dict[str, Any]:
         user = ((kw.get("filterBy") or {}).get("user") or "").lower()
@@ -459,7 +437,7 @@ class VehicleView:
             if not user or s.grantee.lower() == user
             for pid in s.ids
         ]
-        return offset_connection(nodes, kw.get("first"), kw.get("after"), kw.get("last"), kw.get("before"))
+        return offset_connection(nodes, kw)
 
 
 class LicenseView:
@@ -478,11 +456,11 @@ class LicenseView:
 
     def signers(self, _info: GraphQLResolveInfo, **kw: Any) -> dict[str, Any]:
         nodes = [{"address": s, "enabledAt": self._since} for s in self._lic.signers]
-        return offset_connection(nodes, kw.get("first"), kw.get("after"), kw.get("last"), kw.get("before"))
+        return offset_connection(nodes, kw)
 
     def redirectURIs(self, _info: GraphQLResolveInfo, **kw: Any) -> dict[str, Any]:
         nodes = [{"uri": self._lic.domain, "enabledAt": self._since}]
-        return offset_connection(nodes, kw.get("first"), kw.get("after"), kw.get("last"), kw.get("before"))
+        return offset_connection(nodes, kw)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -510,7 +488,7 @@ class Root:
         if (tokenId is None) == (tokenDID is None):
             raise GraphQLError("provide exactly one of `tokenID` or `tokenDID`")
         if tokenDID is not None:
-            m = _DID_RE.match(tokenDID)
+            m = ERC721_DID.match(tokenDID)
             if not m:
                 raise GraphQLError(f"error decoding tokenDID: invalid DID {tokenDID!r}")
             tokenId = int(m.group(3))
@@ -557,59 +535,20 @@ class Root:
 # schema and HTTP
 
 
-def _wire_scalar(
-    t: GraphQLScalarType,
-    serialize: Callable[[Any], Any],
-    parse_value: Callable[[Any], Any],
-    parse_literal: Callable[..., Any] | None = None,
-) -> None:
-    """Attach coercers to a scalar built from SDL (graphql-core 3.2 names, plus 3.3's ``coerce_*``)."""
-    t.serialize = serialize  # type: ignore[method-assign]
-    t.parse_value = parse_value  # type: ignore[method-assign]
-    if parse_literal is not None:
-        t.parse_literal = parse_literal  # type: ignore[method-assign]
-    if hasattr(t, "coerce_input_value"):  # graphql-core >= 3.3 calls these instead
-        t.coerce_output_value = serialize  # type: ignore[attr-defined]
-        t.coerce_input_value = parse_value  # type: ignore[attr-defined]
-        if parse_literal is not None:
-            t.coerce_input_literal = None  # type: ignore[attr-defined]  # falls back to parse_literal
-
-
 def build_identity_schema() -> GraphQLSchema:
     """The Identity schema with the custom scalars wired to (de)serializers."""
     schema = build_schema(load_sdl("identity.graphql"))
-
-    def scalar(name: str) -> GraphQLScalarType:
-        t = schema.type_map[name]
-        assert isinstance(t, GraphQLScalarType)
-        return t
-
-    _wire_scalar(scalar("Time"), _rfc3339, _parse_time)
-    _wire_scalar(scalar("Address"), _checksum, _parse_address, _parse_address_literal)
+    wire_scalar(schema, "Time", format_time, parse_time)
+    wire_scalar(schema, "Address", _checksum, _parse_address, _parse_address_literal)
     for name in ("BigInt", "BigDecimal"):
-        _wire_scalar(scalar(name), str, str)
+        wire_scalar(schema, name, str, str)
     return schema
-
-
-def format_error(err: GraphQLError) -> dict[str, Any]:
-    """gqlgen-style error entry: message, path, and extensions when set."""
-    out: dict[str, Any] = {"message": err.message, "path": err.path}
-    if err.extensions:
-        out["extensions"] = err.extensions
-    return out
 
 
 def result_payload(result: ExecutionResult) -> tuple[dict[str, Any], int]:
     """The response body and status of an execution result (422 when variables failed to coerce)."""
     if result.errors and result.data is None and all(e.path is None for e in result.errors):
-        body = {
-            "errors": [
-                {"message": e.message, "extensions": {"code": "GRAPHQL_VALIDATION_FAILED"}}
-                for e in result.errors
-            ],
-            "data": None,
-        }
-        return body, 422
+        return validation_failed_body(e.message for e in result.errors), 422
     payload: dict[str, Any] = {}
     if result.errors:
         payload["errors"] = [format_error(e) for e in result.errors]

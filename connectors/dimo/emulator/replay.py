@@ -24,6 +24,7 @@ from connectors.dimo.catalog import signal_catalog
 from connectors.dimo.emulator.fleet import SOURCES, DeveloperLicense, Fleet, Grant, Vehicle
 from connectors.dimo.emulator.sim_catalog import (
     CHICAGO,
+    COMBUSTION,
     ELECTRIC,
     FULL_GRANT,
     TRUTH_FAULT_SCHEMA,
@@ -35,12 +36,16 @@ from connectors.dimo.emulator.sim_catalog import (
     truth_row,
 )
 from connectors.dimo.emulator.sim_profiles import wander_route
-from connectors.dimo.emulator.sim_render import EVENT_SCHEMA, POWERTRAIN_TYPE
+from connectors.dimo.emulator.sim_render import (
+    EVENT_SCHEMA,
+    LOCATION_COLUMNS,
+    POWERTRAIN_TYPE,
+    series_column_order,
+)
 from connectors.dimo.emulator.simulator import FIRST_TOKEN_ID, WARMUP_S, initial_sim
+from connectors.dimo.schema import LOCATION_SIGNAL
 from depin_core.errors import ConfigError
 
-LOCATION_SIGNAL = "currentLocationCoordinates"
-LOCATION_COLUMNS = ("latitude", "longitude", "hdop")
 # removed lat/long signals are accepted and mapped to the location columns
 _LOCATION_ALIASES = {"currentLocationLatitude": "latitude", "currentLocationLongitude": "longitude"}
 REQUIRED = ("token_id", "signal", "ts", "value")
@@ -147,8 +152,7 @@ def _normalize(df: pl.DataFrame, path: Path) -> pl.DataFrame:
         ).with_columns(pl.lit(None, dtype=pl.Utf8).alias("value_str"))
         df = pl.concat([df.filter(pl.col("signal") != LOCATION_SIGNAL), split])
 
-    strings = [n for n in names if n in catalog and catalog[n].gql_type == "String"]
-    is_str = pl.col("signal").is_in(strings)
+    is_str = pl.col("signal").is_in(_string_signals(names))
     bad = df.filter(pl.when(is_str).then(pl.col("value_str").is_null()).otherwise(pl.col("value").is_null()))
     if bad.height:
         first = bad.row(0, named=True)
@@ -159,10 +163,10 @@ def _normalize(df: pl.DataFrame, path: Path) -> pl.DataFrame:
     return df
 
 
-def _column_order(columns: list[str]) -> list[str]:
-    order = {n: i for i, n in enumerate(signal_catalog())}
-    signals = sorted((c for c in columns if c in order), key=order.__getitem__)
-    return ["ts", *signals, *[c for c in LOCATION_COLUMNS if c in columns]]
+def _string_signals(names: list[str]) -> list[str]:
+    """The names among ``names`` that are String signals (their values live in ``value_str``)."""
+    catalog = signal_catalog()
+    return [n for n in names if n in catalog and catalog[n].gql_type == "String"]
 
 
 def _pivot(rows: pl.DataFrame, values: str) -> pl.DataFrame:
@@ -175,11 +179,10 @@ def _pivot(rows: pl.DataFrame, values: str) -> pl.DataFrame:
 
 def long_to_series(df: pl.DataFrame) -> dict[int, pl.DataFrame]:
     """Pivot validated long rows into one wide series frame per vehicle (fleet.py layout)."""
-    catalog = signal_catalog()
     out = {}
     for (token_id,), part in df.partition_by("token_id", as_dict=True).items():
         names = part["signal"].unique().to_list()
-        strings = [n for n in names if n in catalog and catalog[n].gql_type == "String"]
+        strings = _string_signals(names)
         if not strings:
             wide = _pivot(part, "value")
         else:
@@ -187,7 +190,7 @@ def long_to_series(df: pl.DataFrame) -> dict[int, pl.DataFrame]:
             wide = _pivot(part.filter(is_str), "value_str")
             if len(strings) < len(names):
                 wide = _pivot(part.filter(~is_str), "value").join(wide, on="ts", how="full", coalesce=True)
-        out[int(token_id)] = wide.sort("ts").select(_column_order([*names, "ts"]))
+        out[int(token_id)] = wide.sort("ts").select(series_column_order(wide.columns))
     return dict(sorted(out.items()))
 
 
@@ -226,7 +229,7 @@ def _replay_vehicle(
     elif any(c.startswith("powertrainTractionBattery") for c in s.columns):
         powertrain = ELECTRIC
     else:
-        powertrain = "COMBUSTION"
+        powertrain = COMBUSTION
     rng = np.random.default_rng(token_id)
     minted = start - timedelta(days=30)
     return Vehicle(
@@ -246,11 +249,10 @@ def _replay_vehicle(
 
 def fleet_to_long(fleet: Fleet) -> pl.DataFrame:
     """Wide series → long rows ``(token_id, signal, ts, value, value_str)``, grouped by vehicle and signal."""
-    catalog = signal_catalog()
     parts = []
     for token_id, s in sorted(fleet.series.items()):
         cols = [c for c in s.columns if c != "ts"]
-        strings = [c for c in cols if c in catalog and catalog[c].gql_type == "String"]
+        strings = _string_signals(cols)
         nums = [c for c in cols if c not in strings]
         base = s.with_columns(pl.lit(token_id, dtype=pl.Int64).alias("token_id"))
         if nums:
@@ -284,14 +286,14 @@ def fleet_to_long(fleet: Fleet) -> pl.DataFrame:
 def write_replay_file(fleet: Fleet, path: Path) -> None:
     """Write the fleet's series as a replay file (.parquet or .csv); ``replay_fleet`` reads it back."""
     path = Path(path)
-    long = fleet_to_long(fleet)
     suffix = path.suffix.lower()
+    if suffix not in (".parquet", ".csv"):
+        raise ConfigError(f"replay: cannot write {str(path)!r}; use a .parquet or .csv file name")
+    long = fleet_to_long(fleet)
     if suffix == ".parquet":
         long.write_parquet(path)
-    elif suffix == ".csv":
-        long.write_csv(path, datetime_format="%Y-%m-%dT%H:%M:%S%.6fZ")
     else:
-        raise ConfigError(f"replay: cannot write {str(path)!r}; use a .parquet or .csv file name")
+        long.write_csv(path, datetime_format="%Y-%m-%dT%H:%M:%S%.6fZ")
 
 
 # ---- CMAP real traces ---------------------------------------------------------------------------------
@@ -412,7 +414,7 @@ def add_cmap_vehicles(fleet: Fleet, cmap_dir: Path, *, seed: int) -> Fleet:
     truth_vehicles = (
         pl.concat([fleet.truth_vehicles, truth_frame(truth)])
         if fleet.truth_vehicles.width
-        else (truth_frame(truth))
+        else truth_frame(truth)
     )
     faults = fleet.truth_faults if fleet.truth_faults.width else pl.DataFrame(schema=TRUTH_FAULT_SCHEMA)
     return replace(

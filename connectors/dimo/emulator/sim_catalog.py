@@ -13,6 +13,7 @@ from eth_utils import to_checksum_address
 
 from connectors.dimo.emulator.fleet import SOURCES, DeveloperLicense, Grant, Vehicle
 from connectors.dimo.emulator.sim_physics import EnergyParams
+from depin_core.errors import ConfigError
 
 ELECTRIC = "ELECTRIC"
 COMBUSTION = "COMBUSTION"
@@ -180,6 +181,8 @@ _NOUNS = (
     "wren",
 )
 
+NAME_COUNT = len(_ADVERBS) * len(_ADJECTIVES) * len(_NOUNS)  # distinct vehicle names
+
 
 @dataclass(frozen=True)
 class Place:
@@ -324,7 +327,12 @@ def checksum_address(seed_bytes: bytes) -> str:
 
 
 def mnemonic(rng: np.random.Generator, taken: set[str]) -> str:
-    """A unique three-word vehicle name like ``plainly elite frog``."""
+    """A unique three-word vehicle name like ``plainly elite frog`` (adds it to ``taken``)."""
+    if len(taken) >= NAME_COUNT:  # every name is taken: drawing would never end
+        raise ConfigError(
+            f"vehicle names: all {NAME_COUNT} three-word names are taken; use at most {NAME_COUNT} vehicles "
+            "in one fleet (simulated, CMAP and replayed together)"
+        )
     while True:
         name = f"{rng.choice(_ADVERBS)} {rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)}"
         if name not in taken:

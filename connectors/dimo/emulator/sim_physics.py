@@ -87,28 +87,35 @@ def relax(t: np.ndarray, target: np.ndarray, x0: float, tau_s: float) -> np.ndar
     return out
 
 
-def ev_power_kw(v_kmh: np.ndarray, accel_ms2: np.ndarray, temp_c: np.ndarray, p: EnergyParams) -> np.ndarray:
-    """Traction battery power (kW, positive = discharge) while the car is on."""
+def _road_rate(v_kmh: np.ndarray, temp_c: np.ndarray, p: EnergyParams) -> np.ndarray:
+    """Steady-speed consumption per hour (kW or L/h): ``v/100 · (base + aero·((v/100)² − 0.25)) · cold``."""
     u = v_kmh / 100.0
     per100 = p.base + p.aero * (u * u - 0.25)
     cold = 1.0 + p.cold * np.maximum(0.0, COLD_BELOW_C - temp_c)
-    kinetic = p.mass_kg * accel_ms2 * (v_kmh / 3.6) / 1000.0
+    return u * per100 * cold
+
+
+def _kinetic_kw(v_kmh: np.ndarray, accel_ms2: np.ndarray, p: EnergyParams) -> np.ndarray:
+    """Power (kW) that changes the car's kinetic energy, ``m·a·v`` (negative when braking)."""
+    return p.mass_kg * accel_ms2 * (v_kmh / 3.6) / 1000.0
+
+
+def ev_power_kw(v_kmh: np.ndarray, accel_ms2: np.ndarray, temp_c: np.ndarray, p: EnergyParams) -> np.ndarray:
+    """Traction battery power (kW, positive = discharge) while the car is on."""
+    kinetic = _kinetic_kw(v_kmh, accel_ms2, p)
     inertial = np.where(
         kinetic > 0.0, kinetic / DRIVE_EFFICIENCY, np.maximum(kinetic * p.regen_eff, -REGEN_LIMIT_KW)
     )
-    return u * per100 * cold + inertial + p.aux_kw
+    return _road_rate(v_kmh, temp_c, p) + inertial + p.aux_kw
 
 
 def ice_fuel_l_per_h(
     v_kmh: np.ndarray, accel_ms2: np.ndarray, temp_c: np.ndarray, coolant_c: np.ndarray, p: EnergyParams
 ) -> np.ndarray:
     """Fuel rate (L/h) of a running combustion engine."""
-    u = v_kmh / 100.0
-    per100 = p.base + p.aero * (u * u - 0.25)
-    cold = 1.0 + p.cold * np.maximum(0.0, COLD_BELOW_C - temp_c)
-    kinetic = np.maximum(0.0, p.mass_kg * accel_ms2 * (v_kmh / 3.6) / 1000.0)
+    kinetic = np.maximum(0.0, _kinetic_kw(v_kmh, accel_ms2, p))
     enrich = 1.0 + 0.3 * np.clip((60.0 - coolant_c) / 40.0, 0.0, 1.0)
-    return (u * per100 * cold + kinetic / GASOLINE_MECH_KWH_PER_L + p.idle_l_per_h) * enrich
+    return (_road_rate(v_kmh, temp_c, p) + kinetic / GASOLINE_MECH_KWH_PER_L + p.idle_l_per_h) * enrich
 
 
 def gear_and_rpm(v_kmh: np.ndarray, accel_ms2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -125,14 +132,19 @@ def engine_load_pct(fuel_l_per_h: np.ndarray, rpm: np.ndarray, engine_kw: float)
     return np.clip(100.0 * delivered / available, 8.0, 100.0)
 
 
+def _charge_curve(
+    soc0: float, charger_kw: float, usable_kwh: float, knee: float, efficiency: float
+) -> tuple[float, float, float, float]:
+    """Parameters of a charging session: full-power rate (%/s), time and SoC at the knee, taper rate (1/s)."""
+    r = charger_kw * efficiency / usable_kwh / 36.0
+    return r, max(0.0, (knee - soc0) / r), max(soc0, knee), r / (100.0 - knee)
+
+
 def charge_soc(
     tau_s: np.ndarray, soc0: float, charger_kw: float, usable_kwh: float, *, knee: float, efficiency: float
 ) -> np.ndarray:
     """SoC (%) ``tau_s`` seconds into a session: constant power to ``knee``, then power ∝ (100 − SoC)."""
-    r = charger_kw * efficiency / usable_kwh / 36.0  # %/s at full power
-    t_knee = max(0.0, (knee - soc0) / r)
-    s_knee = max(soc0, knee)
-    r2 = r / (100.0 - knee)
+    r, t_knee, s_knee, r2 = _charge_curve(soc0, charger_kw, usable_kwh, knee, efficiency)
     linear = soc0 + r * tau_s
     taper = 100.0 - (100.0 - s_knee) * np.exp(-r2 * np.maximum(tau_s - t_knee, 0.0))
     return np.where(tau_s < t_knee, linear, taper)
@@ -144,12 +156,9 @@ def charge_duration_s(
     """Seconds from ``soc0`` to ``target`` (< 100) under :func:`charge_soc`."""
     if target <= soc0:
         return 0.0
-    r = charger_kw * efficiency / usable_kwh / 36.0
+    r, t_knee, s_knee, r2 = _charge_curve(soc0, charger_kw, usable_kwh, knee, efficiency)
     if target <= knee:
         return (target - soc0) / r
-    t_knee = max(0.0, (knee - soc0) / r)
-    s_knee = max(soc0, knee)
-    r2 = r / (100.0 - knee)
     return t_knee + float(np.log((100.0 - s_knee) / (100.0 - target))) / r2
 
 

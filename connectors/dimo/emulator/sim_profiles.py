@@ -139,18 +139,35 @@ def split_micro_trips(trace_kmh: np.ndarray, min_m: float = 50.0) -> list[np.nda
     return out
 
 
-def trace_profile(rng: np.random.Generator, length_m: float, pieces: list[np.ndarray]) -> np.ndarray:
+@dataclass(frozen=True)
+class SpeedPieces:
+    """Recorded stop-to-stop 1 Hz speed pieces (km/h) and the distance each covers (m)."""
+
+    pieces: list[np.ndarray]
+    dist_m: np.ndarray
+
+    @classmethod
+    def from_traces(cls, traces: list[np.ndarray]) -> SpeedPieces:
+        """Every piece of 50 m or more in ``traces`` (see :func:`split_micro_trips`)."""
+        pieces = [p for tr in traces for p in split_micro_trips(tr)]
+        return cls(pieces, np.array([p.sum() / 3.6 for p in pieces]))
+
+
+def trace_profile(rng: np.random.Generator, length_m: float, pieces: SpeedPieces) -> np.ndarray:
     """A 1 Hz speed trace of at least ``length_m`` stitched from recorded stop-to-stop pieces."""
-    dist = np.array([p.sum() / 3.6 for p in pieces])
-    chosen: list[int] = []
+    dist = pieces.dist_m
+    batch_size = max(4, int(length_m / max(dist.mean(), 1.0)) + 1)
+    chosen: list[np.ndarray] = []
     total = 0.0
     while total < length_m:
-        batch = rng.integers(0, len(pieces), max(4, int(length_m / max(dist.mean(), 1.0)) + 1)).tolist()
-        for i in batch:
-            chosen.append(i)
-            total += dist[i]
-            if total >= length_m:
-                break
-    waits = rng.integers(1, 40, len(chosen))
-    parts = [np.concatenate((pieces[i], np.zeros(w))) for i, w in zip(chosen, waits.tolist(), strict=True)]
+        batch = rng.integers(0, len(dist), batch_size)
+        run = np.cumsum(np.concatenate(([total], dist[batch])))[1:]  # sequential, as a running total
+        k = min(int(np.searchsorted(run, length_m)) + 1, len(batch))  # up to the piece that reaches it
+        chosen.append(batch[:k])
+        total = float(run[k - 1])
+    picks = np.concatenate(chosen).tolist()
+    waits = rng.integers(1, 40, len(picks))
+    parts = [
+        np.concatenate((pieces.pieces[i], np.zeros(w))) for i, w in zip(picks, waits.tolist(), strict=True)
+    ]
     return _pad(np.concatenate(parts), rng)

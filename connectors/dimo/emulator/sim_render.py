@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +22,7 @@ from connectors.dimo.emulator.sim_catalog import ELECTRIC, TIRE_SIGNALS, Place, 
 from connectors.dimo.emulator.sim_physics import (
     AC_EFFICIENCY,
     AC_KNEE_SOC,
+    COLD_BELOW_C,
     DC_EFFICIENCY,
     DC_KNEE_SOC,
     charge_duration_s,
@@ -64,9 +66,23 @@ EVENT_SCHEMA = {
     "metadata": pl.Utf8,
 }
 
+# Location columns a series may carry after its signals (``hdop`` only in recordings).
+LOCATION_COLUMNS = ("latitude", "longitude", "hdop")
+
 TIRE_LEAK = "tire_leak"
 WEAK_12V = "weak_12v"
 BATTERY_OVERHEAT = "battery_overheat"
+
+
+def series_column_order(columns: Iterable[str]) -> list[str]:
+    """The fleet.py series layout of ``columns``: ``ts``, DIMO signals in catalog order, then location.
+
+    Columns that are none of these are left out.
+    """
+    present = set(columns)
+    order = {n: i for i, n in enumerate(signal_catalog())}
+    signals = sorted((c for c in present if c in order), key=order.__getitem__)
+    return ["ts", *signals, *[c for c in LOCATION_COLUMNS if c in present]]
 
 
 @dataclass(frozen=True)
@@ -80,7 +96,8 @@ class Fault:
     magnitude: float
     tire: int = 0
 
-    def active(self, t: np.ndarray) -> np.ndarray:
+    def active(self, t: np.ndarray | int) -> np.ndarray | bool:
+        """Whether the fault is active at ``t`` (epoch seconds; an array gives an array)."""
         return (t >= self.start) & (t < self.end)
 
 
@@ -142,7 +159,7 @@ class VehicleSim:
         self.tire_warm = 0.0
         e = self.p.energy
         if self.ev:
-            cold = 1.0 + e.cold * max(0.0, 15.0 - air0)
+            cold = 1.0 + e.cold * max(0.0, COLD_BELOW_C - air0)
             self.cons = (e.base + 0.2 * e.aero) / 100.0 * cold + e.aux_kw / 35.0
         else:
             self.cons = (e.base + 2.0) / 100.0
@@ -164,16 +181,17 @@ class VehicleSim:
 
     def _battery_tau(self, t0: int, *, heat: bool) -> float:
         """Pack thermal time constant under load; a failing pack (overheat fault) heats up much faster."""
-        if heat and any(f.active(np.array([t0]))[0] for f in self._faults(BATTERY_OVERHEAT)):
+        if heat and any(f.active(t0) for f in self._faults(BATTERY_OVERHEAT)):
             return 180.0
         return 600.0
 
     def _tires(self, t: np.ndarray, air: np.ndarray, warm: np.ndarray) -> dict[str, np.ndarray]:
         n = len(t)
+        leaks = self._faults(TIRE_LEAK)
         out = {}
         for i, name in enumerate(TIRE_SIGNALS):
             kpa = self.p.tire_base_kpa[i] + 0.9 * (air + warm - 20.0) + self.rng.normal(0.0, 0.3, n)
-            for f in self._faults(TIRE_LEAK):
+            for f in leaks:
                 if f.tire == i:
                     kpa = kpa - f.magnitude * (t - f.start) / 86400.0 * f.active(t)
             out[name] = kpa
@@ -206,8 +224,24 @@ class VehicleSim:
             BATTERY_TEMP: batt + self.rng.normal(0.0, 0.1, n),
             IS_CHARGING: (charging_kw > 0).astype(float),
             CHARGING_POWER: charging_kw,
-            SOH: np.asarray(soh_at(self.p, ts.astype(float), *self.soh_window)) * np.ones(n),
+            SOH: soh_at(self.p, ts.astype(float), *self.soh_window),
             GROSS_CAPACITY: np.full(n, self.p.battery_gross_kwh),
+        }
+
+    def _standing_cols(
+        self, t: np.ndarray, air: np.ndarray, warm: np.ndarray, v12: np.ndarray | float, *, v12_noise: float
+    ) -> dict[str, np.ndarray]:
+        """Columns shared by parked and charging samples (ignition off, not moving, at ``self.place``)."""
+        n = len(t)
+        return {
+            SPEED: np.zeros(n),
+            ODOMETER: np.full(n, self.odometer_km),
+            IGNITION: np.zeros(n),
+            AIR: air + self.rng.normal(0.0, 0.15, n),
+            V12: v12 + self.rng.normal(0.0, v12_noise, n),
+            "latitude": np.full(n, self.place.lat),
+            "longitude": np.full(n, self.place.lon),
+            **self._tires(t, air, warm),
         }
 
     # ---- segments -------------------------------------------------------------------------------------
@@ -225,16 +259,7 @@ class VehicleSim:
         v12 = self.p.v12_rest + 0.3 * np.exp(-dtp / 2700.0) - 0.025 * dtp / 86400.0
         for f in self._faults(WEAK_12V):
             v12 = np.where(f.active(te), f.magnitude + (v12 - f.magnitude) * np.exp(-dtp / 14400.0), v12)
-        cols = {
-            SPEED: np.zeros(n),
-            ODOMETER: np.full(n, self.odometer_km),
-            IGNITION: np.zeros(n),
-            AIR: air[:n] + self.rng.normal(0.0, 0.15, n),
-            V12: v12[:n] + self.rng.normal(0.0, 0.01, n),
-            "latitude": np.full(n, self.place.lat),
-            "longitude": np.full(n, self.place.lon),
-            **self._tires(te[:n], air[:n], warm[:n]),
-        }
+        cols = self._standing_cols(te[:n], air[:n], warm[:n], v12[:n], v12_noise=0.01)
         if self.ev:
             usable = self.usable_kwh(t0)
             soc = self.soc - cumsum0(self.p.vampire_w * np.diff(te) / 3.6e6) / usable * 100.0
@@ -248,7 +273,7 @@ class VehicleSim:
                 if fuel_to is None
                 else np.interp(te, [t0, t1], [self.fuel, fuel_to])
             )
-            cols |= self._ice_cols(np.zeros(n), np.full(n, 0.0), np.zeros(n), fuel[:n], coolant[:n])
+            cols |= self._ice_cols(np.zeros(n), np.zeros(n), np.zeros(n), fuel[:n], coolant[:n])
             self.fuel, self.coolant = float(fuel[-1]), float(coolant[-1])
         self._emit(ts, cols)
         self.tire_warm = float(warm[-1])
@@ -319,9 +344,8 @@ class VehicleSim:
             gear, rpm = gear_and_rpm(v[idx], np.maximum(acc[idx], 0.0))
             load = engine_load_pct(rate[idx], rpm, self.p.engine_kw)
             cols |= self._ice_cols(rpm, gear, load, fuel[idx], coolant[idx])
-            faults = self._faults(WEAK_12V)
             if k and idx[0] == 0:  # cranking dip on the ignition sample
-                weak = any(f.active(np.array([t0]))[0] for f in faults)
+                weak = any(f.active(t0) for f in self._faults(WEAK_12V))
                 v12[0] = self.rng.uniform(8.9, 9.6) if weak else self.rng.uniform(10.4, 10.9)
             trip_energy = float(litres[-1])
             self.fuel, self.coolant = float(fuel[-1]), float(coolant[-1])
@@ -365,16 +389,7 @@ class VehicleSim:
         target = self._battery_target(air, np.append(0.0, battery_kw), te, heat=dc)
         batt = relax(te, target, self.batt_temp, self._battery_tau(t0, heat=dc))
         warm = relax(te, np.zeros(n + 1), self.tire_warm, 1200.0)
-        cols = {
-            SPEED: np.zeros(n),
-            ODOMETER: np.full(n, self.odometer_km),
-            IGNITION: np.zeros(n),
-            AIR: air[:n] + self.rng.normal(0.0, 0.15, n),
-            V12: self.p.v12_charge - 0.1 + self.rng.normal(0.0, 0.02, n),
-            "latitude": np.full(n, self.place.lat),
-            "longitude": np.full(n, self.place.lon),
-            **self._tires(te[:n], air[:n], warm[:n]),
-        }
+        cols = self._standing_cols(te[:n], air[:n], warm[:n], self.p.v12_charge - 0.1, v12_noise=0.02)
         cols |= self._ev_cols(ts, soc[:n], -battery_kw * 1000.0, batt[:n], usable, battery_kw / eff)
         self._emit(ts, cols)
         self.soc, self.batt_temp, self.tire_warm = float(soc[-1]), float(batt[-1]), float(warm[-1])
@@ -383,24 +398,16 @@ class VehicleSim:
     # ---- output ---------------------------------------------------------------------------------------
     def frames(self, t_start: float, t_end: float) -> tuple[pl.DataFrame, pl.DataFrame]:
         """The series frame (fleet.py layout) and events frame, cut to ``[t_start, t_end)``."""
-        names = list(self.chunks[0]) if self.chunks else ["ts"]
         data = (
-            {c: np.concatenate([ch[c] for ch in self.chunks]) for c in names}
+            {c: np.concatenate([ch[c] for ch in self.chunks]) for c in self.chunks[0]}
             if self.chunks
             else {"ts": np.zeros(0, dtype=np.int64)}
         )
         keep = (data["ts"] >= t_start) & (data["ts"] < t_end)
-        order = {n: i for i, n in enumerate(signal_catalog())}
-        signals = sorted((c for c in names if c in order), key=order.__getitem__)
-        ts = pl.Series("ts", data["ts"][keep] * 1_000_000).cast(pl.Datetime("us", "UTC"))
-        cols = [ts, *(pl.Series(c, data[c][keep]) for c in signals)]
-        cols += [pl.Series(c, data[c][keep]) for c in ("latitude", "longitude") if c in data]
-        series = pl.DataFrame(cols).with_columns(pl.lit(self.p.powertrain).alias(POWERTRAIN_TYPE))
-        series = series.select(
-            "ts",
-            *sorted([*signals, POWERTRAIN_TYPE], key=order.__getitem__),
-            *[c for c in ("latitude", "longitude") if c in data],
-        )
+        ts = pl.Series("ts", data.pop("ts")[keep] * 1_000_000).cast(pl.Datetime("us", "UTC"))
+        series = pl.DataFrame([ts, *(pl.Series(c, x[keep]) for c, x in data.items())])
+        series = series.with_columns(pl.lit(self.p.powertrain).alias(POWERTRAIN_TYPE))
+        series = series.select(series_column_order(series.columns))
         ev = [e for e in self.events if t_start <= e[0] < t_end]
         events = (
             pl.DataFrame(

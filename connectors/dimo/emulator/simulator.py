@@ -21,6 +21,7 @@ from connectors.dimo.emulator.sim_catalog import (
     COMBUSTION,
     ELECTRIC,
     FULL_GRANT,
+    NAME_COUNT,
     TIRE_SIGNALS,
     TRUTH_FAULT_SCHEMA,
     Place,
@@ -32,14 +33,16 @@ from connectors.dimo.emulator.sim_catalog import (
     truth_frame,
     truth_row,
 )
+from connectors.dimo.emulator.sim_physics import COLD_BELOW_C
 from connectors.dimo.emulator.sim_profiles import (
+    SpeedPieces,
     make_route,
-    split_micro_trips,
     synthetic_profile,
     trace_profile,
 )
 from connectors.dimo.emulator.sim_render import (
     BATTERY_OVERHEAT,
+    BATTERY_TEMP,
     TIRE_LEAK,
     V12,
     WEAK_12V,
@@ -113,8 +116,20 @@ def _place(p: VehicleParams, dest: int) -> Place:
 def _trip_energy_estimate(p: VehicleParams, km: float, air_c: float) -> float:
     """Pessimistic energy (kWh) or fuel (L) a trip of ``km`` may need."""
     e = p.energy
-    cold = 1.0 + e.cold * max(0.0, 15.0 - air_c)
+    cold = 1.0 + e.cold * max(0.0, COLD_BELOW_C - air_c)
     return km * ((e.base + 1.2 * e.aero + 4.0) / 100.0 * cold + e.aux_kw / 20.0) * 1.3
+
+
+def _fast_charge(sim: VehicleSim, rng: np.random.Generator, *, min_target: float) -> None:
+    """A DC fast-charging stop, now, to a random target between ``min_target`` and 90 %."""
+    sim.charge(
+        dc=True, target_soc=float(rng.uniform(min_target, 90)), charger_kw=float(rng.choice([50, 100, 150]))
+    )
+
+
+def _refuel(sim: VehicleSim, rng: np.random.Generator) -> None:
+    """A 6–10 minute refuelling stop, now, to a 93–100 % full tank."""
+    sim.park(sim.t + int(rng.integers(36, 60)) * 10, fuel_to=float(rng.uniform(93, 100)))
 
 
 def run_vehicle(
@@ -122,7 +137,7 @@ def run_vehicle(
     rng: np.random.Generator,
     plan: list[PlannedTrip],
     t_end: int,
-    pieces: list[np.ndarray] | None = None,
+    pieces: SpeedPieces | None = None,
 ) -> None:
     """Play the planned trips through ``sim`` with charging/refuelling decisions, up to ``t_end``."""
     p = sim.p
@@ -135,7 +150,7 @@ def run_vehicle(
             break
         nxt = next((q.depart for q in plan[i + 1 :] if q.depart > depart), t_end)
         route = make_route(rng, sim.place, _place(p, trip.dest))
-        if pieces:
+        if pieces is not None:
             v = trace_profile(rng, route.length_m, pieces)
         else:
             v = synthetic_profile(
@@ -149,22 +164,16 @@ def run_vehicle(
         need = _trip_energy_estimate(p, route.length_m / 1000.0, air)
         sim.park(depart)
         if sim.ev and sim.soc - need / sim.usable_kwh(depart) * 100.0 < 10.0:
-            sim.charge(
-                dc=True, target_soc=float(rng.uniform(80, 90)), charger_kw=float(rng.choice([50, 100, 150]))
-            )
+            _fast_charge(sim, rng, min_target=80.0)
         elif not sim.ev and sim.fuel - need / p.tank_l * 100.0 < 6.0:
-            sim.park(sim.t + int(rng.integers(36, 60)) * 10, fuel_to=float(rng.uniform(93, 100)))
+            _refuel(sim, rng)
         sim.drive(v, route)
         loc = trip.dest
         day_over = i + 1 >= len(plan) or plan[i + 1].day != trip.day
         if sim.ev:
             if sim.soc < 20.0 and not (loc == HOME and p.home_charging):
                 sim.park(_align(sim.t + rng.uniform(60, 600)))
-                sim.charge(
-                    dc=True,
-                    target_soc=float(rng.uniform(75, 90)),
-                    charger_kw=float(rng.choice([50, 100, 150])),
-                )
+                _fast_charge(sim, rng, min_target=75.0)
             elif (
                 day_over
                 and loc == HOME
@@ -183,7 +192,7 @@ def run_vehicle(
                     )
         elif sim.fuel < 15.0:
             sim.park(_align(sim.t + rng.uniform(60, 900)))
-            sim.park(sim.t + int(rng.integers(36, 60)) * 10, fuel_to=float(rng.uniform(93, 100)))
+            _refuel(sim, rng)
     sim.park(t_end)
 
 
@@ -209,15 +218,12 @@ def draw_faults(
         elif kind == WEAK_12V:
             fault = Fault(kind, V12, start, start + dur, float(rng.uniform(11.3, 11.7)))
         else:
-            fault = Fault(
-                kind,
-                "powertrainTractionBatteryTemperatureAverage",
-                start,
-                start + dur,
-                float(rng.uniform(15.0, 25.0)),
-            )
+            fault = Fault(kind, BATTERY_TEMP, start, start + dur, float(rng.uniform(15.0, 25.0)))
         out[p.token_id] = [fault]
     return out
+
+
+_FAULT_UNITS = {TIRE_LEAK: "kpa_per_day", WEAK_12V: "parked_volts", BATTERY_OVERHEAT: "excess_celsius"}
 
 
 def faults_frame(faults: dict[int, list[Fault]]) -> pl.DataFrame:
@@ -225,9 +231,7 @@ def faults_frame(faults: dict[int, list[Fault]]) -> pl.DataFrame:
     rows = []
     for token_id, fs in sorted(faults.items()):
         for f in fs:
-            unit = {TIRE_LEAK: "kpa_per_day", WEAK_12V: "parked_volts", BATTERY_OVERHEAT: "excess_celsius"}[
-                f.kind
-            ]
+            unit = _FAULT_UNITS[f.kind]
             rows.append(
                 {
                     "token_id": token_id,
@@ -290,15 +294,18 @@ def simulate_fleet(
     ``restricted_fraction`` share: half of those grant nothing, half only (1,). ``speed_traces`` (1 Hz km/h
     arrays, e.g. CMAP recordings) replace the synthetic speed profiles with recorded stop-to-stop pieces.
     """
-    if vehicles < 0 or days <= 0:
-        raise ConfigError(f"simulate_fleet: vehicles={vehicles}, days={days}; use vehicles >= 0 and days > 0")
+    if not 0 <= vehicles <= NAME_COUNT or not 0 < days < math.inf:
+        raise ConfigError(
+            f"simulate_fleet: vehicles={vehicles}, days={days}; use 0 <= vehicles <= {NAME_COUNT} "
+            "(one unique name each) and a finite days > 0"
+        )
     if not 0.0 <= restricted_fraction <= 1.0:
         raise ConfigError(f"restricted_fraction={restricted_fraction} is outside [0, 1]")
     end = end.astimezone(UTC)
     start = end - timedelta(days=days)
     t_start, t_end = start.timestamp(), end.timestamp()
-    pieces = [p for tr in speed_traces or [] for p in split_micro_trips(tr)] or None
-    if speed_traces and not pieces:
+    pieces = SpeedPieces.from_traces(speed_traces) if speed_traces else None
+    if pieces is not None and not pieces.pieces:
         raise ConfigError("speed_traces: no trace contains a stop-to-stop piece of 50 m or more")
 
     master = np.random.default_rng(np.random.SeedSequence([seed, 0x51]))

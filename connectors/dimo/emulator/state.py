@@ -24,7 +24,7 @@ class EmulatorConfig(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(8765, ge=0, le=65535)
-    vehicles: int = Field(20, ge=0, le=100_000)
+    vehicles: int = Field(20, ge=0, le=13_824, description="simulated vehicles (24³ three-word names)")
     days: float = Field(7.0, gt=0, le=3650)
     seed: int = 0
     replay: Path | None = None

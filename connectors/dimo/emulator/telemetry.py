@@ -39,11 +39,13 @@ from connectors.dimo.emulator.gql import (
     complexity,
     complexity_error,
     error_response,
+    format_error,
     fragments_of,
     iter_fields,
     json_response,
     read_graphql_request,
     select_operation,
+    validation_failed_body,
 )
 from connectors.dimo.emulator.state import EmulatorState
 from connectors.dimo.emulator.telemetry_data import VehicleCache
@@ -95,13 +97,6 @@ def _run_signals(
     return orjson.Fragment(body), []
 
 
-def _format(err: GraphQLError) -> dict[str, Any]:
-    out: dict[str, Any] = {"message": err.message, "path": err.path}
-    if err.extensions:
-        out["extensions"] = err.extensions
-    return out
-
-
 def execute_request(ctx: Ctx, req: GraphQLRequest, doc: DocumentNode) -> Response:
     """Run a parsed and validated document; returns the HTTP response (gqlgen status codes)."""
     schema = telemetry_schema()
@@ -119,16 +114,7 @@ def execute_request(ctx: Ctx, req: GraphQLRequest, doc: DocumentNode) -> Respons
         return complexity_error(cost)
     coerced = get_variable_values(schema, op.variable_definitions or (), req.variables)
     if isinstance(coerced, list):
-        return json_response(
-            {
-                "errors": [
-                    {"message": e.message, "extensions": {"code": "GRAPHQL_VALIDATION_FAILED"}}
-                    for e in coerced
-                ],
-                "data": None,
-            },
-            422,
-        )
+        return json_response(validation_failed_body(e.message for e in coerced), 422)
     groups: dict[str, list[FieldNode]] = {}
     for f in iter_fields(op.selection_set, fragments):
         if included(f, coerced):
@@ -153,7 +139,7 @@ def execute_request(ctx: Ctx, req: GraphQLRequest, doc: DocumentNode) -> Respons
         assert not hasattr(result, "__await__")  # all resolvers are synchronous
         other_data = result.data or {}  # type: ignore[union-attr]
         for err in result.errors or []:  # type: ignore[union-attr]
-            errors_by_key.setdefault(str(err.path[0]) if err.path else "", []).append(_format(err))
+            errors_by_key.setdefault(str(err.path[0]) if err.path else "", []).append(format_error(err))
     data: dict[str, Any] = {}
     for key, nodes in groups.items():
         if nodes[0].name.value == "signals":
@@ -164,7 +150,7 @@ def execute_request(ctx: Ctx, req: GraphQLRequest, doc: DocumentNode) -> Respons
             data[key] = other_data.get(key)
     errors = [e for key in ("", *groups) for e in errors_by_key.get(key, [])]
     payload = {"errors": errors, "data": data} if errors else {"data": data}
-    return Response(orjson.dumps(payload), media_type="application/json")
+    return json_response(payload)
 
 
 def routes(state: EmulatorState) -> list[Route]:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
 
 import numpy as np
 import polars as pl
@@ -23,6 +23,9 @@ LAT, LON, HDOP = "latitude", "longitude", "hdop"
 TS = "ts"
 # Grid step (degrees) for approximate coordinates: about the size of an H3 resolution-6 cell.
 APPROX_STEP_DEG = 0.05
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+_Coord = TypeVar("_Coord", float, pl.Expr)
 
 
 @dataclass(frozen=True)
@@ -49,10 +52,6 @@ class VehicleData:
         return list(self.summaries)
 
     @property
-    def first_seen(self) -> datetime | None:
-        return min((s.first_seen for s in self.summaries.values()), default=None)
-
-    @property
     def last_seen(self) -> datetime | None:
         return max((s.last_seen for s in self.summaries.values()), default=None)
 
@@ -62,9 +61,14 @@ class VehicleData:
         return int(lo), int(max(lo, hi))
 
 
-def snap(value: float) -> float:
-    """Snap a coordinate to the centre of its approximate-location grid cell."""
+def snap(value: _Coord) -> _Coord:
+    """Snap a coordinate (a float or a polars expression) to the centre of its approximate-location cell."""
     return (np.floor(value / APPROX_STEP_DEG) + 0.5) * APPROX_STEP_DEG
+
+
+def to_us(dt: datetime) -> int:
+    """Microseconds since the Unix epoch of an aware datetime (exact, also before 1970)."""
+    return (dt - _EPOCH) // _US
 
 
 def _ts_us(frame: pl.DataFrame, col: str = TS) -> tuple[pl.DataFrame, np.ndarray]:

@@ -15,8 +15,8 @@ import polars as pl
 from graphql import GraphQLError, GraphQLObjectType, GraphQLResolveInfo
 
 from connectors.dimo.emulator.auth import VehicleClaims
-from connectors.dimo.emulator.fleet import CHAIN_ID, VEHICLE_NFT_PROD, Fleet
-from connectors.dimo.emulator.telemetry_data import LAT, LON, TS, VehicleCache, VehicleData, snap
+from connectors.dimo.emulator.fleet import CHAIN_ID, Fleet
+from connectors.dimo.emulator.telemetry_data import LAT, LON, TS, VehicleCache, VehicleData, snap, to_us
 from connectors.dimo.emulator.telemetry_schema import (
     APPROX_COORDINATES,
     COORDINATES,
@@ -26,6 +26,7 @@ from connectors.dimo.emulator.telemetry_schema import (
 )
 from connectors.dimo.emulator.telemetry_signals import SignalsArgumentError, check_source, source_matches
 from connectors.dimo.privileges import LOCATION_HISTORY, NON_LOCATION_HISTORY
+from connectors.dimo.settings import VEHICLE_NFT_PROD
 
 VIN_CREDENTIAL = 5
 GO_ZERO_TIME = datetime(1, 1, 1, tzinfo=UTC)
@@ -42,9 +43,13 @@ class Ctx:
 
 
 def token_error(claims: VehicleClaims | None, token_id: int) -> str | None:
-    """``@requiresVehicleToken``: a JWT must be present and be for ``token_id``."""
+    """``@requiresVehicleToken``: a JWT must be present, for a vehicle NFT of this chain, and for ``token_id``."""
     if claims is None:
         return "unauthorized: jwt missing"
+    if claims.contract != VEHICLE_NFT_PROD:  # telemetry-api internal/auth validateHeader
+        return (
+            f"unauthorized: contract in claim is {claims.contract} instead of the required {VEHICLE_NFT_PROD}"
+        )
     if claims.token_id != token_id:
         return "unauthorized: token id does not match"
     return None
@@ -191,7 +196,7 @@ def _events(
     vd = ctx.cache.get(tokenId)
     if vd is None or vd.events.is_empty():
         return []
-    lo, hi = (int(i) for i in vd.event_ts_us.searchsorted([_us(frm), _us(to)], side="left"))
+    lo, hi = (int(i) for i in vd.event_ts_us.searchsorted([to_us(frm), to_us(to)], side="left"))
     window = vd.events.slice(lo, max(0, hi - lo))
     for cond in (
         _string_filter("name", (filter or {}).get("name")),
@@ -204,10 +209,6 @@ def _events(
     return window.select(
         pl.col(TS).alias("timestamp"), "name", "source", pl.col("duration_ns").alias("durationNs"), "metadata"
     ).to_dicts()
-
-
-def _us(dt: datetime) -> int:
-    return int(dt.timestamp()) * 1_000_000 + dt.microsecond
 
 
 def fake_vin(token_id: int) -> str:

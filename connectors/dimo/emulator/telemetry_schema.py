@@ -100,14 +100,17 @@ def _serialize_int(value: Any) -> int:
 def telemetry_schema() -> GraphQLSchema:
     """The executable schema with the Time/Int64/Uint64 scalars wired up (resolvers are set by telemetry.py)."""
     schema = build_schema(telemetry_sdl())
-    _set_scalar(schema, "Time", format_time, parse_time, _parse_time_literal)
+    wire_scalar(schema, "Time", format_time, parse_time, _parse_time_literal)
     for name in ("Int64", "Uint64"):
-        _set_scalar(schema, name, _serialize_int)
+        wire_scalar(schema, name, _serialize_int)
     return schema
 
 
-def _set_scalar(schema: GraphQLSchema, name: str, out: Any, value: Any = None, literal: Any = None) -> None:
-    """Install scalar coercers under both graphql-core 3.2 names and the 3.3 ``coerce_*`` names."""
+def wire_scalar(schema: GraphQLSchema, name: str, out: Any, value: Any = None, literal: Any = None) -> None:
+    """Install coercers on an SDL-built scalar under graphql-core 3.2 names and 3.3's ``coerce_*`` names.
+
+    An SDL scalar has no ``coerce_input_literal``, so 3.3 parses literals with ``parse_literal``.
+    """
     scalar = schema.type_map[name]
     assert isinstance(scalar, GraphQLScalarType)
     scalar.serialize = out  # type: ignore[method-assign]

@@ -28,9 +28,9 @@ from graphql import (
 )
 from graphql.execution.values import get_argument_values, get_directive_values
 
-from connectors.dimo.catalog import current_signals
+from connectors.dimo.catalog import signal_catalog
 from connectors.dimo.emulator.gql import iter_fields
-from connectors.dimo.emulator.telemetry_data import APPROX_STEP_DEG, HDOP, LAT, LON, TS, VehicleData
+from connectors.dimo.emulator.telemetry_data import HDOP, LAT, LON, TS, VehicleData, snap, to_us
 from connectors.dimo.emulator.telemetry_schema import APPROX_COORDINATES
 from connectors.dimo.go_duration import GoDurationError, parse_go_duration_ns
 
@@ -105,11 +105,7 @@ def window_args(args: dict[str, Any]) -> Window:
     if args["tokenId"] < 1:
         raise SignalsArgumentError("invalid argument: tokenID is not a positive integer")
     source = check_source(args.get("filter"))
-    return Window(args["tokenId"], _us(frm), _us(to), interval_us, source)
-
-
-def _us(dt: datetime) -> int:
-    return int(dt.timestamp()) * 1_000_000 + dt.microsecond
+    return Window(args["tokenId"], to_us(frm), to_us(to), interval_us, source)
 
 
 def plan_columns(
@@ -122,7 +118,7 @@ def plan_columns(
     agg_type = schema.type_map["SignalAggregations"]
     loc_type = schema.type_map["Location"]
     assert isinstance(agg_type, GraphQLObjectType) and isinstance(loc_type, GraphQLObjectType)
-    catalog = current_signals()
+    catalog = signal_catalog()  # cached; field names were validated against the current schema
     cols: dict[str, OutColumn] = {}
     for node in nodes:
         for f in iter_fields(node.selection_set, fragments):
@@ -254,7 +250,7 @@ def _location_expr(col: OutColumn, rank: str | None) -> pl.Expr:
     parts[HDOP] = _pick(hdop, valid, col.agg, rank).fill_null(0.0)
     if col.name == APPROX_COORDINATES:
         for p in (LAT, LON):
-            parts[p] = ((parts[p] / APPROX_STEP_DEG).floor() + 0.5) * APPROX_STEP_DEG
+            parts[p] = snap(parts[p])
     fields = [
         pl.lit("Location").alias(key) if field == "__typename" else parts[field].alias(key)
         for key, field in col.sub

@@ -23,8 +23,9 @@ from starlette.applications import Starlette
 
 from connectors.dimo.emulator import auth, identity
 from connectors.dimo.emulator.auth import InvalidJWT, VehicleClaims, verify_vehicle_jwt
-from connectors.dimo.emulator.fleet import SOURCES, VEHICLE_NFT_DEV, VEHICLE_NFT_PROD, Fleet, Grant, Vehicle
+from connectors.dimo.emulator.fleet import SOURCES, Fleet, Grant, Vehicle
 from connectors.dimo.emulator.state import EmulatorState, make_license
+from connectors.dimo.settings import VEHICLE_NFT_DEV, VEHICLE_NFT_PROD
 
 OWNER = "0x1111111111111111111111111111111111111111"
 STRANGER = "0x2222222222222222222222222222222222222222"
@@ -397,6 +398,23 @@ def test_verify_vehicle_jwt_rejects_expired_foreign_and_malformed(srv: Server) -
     srv.clock[0] += 601
     with pytest.raises(InvalidJWT):
         verify_vehicle_jwt(st, f"Bearer {token}")
+
+
+def test_verify_vehicle_jwt_ignores_malformed_privilege_claims(srv: Server) -> None:
+    st = srv.state
+    base = {
+        "iss": auth.VEHICLE_JWT_ISSUER,
+        "aud": ["dimo.zone"],
+        "exp": int(st.clock()) + 60,
+        "asset": f"did:erc721:137:{VEHICLE_NFT_PROD}:10",
+    }
+    for extra, want in (
+        ({"privilege_ids": 4}, frozenset()),
+        ({"privilege_ids": [1, True, "4", 4]}, frozenset({1, 4})),
+        ({"permissions": [{"x": 1}, "privilege:GetLocationHistory"], "privilege_ids": [1]}, frozenset({4})),
+    ):
+        claims = verify_vehicle_jwt(st, "Bearer " + st.vehicle_key.sign({**base, **extra}))
+        assert claims is not None and claims.privileges == want, extra
 
 
 def test_dex_subject_encoding_handles_long_ids() -> None:

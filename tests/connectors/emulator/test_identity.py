@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from connectors.dimo.emulator.fleet import VEHICLE_NFT_PROD
 from connectors.dimo.emulator.identity import FleetIndex, global_id, id_to_cursor, page_desc
 from connectors.dimo.privileges import decode_sacd_permissions
+from connectors.dimo.settings import VEHICLE_NFT_PROD
 from tests.connectors.emulator.test_auth import OWNER, STRANGER, Server, make_fleet, server, srv
 
 __all__ = ["server", "srv"]  # fixtures shared with test_auth

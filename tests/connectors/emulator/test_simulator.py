@@ -14,7 +14,7 @@ from eth_utils import to_checksum_address
 from connectors.dimo.catalog import signal_catalog
 from connectors.dimo.emulator import sim_render as R
 from connectors.dimo.emulator.fleet import SOURCES, Fleet, bundled_cmap_dir
-from connectors.dimo.emulator.sim_catalog import FULL_GRANT, TIRE_SIGNALS, draw_params
+from connectors.dimo.emulator.sim_catalog import FULL_GRANT, NAME_COUNT, TIRE_SIGNALS, draw_params, mnemonic
 from connectors.dimo.emulator.simulator import initial_sim, simulate_fleet
 from connectors.dimo.emulator.state import make_license
 from depin_core.errors import ConfigError
@@ -355,3 +355,16 @@ def test_edge_cases() -> None:
         simulate_fleet(LICENSE, vehicles=2, days=0, seed=0, end=END)
     with pytest.raises(ConfigError, match="restricted_fraction"):
         simulate_fleet(LICENSE, vehicles=2, days=1, seed=0, end=END, restricted_fraction=1.5)
+    for days in (math.nan, math.inf):
+        with pytest.raises(ConfigError, match="days"):
+            simulate_fleet(LICENSE, vehicles=2, days=days, seed=0, end=END)
+
+
+def test_more_vehicles_than_names_is_refused_not_a_hang() -> None:
+    with pytest.raises(ConfigError, match=f"vehicles <= {NAME_COUNT}"):
+        simulate_fleet(LICENSE, vehicles=NAME_COUNT + 1, days=1, seed=0, end=END)
+    taken = {f"name {i}" for i in range(NAME_COUNT - 1)}
+    rng = np.random.default_rng(0)
+    assert mnemonic(rng, taken) in taken and len(taken) == NAME_COUNT
+    with pytest.raises(ConfigError, match=f"at most {NAME_COUNT} vehicles"):
+        mnemonic(rng, taken)  # used to draw forever

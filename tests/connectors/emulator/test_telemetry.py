@@ -21,13 +21,14 @@ import uvicorn
 
 from connectors.dimo.catalog import current_signals
 from connectors.dimo.emulator.app import create_app
-from connectors.dimo.emulator.fleet import SOURCES, VEHICLE_NFT_PROD, Fleet, Vehicle
+from connectors.dimo.emulator.fleet import SOURCES, Fleet, Vehicle
 from connectors.dimo.emulator.state import EmulatorState, make_license
 from connectors.dimo.emulator.telemetry import routes
-from connectors.dimo.emulator.telemetry_data import APPROX_STEP_DEG
+from connectors.dimo.emulator.telemetry_data import APPROX_STEP_DEG, to_us
 from connectors.dimo.emulator.telemetry_resolvers import fake_vin
 from connectors.dimo.emulator.telemetry_schema import telemetry_schema
 from connectors.dimo.privileges import ID_TO_PERMISSION
+from connectors.dimo.settings import VEHICLE_NFT_DEV, VEHICLE_NFT_PROD
 
 T0 = datetime(2024, 6, 28, tzinfo=UTC)
 STEP = timedelta(seconds=10)
@@ -561,6 +562,33 @@ def test_missing_jwt_and_token_mismatch(client, state) -> None:
         "data": {"signalsLatest": None},
     }
     assert post(client, state, "{ __typename }", token_id=None).json() == {"data": {"__typename": "Query"}}
+
+
+def test_token_for_another_vehicle_contract_is_unauthorized(client, state) -> None:
+    now = int(state.clock())
+    token = state.vehicle_key.sign(
+        {
+            "iss": "https://auth-roles-rights.dimo.zone",
+            "aud": ["dimo.zone"],
+            "exp": now + 600,
+            "asset": f"did:erc721:80002:{VEHICLE_NFT_DEV}:11",
+            "permissions": [ID_TO_PERMISSION[p] for p in ALL],
+        }
+    )
+    q = signals_query("speed(agg: MAX)", frm=_iso(T0), to=_iso(T0 + timedelta(minutes=2)))
+    q = q[:-1] + " signalsLatest(tokenId: 11) { lastSeen } }"
+    r = client.post("/telemetry/query", json={"query": q}, headers={"Authorization": f"Bearer {token}"})
+    message = (
+        f"unauthorized: contract in claim is {VEHICLE_NFT_DEV} instead of the required {VEHICLE_NFT_PROD}"
+    )
+    body = r.json()
+    assert body["data"] == {"signals": None, "signalsLatest": None}
+    assert [e["message"] for e in body["errors"]] == [message, message]
+
+
+def test_window_microseconds_are_exact_before_1970() -> None:
+    assert to_us(datetime(1969, 12, 31, 23, 59, 59, 500_000, tzinfo=UTC)) == -500_000
+    assert to_us(T0 + timedelta(microseconds=7)) == int(T0.timestamp()) * 1_000_000 + 7
 
 
 @pytest.mark.parametrize(
