@@ -269,7 +269,7 @@ class DimoClient(TelemetrySource):
                 auth=auth,
                 content=body,
                 headers={"content-type": "application/json"},
-                parse=lambda r: tm.parse_off_loop(r.content, chunk, what, hint),
+                parse=lambda r: tm.parse_response(r.content, chunk, what, hint),
             )
 
         try:

@@ -57,8 +57,10 @@ def test_chunks_stay_under_the_complexity_limit():
     assert max(len(c) for c in chunks) >= 90
     assert all(len(c) <= 10 for c in tm.chunk_signals(names, max_signals=10))
     q = tm.build_query(("speed", "currentLocationCoordinates", "powertrainType"))
-    assert "speed(agg: AVG)" in q and "currentLocationCoordinates(agg: LAST) { latitude longitude }" in q
-    assert "powertrainType(agg: LAST)" in q
+    assert (
+        "s0: speed(agg: AVG)" in q and "s1: currentLocationCoordinates(agg: LAST) { latitude longitude }" in q
+    )
+    assert "s2: powertrainType(agg: LAST)" in q
 
 
 def test_chunks_match_the_greedy_rule_around_location_fields():
@@ -81,11 +83,13 @@ def test_chunks_match_the_greedy_rule_around_location_fields():
     assert tm.chunk_signals([], 10) == []
 
 
-def _page(rows):
-    return orjson.dumps({"data": {"signals": rows}})
-
-
 SIGS = ("powertrainType", "speed", "currentLocationCoordinates")
+
+
+def _page(rows, signals=SIGS):
+    """A response page as DIMO sends it for ``build_query(signals)``: values under the signals' aliases."""
+    keys = {name: tm.alias(i) for i, name in enumerate(signals)}
+    return orjson.dumps({"data": {"signals": [{keys.get(k, k): v for k, v in r.items()} for r in rows]}})
 
 
 def test_parse_page_types_nulls_strings_location_and_utc():
@@ -163,7 +167,8 @@ def test_join_and_assemble_follow_the_schema_exactly():
             [
                 {"timestamp": "2024-06-28T00:00:00Z", "speed": 1},
                 {"timestamp": "2024-06-28T00:02:00Z", "speed": 3},
-            ]
+            ],
+            ("speed",),
         ),
         ("speed",),
     )
@@ -172,7 +177,8 @@ def test_join_and_assemble_follow_the_schema_exactly():
             [
                 {"timestamp": "2024-06-28T00:01:00Z", "powertrainType": "X"},
                 {"timestamp": "2024-06-28T00:02:00Z", "powertrainType": "Y"},
-            ]
+            ],
+            ("powertrainType",),
         ),
         ("powertrainType",),
     )

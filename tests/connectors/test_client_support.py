@@ -36,7 +36,8 @@ SIGNER = Account.from_key("0x" + "11" * 32)
 CLIENT_ID = Account.from_key("0x" + "22" * 32).address
 DOMAIN = "http://localhost/callback"
 NOW = datetime(2026, 1, 10, tzinfo=UTC)
-_FIELD = re.compile(r"(\w+)\(agg: (\w+)\)")
+# optional alias, signal name, aggregation: ``s0: speed(agg: AVG)`` or ``speed(agg: AVG)``
+_FIELD = re.compile(r"(?:(\w+):\s*)?(\w+)\(agg: (\w+)\)")
 
 
 async def _form(request: Request) -> dict[str, str]:
@@ -71,7 +72,7 @@ class FakeState:
 
 
 def _bucket_rows(
-    fields: list[tuple[str, str]], start: datetime, end: datetime, step: timedelta
+    fields: list[tuple[str, str, str]], start: datetime, end: datetime, step: timedelta
 ) -> list[dict]:
     """Deterministic rows: bucket k has data unless k % 5 == 4; speed is null when k % 3 == 2."""
     rows = []
@@ -79,17 +80,18 @@ def _bucket_rows(
     while t < end:
         if k % 5 != 4:
             row: dict[str, Any] = {"timestamp": t.strftime("%Y-%m-%dT%H:%M:%SZ")}
-            for name, _agg in fields:
+            for alias, name, _agg in fields:
+                key = alias or name  # the response key is the alias when the query sets one
                 if name == "currentLocationCoordinates":
-                    row[name] = {"latitude": 40.0 + k / 1000, "longitude": -73.0} if k % 2 == 0 else None
+                    row[key] = {"latitude": 40.0 + k / 1000, "longitude": -73.0} if k % 2 == 0 else None
                 elif name == "powertrainType":
-                    row[name] = "ELECTRIC"
+                    row[key] = "ELECTRIC"
                 elif name == "speed":
-                    row[name] = (
+                    row[key] = (
                         None if k % 3 == 2 else int(t.timestamp() // 60 % 100)
                     )  # ints must become floats
                 else:
-                    row[name] = float(k)
+                    row[key] = float(k)
             rows.append(row)
         t += step
         k += 1
@@ -251,7 +253,7 @@ def create_app(state: FakeState) -> Starlette:
             return _json({"data": {"availableSignals": state.available}})
         state.telemetry_queries.append(v)
         fields = _FIELD.findall(query)
-        cost = 2 + sum(3 if n == "currentLocationCoordinates" else 1 for n, _ in fields)
+        cost = 2 + sum(3 if n == "currentLocationCoordinates" else 1 for _, n, _ in fields)
         if cost > state.complexity_limit:
             return _json(
                 {
@@ -267,7 +269,7 @@ def create_app(state: FakeState) -> Starlette:
                 422,
             )
         privs = set(claims["privilege_ids"])
-        for name, _ in fields:
+        for _, name, _ in fields:
             need = 4 if name.startswith("currentLocation") else 1
             if need not in privs:
                 return _json(
