@@ -149,6 +149,62 @@ def demo(
         emit_json(summary)
 
 
+@app.command()
+def train(
+    dataset: Annotated[Path, typer.Option(help="telemetry dataset directory (from depin ingest)")],
+    model: Annotated[str, typer.Option(help="model family: range (EV energy/range) or anomaly")],
+    out: Annotated[Path, typer.Option(help="where to write the model artifact directory")],
+    runner: Annotated[
+        str, typer.Option(help="where to run: local (CUDA when available, else CPU)")
+    ] = "local",
+    ground_truth: Annotated[
+        Path | None, typer.Option(help="emulator ground truth (--ground-truth-out) for fault recall")
+    ] = None,
+    param: Annotated[list[str] | None, typer.Option(help="hyperparameter key=value (repeatable)")] = None,
+    seed: Annotated[int, typer.Option(help="seed (data split, init, shuffling)")] = 0,
+    max_wall_s: Annotated[float, typer.Option(help="wall-time limit of the job")] = 3600.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a model on a telemetry dataset as a job (subprocess; checkpoints; artifact with sha256s)."""
+    from pipelines._jobs_cmd import parse_params, run_train
+
+    result = run_train(
+        dataset=dataset,
+        model=model,
+        out=out,
+        runner=runner,
+        ground_truth=ground_truth,
+        params=parse_params(param or []),
+        seed=seed,
+        max_wall_s=max_wall_s,
+    )
+    shown = {k: v for k, v in result["metrics"].items() if isinstance(v, int | float)}
+    err_console.print(
+        f"trained [bold]{model}[/] on {result['device']} in {result['seconds']:.1f}s → {result['artifact']}; "
+        + ", ".join(f"{k}={v:.4g}" for k, v in list(shown.items())[:8])
+    )
+    if as_json:
+        emit_json(result)
+
+
+@app.command()
+def score(
+    model: Annotated[Path, typer.Option(help="model artifact directory (from depin train)")],
+    dataset: Annotated[Path, typer.Option(help="telemetry dataset directory")],
+    out: Annotated[Path, typer.Option(help="Parquet file for the predictions")],
+    runner: Annotated[str, typer.Option(help="where to run: local")] = "local",
+    ground_truth: Annotated[Path | None, typer.Option(help="emulator ground truth, for metrics")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Batch-score a telemetry dataset with a trained model (streamed; Parquet out)."""
+    from pipelines._jobs_cmd import run_score
+
+    result = run_score(model_dir=model, dataset=dataset, out=out, runner=runner, ground_truth=ground_truth)
+    err_console.print(f"scored {result['rows']:,} rows with {result['family']} on {result['device']} → {out}")
+    if as_json:
+        emit_json(result)
+
+
 @app.command(name="signals")
 def list_signals(as_json: JsonOpt = False) -> None:
     """List the DIMO signals the connector knows (name, type, unit, privilege)."""

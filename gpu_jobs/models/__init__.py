@@ -1,0 +1,1 @@
+"""Model families (range, anomaly), their feature windows, training loop and streaming scoring."""

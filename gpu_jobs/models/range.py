@@ -1,0 +1,270 @@
+"""EV energy / range model: kWh/100 km per trip, and from it the remaining range.
+
+Two stages:
+
+1. a small torch MLP, trained across the fleet, predicts ``log(kWh/100 km)`` of a trip from its driving and
+   weather features (:data:`features.RANGE_FEATURES`: speed profile, stop-and-go, temperature, battery size);
+2. a per-vehicle calibration, as real range estimators do: the km-weighted mean of the vehicle's own
+   *previous* trips' log residuals, shrunk towards 0 by ``shrink_km`` (a vehicle with no history gets the fleet
+   model). It is causal: a trip's prediction never uses that trip or later ones.
+
+Remaining range (km) = SoC/100 × usable kWh (gross capacity × SoH) / predicted kWh/100 km × 100.
+
+Evaluation is on held-out vehicles (seeded split by ``token_id``): ``mae`` (kWh/100 km) against
+``baseline_mae`` (the training vehicles' mean consumption, the naive baseline), plus the fleet model alone
+(``fleet_model_mae``) and a naive baseline that also uses the vehicle's history (``history_baseline_mae``).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from torch import nn
+
+from depin_core.errors import ConfigError
+from gpu_jobs.context import InferOutput, JobContext, TrainOutput
+from gpu_jobs.models import features as F
+from gpu_jobs.models import score as S
+from gpu_jobs.models._train import LoopConfig, seed_all, train_loop
+
+TARGET = F.RANGE_TARGET[0]
+DEFAULTS: dict[str, Any] = {
+    "hidden": 16,
+    "holdout": 0.3,
+    "min_km": 2.0,
+    "shrink_km": 5.0,
+    "epochs": 60,
+    "batch_size": 32,
+    "lr": 3e-3,
+    "weight_decay": 1e-2,
+}
+OUTPUT_COLUMNS = {
+    "predicted_kwh_per_100km": "kWh/100km",
+    "fleet_kwh_per_100km": "kWh/100km",
+    "vehicle_factor": "1",
+    "range_km": "km",
+}
+
+
+class RangeNet(nn.Module):
+    """MLP: normalized trip features → standardized log consumption."""
+
+    def __init__(self, n_in: int, hidden: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(n_in, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)
+
+
+def _hparams(ctx: JobContext) -> dict[str, Any]:
+    hp = dict(getattr(ctx.spec.model, "hyperparameters", {}) or {})
+    unknown = set(hp) - set(DEFAULTS)
+    if unknown:
+        raise ConfigError(f"range: unknown hyperparameter(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    return {**DEFAULTS, **hp}
+
+
+def _net_from_config(config: dict[str, Any], state: dict[str, torch.Tensor] | None = None) -> RangeNet:
+    net = RangeNet(len(config["norm"]), int(config["hyperparameters"]["hidden"]))
+    if state is not None:
+        net.load_state_dict(state)
+    return net.eval()
+
+
+def fleet_predict(net: RangeNet, config: dict[str, Any], trips: pl.DataFrame) -> np.ndarray:
+    """The fleet model's kWh/100 km for each trip (no vehicle calibration)."""
+    if trips.is_empty():
+        return np.zeros(0)
+    x = torch.from_numpy(F.apply_norm(trips, config["norm"]))
+    with torch.no_grad():
+        z = net(x.to(next(net.parameters()).device)).float().cpu().numpy()
+    return np.exp(z * config["target"]["scale"] + config["target"]["center"])
+
+
+class Calibration:
+    """Per-vehicle causal calibration state: km-weighted sums of log residuals, carried across chunks."""
+
+    def __init__(self, shrink_km: float) -> None:
+        self.shrink_km = shrink_km
+        self.state = pl.DataFrame(schema={"token_id": pl.Int64, "s0": pl.Float64, "k0": pl.Float64})
+
+    def apply(self, trips: pl.DataFrame, fleet: np.ndarray) -> np.ndarray:
+        """log-offset per trip from the vehicle's earlier trips (``trips`` sorted by token_id, start)."""
+        obs = trips[TARGET].to_numpy()
+        r = np.log(obs) - np.log(fleet)
+        ok = np.isfinite(r)
+        d = (
+            trips.select("token_id", "km")
+            .with_columns(
+                pl.Series("rk", np.where(ok, r, 0.0) * trips["km"].to_numpy()),
+                pl.Series("kk", np.where(ok, trips["km"].to_numpy(), 0.0)),
+            )
+            .join(self.state, on="token_id", how="left")
+            .with_columns(pl.col("s0").fill_null(0.0), pl.col("k0").fill_null(0.0))
+            .with_columns(
+                (pl.col("s0") + pl.col("rk").cum_sum().shift(1).over("token_id").fill_null(0.0)).alias("s"),
+                (pl.col("k0") + pl.col("kk").cum_sum().shift(1).over("token_id").fill_null(0.0)).alias("k"),
+            )
+        )
+        totals = d.group_by("token_id").agg(
+            (pl.col("s0").first() + pl.col("rk").sum()).alias("s0"),
+            (pl.col("k0").first() + pl.col("kk").sum()).alias("k0"),
+        )
+        self.state = pl.concat([self.state.join(totals, on="token_id", how="anti"), totals])
+        return (d["s"] / (d["k"] + self.shrink_km)).to_numpy()
+
+
+def predict_trips(
+    net: RangeNet, config: dict[str, Any], trips: pl.DataFrame, cal: Calibration
+) -> pl.DataFrame:
+    """``trips`` plus :data:`OUTPUT_COLUMNS` (``trips`` sorted by token_id, start)."""
+    fleet = fleet_predict(net, config, trips)
+    offset = cal.apply(trips, fleet) if trips.height else np.zeros(0)
+    pred = fleet * np.exp(offset)
+    return trips.with_columns(
+        pl.Series("predicted_kwh_per_100km", pred),
+        pl.Series("fleet_kwh_per_100km", fleet),
+        pl.Series("vehicle_factor", np.exp(offset)),
+    ).with_columns(
+        (pl.col("soc_end") / 100.0 * pl.col("usable_kwh") / pl.col("predicted_kwh_per_100km") * 100.0).alias(
+            "range_km"
+        )
+    )
+
+
+def _metrics(pred: pl.DataFrame, train_mean: float, shrink_km: float) -> dict[str, Any]:
+    """Held-out metrics (kWh/100 km unless named otherwise)."""
+    y = pred[TARGET].to_numpy()
+    p = pred["predicted_kwh_per_100km"].to_numpy()
+    fleet = pred["fleet_kwh_per_100km"].to_numpy()
+    naive_hist = Calibration(shrink_km).apply(pred, np.full(len(y), train_mean))
+    hist = train_mean * np.exp(naive_hist)
+    energy = pred["soc_start"].to_numpy() / 100.0 * pred["usable_kwh"].to_numpy() * 100.0
+    return {
+        "mae": float(np.mean(np.abs(p - y))),
+        "baseline_mae": float(np.mean(np.abs(train_mean - y))),
+        "fleet_model_mae": float(np.mean(np.abs(fleet - y))),
+        "history_baseline_mae": float(np.mean(np.abs(hist - y))),
+        "mape": float(np.mean(np.abs(p - y) / y)),
+        "range_mae_km": float(np.mean(np.abs(energy / p - energy / y))),
+        "baseline_range_mae_km": float(np.mean(np.abs(energy / train_mean - energy / y))),
+        "n_windows": len(y),
+        "n_vehicles": int(pred["token_id"].n_unique()),
+        "unit": "kWh/100km",
+    }
+
+
+class RangeFamily:
+    """``"range"``: EV consumption (kWh/100 km) and remaining range."""
+
+    name = "range"
+
+    def train(self, ctx: JobContext) -> TrainOutput:
+        hp = _hparams(ctx)
+        seed = int(getattr(ctx.spec, "seed", 0))
+        seed_all(seed)
+        files, _ = F.split_inputs(ctx.inputs)
+        trips = F.trip_windows(F.read_telemetry([Path(f) for f in files]), min_km=float(hp["min_km"]))
+        trips = trips.filter(pl.col(TARGET).is_finite() & (pl.col(TARGET) > 0))
+        if trips["token_id"].n_unique() < 2:
+            raise ConfigError("range: need measurable EV trips from at least 2 vehicles; ingest more EV data")
+        train_ids, test_ids = F.split_vehicles(trips["token_id"], holdout=float(hp["holdout"]), seed=seed)
+        tr = trips.filter(pl.col("token_id").is_in(train_ids))
+        te = trips.filter(pl.col("token_id").is_in(test_ids))
+        logy = np.log(tr[TARGET].to_numpy())
+        config: dict[str, Any] = {
+            "family": self.name,
+            "hyperparameters": hp,
+            "norm": F.fit_norm(tr, list(F.RANGE_FEATURES)),
+            "target": {"name": TARGET, "unit": F.RANGE_TARGET[1], "transform": "log",
+                       "center": float(logy.mean()), "scale": float(logy.std() or 1.0)},
+            "fleet_mean_kwh_per_100km": float(tr[TARGET].mean()),  # type: ignore[arg-type]
+            "features": F.feature_schema(F.RANGE_FEATURES),
+            "outputs": [{"name": n, "unit": u} for n, u in OUTPUT_COLUMNS.items()],
+            "window": "trip (ignition-on run bracketed by parked, not-charging buckets)",
+            "train_vehicles": train_ids.tolist(),
+            "heldout_vehicles": test_ids.tolist(),
+        }  # fmt: skip
+        net = _net_from_config(config).to(ctx.device)
+        x = torch.from_numpy(F.apply_norm(tr, config["norm"])).to(ctx.device)
+        y = torch.from_numpy(
+            ((logy - config["target"]["center"]) / config["target"]["scale"]).astype(np.float32)
+        )
+        y = y.to(ctx.device)
+
+        def loss_fn(idx: torch.Tensor) -> torch.Tensor:
+            return nn.functional.smooth_l1_loss(net(x[idx]).float(), y[idx])
+
+        cfg = LoopConfig.from_hparams(hp)
+        fit = train_loop(ctx, net, tr.height, loss_fn, cfg, seed=seed, tag="range")
+        net = net.cpu().eval()
+        pred = predict_trips(net, config, te.sort("token_id", "start"), Calibration(float(hp["shrink_km"])))
+        metrics = {
+            **_metrics(pred, config["fleet_mean_kwh_per_100km"], float(hp["shrink_km"])),
+            "n_train_windows": tr.height,
+            "train_loss": fit["loss"],
+        }
+        ctx.log(
+            f"range: held-out mae {metrics['mae']:.3f} vs baseline {metrics['baseline_mae']:.3f} kWh/100km"
+        )
+        state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+        return TrainOutput(state_dict=state, model_config=config, metrics=metrics)
+
+    def infer(self, ctx: JobContext, model_dir: Path) -> InferOutput:
+        """Score every trip of the input telemetry → ``<outputs.dir>/predictions.parquet``."""
+        from gpu_jobs.artifacts import load_artifact
+
+        art = load_artifact(model_dir)
+        return score_dataset(art.state_dict, art.model_config, F.split_inputs(ctx.inputs)[0], _out_path(ctx))
+
+
+def _out_path(ctx: JobContext) -> Path:
+    return Path(ctx.spec.outputs.dir) / "predictions.parquet"
+
+
+def score_dataset(
+    state: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    files: list[str],
+    out: Path,
+    *,
+    batch_rows: int = 131_072,
+) -> InferOutput:
+    """Stream ``files`` → trips → predictions → ``out`` (one row per trip); metrics where measurable."""
+    if config.get("family") != RangeFamily.name:
+        raise ConfigError(f"model is a {config.get('family')!r} model, not 'range'; pass a range model")
+    net = _net_from_config(config, state)
+    hp = config["hyperparameters"]
+    cal = Calibration(float(hp["shrink_km"]))
+    seen: list[pl.DataFrame] = []
+
+    def frames() -> Any:
+        for df in S.stream_windows(files, S.carry_open_trips, batch_rows=batch_rows):
+            trips = F.trip_windows(df, min_km=float(hp["min_km"])).sort("token_id", "start")
+            out_frame = predict_trips(net, config, trips, cal)
+            seen.append(out_frame.select(TARGET, "predicted_kwh_per_100km").drop_nulls())
+            yield out_frame
+
+    empty = predict_trips(net, config, F.trip_windows(F.conform(pl.DataFrame({"token_id": [], "timestamp": []},
+                          schema={"token_id": pl.Int64, "timestamp": pl.Datetime("us", "UTC")}))), cal)  # fmt: skip
+    rows = S.write_stream(frames(), out, empty)
+    metrics: dict[str, Any] = {"trips": rows}
+    done = pl.concat(seen) if seen else None
+    if done is not None and done.height:
+        y, p = done[TARGET].to_numpy(), done["predicted_kwh_per_100km"].to_numpy()
+        base = float(config["fleet_mean_kwh_per_100km"])
+        metrics |= {"mae": float(np.mean(np.abs(p - y))), "baseline_mae": float(np.mean(np.abs(base - y))),
+                    "n_windows": len(y)}  # fmt: skip
+    return InferOutput(output=out, rows=rows, metrics={k: v for k, v in metrics.items() if _finite(v)})
+
+
+def _finite(v: Any) -> bool:
+    return not isinstance(v, float) or math.isfinite(v)

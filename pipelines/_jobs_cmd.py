@@ -1,0 +1,193 @@
+"""``depin train`` / ``depin score``: build a JobSpec, run it on a runner, stream its progress."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from depin_core.errors import ConfigError, DepinError
+from gpu_jobs.local import LocalRunner
+from gpu_jobs.registry import FAMILIES
+from gpu_jobs.runner import JobRunner
+from gpu_jobs.spec import (
+    CheckpointPolicy,
+    DatasetRef,
+    JobKind,
+    JobResult,
+    JobSpec,
+    JobState,
+    Limits,
+    ModelSpec,
+    Outputs,
+)
+from pipelines._output import err_console
+
+DEFAULT_JOBS_DIR = Path(".depin/jobs")
+
+
+def parse_params(items: list[str]) -> dict[str, Any]:
+    """``key=value`` hyperparameters; values are JSON when they parse (``epochs=20``, ``hidden=[64,64]``)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--param {item!r}: use key=value, e.g. --param epochs=20")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def make_runner(name: str, jobs_dir: Path) -> LocalRunner:
+    if name != "local":
+        raise ConfigError(f"--runner {name!r}: only 'local' (CUDA when available, else CPU) exists so far")
+    return LocalRunner(jobs_dir)
+
+
+def _check_family(model: str) -> None:
+    if model not in FAMILIES:
+        raise ConfigError(f"--model {model!r}: choose one of {', '.join(sorted(FAMILIES))}")
+
+
+def _dataset_ref(path: Path, role: str, flag: str) -> DatasetRef:
+    if not path.exists():
+        raise ConfigError(f"{flag} {path}: does not exist")
+    return DatasetRef.from_path(path, role=role)  # type: ignore[arg-type]
+
+
+def run_job(runner: JobRunner, spec: JobSpec, *, show_progress: bool = True) -> JobResult:
+    """Submit ``spec``, stream its log lines and progress to stderr, return the final result."""
+    job_id = runner.submit(spec)
+    offset = 0
+    with Progress(
+        TextColumn(f"[bold blue]{spec.kind.value} {spec.model.family}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=not show_progress,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("job", total=None, info="")
+        while True:
+            status = runner.status(job_id)
+            text, offset = runner.logs(job_id, offset)
+            for line in text.splitlines():
+                progress.console.print(f"[dim]{line}[/]")
+            info = " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in status.metrics.items()
+            )
+            progress.update(
+                task, total=status.total, completed=status.step, info=f"{status.state.value} {info}"
+            )
+            if status.state.terminal:
+                break
+            time.sleep(0.2)
+    result = runner.result(job_id)
+    if result.state != JobState.SUCCEEDED:
+        failure = f"({result.failure.value})" if result.failure else ""
+        raise DepinError(
+            f"job {job_id} {result.state.value}{failure}: {(result.error or '').strip()[-3000:]}"
+        )
+    return result
+
+
+def run_train(
+    *,
+    dataset: Path,
+    model: str,
+    out: Path,
+    runner: str = "local",
+    ground_truth: Path | None = None,
+    params: dict[str, Any] | None = None,
+    seed: int = 0,
+    max_wall_s: float = 3600.0,
+    checkpoint_every: int = 200,
+    jobs_dir: Path = DEFAULT_JOBS_DIR,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``model`` on the telemetry dataset; returns the ``depin train --json`` object."""
+    _check_family(model)
+    inputs = [_dataset_ref(dataset, "telemetry", "--dataset")]
+    if ground_truth is not None:
+        inputs.append(_dataset_ref(ground_truth, "ground_truth", "--ground-truth"))
+    spec = JobSpec(
+        kind=JobKind.TRAIN,
+        model=ModelSpec(family=model, hyperparameters=params or {}),
+        inputs=inputs,
+        seed=seed,
+        limits=Limits(max_wall_s=max_wall_s),
+        checkpoint=CheckpointPolicy(every_steps=checkpoint_every),
+        outputs=Outputs(dir=str(out.resolve())),
+    )
+    with make_runner(runner, jobs_dir) as r:
+        result = run_job(r, spec, show_progress=show_progress)
+    return {
+        "job_id": result.job_id,
+        "state": result.state.value,
+        "model": model,
+        "metrics": result.metrics,
+        "artifact": str(out),
+        "device": result.device.label if result.device else None,
+        "spec_hash": result.spec_hash,
+        "seconds": round(result.timings.get("total_s", 0.0), 3),
+    }
+
+
+def run_score(
+    *,
+    model_dir: Path,
+    dataset: Path,
+    out: Path,
+    runner: str = "local",
+    ground_truth: Path | None = None,
+    max_wall_s: float = 3600.0,
+    jobs_dir: Path = DEFAULT_JOBS_DIR,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Batch-score ``dataset`` with the model artifact at ``model_dir`` into the Parquet file ``out``."""
+    config_path = model_dir / "model.json"
+    if not config_path.exists():
+        raise ConfigError(
+            f"--model {model_dir}: not a model artifact (no model.json); train one with `depin train`"
+        )
+    family = json.loads(config_path.read_text()).get("family")
+    _check_family(str(family))
+    inputs = [_dataset_ref(dataset, "telemetry", "--dataset"), _dataset_ref(model_dir, "model", "--model")]
+    if ground_truth is not None:
+        inputs.append(_dataset_ref(ground_truth, "ground_truth", "--ground-truth"))
+    staging = out.parent / f".{out.name}.job"
+    spec = JobSpec(
+        kind=JobKind.INFER,
+        model=ModelSpec(family=str(family)),
+        inputs=inputs,
+        limits=Limits(max_wall_s=max_wall_s),
+        outputs=Outputs(dir=str(staging.resolve())),
+    )
+    try:
+        with make_runner(runner, jobs_dir) as r:
+            result = run_job(r, spec, show_progress=show_progress)
+        produced = next(Path(p) for p in result.artifacts)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(produced, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {
+        "job_id": result.job_id,
+        "state": result.state.value,
+        "model": str(model_dir),
+        "family": family,
+        "rows": result.metrics.get("rows"),
+        "metrics": result.metrics,
+        "output": str(out),
+        "device": result.device.label if result.device else None,
+        "seconds": round(result.timings.get("total_s", 0.0), 3),
+    }

@@ -1,0 +1,104 @@
+"""Build a REAL telemetry dataset once: emulator process → DimoClient → ingest → TelemetryStore.
+
+Used by the model tests (session fixture) and runnable as a script for the quality-bar numbers:
+``python -m tests.gpu_jobs.models.fleet_data OUT --vehicles 30 --days 7 [--cmap]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from connectors.dimo.client import DimoClient
+from connectors.dimo.emulator.fleet import bundled_cmap_dir
+from connectors.dimo.emulator.server import EmulatorProcess
+from connectors.dimo.emulator.state import EmulatorConfig
+from connectors.dimo.ingest import ingest
+from connectors.dimo.settings import DimoSettings
+from connectors.dimo.store import TelemetryStore
+
+SIGNALS = [
+    "speed",
+    "powertrainTransmissionTravelledDistance",
+    "isIgnitionOn",
+    "exteriorAirTemperature",
+    "lowVoltageBatteryCurrentVoltage",
+    "chassisAxleRow1WheelLeftTirePressure",
+    "chassisAxleRow1WheelRightTirePressure",
+    "chassisAxleRow2WheelLeftTirePressure",
+    "chassisAxleRow2WheelRightTirePressure",
+    "powertrainType",
+    "powertrainTractionBatteryStateOfChargeCurrent",
+    "powertrainTractionBatteryGrossCapacity",
+    "powertrainTractionBatteryStateOfHealth",
+    "powertrainTractionBatteryCurrentPower",
+    "powertrainTractionBatteryTemperatureAverage",
+    "powertrainTractionBatteryChargingIsCharging",
+    "powertrainCombustionEngineSpeed",
+    "obdEngineLoad",
+    "powertrainFuelSystemRelativeLevel",
+    "powertrainCombustionEngineECT",
+]
+
+
+def default_end() -> datetime:
+    """Today 00:00 UTC: the same data all day. (A fixed past date would not do: the emulator's SACD grants
+    expire 180–720 days after the history ends, and vehicles with expired grants are not shared.)"""
+    return datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+@dataclass(frozen=True)
+class FleetData:
+    telemetry: Path  # TelemetryStore root (Hive-partitioned Parquet)
+    truth: Path  # vehicles.parquet + faults.parquet
+
+
+async def _ingest(emu: EmulatorProcess, out: Path, since: datetime, until: datetime) -> None:
+    settings = DimoSettings.from_credentials_file(emu.credentials_path).model_copy(
+        update={"rate_limit_per_s": 0}
+    )
+    async with DimoClient(settings) as client:
+        await ingest(
+            client,
+            TelemetryStore(out),
+            since=since,
+            until=until,
+            interval=timedelta(minutes=1),
+            signals=SIGNALS,
+        )
+
+
+def build_fleet_data(
+    root: Path, *, vehicles: int, days: float, seed: int, cmap: bool = False, end: datetime | None = None
+) -> FleetData:
+    """Simulate, serve and ingest ``vehicles`` × ``days`` (plus the CMAP vehicles) under ``root``."""
+    end = end or default_end()
+    data = FleetData(root / "telemetry", root / "truth")
+    config = EmulatorConfig(
+        vehicles=vehicles,
+        days=days,
+        seed=seed,
+        end=end,
+        ground_truth_out=data.truth,
+        cmap_dir=bundled_cmap_dir() if cmap else None,
+    )
+    with EmulatorProcess(config) as emu:
+        asyncio.run(_ingest(emu, data.telemetry, end - timedelta(days=days), end))
+    return data
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--vehicles", type=int, default=30)
+    ap.add_argument("--days", type=float, default=7.0)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--cmap", action="store_true")
+    a = ap.parse_args()
+    t0 = time.perf_counter()
+    d = build_fleet_data(a.out, vehicles=a.vehicles, days=a.days, seed=a.seed, cmap=a.cmap)
+    print(d, f"{time.perf_counter() - t0:.1f}s")
