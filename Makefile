@@ -23,6 +23,7 @@ test: $(VENV)/.dev  ## set up .venv with dev extras and run the test suite
 
 bench: $(VENV)/.base  ## benchmarks (print ratios against baselines measured in the same run)
 	$(PY) bench/ingest.py
+	$(PY) bench/train.py
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
