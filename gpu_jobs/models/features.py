@@ -69,9 +69,10 @@ RANGE_FEATURES: dict[str, tuple[str, str]] = {
     "air": ("celsius", "mean exterior air temperature"),
     "cold": ("celsius", "max(0, 15 - air): heating/cold-battery load"),
     "battery_temp": ("celsius", "battery temperature at the start"),
-    "gross_kwh": ("kWh", "battery gross capacity (vehicle size proxy)"),
-    "soh": ("percent", "battery state of health"),
 }
+# Also in each trip row, but not model inputs: across a few dozen vehicles, battery size and health mostly
+# identify the vehicle, and a net fed them learns vehicle levels that do not carry over to new vehicles.
+TRIP_INFO = ("gross_kwh", "soh")
 RANGE_TARGET = ("kwh_per_100km", "kWh/100km")
 
 COMMON_ANOMALY = {
@@ -241,6 +242,7 @@ def trip_windows(df: pl.DataFrame, *, min_km: float = 2.0) -> pl.DataFrame:
         "start",
         "end",
         *RANGE_FEATURES,
+        *TRIP_INFO,
         "kwh",
         RANGE_TARGET[0],
         "soc_start",

@@ -3,16 +3,20 @@
 Two stages:
 
 1. a small torch MLP, trained across the fleet, predicts ``log(kWh/100 km)`` of a trip from its driving and
-   weather features (:data:`features.RANGE_FEATURES`: speed profile, stop-and-go, temperature, battery size);
-2. a per-vehicle calibration, as real range estimators do: the km-weighted mean of the vehicle's own
-   *previous* trips' log residuals, shrunk towards 0 by ``shrink_km`` (a vehicle with no history gets the fleet
-   model). It is causal: a trip's prediction never uses that trip or later ones.
+   weather features (:data:`features.RANGE_FEATURES`: speed profile, stop-and-go, temperature). It is trained
+   with one free log offset per training vehicle (fixed effects), so it learns how consumption moves *within*
+   a vehicle instead of explaining hidden vehicle differences with whatever happens to correlate with them;
+2. a per-vehicle calibration, as real range estimators do: a Bayesian linear fit of the fleet model's
+   residual on ``[1, hours per 100 km, cold]`` over the vehicle's own *previous* trips (level, auxiliaries'
+   draw, cold sensitivity), shrunk towards 0 (a vehicle with no history gets the fleet model). It is causal:
+   a trip's prediction never uses that trip or later ones.
 
 Remaining range (km) = SoC/100 × usable kWh (gross capacity × SoH) / predicted kWh/100 km × 100.
 
 Evaluation is on held-out vehicles (seeded split by ``token_id``): ``mae`` (kWh/100 km) against
 ``baseline_mae`` (the training vehicles' mean consumption, the naive baseline), plus the fleet model alone
-(``fleet_model_mae``) and a naive baseline that also uses the vehicle's history (``history_baseline_mae``).
+(``fleet_model_mae``) and the fleet mean with the same per-vehicle calibration (``history_baseline_mae``: what
+the vehicle's own history gives without the learned model).
 """
 
 from __future__ import annotations
@@ -34,11 +38,13 @@ from gpu_jobs.models._train import LoopConfig, seed_all, train_loop
 
 TARGET = F.RANGE_TARGET[0]
 DEFAULTS: dict[str, Any] = {
-    "hidden": 16,
+    "hidden": 8,
     "holdout": 0.3,
     "min_km": 2.0,
     "shrink_km": 5.0,
-    "epochs": 60,
+    "shrink_hours": 50.0,
+    "shrink_cold": 500.0,
+    "epochs": 120,
     "batch_size": 32,
     "lr": 3e-3,
     "weight_decay": 1e-2,
@@ -62,6 +68,24 @@ class RangeNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).squeeze(-1)
+
+
+class _WithVehicleOffsets(nn.Module):
+    """Training-time wrapper: the net plus one learned log offset per training vehicle (fixed effects).
+
+    Vehicles differ in hidden ways (efficiency, auxiliaries); without the offsets the net would explain those
+    differences with whatever features happen to correlate with them across a few vehicles (city climate,
+    battery size). With them it learns how consumption varies *within* a vehicle; the per-vehicle level is
+    left to the causal calibration at prediction time.
+    """
+
+    def __init__(self, net: RangeNet, n_vehicles: int) -> None:
+        super().__init__()
+        self.net = net
+        self.offsets = nn.Parameter(torch.zeros(n_vehicles))
+
+    def forward(self, x: torch.Tensor, vehicle: torch.Tensor) -> torch.Tensor:
+        return self.net(x) + self.offsets[vehicle]
 
 
 def _hparams(ctx: JobContext) -> dict[str, Any]:
@@ -89,37 +113,71 @@ def fleet_predict(net: RangeNet, config: dict[str, Any], trips: pl.DataFrame) ->
     return np.exp(z * config["target"]["scale"] + config["target"]["center"])
 
 
-class Calibration:
-    """Per-vehicle causal calibration state: km-weighted sums of log residuals, carried across chunks."""
+CAL_FEATURES = ("hours_per_100km", "cold")  # per-vehicle slopes: auxiliaries (kW) and cold sensitivity
 
-    def __init__(self, shrink_km: float) -> None:
-        self.shrink_km = shrink_km
-        self.state = pl.DataFrame(schema={"token_id": pl.Int64, "s0": pl.Float64, "k0": pl.Float64})
+
+class Calibration:
+    """Per-vehicle causal calibration: a Bayesian linear fit of the fleet model's residual (kWh/100 km) on
+    ``[1, hours_per_100km, cold]`` (centred on the training medians) over the vehicle's *earlier* trips.
+
+    Each trip weighs its km; the prior precision per coefficient (``shrink``, in km) pulls a vehicle with
+    little history towards the fleet model. The sufficient statistics (``A = Σ w hhᵀ``, ``b = Σ w h r``) are
+    carried across chunks, so streaming gives the same predictions as one pass.
+    """
+
+    def __init__(
+        self, shrink: list[float], centers: dict[str, float], features: tuple[str, ...] = CAL_FEATURES
+    ) -> None:
+        if len(shrink) != len(features) + 1:
+            raise ConfigError(f"calibration: need {len(features) + 1} shrink values, got {len(shrink)}")
+        self.prior = np.diag(np.asarray(shrink, dtype=np.float64))
+        self.centers = centers
+        self.features = features
+        k = len(shrink)
+        self.names = [f"a{i}{j}" for i in range(k) for j in range(k)] + [f"b{i}" for i in range(k)]
+        self.state = pl.DataFrame(schema={"token_id": pl.Int64, **dict.fromkeys(self.names, pl.Float64)})
+
+    def _design(self, trips: pl.DataFrame) -> np.ndarray:
+        cols = [np.ones(trips.height)]
+        cols += [trips[c].cast(pl.Float64).fill_null(self.centers[c]).to_numpy() - self.centers[c]
+                 for c in self.features]  # fmt: skip
+        return np.stack(cols, axis=1)
 
     def apply(self, trips: pl.DataFrame, fleet: np.ndarray) -> np.ndarray:
-        """log-offset per trip from the vehicle's earlier trips (``trips`` sorted by token_id, start)."""
-        obs = trips[TARGET].to_numpy()
-        r = np.log(obs) - np.log(fleet)
-        ok = np.isfinite(r)
+        """Additive correction (kWh/100 km) per trip from the vehicle's earlier trips (``trips`` sorted by
+        token_id, start)."""
+        k = self.prior.shape[0]
+        h = self._design(trips)
+        r = trips[TARGET].cast(pl.Float64).to_numpy() - fleet
+        w = np.where(np.isfinite(r), trips["km"].to_numpy(), 0.0)
+        r = np.where(np.isfinite(r), r, 0.0)
+        stats = np.concatenate([(w[:, None, None] * h[:, :, None] * h[:, None, :]).reshape(-1, k * k),
+                                (w * r)[:, None] * h], axis=1)  # fmt: skip
         d = (
-            trips.select("token_id", "km")
+            pl.DataFrame(stats, schema=self.names)
+            .with_columns(trips["token_id"])
+            .join(self.state, on="token_id", how="left", suffix="_0")
             .with_columns(
-                pl.Series("rk", np.where(ok, r, 0.0) * trips["km"].to_numpy()),
-                pl.Series("kk", np.where(ok, trips["km"].to_numpy(), 0.0)),
+                (pl.col(f"{n}_0").fill_null(0.0) + pl.col(n).cum_sum().shift(1).over("token_id").fill_null(0.0))
+                .alias(f"{n}_before")
+                for n in self.names
             )
-            .join(self.state, on="token_id", how="left")
-            .with_columns(pl.col("s0").fill_null(0.0), pl.col("k0").fill_null(0.0))
-            .with_columns(
-                (pl.col("s0") + pl.col("rk").cum_sum().shift(1).over("token_id").fill_null(0.0)).alias("s"),
-                (pl.col("k0") + pl.col("kk").cum_sum().shift(1).over("token_id").fill_null(0.0)).alias("k"),
-            )
-        )
+        )  # fmt: skip
         totals = d.group_by("token_id").agg(
-            (pl.col("s0").first() + pl.col("rk").sum()).alias("s0"),
-            (pl.col("k0").first() + pl.col("kk").sum()).alias("k0"),
+            (pl.col(f"{n}_0").first().fill_null(0.0) + pl.col(n).sum()).alias(n) for n in self.names
         )
         self.state = pl.concat([self.state.join(totals, on="token_id", how="anti"), totals])
-        return (d["s"] / (d["k"] + self.shrink_km)).to_numpy()
+        before = d.select(f"{n}_before" for n in self.names).to_numpy()
+        a = before[:, : k * k].reshape(-1, k, k) + self.prior
+        coef = np.linalg.solve(a, before[:, k * k :, None])[:, :, 0]
+        return (coef * h).sum(axis=1)
+
+
+def calibration(config: dict[str, Any]) -> Calibration:
+    """A fresh :class:`Calibration` with the model's priors and feature centres."""
+    hp = config["hyperparameters"]
+    shrink = [float(hp["shrink_km"]), float(hp["shrink_hours"]), float(hp["shrink_cold"])]
+    return Calibration(shrink, config["calibration_centers"])
 
 
 def predict_trips(
@@ -128,11 +186,11 @@ def predict_trips(
     """``trips`` plus :data:`OUTPUT_COLUMNS` (``trips`` sorted by token_id, start)."""
     fleet = fleet_predict(net, config, trips)
     offset = cal.apply(trips, fleet) if trips.height else np.zeros(0)
-    pred = fleet * np.exp(offset)
+    pred = np.maximum(fleet + offset, 0.2 * fleet)  # a correction never drives consumption to ~0
     return trips.with_columns(
         pl.Series("predicted_kwh_per_100km", pred),
         pl.Series("fleet_kwh_per_100km", fleet),
-        pl.Series("vehicle_factor", np.exp(offset)),
+        pl.Series("vehicle_factor", pred / fleet),
     ).with_columns(
         (pl.col("soc_end") / 100.0 * pl.col("usable_kwh") / pl.col("predicted_kwh_per_100km") * 100.0).alias(
             "range_km"
@@ -140,13 +198,13 @@ def predict_trips(
     )
 
 
-def _metrics(pred: pl.DataFrame, train_mean: float, shrink_km: float) -> dict[str, Any]:
+def _metrics(pred: pl.DataFrame, train_mean: float, cal: Calibration) -> dict[str, Any]:
     """Held-out metrics (kWh/100 km unless named otherwise)."""
     y = pred[TARGET].to_numpy()
     p = pred["predicted_kwh_per_100km"].to_numpy()
     fleet = pred["fleet_kwh_per_100km"].to_numpy()
-    naive_hist = Calibration(shrink_km).apply(pred, np.full(len(y), train_mean))
-    hist = train_mean * np.exp(naive_hist)
+    # the same per-vehicle calibration on top of the fleet mean: what the vehicle's history alone gives
+    hist = train_mean + cal.apply(pred, np.full(len(y), train_mean))
     energy = pred["soc_start"].to_numpy() / 100.0 * pred["usable_kwh"].to_numpy() * 100.0
     return {
         "mae": float(np.mean(np.abs(p - y))),
@@ -187,6 +245,7 @@ class RangeFamily:
             "target": {"name": TARGET, "unit": F.RANGE_TARGET[1], "transform": "log",
                        "center": float(logy.mean()), "scale": float(logy.std() or 1.0)},
             "fleet_mean_kwh_per_100km": float(tr[TARGET].mean()),  # type: ignore[arg-type]
+            "calibration_centers": {c: float(tr[c].median()) for c in CAL_FEATURES},  # type: ignore[arg-type]
             "features": F.feature_schema(F.RANGE_FEATURES),
             "outputs": [{"name": n, "unit": u} for n, u in OUTPUT_COLUMNS.items()],
             "window": "trip (ignition-on run bracketed by parked, not-charging buckets)",
@@ -199,16 +258,20 @@ class RangeFamily:
             ((logy - config["target"]["center"]) / config["target"]["scale"]).astype(np.float32)
         )
         y = y.to(ctx.device)
+        vid = torch.from_numpy(np.searchsorted(train_ids, tr["token_id"].to_numpy())).to(ctx.device)
+        model = _WithVehicleOffsets(net, len(train_ids)).to(ctx.device)
 
         def loss_fn(idx: torch.Tensor) -> torch.Tensor:
-            return nn.functional.smooth_l1_loss(net(x[idx]).float(), y[idx])
+            return nn.functional.smooth_l1_loss(model(x[idx], vid[idx]).float(), y[idx])
 
         cfg = LoopConfig.from_hparams(hp)
-        fit = train_loop(ctx, net, tr.height, loss_fn, cfg, seed=seed, tag="range")
+        fit = train_loop(ctx, model, tr.height, loss_fn, cfg, seed=seed, tag="range")
+        # the fleet model is the net plus the typical vehicle (mean offset); new vehicles start there
+        config["target"]["center"] += float(model.offsets.detach().mean()) * config["target"]["scale"]
         net = net.cpu().eval()
-        pred = predict_trips(net, config, te.sort("token_id", "start"), Calibration(float(hp["shrink_km"])))
+        pred = predict_trips(net, config, te.sort("token_id", "start"), calibration(config))
         metrics = {
-            **_metrics(pred, config["fleet_mean_kwh_per_100km"], float(hp["shrink_km"])),
+            **_metrics(pred, config["fleet_mean_kwh_per_100km"], calibration(config)),
             "n_train_windows": tr.height,
             "train_loss": fit["loss"],
         }
@@ -243,7 +306,7 @@ def score_dataset(
         raise ConfigError(f"model is a {config.get('family')!r} model, not 'range'; pass a range model")
     net = _net_from_config(config, state)
     hp = config["hyperparameters"]
-    cal = Calibration(float(hp["shrink_km"]))
+    cal = calibration(config)
     seen: list[pl.DataFrame] = []
 
     def frames() -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import polars as pl
@@ -340,6 +340,10 @@ def mnemonic(rng: np.random.Generator, taken: set[str]) -> str:
             return name
 
 
+def _today() -> datetime:
+    return datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
 def make_vehicle(
     params: VehicleParams,
     *,
@@ -362,7 +366,8 @@ def make_vehicle(
                 grantee=license.client_id,
                 permissions=permissions,
                 created_at=created,
-                expires_at=history_end + timedelta(days=float(rng.uniform(180, 720))),
+                # anchored on today when the history ended in the past, so a fixed-date fleet stays shared
+                expires_at=max(history_end, _today()) + timedelta(days=float(rng.uniform(180, 720))),
             )
         )
     hardware = source in ("autopi", "macaron")

@@ -14,13 +14,20 @@ import torch
 from gpu_jobs.context import JobContext
 from tests.gpu_jobs.models.fleet_data import FleetData, build_fleet_data
 
-# Small enough to build in ~3 s, large enough that the quality bars mean something.
-FLEET = {"vehicles": 24, "days": 5.0, "seed": 7}
+# The evaluation size (≥ 30 vehicles, ≥ 7 days): ~4 s to build. A second seed checks that the
+# quality bars are not a property of one lucky fleet.
+FLEET = {"vehicles": 30, "days": 7.0, "seed": 7}
+FLEET_B = {**FLEET, "seed": 11}
 
 
 @pytest.fixture(scope="session")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> FleetData:
     return build_fleet_data(tmp_path_factory.mktemp("fleet"), **FLEET)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def fleet_b(tmp_path_factory: pytest.TempPathFactory) -> FleetData:
+    return build_fleet_data(tmp_path_factory.mktemp("fleet_b"), **FLEET_B)  # type: ignore[arg-type]
 
 
 class MemoryCheckpointer:

@@ -45,10 +45,13 @@ SIGNALS = [
 ]
 
 
+FIXED_END = datetime(2026, 11, 25, tzinfo=UTC)
+
+
 def default_end() -> datetime:
-    """Today 00:00 UTC: the same data all day. (A fixed past date would not do: the emulator's SACD grants
-    expire 180–720 days after the history ends, and vehicles with expired grants are not shared.)"""
-    return datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    """A fixed end of history, so the fleets (and the quality numbers) are the same on every day and machine.
+    The emulator anchors grant expiry on today for past histories, so the vehicles stay shared."""
+    return FIXED_END
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,26 @@ from tests.gpu_jobs.models.conftest import MemoryCheckpointer, make_ctx
 from tests.gpu_jobs.models.fleet_data import FleetData
 
 RANGE_SEED, ANOMALY_SEED = 1, 0
+SPLITS = range(5)  # job seeds = vehicle splits
 
 
 def range_passes(m: dict) -> bool:  # type: ignore[type-arg]
-    """The issue's bar (≤ 0.5 × the fleet-mean baseline) and better than the vehicle's own trip history."""
-    return m["mae"] <= 0.5 * m["baseline_mae"] and m["mae"] < m["history_baseline_mae"]
+    """The issue's bar (≤ 0.5 × the fleet-mean baseline) and clearly better than the vehicle's own trip
+    history (the per-vehicle calibration alone gets close to that, so the learned model must add to it)."""
+    return m["mae"] <= 0.5 * m["baseline_mae"] and m["mae"] <= 0.9 * m["history_baseline_mae"]
+
+
+def anomaly_passes(m: dict) -> bool:  # type: ignore[type-arg]
+    """The issue's bar: recall ≥ 0.9 (majority-of-visible-windows rule) at ≤ 5 % false-positive windows."""
+    return m["recall"] >= 0.9 and m["false_positive_rate"] <= 0.05
+
+
+def train_splits(family: type, data: FleetData, inputs: list[Path], tmp: Path) -> list[dict]:  # type: ignore[type-arg]
+    """Metrics of one training run per vehicle split in :data:`SPLITS`."""
+    return [
+        family().train(make_ctx(tmp / str(s), inputs, family.name, seed=s)).metrics  # type: ignore[attr-defined]
+        for s in SPLITS
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +123,20 @@ def test_range_meets_quality_bar_on_heldout_vehicles(range_model) -> None:  # ty
     assert m["fleet_model_mae"] < m["baseline_mae"] and m["range_mae_km"] < m["baseline_range_mae_km"]
 
 
+@pytest.mark.parametrize("which", ["fleet", "fleet_b"])
+def test_range_quality_bar_holds_across_splits_and_fleets(
+    which: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Every split of two fleet seeds: on average within the bar, at most one split of five misses it (a
+    split holds out ~5 EVs with ~20 trips each; their first trips have no history), and none by much."""
+    data: FleetData = request.getfixturevalue(which)
+    runs = train_splits(RangeFamily, data, [data.telemetry], tmp_path)
+    ratios = np.array([m["mae"] / m["baseline_mae"] for m in runs])
+    assert ratios.mean() <= 0.5 and ratios.max() <= 0.65, ratios
+    assert sum(range_passes(m) for m in runs) >= len(runs) - 1, ratios
+    assert all(m["mae"] < m["history_baseline_mae"] for m in runs), runs
+
+
 def test_range_trained_on_shuffled_targets_fails_the_bar(
     fleet: FleetData, tmp_path: Path, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
@@ -176,7 +205,19 @@ def test_range_streaming_scoring_matches_in_memory(range_model, fleet: FleetData
 def test_anomaly_meets_quality_bar_on_heldout_vehicles(anomaly_model) -> None:  # type: ignore[no-untyped-def]
     m = anomaly_model.metrics
     assert m["n_faults"] >= 2 and m["n_clean_windows"] > 500
-    assert m["recall"] >= 0.9 and m["false_positive_rate"] <= 0.05, m
+    assert anomaly_passes(m), m
+
+
+@pytest.mark.parametrize("which", ["fleet", "fleet_b"])
+def test_anomaly_quality_bar_holds_on_every_split(
+    which: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    data: FleetData = request.getfixturevalue(which)
+    runs = train_splits(AnomalyFamily, data, [data.telemetry, data.truth], tmp_path)
+    assert sum(m["n_faults"] for m in runs) >= 10
+    assert all(anomaly_passes(m) for m in runs if m["n_faults"]), [
+        (m["recall"], m["false_positive_rate"]) for m in runs
+    ]
 
 
 def test_random_flags_fail_the_recall_rule(anomaly_model, table: pl.DataFrame, fleet: FleetData) -> None:  # type: ignore[no-untyped-def]
