@@ -91,24 +91,27 @@ def write_artifact(
         "created_at": datetime.now(UTC).isoformat(),
     }
     files[MANIFEST] = _json_bytes(manifest)
+    hashes[MANIFEST] = hashlib.sha256(files[MANIFEST]).hexdigest()
 
     # build beside the target, then swap it in, so readers never see a half-written artifact
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    old = None
     try:
         for name, data in files.items():
             atomic_write_bytes(tmp / name, data)
-        old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
             out.rename(old)
         tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if old is not None and not out.exists():
+            old.rename(out)  # the swap failed half-way: put the previous artifact back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {str(out / name): hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return {str(out / name): digest for name, digest in hashes.items()}
 
 
 def load_artifact(model_dir: Path | str, *, expected_manifest_sha256: str | None = None) -> LoadedArtifact:

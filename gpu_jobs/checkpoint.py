@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 from collections.abc import Callable, Mapping
@@ -23,10 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save_file
+from safetensors.torch import save as st_save
 
 from depin_core.errors import ConfigError
-from depin_core.fs import atomic_write_bytes, temp_path_beside
+from depin_core.fs import atomic_write_bytes
 
 _NAME = re.compile(r"^ckpt-(\d{9})\.json$")
 FORMAT = "depin-checkpoint/1"
@@ -112,21 +111,9 @@ class FileCheckpointer:
         structure, tensors = flatten_state(state)
         self.dir.mkdir(parents=True, exist_ok=True)
         stem = self.dir / f"ckpt-{step:09d}"
-        weights = stem.with_suffix(".safetensors")
-        tmp = temp_path_beside(weights)
-        try:
-            save_file(tensors, str(tmp))
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            digest = _sha256(tmp.read_bytes())
-            os.replace(tmp, weights)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        meta = {"format": FORMAT, "step": step, "tensors_sha256": digest, "state": structure}
+        data = st_save(tensors)
+        atomic_write_bytes(stem.with_suffix(".safetensors"), data)
+        meta = {"format": FORMAT, "step": step, "tensors_sha256": _sha256(data), "state": structure}
         atomic_write_bytes(stem.with_suffix(".json"), json.dumps(meta, separators=(",", ":")).encode())
         self.last_step = step
         for old in self._steps()[: -self.keep_last]:
@@ -156,9 +143,8 @@ class FileCheckpointer:
 
     def _remove(self, step: int) -> None:
         stem = self.dir / f"ckpt-{step:09d}"
-        stem.with_suffix(".json").unlink(
-            missing_ok=True
-        )  # marker first: a half-deleted pair is never "valid"
+        # marker first: a half-deleted pair is never "valid"
+        stem.with_suffix(".json").unlink(missing_ok=True)
         stem.with_suffix(".safetensors").unlink(missing_ok=True)
 
 

@@ -57,9 +57,8 @@ class TrainOutput:
     """A trained model, ready for the artifact writer (``gpu_jobs.artifacts``)."""
 
     state_dict: dict[str, torch.Tensor]  # → weights.safetensors
-    model_config: dict[
-        str, Any
-    ]  # → model.json: family, hyperparameters, feature names + units, normalization
+    # → model.json: family, hyperparameters, feature names + units, normalization
+    model_config: dict[str, Any]
     metrics: dict[str, Any]  # → metrics.json (held-out evaluation, baselines)
 
 

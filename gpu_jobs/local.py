@@ -102,14 +102,9 @@ class LocalRunner:
         job_dir = self._dir(job_id)
         job = self._jobs.get(job_id)
         result = job.result if job else self._read_result(job_dir)
-        try:
-            st = JobStatus.model_validate_json((job_dir / STATUS).read_bytes())
-        except (OSError, ValueError):  # not written yet
-            st = JobStatus(job_id=job_id, state=JobState.PENDING)
+        st = self._read_status(job_dir) or JobStatus(job_id=job_id, state=JobState.PENDING)
         if result is not None:  # the runner's verdict wins over what a killed worker last wrote
-            st = st.model_copy(
-                update={"state": result.state, "message": result.error and result.error[-500:]}
-            )
+            st = st.model_copy(update={"state": result.state, "message": _message(result)})
         return st
 
     def logs(self, job_id: str, offset: int = 0) -> tuple[str, int]:
@@ -179,6 +174,13 @@ class LocalRunner:
             return None
 
     @staticmethod
+    def _read_status(job_dir: Path) -> JobStatus | None:
+        try:
+            return JobStatus.model_validate_json((job_dir / STATUS).read_bytes())
+        except (OSError, ValueError):  # not written yet
+            return None
+
+    @staticmethod
     def _write_status(job_dir: Path, status: JobStatus) -> None:
         atomic_write_bytes(job_dir / STATUS, status.model_dump_json().encode())
 
@@ -198,9 +200,8 @@ class LocalRunner:
                         write_attempts(job.dir, attempts)
                 finally:
                     self._slots.release()
-        except (
-            Exception
-        ) as e:  # the runner itself failed (spawn error, disk full): report, never hang result()
+        except Exception as e:
+            # the runner itself failed (spawn error, disk full): report, never hang result()
             result = _failed(job, attempts, FailureKind.INFRA, f"local runner error: {type(e).__name__}: {e}")
         if result is None:  # cancelled before the first attempt started
             result = JobResult(
@@ -212,12 +213,14 @@ class LocalRunner:
         job.result = result
         try:
             atomic_write_bytes(job.dir / RESULT, result.model_dump_json(indent=2).encode())
-            try:  # keep the worker's last progress, set the runner's verdict
-                st = JobStatus.model_validate_json((job.dir / STATUS).read_bytes())
-            except (OSError, ValueError):
-                st = JobStatus(job_id=job.job_id, state=result.state)
-            update = {"state": result.state, "attempt": len(result.attempts), "heartbeat": now()}
-            update["message"] = result.error and result.error[-500:]
+            # keep the worker's last progress, set the runner's verdict
+            st = self._read_status(job.dir) or JobStatus(job_id=job.job_id, state=result.state)
+            update = {
+                "state": result.state,
+                "attempt": len(result.attempts),
+                "heartbeat": now(),
+                "message": _message(result),
+            }
             self._write_status(job.dir, st.model_copy(update=update))
         finally:
             job.done.set()
@@ -313,6 +316,11 @@ class LocalRunner:
                 return
             except subprocess.TimeoutExpired:
                 continue
+
+
+def _message(result: JobResult) -> str | None:
+    """The tail of the failure message, for ``JobStatus.message``."""
+    return result.error and result.error[-500:]
 
 
 def _failed(job: _Job, attempts: list[AttemptRecord], kind: FailureKind, message: str) -> JobResult:

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from depin_core.errors import PermanentError
 
 _CHUNK = 1 << 20
+_REBUILD = "rebuild the spec from the current data (DatasetRef.from_path) or restore the data"
 
 
 def sha256_file(path: Path | str) -> str:
@@ -126,36 +127,32 @@ class DatasetRef(_Model):
                 raise JobError(
                     f"input {p} ({self.role}) is missing; stage it before running", FailureKind.USER
                 )
-            actual = sha256_file(p)
-            if actual != self.sha256:
-                raise JobError(
-                    f"input {p} ({self.role}) changed: sha256 is {actual}, the spec says {self.sha256}; "
-                    "rebuild the spec from the current data (DatasetRef.from_path) or restore the data",
-                    FailureKind.USER,
-                )
+            self._check_file(p, self.sha256)
             return [p]
         if _files_digest(self.files) != self.sha256:
             raise JobError(
-                f"input {p}: the file list does not match its sha256; the spec was edited", FailureKind.USER
+                f"input {p}: the file list does not match its sha256 (the spec was edited); {_REBUILD}",
+                FailureKind.USER,
             )
         present = _dataset_files(p, self.role) if p.is_dir() else []
         listed = [f.path for f in self.files]
         if sorted(present) != sorted(listed):
             extra, missing = sorted(set(present) - set(listed)), sorted(set(listed) - set(present))
             raise JobError(
-                f"input {p} ({self.role}) changed: missing {missing[:5]}, unexpected {extra[:5]}; "
-                "rebuild the spec from the current data (DatasetRef.from_path) or restore the data",
+                f"input {p} ({self.role}) changed: missing {missing[:5]}, unexpected {extra[:5]}; {_REBUILD}",
                 FailureKind.USER,
             )
         for f in self.files:
-            actual = sha256_file(p / f.path)
-            if actual != f.sha256:
-                raise JobError(
-                    f"input {p / f.path} ({self.role}) changed: sha256 is {actual}, the spec says {f.sha256}; "
-                    "rebuild the spec from the current data (DatasetRef.from_path) or restore the data",
-                    FailureKind.USER,
-                )
+            self._check_file(p / f.path, f.sha256)
         return [p / f.path for f in self.files]
+
+    def _check_file(self, path: Path, want: str) -> None:
+        actual = sha256_file(path)
+        if actual != want:
+            raise JobError(
+                f"input {path} ({self.role}) changed: sha256 is {actual}, the spec says {want}; {_REBUILD}",
+                FailureKind.USER,
+            )
 
 
 def _dataset_files(root: Path, role: str) -> list[str]:

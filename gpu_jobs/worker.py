@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from depin_core.fs import atomic_write_bytes
-from gpu_jobs.artifacts import ArtifactIntegrityError, load_artifact, write_artifact
+from gpu_jobs.artifacts import MANIFEST, ArtifactIntegrityError, load_artifact, write_artifact
 from gpu_jobs.checkpoint import FileCheckpointer
 from gpu_jobs.context import InferOutput, JobContext, TrainOutput
 from gpu_jobs.device import select_device
@@ -228,7 +228,7 @@ def run_job(job_dir: Path, attempt: int = 1, runner: str = "local") -> JobResult
                 device=device,
                 timings=timings_so_far,
             )
-            manifest_sha = artifacts[str(out_dir.resolve() / "manifest.json")]
+            manifest_sha = artifacts[str(out_dir.resolve() / MANIFEST)]
             try:
                 load_artifact(out_dir, expected_manifest_sha256=manifest_sha)
             except ArtifactIntegrityError as e:

@@ -159,8 +159,17 @@ def run_score(
         raise ConfigError(
             f"--model {model_dir}: not a model artifact (no model.json); train one with `depin train`"
         )
-    family = json.loads(config_path.read_text()).get("family")
-    _check_family(str(family))
+    try:
+        family = json.loads(config_path.read_bytes()).get("family")
+    except (ValueError, AttributeError) as e:
+        raise ConfigError(
+            f"--model {model_dir}: model.json is not a JSON object ({e}); re-train with `depin train`"
+        ) from e
+    if family not in FAMILIES:
+        raise ConfigError(
+            f"--model {model_dir}: model.json names family {family!r}, not one of "
+            f"{', '.join(sorted(FAMILIES))}; score it with a model trained by `depin train`"
+        )
     inputs = [_dataset_ref(dataset, "telemetry", "--dataset"), _dataset_ref(model_dir, "model", "--model")]
     if ground_truth is not None:
         inputs.append(_dataset_ref(ground_truth, "ground_truth", "--ground-truth"))

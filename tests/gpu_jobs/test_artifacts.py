@@ -10,7 +10,7 @@ import torch
 
 from depin_core.errors import ConfigError
 from gpu_jobs.artifacts import MANIFEST, ArtifactIntegrityError, load_artifact, write_artifact
-from gpu_jobs.spec import DatasetRef, DeviceInfo, JobSpec
+from gpu_jobs.spec import DatasetRef, DeviceInfo, JobSpec, sha256_file
 
 
 @pytest.fixture()
@@ -115,3 +115,25 @@ def test_overwrite_policy(artifact, tmp_path: Path) -> None:
         write_artifact(other, state_dict={}, model_config={}, metrics={})
     with pytest.raises(ConfigError, match="JSON-able"):
         write_artifact(tmp_path / "nan", state_dict={}, model_config={}, metrics={"mae": float("nan")})
+
+
+def test_returned_hashes_match_the_files(artifact) -> None:
+    _, hashes, _ = artifact
+    assert hashes == {p: sha256_file(p) for p in hashes}
+
+
+def test_failed_swap_keeps_the_previous_artifact(artifact, monkeypatch) -> None:
+    d, hashes, _ = artifact
+    real_rename = Path.rename
+
+    def rename(self: Path, target):  # the new artifact cannot be moved into place
+        if self.name.startswith(f".{d.name}.tmp-"):
+            raise OSError("simulated rename failure")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="simulated"):
+        write_artifact(d, state_dict={"w": torch.zeros(1)}, model_config={}, metrics={"v": 2})
+    monkeypatch.undo()
+    assert load_artifact(d, expected_manifest_sha256=hashes[str(d / MANIFEST)]).metrics == {"mae": 0.25}
+    assert [p.name for p in d.parent.iterdir() if p.name.startswith(".")] == []
