@@ -101,3 +101,32 @@ def test_bad_input_is_a_clear_error(small_fleet: FleetData, tmp_path: Path) -> N
         cwd=tmp_path,
     )
     assert proc.returncode == 2 and "not a model artifact" in proc.stderr
+
+
+def test_score_refuses_a_foreign_model_directory(small_fleet: FleetData, tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus-model"
+    bogus.mkdir()
+    (bogus / "model.json").write_text('{"family": "gpt"}')
+    proc = depin(
+        "score",
+        "--model",
+        str(bogus),
+        "--dataset",
+        str(small_fleet.telemetry),
+        "--out",
+        str(tmp_path / "s.parquet"),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2 and "model.json names family 'gpt'" in proc.stderr
+    (bogus / "model.json").write_text("{not json")
+    proc = depin(
+        "score",
+        "--model",
+        str(bogus),
+        "--dataset",
+        str(small_fleet.telemetry),
+        "--out",
+        str(tmp_path / "s.parquet"),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2 and "model.json is not a JSON object" in proc.stderr
