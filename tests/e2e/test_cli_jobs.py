@@ -106,27 +106,19 @@ def test_bad_input_is_a_clear_error(small_fleet: FleetData, tmp_path: Path) -> N
 def test_score_refuses_a_foreign_model_directory(small_fleet: FleetData, tmp_path: Path) -> None:
     bogus = tmp_path / "bogus-model"
     bogus.mkdir()
-    (bogus / "model.json").write_text('{"family": "gpt"}')
-    proc = depin(
-        "score",
-        "--model",
-        str(bogus),
-        "--dataset",
-        str(small_fleet.telemetry),
-        "--out",
-        str(tmp_path / "s.parquet"),
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 2 and "model.json names family 'gpt'" in proc.stderr
-    (bogus / "model.json").write_text("{not json")
-    proc = depin(
-        "score",
-        "--model",
-        str(bogus),
-        "--dataset",
-        str(small_fleet.telemetry),
-        "--out",
-        str(tmp_path / "s.parquet"),
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 2 and "model.json is not a JSON object" in proc.stderr
+    for content, message in (
+        ('{"family": "gpt"}', "model.json names family 'gpt'"),
+        ("{not json", "model.json is not a JSON object"),
+    ):
+        (bogus / "model.json").write_text(content)
+        proc = depin(
+            "score",
+            "--model",
+            str(bogus),
+            "--dataset",
+            str(small_fleet.telemetry),
+            "--out",
+            str(tmp_path / "s.parquet"),
+            cwd=tmp_path,
+        )
+        assert proc.returncode == 2 and message in proc.stderr
