@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import sys
 import time
 from datetime import UTC, datetime, timedelta
@@ -161,8 +162,6 @@ def main() -> None:
     t = time.perf_counter()
     TelemetryStore(store_dir).write(table)
     store_write_s = time.perf_counter() - t
-    import shutil
-
     shutil.rmtree(store_dir, ignore_errors=True)
 
     result = {

@@ -109,7 +109,7 @@ def ingest(
     """Ingest DIMO telemetry into a Parquet dataset, incrementally (per-vehicle watermarks, no duplicates)."""
     from pipelines._ingest_cmd import run_ingest
 
-    report = _run(
+    report = asyncio.run(
         run_ingest(
             since=since,
             until=until,
@@ -232,14 +232,6 @@ def list_signals(as_json: JsonOpt = False) -> None:
                 ]
             }
         )
-
-
-def _run(coro):  # type: ignore[no-untyped-def]
-    try:
-        return asyncio.run(coro)
-    except DepinError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(2) from None
 
 
 def main() -> None:

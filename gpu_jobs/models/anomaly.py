@@ -311,7 +311,7 @@ class AnomalyFamily:
 
         art = load_artifact(model_dir)
         files, faults_path = F.split_inputs(ctx.inputs)
-        out = Path(ctx.spec.outputs.dir) / "predictions.parquet"
+        out = S.predictions_path(ctx)
         return score_dataset(art.state_dict, art.model_config, files, out, faults=faults_path)
 
 

@@ -286,11 +286,9 @@ class RangeFamily:
         from gpu_jobs.artifacts import load_artifact
 
         art = load_artifact(model_dir)
-        return score_dataset(art.state_dict, art.model_config, F.split_inputs(ctx.inputs)[0], _out_path(ctx))
-
-
-def _out_path(ctx: JobContext) -> Path:
-    return Path(ctx.spec.outputs.dir) / "predictions.parquet"
+        return score_dataset(
+            art.state_dict, art.model_config, F.split_inputs(ctx.inputs)[0], S.predictions_path(ctx)
+        )
 
 
 def score_dataset(

@@ -17,6 +17,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gpu_jobs.context import JobContext
 from gpu_jobs.models import features as F
 
 # (frame) → (rows to process now, rows to carry into the next batch); a row may be in both
@@ -102,3 +103,8 @@ def write_stream(frames: Iterator[pl.DataFrame], out: Path, empty: pl.DataFrame)
         tmp.unlink(missing_ok=True)
         raise
     return rows
+
+
+def predictions_path(ctx: JobContext) -> Path:
+    """Where an ``infer`` job writes its scores: ``<spec.outputs.dir>/predictions.parquet``."""
+    return Path(ctx.spec.outputs.dir) / "predictions.parquet"
