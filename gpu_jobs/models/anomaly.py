@@ -232,9 +232,8 @@ class AnomalyFamily:
         seed = int(getattr(ctx.spec, "seed", 0))
         seed_all(seed)
         files, faults_path = F.split_inputs(ctx.inputs)
-        windows = F.anomaly_windows(
-            F.read_telemetry([Path(f) for f in files]), window_minutes=int(hp["window_minutes"])
-        )
+        table = F.read_telemetry([Path(f) for f in files])
+        windows = F.anomaly_windows(table, window_minutes=int(hp["window_minutes"]))
         windows = windows.filter(pl.col("powertrain").is_in(list(TYPES)))
         train_ids, test_ids = F.split_vehicles(windows["token_id"], holdout=float(hp["holdout"]), seed=seed)
         tr = windows.filter(pl.col("token_id").is_in(train_ids))
@@ -254,6 +253,7 @@ class AnomalyFamily:
             "outputs": [{"name": "score", "unit": "1"}, {"name": "flagged", "unit": "bool"}],
             "train_vehicles": train_ids.tolist(),
             "heldout_vehicles": test_ids.tolist(),
+            "data": F.data_summary(table),
         }
         net = build_net({**config, "thresholds": {}}).to(ctx.device)
         clip = float(hp["clip"])

@@ -28,6 +28,7 @@ import polars as pl
 import pyarrow.dataset as ds
 
 from depin_core.errors import ConfigError
+from depin_core.timeparse import to_rfc3339
 
 SPEED = "speed"
 ODOMETER = "powertrainTransmissionTravelledDistance"
@@ -139,6 +140,17 @@ def conform(df: pl.DataFrame) -> pl.DataFrame:
         else pl.lit(None, pl.Utf8).alias(POWERTRAIN)
     )
     return df.select(cols)
+
+
+def data_summary(df: pl.DataFrame) -> dict[str, Any]:
+    """Lineage of a training table: vehicles, rows and the time range it covers (RFC 3339, UTC)."""
+    first, last = df["timestamp"].min(), df["timestamp"].max()
+    return {
+        "vehicles": int(df["token_id"].n_unique()),
+        "rows": df.height,
+        "first": to_rfc3339(first) if first is not None else None,  # type: ignore[arg-type]
+        "last": to_rfc3339(last) if last is not None else None,  # type: ignore[arg-type]
+    }
 
 
 def read_telemetry(paths: Sequence[Path] | Path, token_ids: Iterable[int] | None = None) -> pl.DataFrame:

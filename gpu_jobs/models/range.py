@@ -230,7 +230,8 @@ class RangeFamily:
         seed = int(getattr(ctx.spec, "seed", 0))
         seed_all(seed)
         files, _ = F.split_inputs(ctx.inputs)
-        trips = F.trip_windows(F.read_telemetry([Path(f) for f in files]), min_km=float(hp["min_km"]))
+        table = F.read_telemetry([Path(f) for f in files])
+        trips = F.trip_windows(table, min_km=float(hp["min_km"]))
         trips = trips.filter(pl.col(TARGET).is_finite() & (pl.col(TARGET) > 0))
         if trips["token_id"].n_unique() < 2:
             raise ConfigError("range: need measurable EV trips from at least 2 vehicles; ingest more EV data")
@@ -251,6 +252,7 @@ class RangeFamily:
             "window": "trip (ignition-on run bracketed by parked, not-charging buckets)",
             "train_vehicles": train_ids.tolist(),
             "heldout_vehicles": test_ids.tolist(),
+            "data": F.data_summary(table),
         }  # fmt: skip
         net = _net_from_config(config).to(ctx.device)
         x = torch.from_numpy(F.apply_norm(tr, config["norm"])).to(ctx.device)

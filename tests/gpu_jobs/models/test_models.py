@@ -16,7 +16,7 @@ from gpu_jobs.models import range as R
 from gpu_jobs.models.anomaly import AnomalyFamily
 from gpu_jobs.models.range import RangeFamily
 from tests.gpu_jobs.models.conftest import MemoryCheckpointer, make_ctx
-from tests.gpu_jobs.models.fleet_data import FleetData
+from tests.gpu_jobs.models.fleet_data import FleetData, build_fleet_data
 
 RANGE_SEED, ANOMALY_SEED = 1, 0
 SPLITS = range(5)  # job seeds = vehicle splits
@@ -241,3 +241,42 @@ def test_anomaly_streaming_scoring(anomaly_model, fleet: FleetData, tmp_path: Pa
     assert np.allclose(a["score"].to_numpy(), b["score"].to_numpy(), rtol=1e-5)
     assert {"token_id", "window_start", "window_end", "score", "threshold", "flagged"} <= set(a.columns)
     assert 0 < small.metrics["flagged_share"] < 0.3 and small.metrics["recall"] >= 0.9
+
+
+# ----------------------------------------------------------------------------------------------- real driving
+
+
+@pytest.fixture(scope="module")
+def cmap_fleet(tmp_path_factory: pytest.TempPathFactory) -> FleetData:
+    """The real CMAP speed traces replayed as EVs through the emulator, next to two simulated vehicles."""
+    return build_fleet_data(tmp_path_factory.mktemp("cmap"), vehicles=2, days=2.0, seed=3, cmap=True)
+
+
+def test_real_cmap_traces_are_scored_by_both_models(  # type: ignore[no-untyped-def]
+    range_model, anomaly_model, cmap_fleet: FleetData, tmp_path: Path
+) -> None:
+    truth = pl.read_parquet(cmap_fleet.truth / "vehicles.parquet")
+    cmap_ids = truth.filter(pl.col("origin").str.starts_with("cmap:"))["token_id"].to_list()
+    assert len(cmap_ids) >= 3
+    files, faults = F.split_inputs([cmap_fleet.telemetry, cmap_fleet.truth])
+
+    r = R.score_dataset(range_model.state_dict, range_model.model_config, files, tmp_path / "range.parquet")
+    trips = pl.read_parquet(r.output).filter(pl.col("token_id").is_in(cmap_ids))
+    # a trace whose logger gaps leave no bracketed trip ≥ min_km yields no trip row, which is correct
+    assert trips["token_id"].n_unique() >= 2, trips
+    pred = trips["predicted_kwh_per_100km"].to_numpy()
+    assert np.isfinite(pred).all() and (pred > 5).all() and (pred < 60).all()
+    assert (trips["range_km"].drop_nulls() > 0).all()
+    measured = trips.drop_nulls("kwh_per_100km")
+    assert measured.height >= 3 and {"mae", "baseline_mae"} <= set(r.metrics)
+    y = measured["kwh_per_100km"].to_numpy()
+    mae = float(np.abs(measured["predicted_kwh_per_100km"].to_numpy() - y).mean())
+    assert mae < 0.15 * y.mean(), (mae, y.mean())  # a sane model on real speed profiles, not a quality bar
+
+    a = A.score_dataset(anomaly_model.state_dict, anomaly_model.model_config, files, tmp_path / "anom.parquet",
+                        faults=faults)  # fmt: skip
+    windows = pl.read_parquet(a.output).filter(pl.col("token_id").is_in(cmap_ids))
+    assert windows["token_id"].n_unique() == len(cmap_ids)
+    assert np.isfinite(windows["score"].to_numpy()).all()
+    # no fault is injected on replayed vehicles: the detector should stay quiet on real driving
+    assert windows["flagged"].mean() <= 0.05, windows["flagged"].mean()
