@@ -93,12 +93,17 @@ def build_net(config: dict[str, Any], state: dict[str, torch.Tensor] | None = No
             t: ConditionNet(
                 len(n) - len(_condition(n)), int(hp["hidden"]), int(hp["bottleneck"]), len(_condition(n))
             )
-            for t, n in config["norm"].items()
+            for t, n in norms(config).items()
         }
     )
     if state is not None:
         net.load_state_dict(state)
     return net.eval()
+
+
+def norms(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per vehicle type, the normalization in the network's feature order (see ``F.ordered_norm``)."""
+    return {t: F.ordered_norm(n, config["features"][t]) for t, n in config["norm"].items()}
 
 
 def _condition(norm: dict[str, Any]) -> list[int]:
@@ -115,7 +120,7 @@ def score_windows(net: nn.ModuleDict, config: dict[str, Any], windows: pl.DataFr
     """``windows`` (types the model knows) plus ``score``, ``threshold`` and ``flagged``."""
     clip = float(config["hyperparameters"]["clip"])
     parts = []
-    for t, norm in config["norm"].items():
+    for t, norm in norms(config).items():
         w = windows.filter(pl.col("powertrain") == t)
         if w.is_empty():
             continue

@@ -57,6 +57,7 @@ KEYS = ("token_id", "timestamp")
 FLOAT_SIGNALS = (SPEED, ODOMETER, IGNITION, AIR, V12, SOC, GROSS, SOH, POWER, BATT_TEMP, CHARGING, RPM, LOAD,
                  FUEL, COOLANT, *TIRES)  # fmt: skip
 SIGNALS = (*FLOAT_SIGNALS, POWERTRAIN)
+COLD_BELOW_C = 15.0  # °C; the "cold" range feature is max(0, COLD_BELOW_C − air)
 MAX_GAP = pl.duration(minutes=2)  # a boundary bucket further from the trip than this does not bracket it
 
 # name → (unit, description)
@@ -243,7 +244,7 @@ def trip_windows(df: pl.DataFrame, *, min_km: float = 2.0) -> pl.DataFrame:
         (pl.col("_u3") / pl.col("_u1").clip(lower_bound=1e-6)).alias("v3_over_v"),
         (100.0 * pl.col("_hours") / pl.col("km")).alias("hours_per_100km"),
         (pl.col("_ke") / pl.col("km")).alias("kinetic_per_km"),
-        (15.0 - pl.col("air")).clip(lower_bound=0.0).alias("cold"),
+        (COLD_BELOW_C - pl.col("air")).clip(lower_bound=0.0).alias("cold"),
         pl.col("soh").fill_null(100.0),
         pl.when(measurable).then(kwh).alias("kwh"),
         pl.when(measurable).then(kwh / km * 100.0).alias(RANGE_TARGET[0]),
@@ -411,6 +412,21 @@ def apply_norm(
     if clip is not None:
         out = np.clip(out, -clip, clip)
     return out.astype(np.float32)
+
+
+def ordered_norm(
+    norm: dict[str, dict[str, float]], features: list[dict[str, Any]]
+) -> dict[str, dict[str, float]]:
+    """``norm`` in the network's input order: the order of ``features`` (a list, from :func:`feature_schema`).
+
+    A ``model.json`` read back has its objects' keys sorted, so ``norm``'s own order cannot be trusted.
+    """
+    names = [f["name"] for f in features]
+    if set(norm) != set(names):
+        raise ConfigError(
+            f"model.json: features {sorted(names)} do not match its norm {sorted(norm)}; re-train the model"
+        )
+    return {n: norm[n] for n in names}
 
 
 def feature_schema(features: dict[str, tuple[str, str]]) -> list[dict[str, Any]]:

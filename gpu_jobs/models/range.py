@@ -107,7 +107,7 @@ def fleet_predict(net: RangeNet, config: dict[str, Any], trips: pl.DataFrame) ->
     """The fleet model's kWh/100 km for each trip (no vehicle calibration)."""
     if trips.is_empty():
         return np.zeros(0)
-    x = torch.from_numpy(F.apply_norm(trips, config["norm"]))
+    x = torch.from_numpy(F.apply_norm(trips, F.ordered_norm(config["norm"], config["features"])))
     with torch.no_grad():
         z = net(x.to(next(net.parameters()).device)).float().cpu().numpy()
     return np.exp(z * config["target"]["scale"] + config["target"]["center"])

@@ -280,3 +280,22 @@ def test_real_cmap_traces_are_scored_by_both_models(  # type: ignore[no-untyped-
     assert np.isfinite(windows["score"].to_numpy()).all()
     # no fault is injected on replayed vehicles: the detector should stay quiet on real driving
     assert windows["flagged"].mean() <= 0.05, windows["flagged"].mean()
+
+
+@pytest.mark.parametrize("family", ["range", "anomaly"])
+def test_a_model_read_back_from_its_artifact_scores_like_the_trained_one(  # type: ignore[no-untyped-def]
+    family: str, range_model, anomaly_model, fleet: FleetData, tmp_path: Path
+) -> None:
+    """model.json is written with sorted keys: the feature order must not come from the norm mapping."""
+    from gpu_jobs.artifacts import load_artifact, write_artifact
+
+    trained, mod, key = {"range": (range_model, R, "predicted_kwh_per_100km"),
+                         "anomaly": (anomaly_model, A, "score")}[family]  # fmt: skip
+    write_artifact(tmp_path / "art", state_dict=trained.state_dict, model_config=trained.model_config,
+                   metrics=trained.metrics)  # fmt: skip
+    art = load_artifact(tmp_path / "art")
+    files, _ = F.split_inputs([fleet.telemetry])
+    a = mod.score_dataset(trained.state_dict, trained.model_config, files, tmp_path / "a.parquet")
+    b = mod.score_dataset(art.state_dict, art.model_config, files, tmp_path / "b.parquet")
+    x, y = pl.read_parquet(a.output)[key].to_numpy(), pl.read_parquet(b.output)[key].to_numpy()
+    assert len(x) == len(y) > 100 and np.allclose(x, y, rtol=1e-5, equal_nan=True)
