@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -63,13 +64,21 @@ def main() -> None:
     ap.add_argument("--splits", type=int, default=5, help="vehicle splits (job seeds) per fleet")
     ap.add_argument("--vehicles", type=int, default=30)
     ap.add_argument("--days", type=float, default=7.0)
+    ap.add_argument("--interval-s", type=float, default=20.0, help="telemetry bucket length (seconds)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     ratios, hist, recalls, fprs, cmap = [], [], [], [], []
     with tempfile.TemporaryDirectory(prefix="depin-quality-") as tmp:
         for fleet_seed in args.seeds:
             root = Path(tmp) / f"fleet-{fleet_seed}"
-            data = build_fleet_data(root, vehicles=args.vehicles, days=args.days, seed=fleet_seed, cmap=True)
+            data = build_fleet_data(
+                root,
+                vehicles=args.vehicles,
+                days=args.days,
+                seed=fleet_seed,
+                cmap=True,
+                interval=timedelta(seconds=args.interval_s),
+            )
             for split in range(args.splits):
                 r = R.RangeFamily().train(make_ctx(root / f"r{split}", [data.telemetry], "range", seed=split))
                 a = A.AnomalyFamily().train(
@@ -95,6 +104,7 @@ def main() -> None:
         "splits_per_fleet": args.splits,
         "vehicles": args.vehicles,
         "days": args.days,
+        "interval_s": args.interval_s,
         "range_ratio_mean": round(float(rat.mean()), 4),
         "range_ratio_max": round(float(rat.max()), 4),
         "range_bar_share": round(float((rat <= 0.5).mean()), 4),

@@ -1,7 +1,8 @@
 """Build a REAL telemetry dataset once: emulator process → DimoClient → ingest → TelemetryStore.
 
 Used by the model tests (session fixture) and runnable as a script for the quality-bar numbers:
-``python -m tests.gpu_jobs.models.fleet_data OUT --vehicles 30 --days 7 [--cmap]``.
+``python -m tests.gpu_jobs.models.fleet_data OUT --vehicles 30 --days 7 [--cmap] [--interval-s 20]``.
+The range model needs short buckets: 1-minute averages hide the stop-and-go inside each minute.
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ class FleetData:
     truth: Path  # vehicles.parquet + faults.parquet
 
 
-async def _ingest(emu: EmulatorProcess, out: Path, since: datetime, until: datetime) -> None:
+async def _ingest(
+    emu: EmulatorProcess, out: Path, since: datetime, until: datetime, interval: timedelta
+) -> None:
     settings = DimoSettings.from_credentials_file(emu.credentials_path).model_copy(
         update={"rate_limit_per_s": 0}
     )
@@ -70,13 +73,20 @@ async def _ingest(emu: EmulatorProcess, out: Path, since: datetime, until: datet
             TelemetryStore(out),
             since=since,
             until=until,
-            interval=timedelta(minutes=1),
+            interval=interval,
             signals=SIGNALS,
         )
 
 
 def build_fleet_data(
-    root: Path, *, vehicles: int, days: float, seed: int, cmap: bool = False, end: datetime | None = None
+    root: Path,
+    *,
+    vehicles: int,
+    days: float,
+    seed: int,
+    cmap: bool = False,
+    end: datetime | None = None,
+    interval: timedelta = timedelta(seconds=20),
 ) -> FleetData:
     """Simulate, serve and ingest ``vehicles`` × ``days`` (plus the CMAP vehicles) under ``root``."""
     end = end or default_end()
@@ -90,7 +100,7 @@ def build_fleet_data(
         cmap_dir=bundled_cmap_dir() if cmap else None,
     )
     with EmulatorProcess(config) as emu:
-        asyncio.run(_ingest(emu, data.telemetry, end - timedelta(days=days), end))
+        asyncio.run(_ingest(emu, data.telemetry, end - timedelta(days=days), end, interval))
     return data
 
 
@@ -101,7 +111,15 @@ if __name__ == "__main__":
     ap.add_argument("--days", type=float, default=7.0)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--cmap", action="store_true")
+    ap.add_argument("--interval-s", type=float, default=20.0)
     a = ap.parse_args()
     t0 = time.perf_counter()
-    d = build_fleet_data(a.out, vehicles=a.vehicles, days=a.days, seed=a.seed, cmap=a.cmap)
+    d = build_fleet_data(
+        a.out,
+        vehicles=a.vehicles,
+        days=a.days,
+        seed=a.seed,
+        cmap=a.cmap,
+        interval=timedelta(seconds=a.interval_s),
+    )
     print(d, f"{time.perf_counter() - t0:.1f}s")

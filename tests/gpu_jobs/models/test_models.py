@@ -127,14 +127,12 @@ def test_range_meets_quality_bar_on_heldout_vehicles(range_model) -> None:  # ty
 def test_range_quality_bar_holds_across_splits_and_fleets(
     which: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    """Every split of two fleet seeds: on average within the bar, at most one split of five misses it (a
-    split holds out ~5 EVs with ~20 trips each; their first trips have no history), and none by much."""
+    """Every split of two fleet seeds meets the bar (20 s buckets; with 1-minute buckets the stop-and-go inside
+    each minute is invisible and a few splits miss it — see README "GPU jobs")."""
     data: FleetData = request.getfixturevalue(which)
     runs = train_splits(RangeFamily, data, [data.telemetry], tmp_path)
     ratios = np.array([m["mae"] / m["baseline_mae"] for m in runs])
-    assert ratios.mean() <= 0.5 and ratios.max() <= 0.65, ratios
-    assert sum(range_passes(m) for m in runs) >= len(runs) - 1, ratios
-    assert all(m["mae"] < m["history_baseline_mae"] for m in runs), runs
+    assert all(range_passes(m) for m in runs), ratios
 
 
 def test_range_trained_on_shuffled_targets_fails_the_bar(
