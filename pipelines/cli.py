@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from pathlib import Path
 from typing import Annotated
@@ -203,6 +204,88 @@ def score(
     err_console.print(f"scored {result['rows']:,} rows with {result['family']} on {result['device']} → {out}")
     if as_json:
         emit_json(result)
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str | None, typer.Option(help="address to bind [default: 127.0.0.1, or DEPIN_GATEWAY_HOST]")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="port (0 = any free port) [default: 8787]")] = None,
+    registry: Annotated[
+        Path | None, typer.Option(help="registry directory [default: .depin/registry]")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print one JSON line (url, port, …) on stdout once listening")
+    ] = False,
+) -> None:
+    """Run the function gateway on the registry until Ctrl-C (admin key generated on first start)."""
+    from pipelines._serve_cmd import run_serve
+
+    run_serve(host=host, port=port, registry=registry, as_json=as_json)
+
+
+@app.command()
+def publish(
+    model: Annotated[Path, typer.Option(help="model artifact directory (from depin train) or a bundle")],
+    name: Annotated[str, typer.Option(help="function name: 1-63 of a-z, 0-9, '_', '-'")],
+    alias: Annotated[
+        str | None, typer.Option(help="also point this alias (e.g. prod) at the version")
+    ] = None,
+    target: Annotated[str, typer.Option(help="'local' (the registry directory) or a gateway URL")] = "local",
+    registry: Annotated[
+        Path | None, typer.Option(help="registry directory for --target local [default: .depin/registry]")
+    ] = None,
+    admin_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="file with the gateway's admin key [default: DEPIN_ADMIN_KEY, else <registry>/admin.key]"
+        ),
+    ] = None,
+    max_batch_size: Annotated[int, typer.Option(help="most rows per request and per batch")] = 1024,
+    as_json: JsonOpt = False,
+) -> None:
+    """Sign a model as a versioned function bundle and publish it (verified upload, then the alias moves)."""
+    from pipelines._serve_cmd import run_publish
+
+    result = run_publish(
+        model=model,
+        name=name,
+        alias=alias,
+        target=target,
+        registry=registry,
+        admin_key_file=admin_key_file,
+        max_batch_size=max_batch_size,
+    )
+    moved = ", ".join(result["moved"]) or "none (version already present)"
+    err_console.print(
+        f"published [bold]{result['name']}@{result['version']}[/] by {result['publisher']} "
+        f"to {result['target']}; aliases moved: {moved}"
+    )
+    if as_json:
+        emit_json(result)
+
+
+@app.command()
+def invoke(
+    ref: Annotated[str, typer.Argument(help="function: name, name@alias or name@version")],
+    data: Annotated[str, typer.Option(help='a JSON row, a list of rows, {"inputs": [...]}, or @file.json')],
+    target: Annotated[
+        str | None, typer.Option(help="gateway URL [default: DEPIN_GATEWAY_URL, else http://127.0.0.1:8787]")
+    ] = None,
+    request_id: Annotated[str | None, typer.Option(help="X-Request-Id (keys sticky weighted splits)")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Call a served function with input rows and print its output rows."""
+    from pipelines._serve_cmd import run_invoke
+
+    doc = run_invoke(ref=ref, data=data, target=target, request_id=request_id)
+    err_console.print(f"{doc['function']}@{doc['version']} in {doc['latency_ms']:.1f} ms:")
+    if as_json:
+        emit_json(doc)
+    else:
+        for row in doc["outputs"]:
+            err_console.print(json.dumps(row, separators=(",", ":")), markup=False, highlight=False)
 
 
 @app.command(name="signals")

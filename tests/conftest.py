@@ -6,3 +6,27 @@ import os
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+
+# The serving fixtures (real trained model artifacts, publisher keys, bundles) are used by tests/serving and
+# tests/e2e alike; registered here once, their session-scoped fixtures are built once per run.
+from tests.serving.fixtures import (
+    anomaly_artifact,
+    anomaly_bundle,
+    make_bundle,
+    other_publisher,
+    publisher,
+    range_artifact,
+    range_bundle,
+    serving_fleet,
+)
+
+__all__ = [
+    "anomaly_artifact",
+    "anomaly_bundle",
+    "make_bundle",
+    "other_publisher",
+    "publisher",
+    "range_artifact",
+    "range_bundle",
+    "serving_fleet",
+]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,8 +20,9 @@ from connectors.dimo.emulator.app import create_app
 from connectors.dimo.emulator.faults import FaultSpec
 from connectors.dimo.emulator.fleet import Fleet
 from connectors.dimo.emulator.state import EmulatorConfig, EmulatorState, make_license
-from depin_core.errors import ConfigError, DepinError
+from depin_core.errors import DepinError
 from depin_core.fs import atomic_write_bytes
+from depin_core.net import free_port, listen_socket, url_host
 
 
 def build_fleet(config: EmulatorConfig) -> Fleet:
@@ -89,20 +89,9 @@ def write_outputs(config: EmulatorConfig, state: EmulatorState) -> None:
 
 def serve(config: EmulatorConfig, *, on_ready: Any = None) -> None:
     """Build the fleet and serve until interrupted (Ctrl-C / SIGTERM)."""
-    sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    # Accepted sockets inherit TCP_NODELAY; without it a response's headers and body (two writes) wait
-    # ~40 ms for the client's delayed ACK (Nagle) on every keep-alive request.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    try:
-        sock.bind((config.host, config.port))
-    except OSError as exc:
-        raise ConfigError(
-            f"port: cannot bind {config.host}:{config.port} ({exc.strerror}); pick another --port"
-        ) from None
+    sock = listen_socket(config.host, config.port)
     port = sock.getsockname()[1]
-    host = f"[{config.host}]" if ":" in config.host else config.host
-    state = build_state(config, f"http://{host}:{port}")
+    state = build_state(config, f"http://{url_host(config.host)}:{port}")
     write_outputs(config, state)
     server = uvicorn.Server(
         uvicorn.Config(create_app(state), log_level=config.log_level, access_log=False, lifespan="off")
@@ -110,12 +99,6 @@ def serve(config: EmulatorConfig, *, on_ready: Any = None) -> None:
     if on_ready:
         on_ready(state)
     asyncio.run(server.serve(sockets=[sock]))
-
-
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class EmulatorProcess:
@@ -132,7 +115,7 @@ class EmulatorProcess:
         creds = config.credentials_out or Path(self._tmp.name) / "credentials.json"
         # a child process gets a free port unless the caller chose one explicitly
         explicit = "port" in config.model_fields_set and config.port
-        port = config.port if explicit else _free_port(config.host)
+        port = config.port if explicit else free_port(config.host)
         self.config = config.model_copy(update={"credentials_out": creds, "port": port})
         self.startup_timeout = startup_timeout
         self.cpu = cpu

@@ -1,0 +1,256 @@
+"""HTTP client of the function gateway: invoke functions, read versions, and the admin API, with retries.
+
+Transient failures are retried with exponential backoff (jittered, capped): connection errors, and 429 / 502 /
+503 / 504 answers (their ``Retry-After`` is honoured). A request that may have reached the server (a read
+timeout, a dropped connection) is retried only when it is idempotent: every call here is, except
+``rollback``. Other 4xx/5xx answers raise :class:`GatewayRefused` (a ``PermanentError``) carrying the
+gateway's error code, field and message plus what to do about it. The admin key is a ``SecretStr``: it
+goes into the ``X-API-Key`` header and nowhere else (never into a message, a log line or ``repr``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from pydantic import SecretStr
+
+from depin_core.errors import ConfigError, PermanentError, TransientError
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUS = frozenset({429, 502, 503, 504})
+_SAFE = "@"  # kept literal in path segments (name@alias)
+
+
+class GatewayRefused(PermanentError):
+    """The gateway answered with a permanent error; ``status``, ``code`` and ``field`` come from its
+    ``{"error": {...}}`` body, the message adds the fix."""
+
+    def __init__(self, message: str, *, status: int, code: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.field = status, code, field
+
+
+def _fix(status: int, code: str, field: str | None) -> str:
+    """What the caller should do about a refused request."""
+    if status == 401:
+        return "pass the gateway's admin key (depin publish --admin-key-file FILE, or DEPIN_ADMIN_KEY)"
+    if code == "forbidden":
+        return (
+            "the admin key is wrong: use the key `depin serve` printed on its first start (saved beside its "
+            "keys file as admin.key) or one whose sha256 the gateway has in DEPIN_GATEWAY_ADMIN_KEY_HASHES"
+        )
+    if code == "admin_disabled":
+        return "configure an admin key on the gateway (DEPIN_GATEWAY_ADMIN_KEY_HASHES or the keys file)"
+    if code == "untrusted_publisher":
+        return (
+            "add the publisher's address to the gateway's DEPIN_GATEWAY_TRUSTED_PUBLISHERS, or publish with "
+            "a trusted key (DEPIN_PUBLISHER_KEY)"
+        )
+    if status == 413:
+        return (
+            "send less: fewer rows per request, or raise the gateway's DEPIN_GATEWAY_MAX_BODY_BYTES / "
+            "DEPIN_GATEWAY_MAX_UPLOAD_BYTES"
+        )
+    if code in ("invalid_bundle", "load_failed"):
+        return "rebuild the bundle from a model artifact written by `depin train` of this depin version"
+    if status == 404:
+        return "check the name, alias or version (GET /v1/functions lists what the gateway serves)"
+    if status in (400, 422):
+        return "the message names the field and the fix"
+    if status >= 500:
+        return "see the gateway's log"
+    return "see the message"
+
+
+def _retry_after(r: httpx.Response) -> float | None:
+    raw = r.headers.get("retry-after")
+    try:
+        return max(0.0, float(raw)) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def _error_of(r: httpx.Response) -> tuple[str, str, str | None]:
+    """(code, message, field) of an error response (any body shape)."""
+    try:
+        err = r.json().get("error") or {}
+        return str(err.get("code") or "http_error"), str(err.get("message") or ""), err.get("field")
+    except (ValueError, AttributeError):
+        return "http_error", r.text[:300].strip(), None
+
+
+class GatewayClient:
+    """A client of one gateway (``base_url``, e.g. ``http://127.0.0.1:8787``).
+
+    ``retries`` extra attempts after the first for transient failures, waiting ``backoff_s × 2^attempt``
+    (or the server's ``Retry-After``), jittered ±20 %, at most ``max_backoff_s``. ``transport`` and ``sleep``
+    are for tests.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        admin_key: SecretStr | None = None,
+        timeout: float = 120.0,
+        retries: int = 5,
+        backoff_s: float = 0.25,
+        max_backoff_s: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        url = base_url.strip().rstrip("/")
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"gateway URL {base_url!r} must start with http:// or https://")
+        if admin_key is not None and not isinstance(admin_key, SecretStr):
+            raise ConfigError("admin_key must be a pydantic SecretStr (keeps it out of logs and reprs)")
+        self.base_url = url
+        self._admin_key = admin_key
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._sleep = sleep
+        self._client = httpx.Client(base_url=url, timeout=timeout, transport=transport)
+
+    def __repr__(self) -> str:
+        return f"GatewayClient({self.base_url!r}, admin_key={'set' if self._admin_key else 'unset'})"
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> GatewayClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- transport ---------------------------------------------------------------------------------------
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        base = retry_after if retry_after is not None else self.backoff_s * 2**attempt
+        return min(self.max_backoff_s, base) * random.uniform(0.8, 1.2)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        admin: bool = False,
+        idempotent: bool = True,
+        ok: Collection[int] = (200, 201),
+        **kwargs: Any,
+    ) -> httpx.Response:
+        """Send ``method path`` with retries (see the class docstring): the response if its status is in
+        ``ok``, else ``GatewayRefused`` / ``TransientError`` (after the last retry)."""
+        headers = dict(kwargs.pop("headers", None) or {})
+        if admin:
+            if self._admin_key is None:
+                raise ConfigError(
+                    f"{method} {path} is an admin call: give the gateway's admin key "
+                    "(--admin-key-file FILE or DEPIN_ADMIN_KEY)"
+                )
+            headers["X-API-Key"] = self._admin_key.get_secret_value()
+        where = f"{method} {self.base_url}{path}"
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                r = self._client.request(method, path, headers=headers, **kwargs)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                problem, retry_after = f"cannot connect ({type(exc).__name__}: {exc})", None
+            except httpx.TransportError as exc:  # the request may have reached the server
+                if not idempotent:
+                    raise TransientError(
+                        f"{where}: the connection failed after sending ({type(exc).__name__}); check the "
+                        "result (GET the function) before retrying"
+                    ) from None
+                problem, retry_after = f"connection failed ({type(exc).__name__}: {exc})", None
+            else:
+                if r.status_code in ok:
+                    return r
+                code, message, field = _error_of(r)
+                if r.status_code not in RETRY_STATUS:
+                    raise GatewayRefused(
+                        f"{where} refused ({r.status_code} {code}"
+                        + (f", field {field}" if field else "")
+                        + f"): {message or r.reason_phrase}; {_fix(r.status_code, code, field)}",
+                        status=r.status_code,
+                        code=code,
+                        field=field,
+                    )
+                problem, retry_after = f"{r.status_code} {code}: {message}", _retry_after(r)
+            if last:
+                hint = (
+                    "is the gateway running there? (depin serve)" if "connect" in problem else "retry later"
+                )
+                raise TransientError(
+                    f"{where}: {problem}; gave up after {attempt + 1} attempts — {hint}",
+                    retry_after=retry_after,
+                )
+            delay = self._delay(attempt, retry_after)
+            log.info("%s: %s; retrying in %.2fs", where, problem, delay)
+            self._sleep(delay)
+        raise AssertionError("unreachable")
+
+    # ---- API ---------------------------------------------------------------------------------------------
+    def invoke(
+        self, ref: str, inputs: list[Any], *, request_id: str | None = None, timeout_ms: float | None = None
+    ) -> tuple[dict[str, Any], httpx.Headers]:
+        """``POST /v1/functions/{ref}/invoke`` → (``{"function", "version", "outputs"}``, headers)."""
+        headers = {}
+        if request_id is not None:
+            headers["X-Request-Id"] = request_id
+        if timeout_ms is not None:
+            headers["X-Depin-Timeout-Ms"] = str(timeout_ms)
+        r = self.request(
+            "POST", f"/v1/functions/{quote(ref, safe=_SAFE)}/invoke", json={"inputs": inputs}, headers=headers
+        )
+        return r.json(), r.headers
+
+    def functions(self) -> list[dict[str, Any]]:
+        """``GET /v1/functions``."""
+        return self.request("GET", "/v1/functions").json()["functions"]
+
+    def function(self, name: str) -> dict[str, Any]:
+        """``GET /v1/functions/{name}``: versions, aliases, latest manifest + signature."""
+        return self.request("GET", f"/v1/functions/{quote(name)}").json()
+
+    def manifest_bytes(self, name: str, version: str) -> bytes:
+        """The exact signed bytes of ``manifest.json`` of ``name``@``version``."""
+        return self.request(
+            "GET", f"/v1/functions/{quote(name)}/versions/{quote(version)}/manifest.json"
+        ).content
+
+    def signature(self, name: str, version: str) -> dict[str, Any]:
+        """``signature.json`` of ``name``@``version``."""
+        return self.request(
+            "GET", f"/v1/functions/{quote(name)}/versions/{quote(version)}/signature.json"
+        ).json()
+
+    def upload(self, name: str, version: str, packed: bytes) -> dict[str, Any]:
+        """Admin: ``PUT`` a packed bundle (idempotent: an existing version answers 200, a new one 201)."""
+        r = self.request(
+            "PUT",
+            f"/v1/functions/{quote(name)}/versions/{quote(version)}",
+            admin=True,
+            content=packed,
+            headers={"Content-Type": "application/x-tar"},
+        )
+        return r.json()
+
+    def set_alias(self, name: str, alias: str, target: str | Mapping[str, float]) -> dict[str, Any]:
+        """Admin: point ``alias`` at a version (or another alias) or a split ``{version: weight}``."""
+        body = {"version": target} if isinstance(target, str) else {"weights": dict(target)}
+        return self.request(
+            "PUT", f"/v1/functions/{quote(name)}/aliases/{quote(alias)}", admin=True, json=body
+        ).json()
+
+    def rollback(self, name: str, alias: str) -> dict[str, Any]:
+        """Admin: restore ``alias``'s previous target (never re-sent: a rollback is not idempotent)."""
+        path = f"/v1/functions/{quote(name)}/aliases/{quote(alias)}/rollback"
+        return self.request("POST", path, admin=True, idempotent=False).json()

@@ -1,0 +1,167 @@
+"""Settings of the function gateway (env prefix ``DEPIN_GATEWAY_``).
+
+Precedence: keyword arguments > ``DEPIN_GATEWAY_*`` environment variables > defaults. List settings accept a
+JSON list or a comma-separated string (``DEPIN_GATEWAY_TRUSTED_PUBLISHERS=0xAbc…,0xDef…``).
+
+Admin API keys are never stored: the gateway holds their sha256 hex digests (``admin_key_hashes``, and/or a
+``admin_keys_file`` with one digest per line, ``#`` comments allowed). ``serving._auth.new_admin_key()`` makes
+a key and its digest.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from depin_core.errors import ConfigError
+
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _split_list(value: Any) -> Any:
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            try:
+                return json.loads(text)
+            except ValueError:
+                raise ConfigError(
+                    f"not a JSON list: {text[:40]!r}; use a JSON list or comma-separated values"
+                ) from None
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+def read_keys_file(path: Path) -> list[str]:
+    """The sha256 hex digests in ``path`` (one per line; blank lines and ``#`` comments ignored)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            f"admin_keys_file {path}: cannot read it ({exc.strerror or exc}); fix the path "
+            "(DEPIN_GATEWAY_ADMIN_KEYS_FILE) or its permissions"
+        ) from None
+    digests = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        line = line.split("#", 1)[0].strip().lower()
+        if not line:
+            continue
+        if not _SHA256.fullmatch(line):
+            raise ConfigError(
+                f"admin_keys_file {path} line {lineno}: not a sha256 hex digest (64 hex chars); store "
+                "hash_api_key(key), never the key itself"
+            )
+        digests.append(line)
+    return digests
+
+
+class GatewaySettings(BaseSettings):
+    """Where the gateway listens, which registry it serves, who may publish and administer, and its limits."""
+
+    model_config = SettingsConfigDict(env_prefix="DEPIN_GATEWAY_", extra="ignore", hide_input_in_errors=True)
+
+    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 exposes the gateway to the network")
+    port: int = Field(8787, ge=0, le=65535, description="TCP port; 0 picks a free one")
+    registry_dir: Path = Field(Path(".depin/registry"), description="the function registry directory")
+    trusted_publishers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="publisher addresses (0x…) whose bundles are accepted"
+    )
+    allow_any_publisher: bool = Field(
+        False,
+        description="accept any validly signed bundle (development only; trusted_publishers is ignored)",
+    )
+    admin_key_hashes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="sha256 hex digests of the admin API keys"
+    )
+    admin_keys_file: Path | None = Field(None, description="file of admin key sha256 digests, one per line")
+    max_body_bytes: int = Field(4 * 2**20, ge=1024, description="largest invoke request body")
+    max_upload_bytes: int = Field(512 * 2**20, ge=1024, description="largest bundle upload (packed tar)")
+    max_wait_ms: float = Field(2.0, ge=0, le=10_000, description="longest a queued row waits for its batch")
+    max_queue_rows: int = Field(16_384, ge=1, description="rows queued per (function, version) before 429")
+    max_in_flight: int = Field(2, ge=1, le=64, description="batches handed to the inference thread at once")
+    inline_max_ms: float = Field(
+        1.0,
+        ge=0,
+        le=100,
+        description="a lone request on an idle model runs on the event loop when its batches take at most "
+        "this long (the thread hop costs more); 0 = every batch on the inference thread",
+    )
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline of an invoke request (504 after it)")
+    poll_interval_s: float = Field(1.0, gt=0, description="how often the registry revision is checked")
+    max_unaliased_loaded: int = Field(
+        4, ge=1, description="versions kept loaded for name@version requests although no alias points at them"
+    )
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="torch device of the models")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads (default: DEPIN_TORCH_THREADS, else 1)"
+    )
+    log_level: str = Field("warning", description="uvicorn log level")
+    access_log: bool = Field(False, description="log every request (costs throughput)")
+
+    @field_validator("trusted_publishers", "admin_key_hashes", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("trusted_publishers")
+    @classmethod
+    def _check_addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            if not _ADDRESS.fullmatch(address):
+                raise ConfigError(
+                    f"DEPIN_GATEWAY_TRUSTED_PUBLISHERS (trusted_publishers): {address[:60]!r} is not an address; "
+                    "use 0x followed by 40 hex digits (the publisher's address, see `depin publish`)"
+                )
+        from eth_utils import to_checksum_address
+
+        return [to_checksum_address(a) for a in value]
+
+    @field_validator("admin_key_hashes")
+    @classmethod
+    def _check_hashes(cls, value: list[str]) -> list[str]:
+        out = []
+        for digest in value:
+            digest = digest.strip().lower()
+            if not _SHA256.fullmatch(digest):
+                # never echo it: it may be a raw key pasted by mistake
+                raise ConfigError(
+                    "DEPIN_GATEWAY_ADMIN_KEY_HASHES (admin_key_hashes): every entry must be a sha256 hex digest "
+                    "(64 hex chars) of an admin key — store hash_api_key(key), never the key itself"
+                )
+            out.append(digest)
+        return out
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        value = value.strip().strip("[]")
+        if not value:
+            raise ConfigError("DEPIN_GATEWAY_HOST (host) is empty; use 127.0.0.1 (default) or 0.0.0.0")
+        return value
+
+    def trusted(self) -> frozenset[str] | None:
+        """The publisher addresses a Registry should accept (None = any signature, if allowed).
+
+        Raises ``ConfigError`` when no publisher is trusted and ``allow_any_publisher`` is off."""
+        if self.allow_any_publisher:
+            return None
+        if not self.trusted_publishers:
+            raise ConfigError(
+                "no trusted publisher: set DEPIN_GATEWAY_TRUSTED_PUBLISHERS to the address(es) that sign your "
+                "bundles (see `depin publish`), or DEPIN_GATEWAY_ALLOW_ANY_PUBLISHER=true for development"
+            )
+        return frozenset(self.trusted_publishers)
+
+    def admin_digests(self) -> frozenset[str]:
+        """Every configured admin key digest: ``admin_key_hashes`` plus the keys file's lines."""
+        digests = set(self.admin_key_hashes)
+        if self.admin_keys_file is not None:
+            digests.update(read_keys_file(self.admin_keys_file))
+        return frozenset(digests)
