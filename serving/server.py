@@ -28,6 +28,7 @@ import uvicorn
 from depin_core.errors import DepinError
 from depin_core.fs import atomic_write_bytes
 from depin_core.net import listen_socket, url_host
+from depin_core.proc import stop_process
 from serving.gateway import Gateway
 from serving.settings import GatewaySettings
 
@@ -157,13 +158,7 @@ class GatewayProcess:
         return ""
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def close(self) -> None:
         """Stop the child and remove its temp directory (log included)."""

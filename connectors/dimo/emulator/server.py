@@ -23,6 +23,7 @@ from connectors.dimo.emulator.state import EmulatorConfig, EmulatorState, make_l
 from depin_core.errors import DepinError
 from depin_core.fs import atomic_write_bytes
 from depin_core.net import free_port, listen_socket, url_host
+from depin_core.proc import stop_process
 
 
 def build_fleet(config: EmulatorConfig) -> Fleet:
@@ -160,13 +161,7 @@ class EmulatorProcess:
         raise DepinError(f"emulator did not become ready within {self.startup_timeout:.0f}s")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         if self.proc and self.proc.stderr:
             self.proc.stderr.close()
         self._tmp.cleanup()
