@@ -6,18 +6,20 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from depin_core.errors import ConfigError, DepinError
+from depin_core.errors import ConfigError, PermanentError, TransientError
 from gpu_jobs.local import LocalRunner
 from gpu_jobs.registry import FAMILIES
 from gpu_jobs.runner import JobRunner
 from gpu_jobs.spec import (
     CheckpointPolicy,
     DatasetRef,
+    FailureKind,
     JobKind,
     JobResult,
     JobSpec,
@@ -62,8 +64,15 @@ def _dataset_ref(path: Path, role: str, flag: str) -> DatasetRef:
     return DatasetRef.from_path(path, role=role)  # type: ignore[arg-type]
 
 
-def run_job(runner: JobRunner, spec: JobSpec, *, show_progress: bool = True) -> JobResult:
-    """Submit ``spec``, stream its log lines and progress to stderr, return the final result."""
+LogSink = Callable[[str], None]
+
+
+def run_job(
+    runner: JobRunner, spec: JobSpec, *, show_progress: bool = True, on_log: LogSink | None = None
+) -> JobResult:
+    """Submit ``spec``, stream its log lines and progress to stderr (with ``show_progress``) and each line
+    to ``on_log``, return the final result. A failed job raises ``TransientError`` when another attempt or
+    node may succeed (``FAILED(infra)``), else ``PermanentError``."""
     job_id = runner.submit(spec)
     offset = 0
     with Progress(
@@ -81,7 +90,10 @@ def run_job(runner: JobRunner, spec: JobSpec, *, show_progress: bool = True) -> 
             status = runner.status(job_id)
             text, offset = runner.logs(job_id, offset)
             for line in text.splitlines():
-                progress.console.print(f"[dim]{line}[/]")
+                if show_progress:
+                    progress.console.print(line, style="dim", markup=False, highlight=False)
+                if on_log is not None:
+                    on_log(line)
             info = " ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in status.metrics.items()
             )
@@ -94,9 +106,8 @@ def run_job(runner: JobRunner, spec: JobSpec, *, show_progress: bool = True) -> 
     result = runner.result(job_id)
     if result.state != JobState.SUCCEEDED:
         failure = f"({result.failure.value})" if result.failure else ""
-        raise DepinError(
-            f"job {job_id} {result.state.value}{failure}: {(result.error or '').strip()[-3000:]}"
-        )
+        error = TransientError if result.failure == FailureKind.INFRA else PermanentError
+        raise error(f"job {job_id} {result.state.value}{failure}: {(result.error or '').strip()[-3000:]}")
     return result
 
 
@@ -113,6 +124,7 @@ def run_train(
     checkpoint_every: int = 200,
     jobs_dir: Path = DEFAULT_JOBS_DIR,
     show_progress: bool = True,
+    on_log: LogSink | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on the telemetry dataset; returns the ``depin train --json`` object."""
     _check_family(model)
@@ -129,7 +141,7 @@ def run_train(
         outputs=Outputs(dir=str(out.resolve())),
     )
     with make_runner(runner, jobs_dir) as r:
-        result = run_job(r, spec, show_progress=show_progress)
+        result = run_job(r, spec, show_progress=show_progress, on_log=on_log)
     return {
         "job_id": result.job_id,
         "state": result.state.value,
@@ -152,6 +164,7 @@ def run_score(
     max_wall_s: float = 3600.0,
     jobs_dir: Path = DEFAULT_JOBS_DIR,
     show_progress: bool = True,
+    on_log: LogSink | None = None,
 ) -> dict[str, Any]:
     """Batch-score ``dataset`` with the model artifact at ``model_dir`` into the Parquet file ``out``."""
     config_path = model_dir / "model.json"
@@ -183,7 +196,7 @@ def run_score(
     )
     try:
         with make_runner(runner, jobs_dir) as r:
-            result = run_job(r, spec, show_progress=show_progress)
+            result = run_job(r, spec, show_progress=show_progress, on_log=on_log)
         produced = next(Path(p) for p in result.artifacts)
         out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(produced, out)

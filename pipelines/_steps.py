@@ -1,0 +1,575 @@
+"""The steps of the flows as plain functions (no Prefect): each is tested directly and timed by
+``bench/pipeline.py``; ``pipelines._tasks`` wraps them as tasks. They take and return references (paths,
+sha256s, small pydantic results), never tables or models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import math
+import os
+import secrets
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pyarrow.dataset as ds
+from pydantic import BaseModel, ConfigDict
+
+from connectors.dimo.client import DimoClient
+from connectors.dimo.ingest import IngestProgress, ingest
+from connectors.dimo.schema import resolve_signals
+from connectors.dimo.settings import DimoSettings
+from connectors.dimo.store import TelemetryStore
+from depin_core.errors import ConfigError, PermanentError, TransientError
+from depin_core.timeparse import parse_instant
+from pipelines._ingest_cmd import parse_interval
+from pipelines._jobs_cmd import LogSink, run_score, run_train
+from pipelines.params import IngestParams, PublishParams, ScoreParams, TrainParams
+from pipelines.results import (
+    BatchReport,
+    DatasetInfo,
+    PublishFunctionResult,
+    QualityVerdict,
+    ScoreResult,
+    TrainResult,
+    clean_metrics,
+)
+
+T = TypeVar("T")
+
+DEFAULT_GATEWAY_URL = "http://127.0.0.1:8787"
+GATEWAY_URL_ENV = "DEPIN_GATEWAY_URL"
+# the naive baselines a model must beat (anomaly: only when ground truth makes recall measurable)
+ANOMALY_MIN_RECALL = 0.5
+ANOMALY_MAX_FPR = 0.2
+
+
+def run_sync(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run the coroutine ``make()`` to completion from sync code — also where this thread already runs an
+    event loop (a notebook, an async caller): then in a fresh thread with its own loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make())
+    with ThreadPoolExecutor(1, thread_name_prefix="depin-async") as pool:
+        return pool.submit(lambda: asyncio.run(make())).result()
+
+
+# ----------------------------------------------------------------------------------------------- ingest
+
+
+class Window(BaseModel):
+    """``since``/``until``/``interval`` resolved once per flow run, so every batch asks for the same buckets."""
+
+    model_config = ConfigDict(frozen=True)
+
+    since: datetime
+    until: datetime
+    interval: timedelta
+
+
+def resolve_window(params: IngestParams, now: datetime | None = None) -> Window:
+    now = now or datetime.now(UTC)
+    since = parse_instant(params.since, field="since", now=now)
+    until = parse_instant(params.until, field="until", now=now)
+    if until <= since:
+        raise ConfigError(f"since/until: {params.since!r} is not before {params.until!r}; widen the window")
+    return Window(since=since, until=until, interval=parse_interval(params.interval))
+
+
+def resolve_signal_names(params: IngestParams) -> list[str] | None:
+    return resolve_signals(params.signals) if params.signals else None
+
+
+def batch_settings(settings: DimoSettings, params: IngestParams, parallel: int) -> DimoSettings:
+    """Per-task client settings: the request rate (``params.rate_limit_per_s`` or the settings') split
+    between the ``parallel`` tasks running at once, so together they stay within DIMO's limit."""
+    total = settings.rate_limit_per_s if params.rate_limit_per_s is None else params.rate_limit_per_s
+    rate = total / max(parallel, 1) if total else 0.0
+    return settings.model_copy(update={"rate_limit_per_s": rate})
+
+
+def discover_vehicles(settings: DimoSettings, wanted: Sequence[int] | None = None) -> list[int]:
+    """Token ids of the vehicles shared with the license (``wanted`` filters; unknown ids are an error)."""
+
+    async def run() -> list[int]:
+        async with DimoClient(settings) as client:
+            return sorted(v.token_id for v in await client.discover_vehicles())
+
+    ids = run_sync(run)
+    if wanted is not None:
+        missing = sorted(set(wanted) - set(ids))
+        if missing:
+            raise ConfigError(f"vehicles: {missing} are not shared with this license; check the token ids")
+        return [t for t in ids if t in set(wanted)]
+    return ids
+
+
+def plan_batches(token_ids: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Consecutive batches of at most ``batch_size`` vehicles."""
+    ids = list(token_ids)
+    return [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
+
+
+def ingest_batch(
+    settings: DimoSettings,
+    dataset: Path,
+    window: Window,
+    token_ids: Sequence[int],
+    signals: Sequence[str] | None = None,
+    on_vehicle: Callable[[int, int], None] | None = None,
+) -> BatchReport:
+    """Ingest ``token_ids`` over ``window`` into the dataset (``connectors.dimo.ingest``: incremental,
+    idempotent). ``on_vehicle(token_id, rows)`` is called as each vehicle completes."""
+    per_vehicle: dict[int, int] = {}
+    last = 0
+
+    def progress(p: IngestProgress) -> None:
+        nonlocal last
+        if p.token_id is not None:
+            per_vehicle[p.token_id] = p.rows - last
+            if on_vehicle is not None:
+                on_vehicle(p.token_id, p.rows - last)
+        last = p.rows
+
+    async def run() -> BatchReport:
+        async with DimoClient(settings) as client:
+            report = await ingest(
+                client,
+                TelemetryStore(dataset),
+                since=window.since,
+                until=window.until,
+                interval=window.interval,
+                signals=signals,
+                token_ids=list(token_ids),
+                on_progress=progress,
+            )
+        skipped = {int(s["token_id"]) for s in report.skipped}
+        return BatchReport(
+            token_ids=list(token_ids),
+            rows=report.rows,
+            vehicles=report.vehicles,
+            requests=report.requests,
+            retries=report.retries,
+            up_to_date=report.up_to_date,
+            skipped=report.skipped,
+            per_vehicle={t: n for t, n in per_vehicle.items() if t not in skipped},
+            seconds=report.seconds,
+        )
+
+    return run_sync(run)
+
+
+def dataset_info(path: Path, *, with_hash: bool = True) -> DatasetInfo:
+    """Size, extent and content hash (``gpu_jobs.spec.DatasetRef`` digest) of a telemetry dataset."""
+    from gpu_jobs.spec import DatasetRef
+
+    summary = TelemetryStore(path).summary()
+    digest = DatasetRef.from_path(path).sha256 if with_hash and summary.partitions else None
+    return DatasetInfo(
+        path=str(path),
+        sha256=digest,
+        rows=summary.rows,
+        vehicles=summary.vehicles,
+        interval=summary.interval,
+        first=summary.first.isoformat() if summary.first else None,
+        last=summary.last.isoformat() if summary.last else None,
+        columns=summary.columns,
+    )
+
+
+def vehicle_table(
+    path: Path, new_rows: dict[int, int], skipped: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """One row per vehicle for the table artifact: rows added now, rows stored, first/last bucket, status."""
+    files = [str(f) for f in Path(path).glob("date=*/*.parquet")]
+    stored: dict[int, tuple[int, Any, Any]] = {}
+    if files:
+        keys = ds.dataset(files, format="parquet").to_table(columns=["token_id", "timestamp"])
+        grouped = keys.group_by("token_id").aggregate(
+            [("timestamp", "count"), ("timestamp", "min"), ("timestamp", "max")]
+        )
+        for row in grouped.to_pylist():
+            stored[int(row["token_id"])] = (
+                int(row["timestamp_count"]),
+                row["timestamp_min"],
+                row["timestamp_max"],
+            )
+    reasons = {int(s["token_id"]): str(s.get("reason", "")) for s in skipped}
+    rows = []
+    for tid in sorted(set(stored) | set(new_rows) | set(reasons)):
+        n, first, last = stored.get(tid, (0, None, None))
+        status = (
+            "skipped: " + reasons[tid]
+            if tid in reasons
+            else ("ingested" if tid in new_rows else "up to date")
+        )
+        rows.append(
+            {
+                "token_id": tid,
+                "new_rows": new_rows.get(tid, 0),
+                "rows": n,
+                "first": first.isoformat() if first else None,
+                "last": last.isoformat() if last else None,
+                "status": status,
+            }
+        )
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+
+def model_dir_for(params: TrainParams, now: datetime | None = None) -> Path:
+    """A fresh artifact directory ``<out>/<family>-<UTC time>-<random>`` (never overwrites a model)."""
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+    return params.out / f"{params.family}-{stamp}-{secrets.token_hex(2)}"
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def train_on_chain(
+    params: TrainParams, dataset: Path, out: Path, on_log: LogSink | None = None
+) -> tuple[dict[str, Any], str]:
+    """Train through the runner chain: the next runner is tried when one fails for infrastructure reasons
+    (``TransientError``); a permanent failure stops at once. Returns (``depin train --json`` doc, runner)."""
+    failures: list[str] = []
+    for name in params.runners:
+        try:
+            doc = run_train(
+                dataset=dataset,
+                model=params.family,
+                out=out,
+                runner=name,
+                ground_truth=params.ground_truth,
+                params=params.hyperparameters,
+                seed=params.seed,
+                max_wall_s=params.max_wall_s,
+                jobs_dir=params.jobs_dir,
+                show_progress=False,
+                on_log=on_log,
+            )
+            return doc, name
+        except TransientError as exc:
+            failures.append(f"{name}: {exc}")
+            if on_log is not None:
+                on_log(f"runner {name} failed ({exc}); trying the next runner")
+    raise TransientError("every runner of the chain failed: " + " | ".join(failures))
+
+
+def _finite(metrics: dict[str, Any], key: str) -> float | None:
+    v = metrics.get(key)
+    return float(v) if isinstance(v, int | float) and math.isfinite(v) else None
+
+
+def check_quality(family: str, metrics: dict[str, Any]) -> QualityVerdict:
+    """Does the model beat its naive baseline? range: held-out ``mae < baseline_mae`` (the fleet mean);
+    anomaly: ``recall ≥ 0.5`` and ``false_positive_rate ≤ 0.2`` when ground truth made them measurable."""
+    if family == "range":
+        mae, base = _finite(metrics, "mae"), _finite(metrics, "baseline_mae")
+        baseline = {"baseline_mae": base, "history_baseline_mae": _finite(metrics, "history_baseline_mae")}
+        if mae is None or base is None:
+            return QualityVerdict(accepted=False, baseline=baseline, reasons=["mae/baseline_mae missing"])
+        if mae >= base:
+            return QualityVerdict(
+                accepted=False,
+                baseline=baseline,
+                reasons=[f"held-out mae {mae:.4g} is not below the fleet-mean baseline {base:.4g}"],
+            )
+        return QualityVerdict(accepted=True, baseline=baseline)
+    if family == "anomaly":
+        baseline = {"min_recall": ANOMALY_MIN_RECALL, "max_false_positive_rate": ANOMALY_MAX_FPR}
+        recall, fpr = _finite(metrics, "recall"), _finite(metrics, "false_positive_rate")
+        if recall is None:
+            return QualityVerdict(
+                accepted=True, baseline=baseline, reasons=["no ground truth: recall not measurable"]
+            )
+        reasons = []
+        if recall < ANOMALY_MIN_RECALL:
+            reasons.append(f"recall {recall:.3f} < {ANOMALY_MIN_RECALL}")
+        if fpr is not None and fpr > ANOMALY_MAX_FPR:
+            reasons.append(f"false_positive_rate {fpr:.3f} > {ANOMALY_MAX_FPR}")
+        return QualityVerdict(accepted=not reasons, baseline=baseline, reasons=reasons)
+    raise ConfigError(f"family {family!r}: no quality bar for it; use range or anomaly")
+
+
+def train_model_step(
+    params: TrainParams, dataset: Path, out: Path | None = None, on_log: LogSink | None = None
+) -> TrainResult:
+    """Train, then judge the model against its baseline (the verdict is in the result; see ``require_better``)."""
+    from gpu_jobs.spec import DatasetRef
+
+    out = out or model_dir_for(params)
+    doc, runner = train_on_chain(params, dataset, out, on_log=on_log)
+    metrics = clean_metrics(doc["metrics"])
+    verdict = check_quality(params.family, doc["metrics"])
+    return TrainResult(
+        family=params.family,
+        model_dir=str(out),
+        model_sha256=sha256_file(out / "manifest.json"),
+        dataset=str(dataset),
+        dataset_sha256=DatasetRef.from_path(dataset).sha256,
+        metrics=metrics,
+        baseline=verdict.baseline,
+        accepted=verdict.accepted,
+        runner=runner,
+        device=doc.get("device"),
+        job_id=doc["job_id"],
+        spec_hash=doc["spec_hash"],
+        seconds=float(doc.get("seconds") or 0.0),
+    )
+
+
+def require_better(result: TrainResult) -> None:
+    """``PermanentError`` when the model does not beat its naive baseline (it must not be published)."""
+    verdict = check_quality(result.family, result.metrics)
+    if not verdict.accepted:
+        raise PermanentError(
+            f"{result.family} model at {result.model_dir} refused: {'; '.join(verdict.reasons)}; it will not be "
+            "published — ingest more data (or shorter buckets) or change the hyperparameters"
+        )
+
+
+def metrics_rows(result: TrainResult) -> list[dict[str, Any]]:
+    """Rows of the metrics table artifact: metric, value."""
+    rows = [
+        {"metric": k, "value": round(v, 6) if isinstance(v, float) else v}
+        for k, v in result.metrics.items()
+        if isinstance(v, int | float | str) or v is None
+    ]
+    rows += [{"metric": f"bar: {k}", "value": v} for k, v in result.baseline.items()]
+    return rows
+
+
+def metrics_markdown(result: TrainResult) -> str:
+    verdict = check_quality(result.family, result.metrics)
+    m = result.metrics
+    lines = [f"# {result.family} model: {'accepted' if verdict.accepted else '**refused**'}", ""]
+    if result.family == "range":
+        lines.append(
+            f"Held-out MAE **{m.get('mae', float('nan')):.3f}** kWh/100 km vs the fleet-mean baseline "
+            f"**{m.get('baseline_mae', float('nan')):.3f}** (ratio "
+            f"{(m.get('mae') or 0) / (m.get('baseline_mae') or 1):.2f}); vehicle-history baseline "
+            f"{m.get('history_baseline_mae') or float('nan'):.3f}."
+        )
+    else:
+        lines.append(
+            f"Held-out recall **{m.get('recall')}**, false-positive rate **{m.get('false_positive_rate')}** "
+            f"(bars: recall ≥ {ANOMALY_MIN_RECALL}, FPR ≤ {ANOMALY_MAX_FPR})."
+        )
+    lines += [""] + [f"- {r}" for r in verdict.reasons]
+    lines += [
+        "",
+        "| field | value |",
+        "|---|---|",
+        f"| model | `{result.model_dir}` |",
+        f"| manifest sha256 | `{result.model_sha256}` |",
+        f"| dataset | `{result.dataset}` (sha256 `{result.dataset_sha256[:16]}…`) |",
+        f"| runner / device | {result.runner} / {result.device} |",
+        f"| job | `{result.job_id}` ({result.seconds:.1f} s) |",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- publish
+
+
+def gateway_url(params: PublishParams) -> str:
+    """The gateway the function is served by: the target URL, else ``gateway_url``, ``DEPIN_GATEWAY_URL``,
+    the default local gateway."""
+    if params.target != "local":
+        return params.target
+    return (params.gateway_url or os.environ.get(GATEWAY_URL_ENV) or DEFAULT_GATEWAY_URL).rstrip("/")
+
+
+def registry_dir(registry: Path | None) -> Path:
+    from serving.settings import GatewaySettings
+
+    return registry or GatewaySettings().registry_dir
+
+
+@contextlib.contextmanager
+def open_publisher(params: PublishParams) -> Iterator[Any]:
+    """A ``serving.publish`` publisher for ``params.target`` (closed on exit)."""
+    from serving.bundle import load_publisher_account
+    from serving.publish import GatewayPublisher, LocalPublisher
+
+    account = load_publisher_account()
+    if params.target == "local":
+        yield LocalPublisher(registry_dir(params.registry), account, max_batch_size=params.max_batch_size)
+        return
+    from pipelines._serve_cmd import read_admin_key
+
+    key = read_admin_key(params.admin_key_file, registry_dir(params.registry))
+    with GatewayPublisher(params.target, key, account, max_batch_size=params.max_batch_size) as pub:
+        yield pub
+
+
+def function_name(params: PublishParams, model_dir: Path) -> str:
+    """``params.name``, else the model's family (from ``model.json``, or the bundle's manifest)."""
+    import json
+
+    if params.name:
+        return params.name
+    for rel, key in (("model.json", "family"), ("model/model.json", "family")):
+        with contextlib.suppress(OSError, ValueError):
+            family = json.loads((model_dir / rel).read_text()).get(key)
+            if family:
+                return str(family)
+    raise ConfigError(f"model {model_dir}: cannot tell its family; pass publish.name")
+
+
+def publish_version(params: PublishParams, model_dir: Path, name: str) -> dict[str, Any]:
+    """Build, sign, upload and verify the version; no alias is moved yet. Returns ``PublishResult`` JSON."""
+    with open_publisher(params) as pub:
+        return pub.publish(model_dir, name, alias=None).to_json()
+
+
+def smoke_invoke(params: PublishParams, name: str, version: str) -> tuple[int, list[dict[str, Any]]]:
+    """Invoke ``name@version`` on the target with its manifest's example; (inputs, outputs) or an error.
+
+    Local target: the version as stored in the registry, re-verified and loaded like the gateway loads it."""
+    if params.target == "local":
+        from serving.bundle import predictor
+        from serving.registry import Registry
+
+        bundle = Registry(registry_dir(params.registry), trusted=None).bundle(name, version)
+        example = list(bundle.manifest.example)
+        outputs = predictor(bundle)(example)
+    else:
+        from serving.bundle import parse_manifest
+        from serving.client import GatewayClient
+
+        with GatewayClient(params.target, retries=5, timeout=60) as client:
+            example = list(parse_manifest(client.manifest_bytes(name, version)).example)
+            doc, _ = client.invoke(f"{name}@{version}", example)
+            if doc.get("version") != version:
+                raise PermanentError(
+                    f"{params.target}: smoke call of {name}@{version} was answered by version {doc.get('version')}"
+                )
+            outputs = doc.get("outputs") or []
+    if len(outputs) != len(example):
+        raise PermanentError(
+            f"smoke call of {name}@{version}: {len(example)} example rows gave {len(outputs)} outputs"
+        )
+    return len(example), outputs
+
+
+def move_alias(params: PublishParams, name: str, version: str) -> dict[str, dict[str, float]]:
+    """Point ``params.alias`` at ``version`` (after the smoke call); returns the alias table."""
+    with open_publisher(params) as pub:
+        if params.alias is not None:
+            if params.target == "local":
+                pub.registry.set_alias(name, params.alias, version)
+            else:
+                moved = pub.client.set_alias(name, params.alias, version)
+                if moved.get("target") != {version: 1.0}:
+                    raise PermanentError(
+                        f"{params.target}: alias {params.alias} of {name} points at {moved.get('target')}, not "
+                        f"{version}; another publisher moved it meanwhile"
+                    )
+        if params.target == "local":
+            return pub.registry.aliases(name)
+        return pub.client.function(name).get("aliases") or {}
+
+
+def function_urls(params: PublishParams, name: str, version: str) -> tuple[str, str]:
+    """(invoke URL of ``name@alias`` — or ``@version`` without alias —, URL of the version's manifest)."""
+    base = gateway_url(params)
+    ref = f"{name}@{params.alias or version}"
+    return f"{base}/v1/functions/{ref}/invoke", f"{base}/v1/functions/{name}/versions/{version}/manifest.json"
+
+
+def publish_function_step(params: PublishParams, model_dir: Path) -> PublishFunctionResult:
+    """publish → smoke call → alias, as one plain call (the flow runs the three as tasks)."""
+    name = function_name(params, model_dir)
+    published = publish_version(params, model_dir, name)
+    n, outputs = smoke_invoke(params, name, published["version"])
+    aliases = move_alias(params, name, published["version"])
+    return publish_result(params, published, n, outputs, aliases)
+
+
+def publish_result(
+    params: PublishParams,
+    published: dict[str, Any],
+    n_inputs: int,
+    outputs: list[dict[str, Any]],
+    aliases: dict[str, dict[str, float]],
+) -> PublishFunctionResult:
+    name, version = published["name"], published["version"]
+    url, manifest = function_urls(params, name, version)
+    return PublishFunctionResult(
+        name=name,
+        version=version,
+        alias=params.alias,
+        target=published["target"],
+        function_url=url,
+        manifest_url=manifest,
+        manifest_sha256=published["manifest_sha256"],
+        publisher=published["publisher"],
+        created=published["created"],
+        smoke_inputs=n_inputs,
+        smoke_outputs=outputs[:5],
+        aliases=aliases,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ score
+
+
+def resolve_model(params: ScoreParams) -> Path:
+    """The model artifact to score with: ``model_dir``, or the one inside the registry's bundle of
+    ``function`` (name, name@alias, name@version)."""
+    if (params.model_dir is None) == (params.function is None):
+        raise ConfigError("score: give exactly one of model_dir or function")
+    if params.model_dir is not None:
+        return params.model_dir
+    from serving.bundle import MODEL_DIR
+    from serving.registry import Registry
+
+    assert params.function is not None
+    name, _, selector = params.function.partition("@")
+    registry = Registry(registry_dir(params.registry), trusted=None)
+    version = registry.resolve(name, selector or None)
+    return registry.bundle(name, version).path / MODEL_DIR
+
+
+def score_step(params: ScoreParams, on_log: LogSink | None = None) -> ScoreResult:
+    model = resolve_model(params)
+    label = params.function.replace("@", "-") if params.function else Path(model).name
+    out = params.out or Path(".depin/scores") / f"{label}.parquet"
+    failures: list[str] = []
+    for name in params.runners:
+        try:
+            doc = run_score(
+                model_dir=model,
+                dataset=params.dataset,
+                out=out,
+                runner=name,
+                ground_truth=params.ground_truth,
+                max_wall_s=params.max_wall_s,
+                jobs_dir=params.jobs_dir,
+                show_progress=False,
+                on_log=on_log,
+            )
+            break
+        except TransientError as exc:
+            failures.append(f"{name}: {exc}")
+    else:
+        raise TransientError("every runner of the chain failed: " + " | ".join(failures))
+    return ScoreResult(
+        output=str(out),
+        sha256=sha256_file(out),
+        rows=doc.get("rows"),
+        family=str(doc["family"]),
+        model=str(model),
+        metrics=clean_metrics({k: v for k, v in doc["metrics"].items() if not isinstance(v, dict | list)}),
+        seconds=float(doc.get("seconds") or 0.0),
+    )

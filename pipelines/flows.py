@@ -1,0 +1,251 @@
+"""The Prefect flows: ingest → train → evaluate → publish, and batch scoring.
+
+Thin: the work is in ``pipelines._steps`` (plain functions, tested directly), wrapped as tasks in
+``pipelines._tasks``. Each flow takes one pydantic parameter model (a form in the UI; a dict works too) and
+returns a small pydantic result (persisted as JSON). From Python::
+
+    from pipelines import train_and_publish, TrainAndPublishParams, IngestParams
+    run = train_and_publish(TrainAndPublishParams(ingest=IngestParams(credentials="creds.json", since="2d")))
+    print(run.function_url, run.metrics["mae"], run.baseline["baseline_mae"])
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.concurrency.sync import concurrency
+from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from depin_core.errors import ConfigError
+from pipelines import _steps as S
+from pipelines import _tasks as T
+from pipelines.blocks import resolve_dimo_settings
+from pipelines.params import (
+    DEFAULT_DATASET,
+    DIMO_CONCURRENCY_LIMIT,
+    INGEST_WORKERS,
+    IngestParams,
+    PublishParams,
+    ScoreParams,
+    TrainAndPublishParams,
+    TrainParams,
+)
+from pipelines.results import (
+    BatchReport,
+    IngestResult,
+    PublishFunctionResult,
+    ScoreResult,
+    TrainAndPublishResult,
+    TrainResult,
+)
+
+_RESULTS: dict[str, Any] = {"persist_result": True, "result_serializer": "json"}
+
+
+def _label(batch: list[int]) -> str:
+    return f"{batch[0]}" if len(batch) == 1 else f"{batch[0]}-to-{batch[-1]}"
+
+
+@flow(
+    name="ingest-telemetry",
+    description="DIMO telemetry → Parquet dataset, incrementally (per-vehicle watermarks), in vehicle batches.",
+    task_runner=ThreadPoolTaskRunner(max_workers=INGEST_WORKERS),
+    **_RESULTS,
+)
+def ingest_telemetry(params: IngestParams = IngestParams()) -> IngestResult:
+    """Discover the shared vehicles and ingest them in batches (``INGEST_WORKERS`` tasks at once, sharing the
+    DIMO request rate) while holding one slot of the ``dimo-api`` global concurrency limit (non-strict: without
+    the limit it runs, with a warning); report progress as batches finish; end with a per-vehicle table."""
+    log = get_run_logger()
+    started = time.perf_counter()
+    window = S.resolve_window(params)
+    signals = S.resolve_signal_names(params)
+    settings, source = resolve_dimo_settings(params.credentials, params.credentials_block)
+    log.info("DIMO %s settings from %s", settings.environment, source)
+    # One slot of the global limit per ingestion run (not per task): each acquisition is a database write,
+    # and on a SQLite server it contends with the task-run recorder (measured: ~2 s client backoffs each).
+    with concurrency(DIMO_CONCURRENCY_LIMIT, occupy=1, strict=False):
+        token_ids = T.discover_vehicles(settings, params.vehicles)
+        batches = S.plan_batches(token_ids, params.batch_size)
+        task_settings = S.batch_settings(settings, params, min(len(batches), INGEST_WORKERS))
+        log.info(
+            "%d vehicles in %d batches, %s → %s", len(token_ids), len(batches), window.since, window.until
+        )
+        progress = create_progress_artifact(
+            progress=0.0,
+            key="ingest-progress",
+            description=f"ingest: share of {len(token_ids)} vehicles done",
+        )
+        futures = {
+            T.ingest_batch.submit(task_settings, str(params.dataset), window, b, signals, _label(b)): b
+            for b in batches
+        }
+        reports: list[BatchReport] = []
+        errors: list[BaseException] = []
+        done = 0
+        for future in as_completed(list(futures)):
+            outcome = future.result(raise_on_failure=False)
+            if isinstance(outcome, BaseException):
+                errors.append(outcome)
+            else:
+                reports.append(outcome)
+            done += len(futures[future])
+            update_progress_artifact(progress, progress=100.0 * done / len(token_ids))
+        if not batches:
+            update_progress_artifact(progress, progress=100.0)
+
+    info = T.dataset_info(str(params.dataset))
+    new_rows = {t: n for r in reports for t, n in r.per_vehicle.items()}
+    skipped = [s for r in reports for s in r.skipped]
+    table = S.vehicle_table(params.dataset, new_rows, skipped)
+    create_table_artifact(
+        table=table,
+        key="ingest-vehicles",
+        description=f"{info.rows:,} rows, {info.vehicles} vehicles in {params.dataset} ({info.interval} buckets)",
+    )
+    if errors:
+        raise errors[0]
+    return IngestResult(
+        dataset=info,
+        new_rows=sum(r.rows for r in reports),
+        vehicles_ingested=sum(r.vehicles for r in reports),
+        up_to_date=sum(r.up_to_date for r in reports),
+        skipped=skipped,
+        requests=sum(r.requests for r in reports),
+        retries=sum(r.retries for r in reports),
+        since=window.since.isoformat(),
+        until=window.until.isoformat(),
+        interval=params.interval,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+
+
+@flow(
+    name="train-model",
+    description="Train a model as a job through the runner chain; refuse it unless it beats its naive baseline.",
+    **_RESULTS,
+)
+def train_model(params: TrainParams = TrainParams()) -> TrainResult:
+    """Build and run the training job (logs stream into this run), record the held-out metrics as table
+    and markdown artifacts, and fail with ``PermanentError`` when the model is worse than the baseline."""
+    dataset = params.dataset or DEFAULT_DATASET
+    result = T.train_job(params, str(dataset))
+    create_table_artifact(
+        table=S.metrics_rows(result),
+        key=f"{result.family}-metrics",
+        description=f"held-out metrics of {result.model_dir}",
+    )
+    create_markdown_artifact(
+        markdown=S.metrics_markdown(result), key=f"{result.family}-model-report", description="model quality"
+    )
+    S.require_better(result)
+    return result
+
+
+@flow(
+    name="publish-function",
+    description="Bundle, sign and publish a model; move the alias only after a smoke call succeeds.",
+    **_RESULTS,
+)
+def publish_function(params: PublishParams = PublishParams()) -> PublishFunctionResult:
+    if params.model_dir is None:
+        raise ConfigError("publish: model_dir is required (a model artifact directory from train-model)")
+    name = S.function_name(params, params.model_dir)
+    published = T.publish_version(params, str(params.model_dir), name)
+    n, outputs = T.smoke_invoke(params, name, published["version"])
+    aliases = T.move_alias(params, name, published["version"])
+    result = S.publish_result(params, published, n, outputs, aliases)
+    ref = f"{result.name}@{result.alias or result.version}"
+    create_link_artifact(
+        link=result.function_url, link_text=f"invoke {ref}", key="function-url", description="POST JSON rows"
+    )
+    create_link_artifact(
+        link=result.manifest_url,
+        link_text=f"manifest of {result.name}@{result.version}",
+        key="function-manifest",
+        description=f"sha256 {result.manifest_sha256}, signed by {result.publisher}",
+    )
+    return result
+
+
+@flow(
+    name="batch-score",
+    description="Score a telemetry dataset with a model or published function.",
+    **_RESULTS,
+)
+def batch_score(params: ScoreParams = ScoreParams()) -> ScoreResult:
+    result = T.score_job(params)
+    create_markdown_artifact(
+        markdown=(
+            f"# scores\n\n{result.rows} rows of `{result.family}` predictions → `{result.output}` "
+            f"(sha256 `{result.sha256[:16]}…`) from model `{result.model}`"
+        ),
+        key="batch-scores",
+    )
+    return result
+
+
+@flow(
+    name="train-and-publish",
+    description="Ingest DIMO telemetry, train, evaluate against the baseline, publish the function.",
+    **_RESULTS,
+)
+def train_and_publish(params: TrainAndPublishParams = TrainAndPublishParams()) -> TrainAndPublishResult:
+    """The end-to-end flow; returns the dataset, the model's metrics and baseline, the function URL."""
+    stages: dict[str, float] = {}
+    t = time.perf_counter()
+    ingested: IngestResult | None = None
+    if params.skip_ingest:
+        dataset = params.train.dataset or params.ingest.dataset
+    else:
+        ingested = ingest_telemetry(params.ingest)
+        dataset = params.train.dataset or Path(ingested.dataset.path)
+    stages["ingest"] = round(time.perf_counter() - t, 3)
+
+    t = time.perf_counter()
+    trained = train_model(params.train.model_copy(update={"dataset": dataset}))
+    stages["train"] = round(time.perf_counter() - t, 3)
+
+    t = time.perf_counter()
+    publish = params.publish
+    if publish.model_dir is None:
+        publish = publish.model_copy(update={"model_dir": Path(trained.model_dir)})
+    published = publish_function(publish)
+    stages["publish"] = round(time.perf_counter() - t, 3)
+
+    info = ingested.dataset if ingested is not None else T.dataset_info(str(dataset))
+    return TrainAndPublishResult(
+        dataset=str(dataset),
+        dataset_sha256=trained.dataset_sha256,
+        rows=info.rows,
+        vehicles=info.vehicles,
+        new_rows=ingested.new_rows if ingested else 0,
+        family=trained.family,
+        model_dir=trained.model_dir,
+        model_sha256=trained.model_sha256,
+        metrics=trained.metrics,
+        baseline=trained.baseline,
+        function_name=published.name,
+        function_version=published.version,
+        function_alias=published.alias,
+        function_url=published.function_url,
+        manifest_url=published.manifest_url,
+        stage_seconds=stages,
+        ingest=ingested,
+        train=trained,
+        publish=published,
+    )
+
+
+__all__ = ["batch_score", "ingest_telemetry", "publish_function", "train_and_publish", "train_model"]

@@ -1,0 +1,151 @@
+"""Parameters of the flows: pydantic models, validated on every run and shown as forms in the Prefect UI.
+
+Every field has a default, so a run with no parameters works against what ``depin up`` starts on this machine:
+the DIMO emulator (credentials in :data:`DEFAULT_EMULATOR_CREDENTIALS`), the local registry and gateway.
+Paths are relative to the working directory of the process that runs the flow (``depin up``: the project).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DEFAULT_DATASET = Path(".depin/datasets/telemetry")
+DEFAULT_MODELS = Path(".depin/models")
+DEFAULT_SCORES = Path(".depin/scores")
+DEFAULT_JOBS = Path(".depin/jobs")
+# ``depin up`` starts the emulator with ``credentials_out`` here (and its ground truth beside it)
+DEFAULT_EMULATOR_CREDENTIALS = Path(".depin/emulator/credentials.json")
+DEFAULT_GROUND_TRUTH = Path(".depin/emulator/ground_truth")
+DIMO_CREDENTIALS_BLOCK = "dimo"
+# Global concurrency limit held by each ingestion run (one slot): its limit is how many ingestion runs may call
+# DIMO at once (``depin up`` creates it with 1: runs queue, each within DIMO's rate).
+DIMO_CONCURRENCY_LIMIT = "dimo-api"
+INGEST_WORKERS = 4  # ingestion tasks of one flow run at once; they split the run's DIMO request rate
+
+Family = Literal["range", "anomaly"]
+_FUNCTION_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class IngestParams(_Params):
+    """What to ingest from DIMO into the Parquet dataset (incremental: per-vehicle watermarks)."""
+
+    dataset: Path = Field(DEFAULT_DATASET, description="dataset directory (Hive-partitioned Parquet)")
+    since: str = Field("7d", description="start: ISO-8601 time or a duration before now (7d, 36h)")
+    until: str = Field("now", description="end (exclusive): ISO-8601 time, duration before now, or 'now'")
+    interval: str = Field(
+        "20s", description="bucket width (Go duration); the range model needs short buckets (20s)"
+    )
+    signals: list[str] | None = Field(None, description="DIMO signal names; default: all the vehicle reports")
+    vehicles: list[int] | None = Field(None, description="token ids; default: every vehicle shared with you")
+    credentials: Path | None = Field(
+        None,
+        description="emulator credentials JSON; default: the DimoCredentials block 'dimo', else the "
+        f"DEPIN_DIMO_* environment, else {DEFAULT_EMULATOR_CREDENTIALS} (written by depin up)",
+    )
+    credentials_block: str = Field(DIMO_CREDENTIALS_BLOCK, description="name of a DimoCredentials block")
+    batch_size: int = Field(5, ge=1, le=10_000, description="vehicles per ingestion task")
+    rate_limit_per_s: float | None = Field(
+        None, ge=0, description="DIMO requests/s per service, shared by all tasks (default: the settings')"
+    )
+
+
+class TrainParams(_Params):
+    """Which model to train on which dataset, where, and where the artifact goes."""
+
+    dataset: Path | None = Field(
+        None, description=f"telemetry dataset; default: the ingested one, else {DEFAULT_DATASET}"
+    )
+    family: Family = Field("range", description="range (EV consumption/range) or anomaly")
+    hyperparameters: dict[str, Any] = Field(default_factory=dict, description="family hyperparameters")
+    runners: list[str] = Field(
+        default_factory=lambda: ["local"],
+        min_length=1,
+        description="runner chain, tried in order on infrastructure failures (local = CUDA, else CPU)",
+    )
+    out: Path = Field(DEFAULT_MODELS, description="models directory; each run writes <out>/<family>-<time>")
+    ground_truth: Path | None = Field(None, description="emulator ground truth (anomaly recall/FPR)")
+    seed: int = 0
+    max_wall_s: float = Field(3600.0, gt=0, description="wall-time limit of one training attempt")
+    jobs_dir: Path = Field(DEFAULT_JOBS, description="job working directories")
+
+
+class PublishParams(_Params):
+    """Publish a model artifact as a signed, versioned function; the alias moves after a smoke call."""
+
+    model_dir: Path | None = Field(None, description="model artifact directory; default: the trained one")
+    name: str | None = Field(
+        None, description="function name: 1-63 of a-z, 0-9, '_', '-'; default: the model family"
+    )
+    alias: str | None = Field("prod", description="alias moved to the version after the smoke call")
+    target: str = Field("local", description="'local' (the registry directory) or a gateway URL")
+    registry: Path | None = Field(None, description="registry for target local; default .depin/registry")
+    gateway_url: str | None = Field(
+        None,
+        description="gateway serving the local registry, for the function URL (default: DEPIN_GATEWAY_URL, "
+        "else http://127.0.0.1:8787)",
+    )
+    admin_key_file: Path | None = Field(None, description="admin key of a gateway target")
+    max_batch_size: int = Field(1024, ge=1, le=1_000_000)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str | None) -> str | None:
+        if v is not None and not _FUNCTION_NAME.fullmatch(v):
+            raise ValueError(f"function name {v!r}: use 1-63 of a-z, 0-9, '_', '-' (starting a-z or 0-9)")
+        return v
+
+    @field_validator("target")
+    @classmethod
+    def _check_target(cls, v: str) -> str:
+        if v != "local" and not v.startswith(("http://", "https://")):
+            raise ValueError(f"target {v!r}: use 'local' or a gateway URL http(s)://…")
+        return v.rstrip("/")
+
+
+class ScoreParams(_Params):
+    """Score a dataset with a model artifact or a function published in the local registry."""
+
+    model_dir: Path | None = Field(None, description="model artifact directory (or use function)")
+    function: str | None = Field(None, description="name, name@alias or name@version in the local registry")
+    registry: Path | None = Field(None, description="registry of function; default .depin/registry")
+    dataset: Path = Field(DEFAULT_DATASET, description="telemetry dataset to score")
+    out: Path | None = Field(None, description=f"Parquet output; default {DEFAULT_SCORES}/<model>.parquet")
+    ground_truth: Path | None = Field(None, description="emulator ground truth, for metrics")
+    runners: list[str] = Field(default_factory=lambda: ["local"], min_length=1)
+    max_wall_s: float = Field(3600.0, gt=0)
+    jobs_dir: Path = Field(DEFAULT_JOBS)
+
+
+class TrainAndPublishParams(_Params):
+    """Ingest → train → evaluate → publish. ``train.dataset`` and ``publish.model_dir`` default to the
+    outputs of the previous stage."""
+
+    ingest: IngestParams = Field(default_factory=IngestParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    publish: PublishParams = Field(default_factory=PublishParams)
+    skip_ingest: bool = Field(False, description="train on train.dataset (or ingest.dataset) as it is")
+
+
+__all__ = [
+    "DEFAULT_DATASET",
+    "DEFAULT_EMULATOR_CREDENTIALS",
+    "DEFAULT_GROUND_TRUTH",
+    "DEFAULT_MODELS",
+    "DIMO_CONCURRENCY_LIMIT",
+    "DIMO_CREDENTIALS_BLOCK",
+    "INGEST_WORKERS",
+    "Family",
+    "IngestParams",
+    "PublishParams",
+    "ScoreParams",
+    "TrainAndPublishParams",
+    "TrainParams",
+]

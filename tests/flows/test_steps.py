@@ -1,0 +1,348 @@
+"""The plain functions behind the flows, tested directly (no Prefect server): quality bars, batching, rate
+split, windows, dataset summaries, publish URLs, credentials lookup, parameters, deployments, lazy import."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from pydantic import ValidationError
+
+from connectors.dimo.schema import telemetry_schema
+from connectors.dimo.settings import DimoSettings
+from connectors.dimo.store import TelemetryStore
+from depin_core.errors import ConfigError, PermanentError, TransientError
+from pipelines import _steps as S
+from pipelines.params import IngestParams, PublishParams, TrainAndPublishParams, TrainParams
+from pipelines.results import TrainResult, clean_metrics
+
+KEY = "0x" + "ab" * 32
+CLIENT = "0x" + "12" * 20
+
+
+# ------------------------------------------------------------------------------------------------ quality
+
+
+@pytest.mark.parametrize(
+    ("family", "metrics", "accepted", "reason"),
+    [
+        ("range", {"mae": 1.0, "baseline_mae": 2.0}, True, None),
+        ("range", {"mae": 2.0, "baseline_mae": 2.0}, False, "not below the fleet-mean baseline"),
+        ("range", {"mae": 3.0, "baseline_mae": 2.0}, False, "not below"),
+        ("range", {"mae": math.nan, "baseline_mae": 2.0}, False, "missing"),
+        ("range", {}, False, "missing"),
+        ("anomaly", {"recall": 0.9, "false_positive_rate": 0.05}, True, None),
+        ("anomaly", {"recall": 0.4, "false_positive_rate": 0.05}, False, "recall 0.400 < 0.5"),
+        ("anomaly", {"recall": 1.0, "false_positive_rate": 0.3}, False, "false_positive_rate 0.300 > 0.2"),
+        ("anomaly", {"recall": math.nan, "false_positive_rate": math.nan}, True, "no ground truth"),
+    ],
+)
+def test_quality_bar_against_the_naive_baseline(
+    family: str, metrics: dict[str, Any], accepted: bool, reason: str | None
+) -> None:
+    verdict = S.check_quality(family, metrics)
+    assert verdict.accepted is accepted
+    if reason:
+        assert any(reason in r for r in verdict.reasons)
+    with pytest.raises(ConfigError):
+        S.check_quality("other", metrics)
+
+
+def _train_result(**metrics: Any) -> TrainResult:
+    return TrainResult(
+        family="range",
+        model_dir="/m",
+        model_sha256="0" * 64,
+        dataset="/d",
+        dataset_sha256="1" * 64,
+        metrics=metrics,
+        baseline={"baseline_mae": metrics.get("baseline_mae")},
+        accepted=True,
+        runner="local",
+        device="cpu",
+        job_id="j",
+        spec_hash="s",
+        seconds=1.0,
+    )
+
+
+def test_require_better_refuses_with_the_numbers_and_the_fix() -> None:
+    S.require_better(_train_result(mae=1.0, baseline_mae=2.0))
+    with pytest.raises(PermanentError, match=r"refused: held-out mae 2\.5 .* baseline 2;.*ingest more data"):
+        S.require_better(_train_result(mae=2.5, baseline_mae=2.0))
+
+
+def test_metrics_artifacts_are_json_and_name_the_verdict() -> None:
+    result = _train_result(mae=1.0, baseline_mae=2.0, history_baseline_mae=1.5, unit="kWh/100km")
+    rows = S.metrics_rows(result)
+    assert {"metric": "mae", "value": 1.0} in rows and {"metric": "bar: baseline_mae", "value": 2.0} in rows
+    json.dumps(rows, allow_nan=False)
+    md = S.metrics_markdown(result)
+    assert "accepted" in md and "ratio 0.50" in md and "/m" in md
+    assert clean_metrics({"a": math.nan, "b": math.inf, "c": 1.0, "d": "x"}) == {
+        "a": None,
+        "b": None,
+        "c": 1.0,
+        "d": "x",
+    }
+
+
+# ------------------------------------------------------------------------------------------------- ingest
+
+
+def test_batches_and_the_rate_split_between_parallel_tasks() -> None:
+    assert S.plan_batches([5, 1, 2, 3, 4], 2) == [[5, 1], [2, 3], [4]]
+    assert S.plan_batches([], 3) == []
+    settings = DimoSettings(rate_limit_per_s=10)
+    assert S.batch_settings(settings, IngestParams(), 4).rate_limit_per_s == 2.5
+    assert S.batch_settings(settings, IngestParams(rate_limit_per_s=2), 1).rate_limit_per_s == 2
+    assert S.batch_settings(settings, IngestParams(rate_limit_per_s=0), 4).rate_limit_per_s == 0
+
+
+def test_window_is_resolved_once_and_checked() -> None:
+    now = datetime(2026, 11, 25, 12, tzinfo=UTC)
+    w = S.resolve_window(IngestParams(since="1d", until="now"), now=now)
+    assert (w.since, w.until, w.interval) == (now - timedelta(days=1), now, timedelta(seconds=20))
+    with pytest.raises(ConfigError, match="not before"):
+        S.resolve_window(IngestParams(since="now", until="1d"), now=now)
+    with pytest.raises(ConfigError, match="interval"):
+        S.resolve_window(IngestParams(interval="1d"), now=now)
+    with pytest.raises(ConfigError, match="unknown DIMO signal"):
+        S.resolve_signal_names(IngestParams(signals=["speed", "warpFactor"]))
+
+
+def _write(store: TelemetryStore, rows: list[tuple[int, int]]) -> None:
+    base = datetime(2026, 11, 24, tzinfo=UTC)
+    schema = telemetry_schema(["speed"], interval="20s")
+    table = pa.table(
+        {
+            "token_id": [t for t, _ in rows],
+            "timestamp": [base + timedelta(seconds=20 * i) for _, i in rows],
+            "speed": [1.0] * len(rows),
+        }
+    ).cast(schema)
+    store.write(table)
+
+
+def test_dataset_info_and_vehicle_table(tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    assert S.dataset_info(root).rows == 0 and S.dataset_info(root).sha256 is None
+    _write(TelemetryStore(root), [(1, 0), (1, 1), (2, 0)])
+    info = S.dataset_info(root)
+    assert (info.rows, info.vehicles, info.interval) == (3, 2, "20s")
+    assert info.sha256 and len(info.sha256) == 64 and info.first and info.last
+    rows = S.vehicle_table(root, {1: 2}, [{"token_id": 3, "reason": "not shared"}])
+    assert [(r["token_id"], r["new_rows"], r["rows"], r["status"]) for r in rows] == [
+        (1, 2, 2, "ingested"),
+        (2, 0, 1, "up to date"),
+        (3, 0, 0, "skipped: not shared"),
+    ]
+    json.dumps(rows, allow_nan=False)
+
+
+# --------------------------------------------------------------------------------------------------- train
+
+
+def test_model_dirs_are_fresh_and_the_runner_chain_falls_through_on_infra_failures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    params = TrainParams(out=tmp_path, runners=["gpu-a", "gpu-b", "local"])
+    a, b = S.model_dir_for(params), S.model_dir_for(params)
+    assert a != b and a.parent == tmp_path and a.name.startswith("range-")
+
+    tried: list[str] = []
+
+    def fake_train(*, runner: str, **kw: Any) -> dict[str, Any]:
+        tried.append(runner)
+        if runner == "gpu-a":
+            raise TransientError("node lost")
+        if runner == "gpu-b":
+            raise TransientError("out of memory")
+        return {"runner": runner}
+
+    monkeypatch.setattr(S, "run_train", fake_train)
+    logs: list[str] = []
+    _doc, used = S.train_on_chain(params, tmp_path, a, on_log=logs.append)
+    assert used == "local" and tried == ["gpu-a", "gpu-b", "local"] and len(logs) == 2
+
+    def permanent(*, runner: str, **kw: Any) -> dict[str, Any]:
+        tried.append(runner)
+        raise PermanentError("bad hyperparameter")
+
+    tried.clear()
+    monkeypatch.setattr(S, "run_train", permanent)
+    with pytest.raises(PermanentError):
+        S.train_on_chain(params, tmp_path, a)
+    assert tried == ["gpu-a"]  # a permanent failure does not try other runners
+
+
+# ------------------------------------------------------------------------------------------------- publish
+
+
+def test_function_urls_and_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DEPIN_GATEWAY_URL", raising=False)
+    p = PublishParams()
+    assert S.function_urls(p, "range", "0123456789abcdef") == (
+        "http://127.0.0.1:8787/v1/functions/range@prod/invoke",
+        "http://127.0.0.1:8787/v1/functions/range/versions/0123456789abcdef/manifest.json",
+    )
+    monkeypatch.setenv("DEPIN_GATEWAY_URL", "http://gw:1/")
+    assert S.gateway_url(p) == "http://gw:1"
+    remote = PublishParams(target="https://fn.example/", alias=None)
+    assert S.function_urls(remote, "x", "v")[0] == "https://fn.example/v1/functions/x@v/invoke"
+    (tmp_path / "model.json").write_text(json.dumps({"family": "anomaly"}))
+    assert S.function_name(PublishParams(), tmp_path) == "anomaly"
+    assert S.function_name(PublishParams(name="mine"), tmp_path) == "mine"
+    with pytest.raises(ConfigError, match=r"publish\.name"):
+        S.function_name(PublishParams(), tmp_path / "nothing")
+
+
+# ---------------------------------------------------------------------------------------------- parameters
+
+
+def test_parameters_validate_and_default_to_a_working_local_run() -> None:
+    p = TrainAndPublishParams()
+    assert p.ingest.interval == "20s" and p.train.family == "range" and p.train.runners == ["local"]
+    assert p.publish.target == "local" and p.publish.alias == "prod"
+    assert TrainAndPublishParams.model_validate({"train": {"family": "anomaly"}}).train.family == "anomaly"
+    for bad in (
+        {"train": {"family": "other"}},
+        {"train": {"runners": []}},
+        {"publish": {"name": "Bad Name"}},
+        {"publish": {"target": "ftp://x"}},
+        {"ingest": {"batch_size": 0}},
+        {"ingest": {"unknown": 1}},
+    ):
+        with pytest.raises(ValidationError):
+            TrainAndPublishParams.model_validate(bad)
+    schema = TrainAndPublishParams.model_json_schema()  # what the UI renders as a form
+    assert {"ingest", "train", "publish"} <= set(schema["properties"])
+
+
+# ------------------------------------------------------------------------------------------------ settings
+
+
+def test_dimo_settings_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines.blocks import resolve_dimo_settings
+
+    creds = tmp_path / "creds.json"
+    creds.write_text(
+        json.dumps({"client_id": CLIENT, "domain": "http://cb", "private_key": KEY, "auth_url": "http://e:1"})
+    )
+    missing = tmp_path / "absent.json"
+    settings, source = resolve_dimo_settings(creds, None, default_credentials=missing)
+    assert source == f"file {creds}" and settings.urls.auth == "http://e:1"
+    with pytest.raises(ConfigError, match=r"DEPIN_DIMO_CLIENT_ID.*DimoCredentials block.*depin up"):
+        resolve_dimo_settings(None, None, default_credentials=missing)
+    assert resolve_dimo_settings(None, None, default_credentials=creds)[1] == f"file {creds}"
+    monkeypatch.setenv("DEPIN_DIMO_CLIENT_ID", CLIENT)
+    monkeypatch.setenv("DEPIN_DIMO_PRIVATE_KEY", KEY)
+    monkeypatch.setenv("DEPIN_DIMO_ENV", "production")
+    settings, source = resolve_dimo_settings(None, None, default_credentials=creds)
+    assert source == "environment" and settings.environment == "production"
+    assert KEY not in repr(settings)
+
+
+# -------------------------------------------------------------------------------------------- deployments
+
+
+def test_deployments_schedules_and_time_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines.deployments import ScheduleSettings, deployments
+
+    monkeypatch.setenv("DEPIN_SCHEDULE_TZ", "Europe/Berlin")
+    deps = {f"{d.flow_name}/{d.name}": d for d in deployments()}
+    assert set(deps) == {
+        "ingest-telemetry/nightly",
+        "train-and-publish/weekly",
+        *(
+            f"{f}/on-demand"
+            for f in (
+                "train-and-publish",
+                "ingest-telemetry",
+                "train-model",
+                "publish-function",
+                "batch-score",
+            )
+        ),
+    }
+    nightly, weekly = deps["ingest-telemetry/nightly"], deps["train-and-publish/weekly"]
+    assert [(s.schedule.cron, s.schedule.timezone) for s in nightly.schedules] == [
+        ("0 2 * * *", "Europe/Berlin")
+    ]
+    assert [(s.schedule.cron, s.schedule.timezone) for s in weekly.schedules] == [
+        ("0 3 * * 1", "Europe/Berlin")
+    ]
+    assert nightly.parameters["params"]["since"] == "2d"
+    assert TrainAndPublishParams.model_validate(weekly.parameters["params"]) == TrainAndPublishParams()
+    assert not deps["train-model/on-demand"].schedules
+    assert weekly.entrypoint == "pipelines.flows.train_and_publish"
+    with pytest.raises(ConfigError, match="IANA"):
+        ScheduleSettings(tz="Mars/Olympus")
+
+
+def test_the_flow_api_is_lazy() -> None:
+    code = (
+        "import sys, pipelines, pipelines.cli, pipelines.params, pipelines.results\n"
+        "assert 'prefect' not in sys.modules, 'import pipelines must not import prefect'\n"
+        "assert set(pipelines.__all__) <= set(dir(pipelines))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import pipelines
+
+    assert pipelines.train_and_publish.name == "train-and-publish"  # resolved on first use
+    with pytest.raises(AttributeError):
+        pipelines.no_such_flow  # noqa: B018
+
+
+async def test_async_steps_also_run_where_an_event_loop_is_running() -> None:
+    """A notebook cell (or an async caller) already runs a loop: the steps must not call asyncio.run there."""
+
+    async def answer() -> int:
+        return 42
+
+    assert S.run_sync(answer) == 42
+
+
+@pytest.mark.parametrize(
+    ("failure", "error"), [("infra", TransientError), ("user", PermanentError), ("verify", PermanentError)]
+)
+def test_a_failed_job_is_transient_only_when_the_infrastructure_failed(
+    failure: str, error: type[Exception]
+) -> None:
+    """What the flows' retry condition and the runner chain rely on; the job's log lines reach ``on_log``."""
+    from gpu_jobs.runner import JobStatus
+    from gpu_jobs.spec import FailureKind, JobKind, JobResult, JobSpec, JobState, ModelSpec, Outputs
+    from pipelines._jobs_cmd import run_job
+
+    class FailingRunner:
+        def submit(self, spec: JobSpec) -> str:
+            return "job-1"
+
+        def status(self, job_id: str) -> JobStatus:
+            return JobStatus(job_id=job_id, state=JobState.FAILED)
+
+        def logs(self, job_id: str, offset: int = 0) -> tuple[str, int]:
+            return ("epoch 1 loss 0.5\nboom\n", 21) if offset == 0 else ("", offset)
+
+        def result(self, job_id: str) -> JobResult:
+            return JobResult(
+                job_id=job_id,
+                spec_hash="h",
+                state=JobState.FAILED,
+                failure=FailureKind(failure),
+                error="boom",
+            )
+
+    lines: list[str] = []
+    spec = JobSpec(kind=JobKind.TRAIN, model=ModelSpec(family="range"), outputs=Outputs(dir="/tmp/x"))
+    with pytest.raises(error, match=rf"job job-1 FAILED\({failure}\): boom"):
+        run_job(FailingRunner(), spec, show_progress=False, on_log=lines.append)  # type: ignore[arg-type]
+    assert lines == ["epoch 1 loss 0.5", "boom"]
