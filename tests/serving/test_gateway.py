@@ -627,3 +627,21 @@ def test_settings_and_admin_keys(
         s.admin_digests()
     with pytest.raises(ConfigError, match="cannot read"):
         GatewaySettings(admin_keys_file=tmp_path / "missing").admin_digests()
+
+
+async def test_lone_requests_run_inline_and_concurrent_ones_batch(
+    tmp_path: Path, publisher: LocalAccount, range_bundle: Bundle
+) -> None:
+    registry(tmp_path, publisher, range_bundle)
+    url = "/v1/functions/range-fn/invoke"
+    rows = trips(range_bundle, 64)
+    async with serving(settings_for(tmp_path, publisher)) as (gw, client):
+        batcher = gw.runtime.loaded[("range-fn", range_bundle.version)].batcher
+        for row in rows[:5]:  # one client: each request alone on an idle model
+            assert (await client.post(url, json={"inputs": [row]})).status_code == 200
+        assert batcher.stats.inline_batches >= 4
+        inline, batches = batcher.stats.inline_batches, batcher.stats.batches
+        responses = await asyncio.gather(*(client.post(url, json={"inputs": [r]}) for r in rows))
+        assert all(r.status_code == 200 for r in responses)
+        assert batcher.stats.batches - batches < len(rows), "concurrent requests share batches"
+        assert batcher.stats.inline_batches - inline <= 1
