@@ -15,8 +15,11 @@ $(VENV)/.dev: $(VENV)/.base
 	$(PIP) -e '.[dev]'
 	@touch $@
 
-demo: $(VENV)/.base  ## set up .venv and run the main job (emulator -> ingest -> summary)
+demo: $(VENV)/.base  ## set up .venv and run the main job (emulator -> train_and_publish -> gateway -> invoke)
 	$(VENV)/bin/depin demo --json
+
+up: $(VENV)/.base  ## Prefect server + UI on 127.0.0.1:4200, DIMO emulator, gateway, served deployments; Ctrl-C stops (ARGS="--port 4300")
+	$(VENV)/bin/depin up $(ARGS)
 
 test: $(VENV)/.dev  ## set up .venv with dev extras and run the test suite
 	$(PY) -m pytest -q -ra

@@ -134,18 +134,19 @@ def ingest(
 
 @app.command()
 def demo(
-    vehicles: Annotated[int, typer.Option(help="simulated vehicles")] = 20,
+    vehicles: Annotated[int, typer.Option(help="simulated vehicles")] = 30,
     days: Annotated[float, typer.Option(help="days of history")] = 7.0,
-    interval: Annotated[str, typer.Option(help="bucket width")] = "1m",
-    out: Annotated[Path, typer.Option(help="where the demo writes its dataset and summary")] = Path(
+    seed: Annotated[int, typer.Option(help="seed of the simulated fleet")] = 3,
+    out: Annotated[Path, typer.Option(help="where the demo writes its dataset, model and summary")] = Path(
         ".depin/demo"
     ),
     as_json: JsonOpt = False,
 ) -> None:
-    """The main job, end to end on this machine: start the DIMO emulator, ingest the fleet, summarize."""
+    """The main job, end to end on this machine: emulator → train_and_publish (ingest, train, evaluate,
+    publish) → gateway → one invocation; summary in <out>/summary.json."""
     from pipelines._demo import run_demo
 
-    summary = run_demo(vehicles=vehicles, days=days, interval=interval, out=out)
+    summary = run_demo(vehicles=vehicles, days=days, seed=seed, out=out)
     if as_json:
         emit_json(summary)
 
@@ -286,6 +287,84 @@ def invoke(
     else:
         for row in doc["outputs"]:
             err_console.print(json.dumps(row, separators=(",", ":")), markup=False, highlight=False)
+
+
+@app.command()
+def up(
+    host: Annotated[
+        str, typer.Option(help="address every service binds (loopback by default)")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Prefect server port: UI and /api (0 = a free port)")] = 4200,
+    gateway_port: Annotated[int, typer.Option(help="function gateway port (0 = a free port)")] = 8787,
+    emulator_port: Annotated[int, typer.Option(help="DIMO emulator port (0 = a free port)")] = 8765,
+    emulator: Annotated[
+        bool | None,
+        typer.Option(
+            "--emulator/--no-emulator",
+            help="start the DIMO emulator (default: yes, unless DEPIN_DIMO_* points at real DIMO)",
+        ),
+    ] = None,
+    vehicles: Annotated[int, typer.Option(help="simulated vehicles of the emulator")] = 20,
+    days: Annotated[float, typer.Option(help="days of emulated history")] = 7.0,
+    seed: Annotated[int, typer.Option(help="seed of the emulated fleet")] = 0,
+    end: Annotated[
+        str | None, typer.Option(help="end of the emulated history, ISO-8601 (default: start-up time)")
+    ] = None,
+    runner_poll_s: Annotated[int, typer.Option(help="how often served deployments look for runs (s)")] = 5,
+    background: Annotated[
+        bool, typer.Option("--background", help="detach; `depin down` stops it (log .depin/up/up.log)")
+    ] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="print the URLs (ui, api, gateway, emulator) as one JSON line once ready"
+        ),
+    ] = False,
+) -> None:
+    """Start the Prefect server + UI, the DIMO emulator and the gateway, and serve the deployments; Ctrl-C
+    stops everything."""
+    from pipelines._up import UpOptions, start_background, supervise
+
+    opts = UpOptions(
+        host=host,
+        port=port,
+        gateway_port=gateway_port,
+        emulator_port=emulator_port,
+        emulator=emulator,
+        vehicles=vehicles,
+        days=days,
+        seed=seed,
+        end=end,
+        runner_poll_s=runner_poll_s,
+    )
+    if background:
+        doc = start_background(opts)
+        err_console.print(
+            f"[bold green]depin up[/] running in the background (pid {doc['pid']}): UI {doc['ui']}, "
+            f"gateway {doc['gateway']}; `depin down` stops it"
+        )
+        if as_json:
+            emit_json(doc)
+        return
+    supervise(opts, on_ready=emit_json if as_json else lambda _doc: None)
+
+
+@app.command()
+def down(
+    timeout: Annotated[float, typer.Option(help="seconds to wait before killing what is left")] = 60.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Stop a `depin up --background` running in this directory."""
+    from pipelines._up import stop_background
+
+    result = stop_background(timeout_s=timeout)
+    err_console.print(
+        f"depin up (pid {result['pid']}) stopped"
+        if result["stopped"]
+        else f"nothing to stop: {result['reason']}"
+    )
+    if as_json:
+        emit_json(result)
 
 
 @app.command(name="signals")

@@ -24,6 +24,7 @@ DIMO_CREDENTIALS_BLOCK = "dimo"
 # Global concurrency limit held by each ingestion run (one slot): its limit is how many ingestion runs may call
 # DIMO at once (``depin up`` creates it with 1: runs queue, each within DIMO's rate).
 DIMO_CONCURRENCY_LIMIT = "dimo-api"
+DIMO_API_SLOTS = 1  # ingest runs calling DIMO at once (a run holds one slot for its whole DIMO phase)
 INGEST_WORKERS = 4  # ingestion tasks of one flow run at once; they split the run's DIMO request rate
 
 Family = Literal["range", "anomaly"]
@@ -139,6 +140,7 @@ __all__ = [
     "DEFAULT_EMULATOR_CREDENTIALS",
     "DEFAULT_GROUND_TRUTH",
     "DEFAULT_MODELS",
+    "DIMO_API_SLOTS",
     "DIMO_CONCURRENCY_LIMIT",
     "DIMO_CREDENTIALS_BLOCK",
     "INGEST_WORKERS",
