@@ -9,7 +9,7 @@
    ``DEPIN_DIMO_CLIENT_ID``);
 3. the function gateway on the local registry (``.depin/registry``);
 
-then creates the ``dimo-api`` global concurrency limit (the ingest tasks take its slots, non-strictly) and
+then creates the ``dimo-api`` global concurrency limit (each ingest run holds one slot for its DIMO phase, non-strictly) and
 serves the deployments (``prefect.serve(*deployments())`` in a child with ``PREFECT_API_URL`` set; flow runs
 are its child processes). The supervising process writes ``.depin/up/state.json`` (pids, ports, URLs) and
 stops everything, newest first, on SIGINT/SIGTERM/SIGHUP: each process group plus any descendant that left
