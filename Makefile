@@ -24,9 +24,11 @@ up: $(VENV)/.base  ## Prefect server + UI on 127.0.0.1:4200, DIMO emulator, gate
 test: $(VENV)/.dev  ## set up .venv with dev extras and run the test suite
 	$(PY) -m pytest -q -ra
 
-bench: $(VENV)/.base  ## benchmarks (print ratios against baselines measured in the same run)
+bench: $(VENV)/.dev  ## benchmarks (print ratios against baselines measured in the same run; they reuse test fixtures)
 	$(PY) bench/ingest.py
 	$(PY) bench/train.py
+	$(PY) bench/serve.py
+	$(PY) bench/pipeline.py
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
