@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import math
 import os
 import secrets
@@ -27,6 +26,7 @@ from connectors.dimo.settings import DimoSettings
 from connectors.dimo.store import TelemetryStore
 from depin_core.errors import ConfigError, PermanentError, TransientError
 from depin_core.timeparse import parse_instant
+from gpu_jobs.spec import sha256_file
 from pipelines._ingest_cmd import parse_interval
 from pipelines._jobs_cmd import LogSink, run_score, run_train
 from pipelines.params import IngestParams, PublishParams, ScoreParams, TrainParams
@@ -229,10 +229,6 @@ def model_dir_for(params: TrainParams, now: datetime | None = None) -> Path:
     """A fresh artifact directory ``<out>/<family>-<UTC time>-<random>`` (never overwrites a model)."""
     stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
     return params.out / f"{params.family}-{stamp}-{secrets.token_hex(2)}"
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def train_on_chain(
