@@ -36,6 +36,7 @@ from pipelines.results import (
     PublishFunctionResult,
     QualityVerdict,
     ScoreResult,
+    TrainAndPublishResult,
     TrainResult,
     clean_metrics,
 )
@@ -342,6 +343,23 @@ def metrics_rows(result: TrainResult) -> list[dict[str, Any]]:
     ]
     rows += [{"metric": f"bar: {k}", "value": v} for k, v in result.baseline.items()]
     return rows
+
+
+def run_summary_markdown(result: TrainAndPublishResult) -> str:
+    """The parent run's own report: data → model → function, with the stage times."""
+    m, b = result.metrics, result.baseline
+    key = "mae" if "mae" in m else "recall"
+    return "\n".join(
+        [
+            f"# {result.function_name}@{result.function_alias} → version `{result.function_version}`",
+            "",
+            f"- data: {result.rows:,} rows from {result.vehicles} vehicles (`{result.dataset}`, "
+            f"{result.new_rows:,} new)",
+            f"- model: {result.family}, held-out {key} {m.get(key)} (baseline: {b})",
+            f"- function: [{result.function_url}]({result.function_url}) — [manifest]({result.manifest_url})",
+            "- stage seconds: " + ", ".join(f"{k} {v:g}" for k, v in result.stage_seconds.items()),
+        ]
+    )
 
 
 def metrics_markdown(result: TrainResult) -> str:

@@ -225,7 +225,7 @@ def train_and_publish(params: TrainAndPublishParams = TrainAndPublishParams()) -
     stages["publish"] = round(time.perf_counter() - t, 3)
 
     info = ingested.dataset if ingested is not None else T.dataset_info(str(dataset))
-    return TrainAndPublishResult(
+    result = TrainAndPublishResult(
         dataset=str(dataset),
         dataset_sha256=trained.dataset_sha256,
         rows=info.rows,
@@ -246,6 +246,12 @@ def train_and_publish(params: TrainAndPublishParams = TrainAndPublishParams()) -
         train=trained,
         publish=published,
     )
+    create_markdown_artifact(
+        markdown=S.run_summary_markdown(result),
+        key="train-and-publish-summary",
+        description="this run, end to end",
+    )
+    return result
 
 
 __all__ = ["batch_score", "ingest_telemetry", "publish_function", "train_and_publish", "train_model"]

@@ -72,6 +72,10 @@ def test_train_and_publish_against_the_emulator_then_invoke_through_the_gateway(
     assert result.train.dataset_sha256 == result.ingest.dataset.sha256 == result.dataset_sha256  # type: ignore[union-attr]
     summary = result.summary()
     assert {"rows", "vehicles", "metrics", "baseline", "function_url", "stage_seconds"} <= set(summary)
+    from tests.flows.test_flows import artifacts
+
+    report = artifacts("train-and-publish-summary")[0].data
+    assert result.function_version in report and result.function_url in report
     json_ = JSONSerializer()
     assert json_.loads(json_.dumps(result)) == result  # the persisted result is JSON, and round-trips
 
