@@ -232,33 +232,45 @@ def model_dir_for(params: TrainParams, now: datetime | None = None) -> Path:
     return params.out / f"{params.family}-{stamp}-{secrets.token_hex(2)}"
 
 
-def train_on_chain(
-    params: TrainParams, dataset: Path, out: Path, on_log: LogSink | None = None
+def on_runner_chain(
+    runners: Sequence[str], run: Callable[[str], dict[str, Any]], on_log: LogSink | None = None
 ) -> tuple[dict[str, Any], str]:
-    """Train through the runner chain: the next runner is tried when one fails for infrastructure reasons
-    (``TransientError``); a permanent failure stops at once. Returns (``depin train --json`` doc, runner)."""
+    """``run(runner)`` on each runner of the chain in turn until one succeeds: the next runner is tried when
+    one fails for infrastructure reasons (``TransientError``); a permanent failure stops at once.
+    Returns (the job's JSON doc, the runner that ran it)."""
     failures: list[str] = []
-    for name in params.runners:
+    for name in runners:
         try:
-            doc = run_train(
-                dataset=dataset,
-                model=params.family,
-                out=out,
-                runner=name,
-                ground_truth=params.ground_truth,
-                params=params.hyperparameters,
-                seed=params.seed,
-                max_wall_s=params.max_wall_s,
-                jobs_dir=params.jobs_dir,
-                show_progress=False,
-                on_log=on_log,
-            )
-            return doc, name
+            return run(name), name
         except TransientError as exc:
             failures.append(f"{name}: {exc}")
             if on_log is not None:
                 on_log(f"runner {name} failed ({exc}); trying the next runner")
     raise TransientError("every runner of the chain failed: " + " | ".join(failures))
+
+
+def train_on_chain(
+    params: TrainParams, dataset: Path, out: Path, on_log: LogSink | None = None
+) -> tuple[dict[str, Any], str]:
+    """Train through the runner chain: the next runner is tried when one fails for infrastructure reasons
+    (``TransientError``); a permanent failure stops at once. Returns (``depin train --json`` doc, runner)."""
+    return on_runner_chain(
+        params.runners,
+        lambda name: run_train(
+            dataset=dataset,
+            model=params.family,
+            out=out,
+            runner=name,
+            ground_truth=params.ground_truth,
+            params=params.hyperparameters,
+            seed=params.seed,
+            max_wall_s=params.max_wall_s,
+            jobs_dir=params.jobs_dir,
+            show_progress=False,
+            on_log=on_log,
+        ),
+        on_log,
+    )
 
 
 def _finite(metrics: dict[str, Any], key: str) -> float | None:
@@ -559,25 +571,21 @@ def score_step(params: ScoreParams, on_log: LogSink | None = None) -> ScoreResul
     model = resolve_model(params)
     label = params.function.replace("@", "-") if params.function else Path(model).name
     out = params.out or Path(".depin/scores") / f"{label}.parquet"
-    failures: list[str] = []
-    for name in params.runners:
-        try:
-            doc = run_score(
-                model_dir=model,
-                dataset=params.dataset,
-                out=out,
-                runner=name,
-                ground_truth=params.ground_truth,
-                max_wall_s=params.max_wall_s,
-                jobs_dir=params.jobs_dir,
-                show_progress=False,
-                on_log=on_log,
-            )
-            break
-        except TransientError as exc:
-            failures.append(f"{name}: {exc}")
-    else:
-        raise TransientError("every runner of the chain failed: " + " | ".join(failures))
+    doc, _ = on_runner_chain(
+        params.runners,
+        lambda name: run_score(
+            model_dir=model,
+            dataset=params.dataset,
+            out=out,
+            runner=name,
+            ground_truth=params.ground_truth,
+            max_wall_s=params.max_wall_s,
+            jobs_dir=params.jobs_dir,
+            show_progress=False,
+            on_log=on_log,
+        ),
+        on_log,
+    )
     return ScoreResult(
         output=str(out),
         sha256=sha256_file(out),
