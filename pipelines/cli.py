@@ -210,11 +210,11 @@ def score(
 @app.command()
 def serve(
     host: Annotated[
-        str | None, typer.Option(help="address to bind [default: 127.0.0.1, or DEPIN_GATEWAY_HOST]")
+        str | None, typer.Option(help="address to bind (default: 127.0.0.1, or DEPIN_GATEWAY_HOST)")
     ] = None,
-    port: Annotated[int | None, typer.Option(help="port (0 = any free port) [default: 8787]")] = None,
+    port: Annotated[int | None, typer.Option(help="port (0 = any free port) (default: 8787)")] = None,
     registry: Annotated[
-        Path | None, typer.Option(help="registry directory [default: .depin/registry]")
+        Path | None, typer.Option(help="registry directory (default: .depin/registry)")
     ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="print one JSON line (url, port, …) on stdout once listening")
@@ -235,12 +235,12 @@ def publish(
     ] = None,
     target: Annotated[str, typer.Option(help="'local' (the registry directory) or a gateway URL")] = "local",
     registry: Annotated[
-        Path | None, typer.Option(help="registry directory for --target local [default: .depin/registry]")
+        Path | None, typer.Option(help="registry directory for --target local (default: .depin/registry)")
     ] = None,
     admin_key_file: Annotated[
         Path | None,
         typer.Option(
-            help="file with the gateway's admin key [default: DEPIN_ADMIN_KEY, else <registry>/admin.key]"
+            help="file with the gateway's admin key (default: DEPIN_ADMIN_KEY, else <registry>/admin.key)"
         ),
     ] = None,
     max_batch_size: Annotated[int, typer.Option(help="most rows per request and per batch")] = 1024,
@@ -272,7 +272,7 @@ def invoke(
     ref: Annotated[str, typer.Argument(help="function: name, name@alias or name@version")],
     data: Annotated[str, typer.Option(help='a JSON row, a list of rows, {"inputs": [...]}, or @file.json')],
     target: Annotated[
-        str | None, typer.Option(help="gateway URL [default: DEPIN_GATEWAY_URL, else http://127.0.0.1:8787]")
+        str | None, typer.Option(help="gateway URL (default: DEPIN_GATEWAY_URL, else http://127.0.0.1:8787)")
     ] = None,
     request_id: Annotated[str | None, typer.Option(help="X-Request-Id (keys sticky weighted splits)")] = None,
     as_json: JsonOpt = False,
