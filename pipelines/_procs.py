@@ -117,6 +117,10 @@ def stop_tree(pgids: Iterable[int], pids: Iterable[int], *, grace_s: float = 10.
     for pgid in pgids:
         _signal_group(pgid, signal.SIGKILL)
     _signal_pids(left, signal.SIGKILL)
+    # SIGKILL is delivered asynchronously: return only once the killed processes are really gone (bounded)
+    deadline = time.monotonic() + 5.0
+    while any(alive(p) for p in left) and time.monotonic() < deadline:
+        time.sleep(0.02)
     return left
 
 
