@@ -83,6 +83,20 @@ def _run_parameters() -> dict[str, Any]:
     return {"params": {"ingest": ingest}}
 
 
+def _wait_for_run_named(api: str, name: str, *, timeout_s: float) -> None:
+    """Wait until the Prefect API lists a flow run called ``name`` (the UI's Runs page reads the same API)."""
+    deadline = time.monotonic() + timeout_s
+    body = {"flow_runs": {"name": {"any_": [name]}}, "limit": 1}
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.post(f"{api}/flow_runs/filter", json=body, timeout=10).json():
+                return
+        time.sleep(1)
+    raise AssertionError(
+        f"no flow run named {name!r} after {timeout_s:g} s: the UI's Submit did not create it"
+    )
+
+
 def _shot(page: Any, name: str, tmp_path: Path) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / name), full_page=True)
@@ -130,12 +144,13 @@ def test_ui_runs_train_and_publish_to_completed_with_artifacts(
             assert run_name
             page.get_by_role("button", name="Submit", exact=True).click()
             page.wait_for_url("**/deployments/deployment/**")
-            # the Runs page lists the new run by the form's name (reloaded until it shows)
+            # the API knows the run first (bounded wait); then the Runs page must list it by the form's name
+            _wait_for_run_named(api, run_name, timeout_s=180)
             link = page.get_by_role("link", name=run_name, exact=True).first
-            for _ in range(30):
+            for _ in range(6):
                 page.goto(f"{ui}/runs")
                 with contextlib.suppress(sync_api.TimeoutError):
-                    link.wait_for(timeout=2_000)
+                    link.wait_for(timeout=20_000)
                     break
             link.click()
             page.wait_for_url("**/runs/flow-run/**")
