@@ -207,11 +207,24 @@ def run_publish(
     registry: Path | None,
     admin_key_file: Path | None,
     max_batch_size: int,
+    fluence_target: str | None = None,
+    max_usd_per_day: float | None = None,
 ) -> dict[str, Any]:
     """Build, sign and publish ``model`` as function ``name``; returns the ``depin publish --json`` object."""
     from serving.bundle import load_publisher_account
     from serving.publish import GatewayPublisher, LocalPublisher
 
+    if target == "fluence":
+        from pipelines._fluence_cmd import run_fluence_publish
+
+        return run_fluence_publish(
+            model=model,
+            name=name,
+            alias=alias,
+            max_batch_size=max_batch_size,
+            fluence_target=fluence_target,
+            max_usd_per_day=max_usd_per_day,
+        )
     registry_dir = registry or default_registry()
     account = load_publisher_account()
     if target == "local":
@@ -219,7 +232,8 @@ def run_publish(
         return local.publish(model, name, alias=alias).to_json()
     if not target.startswith(("http://", "https://")):
         raise ConfigError(
-            f"--target {target!r}: use 'local' (the registry directory) or a gateway URL http(s)://…"
+            f"--target {target!r}: use 'local' (the registry directory), 'fluence' or a gateway URL "
+            "http(s)://…"
         )
     key = read_admin_key(admin_key_file, registry_dir)
     with GatewayPublisher(target, key, account, max_batch_size=max_batch_size) as remote:

@@ -86,7 +86,20 @@ class PublishParams(_Params):
         None, description="function name: 1-63 of a-z, 0-9, '_', '-'; default: the model family"
     )
     alias: str | None = Field("prod", description="alias moved to the version after the smoke call")
-    target: str = Field("local", description="'local' (the registry directory) or a gateway URL")
+    target: str = Field(
+        "local",
+        description="'local' (the registry directory), 'fluence' (a gateway VM on Fluence, created on first "
+        "publish; DEPIN_FLUENCE_* settings) or a gateway URL",
+    )
+    fluence_target: str | None = Field(
+        None,
+        description="target fluence: deployment name, VM depin-gw-<name> (default: DEPIN_FLUENCE_TARGET)",
+    )
+    max_usd_per_day: float | None = Field(
+        None,
+        ge=0,
+        description="target fluence: price cap of a new VM (default DEPIN_FLUENCE_MAX_USD_PER_DAY, 5)",
+    )
     registry: Path | None = Field(None, description="registry for target local; default .depin/registry")
     gateway_url: str | None = Field(
         None,
@@ -106,8 +119,8 @@ class PublishParams(_Params):
     @field_validator("target")
     @classmethod
     def _check_target(cls, v: str) -> str:
-        if v != "local" and not v.startswith(("http://", "https://")):
-            raise ValueError(f"target {v!r}: use 'local' or a gateway URL http(s)://…")
+        if v not in ("local", "fluence") and not v.startswith(("http://", "https://")):
+            raise ValueError(f"target {v!r}: use 'local', 'fluence' or a gateway URL http(s)://…")
         return v.rstrip("/")
 
 

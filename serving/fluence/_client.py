@@ -1,0 +1,362 @@
+"""HTTP client of the Fluence public API (``https://api.fluence.dev``), both API generations and GPU containers.
+
+Authentication: the API key goes into ``X-API-KEY`` on every request, plus ``Authorization: Bearer <key>`` for
+generation A (``/vms/v3``, marketplace, GPU) and ``Authorization: X-API-KEY <key>`` for generation B (``/v1``,
+``/v2``) — the forms the docs and Fluence's own Terraform provider send. The key is a ``SecretStr`` and never
+appears in a message, a log line or a ``repr``.
+
+Errors: transient failures (connection errors, 429, 5xx) are retried with jittered exponential backoff, honouring
+``Retry-After``; after the last attempt they raise :class:`FluenceUnavailable` (a ``TransientError``). A request
+that may have reached the server (a read timeout, a dropped connection, a 5xx) is re-sent only when it is
+idempotent: creating a VM is not, so the caller must reconcile by name. Other answers raise a
+:class:`FluenceRefused` (a ``PermanentError``) built from the body — generation A's ``{"error": "..."}`` or
+generation B's ``{"code": "...", "error": "..."}`` — with a hint what to do; 422 "No suitable offer found" /
+"Not enough offers found" is :class:`NoOffer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Collection
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Literal
+
+import httpx
+from pydantic import SecretStr
+
+from depin_core.errors import ConfigError, DepinError, PermanentError, TransientError
+
+if TYPE_CHECKING:
+    from serving.fluence._gen_a import VmsV3
+    from serving.fluence._gen_b import V2Cluster
+    from serving.fluence._gpu import GpuContainers
+
+log = logging.getLogger(__name__)
+
+Generation = Literal["A", "B"]
+DEFAULT_BASE_URL = "https://api.fluence.dev"
+RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+_NO_OFFER = ("no suitable offer", "not enough offers")
+
+
+class FluenceError(DepinError):
+    """Root of the Fluence client's errors."""
+
+
+class FluenceRefused(FluenceError, PermanentError):
+    """The API refused the request. ``status`` is the HTTP status, ``code`` generation B's error code (or a
+    status-derived one), ``api_message`` the API's own ``error`` text."""
+
+    def __init__(self, message: str, *, status: int, code: str, api_message: str = "") -> None:
+        super().__init__(message)
+        self.status, self.code, self.api_message = status, code, api_message
+
+
+class FluenceAuthError(FluenceRefused):
+    """401/403: the API key is missing, wrong, expired or lacks the scope."""
+
+
+class FluenceNotFound(FluenceRefused):
+    """404: no such resource (or route: a generation the account does not have)."""
+
+
+class NoOffer(FluenceRefused):
+    """422 "No suitable offer found" / "Not enough offers found": nothing matches the constraints or price."""
+
+
+class InsufficientBalance(FluenceRefused):
+    """The account's balance cannot pay for the deposit (generation B ``insufficient_balance``)."""
+
+
+class FluenceUnavailable(FluenceError, TransientError):
+    """The API could not be reached or kept answering 429/5xx; retrying later may work."""
+
+
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    406: "not_acceptable",
+    409: "conflict",
+    422: "unprocessable_entity",
+}
+
+
+def _retry_after(r: httpx.Response) -> float | None:
+    raw = r.headers.get("retry-after")
+    try:
+        return max(0.0, float(raw)) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def parse_error(r: httpx.Response) -> tuple[str, str]:
+    """(code, message) of an error answer: ``{"error": "..."}`` (A), ``{"code", "error"}`` (B), or text."""
+    try:
+        body = r.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict):  # tolerate {"error": {"code", "message"}}
+            return str(err.get("code") or _STATUS_CODES.get(r.status_code, "http_error")), str(
+                err.get("message") or ""
+            )
+        code = body.get("code") or _STATUS_CODES.get(r.status_code, "http_error")
+        return str(code), str(err if err is not None else body.get("message") or "")
+    return _STATUS_CODES.get(r.status_code, "http_error"), r.text[:300].strip()
+
+
+def _fix(status: int, code: str) -> str:
+    if status in (401, 403):
+        return (
+            "check the Fluence API key (DEPIN_FLUENCE_API_KEY; create one in Fluence Console › Settings › API "
+            "Keys, full access for deploys)"
+        )
+    if status == 404:
+        return "the resource is gone or this account does not have this API generation"
+    if code == "insufficient_balance":
+        return "top up the Fluence balance (Console › Billing)"
+    if status == 422:
+        return "relax the constraints (configuration, country, max price) or retry later"
+    if status in (400, 406, 409):
+        return "the message says which field or state is wrong"
+    return "see the message"
+
+
+def refused(r: httpx.Response, where: str) -> FluenceRefused:
+    """The :class:`FluenceRefused` (subclass) for a permanent error answer."""
+    code, message = parse_error(r)
+    status = r.status_code
+    cls: type[FluenceRefused] = FluenceRefused
+    if status in (401, 403):
+        cls = FluenceAuthError
+    elif status == 404:
+        cls = FluenceNotFound
+    elif code == "insufficient_balance":
+        cls = InsufficientBalance
+    elif status == 422 and any(m in message.lower() for m in _NO_OFFER):
+        cls = NoOffer
+    text = f"{where} refused ({status} {code}): {message or r.reason_phrase}; {_fix(status, code)}"
+    return cls(text, status=status, code=code, api_message=message)
+
+
+class FluenceClient:
+    """A client of one Fluence account. ``generation`` ("A" or "B") skips detection; ``transport`` and
+    ``sleep`` are seams for tests. Use ``.a`` (VMs v3), ``.b`` (v2 cluster VMs) and ``.gpu`` (GPU containers).
+
+    ``retries`` extra attempts after the first for transient failures, waiting ``backoff_s × 2^attempt`` (or the
+    server's ``Retry-After``), jittered ±20 %, at most ``max_backoff_s``.
+    """
+
+    def __init__(
+        self,
+        api_key: SecretStr,
+        *,
+        base_url: str = DEFAULT_BASE_URL,
+        generation: Generation | None = None,
+        timeout_s: float = 30.0,
+        connect_timeout_s: float = 10.0,
+        retries: int = 4,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 20.0,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if not isinstance(api_key, SecretStr):
+            raise ConfigError("api_key must be a pydantic SecretStr (keeps it out of logs and reprs)")
+        if not api_key.get_secret_value().strip():
+            raise ConfigError("the Fluence API key is empty: set DEPIN_FLUENCE_API_KEY")
+        url = base_url.strip().rstrip("/")
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"Fluence base URL {base_url!r} must start with https:// (or http:// for a fake)"
+            )
+        if generation not in (None, "A", "B"):
+            raise ConfigError(f"generation must be 'A', 'B' or None (detect), not {generation!r}")
+        self.base_url = url
+        self._key = api_key
+        self._generation: Generation | None = generation
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._sleep = sleep
+        timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
+        self._http = httpx.Client(
+            base_url=url, timeout=timeout, transport=transport, headers={"Accept": "application/json"}
+        )
+
+    def __repr__(self) -> str:
+        return f"FluenceClient({self.base_url!r}, generation={self._generation!r}, api_key='**********')"
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> FluenceClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- adapters ----------------------------------------------------------------------------------------------
+    @cached_property
+    def a(self) -> VmsV3:
+        """Generation A: marketplace offers and ``/vms/v3``."""
+        from serving.fluence._gen_a import VmsV3
+
+        return VmsV3(self)
+
+    @cached_property
+    def b(self) -> V2Cluster:
+        """Generation B: clusters, ``/v2/vms``, security groups, cloud-init."""
+        from serving.fluence._gen_b import V2Cluster
+
+        return V2Cluster(self)
+
+    @cached_property
+    def gpu(self) -> GpuContainers:
+        """GPU Cloud containers (``/gpu``)."""
+        from serving.fluence._gpu import GpuContainers
+
+        return GpuContainers(self)
+
+    # ---- generation --------------------------------------------------------------------------------------------
+    @property
+    def generation(self) -> Generation:
+        """The account's API generation (detected on first use unless given)."""
+        if self._generation is None:
+            self._generation = self.detect_generation()
+        return self._generation
+
+    def detect_generation(self) -> Generation:
+        """``GET /v1/service/status`` answering 200 → "B"; else ``GET /vms/v3`` answering 200 → "A".
+
+        Raises ``FluenceAuthError`` when the key is refused, ``FluenceUnavailable`` when the API cannot be
+        reached, ``FluenceRefused`` when neither generation answers."""
+        try:
+            self.request("GET", "/v1/service/status", gen="B")
+            return "B"
+        except FluenceRefused as exc:
+            first = exc
+        try:
+            self.request("GET", "/vms/v3", gen="A")
+            return "A"
+        except FluenceAuthError:
+            raise
+        except FluenceRefused as exc:
+            raise FluenceRefused(
+                f"{self.base_url} answers neither API generation (/v1/service/status: {first.status}, /vms/v3: "
+                f"{exc.status}); check DEPIN_FLUENCE_URL (default {DEFAULT_BASE_URL})",
+                status=exc.status,
+                code=exc.code,
+                api_message=exc.api_message,
+            ) from None
+
+    # ---- transport ---------------------------------------------------------------------------------------------
+    def _headers(self, gen: Generation) -> dict[str, str]:
+        key = self._key.get_secret_value()
+        auth = f"Bearer {key}" if gen == "A" else f"X-API-KEY {key}"
+        return {"X-API-KEY": key, "Authorization": auth}
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        base = retry_after if retry_after is not None else self.backoff_s * 2**attempt
+        return min(self.max_backoff_s, base) * random.uniform(0.8, 1.2)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        gen: Generation,
+        json: Any = None,
+        params: Any = None,
+        idempotent: bool | None = None,
+        ok: Collection[int] = (200, 201, 202, 204),
+    ) -> httpx.Response:
+        """Send ``method path`` with ``gen``'s auth headers and the retry policy of the module docstring.
+
+        ``idempotent`` defaults to True for GET/PUT/DELETE/PATCH/HEAD and False for POST. Returns the response
+        when its status is in ``ok``."""
+        if idempotent is None:
+            idempotent = method.upper() != "POST"
+        where = f"{method} {self.base_url}{path}"
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            retry_after: float | None = None
+            try:
+                r = self._http.request(method, path, json=json, params=params, headers=self._headers(gen))
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                problem = f"cannot connect ({type(exc).__name__})"
+            except httpx.TransportError as exc:  # may have reached the server
+                if not idempotent:
+                    raise FluenceUnavailable(
+                        f"{where}: the connection failed after sending ({type(exc).__name__}); the request may "
+                        "have been applied — list the resources (by name) before retrying"
+                    ) from None
+                problem = f"connection failed ({type(exc).__name__})"
+            else:
+                if r.status_code in ok:
+                    return r
+                if r.status_code not in RETRY_STATUS:
+                    raise refused(r, where)
+                code, message = parse_error(r)
+                problem, retry_after = f"{r.status_code} {code}: {message[:200]}", _retry_after(r)
+                if not idempotent and r.status_code != 429:
+                    raise FluenceUnavailable(
+                        f"{where}: {problem}; the request may have been applied — list the resources (by name) "
+                        "before retrying",
+                        retry_after=retry_after,
+                    )
+            if last:
+                raise FluenceUnavailable(
+                    f"{where}: {problem}; gave up after {attempt + 1} attempts — retry later",
+                    retry_after=retry_after,
+                )
+            delay = self._delay(attempt, retry_after)
+            log.info("%s: %s; retrying in %.2fs", where, problem, delay)
+            self._sleep(delay)
+        raise AssertionError("unreachable")
+
+    def get_json(self, path: str, *, gen: Generation, params: Any = None) -> Any:
+        """``GET path`` → decoded JSON."""
+        return _json(self.request("GET", path, gen=gen, params=params), path)
+
+    def paginate(
+        self, path: str, *, gen: Generation, params: dict[str, Any] | None = None, per_page: int = 100
+    ) -> list[dict[str, Any]]:
+        """Every item of a generation-B paginated list (``{"items", "pagination"}``), walking ``page`` /
+        ``perPage``. Independent of whether pages count from 0 or 1: it asks for the page after the one the
+        server says it returned, until it has ``filteredRecords`` items or a page comes back empty."""
+        items: list[dict[str, Any]] = []
+        query = dict(params or {})
+        query["perPage"] = per_page
+        for _ in range(10_000):
+            doc = self.get_json(path, gen=gen, params=query)
+            if isinstance(doc, list):  # an unpaginated answer
+                return items + doc
+            page_items = doc.get("items") or []
+            items.extend(page_items)
+            pag = doc.get("pagination") or {}
+            total = int(pag.get("filteredRecords", pag.get("totalRecords", 0)) or 0)
+            current = int(pag.get("currentPage", 0) or 0)
+            pages = int(pag.get("totalPages", 0) or 0)
+            if not page_items or len(items) >= total or (pages and current + 1 > pages and current >= 1):
+                return items
+            query["page"] = current + 1
+        raise FluenceRefused(
+            f"GET {path}: pagination did not end", status=200, code="pagination", api_message=""
+        )
+
+
+def _json(r: httpx.Response, path: str) -> Any:
+    try:
+        return r.json()
+    except ValueError:
+        raise FluenceRefused(
+            f"{path}: the API answered {r.status_code} with a body that is not JSON ({r.text[:120]!r})",
+            status=r.status_code,
+            code="bad_response",
+        ) from None

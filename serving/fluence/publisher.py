@@ -1,0 +1,806 @@
+"""Publish functions to a gateway running on a Fluence VM: :class:`FluencePublisher` (a ``serving.publish``
+``Publisher``).
+
+``publish(model_dir, name, alias=…)``:
+
+1. **Ensure a gateway VM** for the target (``depin-gw-<target>``). The API has no idempotency keys, so the VM
+   is found by name through list calls: a running one is reused (no second VM); a failed/ended one is
+   deleted and recreated. The state record (with the admin key) is written *before* the create call, so a
+   crash between create and record is reconciled by name on the next run.
+2. **Price guard** (only when a VM must be created): the price is estimated first (gen A ``/vms/v3/estimate``,
+   gen B ``/v1/prices/cost``) and a price above ``max_usd_per_day`` raises ``ConfigError`` naming
+   ``DEPIN_FLUENCE_MAX_USD_PER_DAY`` — nothing is created.
+3. **Bootstrap** (``serving.fluence.bootstrap``): gen B passes cloud-init user data at create and attaches a
+   security group opening 22 and the gateway port to the VM's interface; gen A creates the VM with
+   ``openPorts = [22, port]`` (``openPorts`` replaces the list: 22 is always kept), waits for ``Active`` and
+   runs the bootstrap script over SSH as the default image's user.
+4. **Wait** for ``Active``/``launched`` (``vm_timeout_s``) and then for the gateway's ``/readyz``
+   (``ready_timeout_s``). A VM created by this call that fails or times out is deleted (no orphan), and the
+   error says what happened.
+5. **Publish** through ``serving.publish.GatewayPublisher`` with the target's admin key (verified upload, then
+   the alias moves) and record the version in the state file (``serving.fluence.state``).
+
+The gateway's admin key is generated here; only its sha256 goes to the VM. The key is kept in a 0600 file
+beside the state, never printed. ``status()`` and ``down()`` back ``depin fluence status|down``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import httpx
+from eth_account.signers.local import LocalAccount
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from depin_core.errors import ConfigError, DepinError, PermanentError, TransientError
+from serving._auth import new_admin_key
+from serving.bundle import DEFAULT_MAX_BATCH_SIZE, valid_name
+from serving.fluence import bootstrap as boot
+from serving.fluence._client import DEFAULT_BASE_URL, FluenceClient, FluenceRefused, FluenceUnavailable
+from serving.fluence.state import DEFAULT_STATE_DIR, Deployment, PublishedVersion, StateStore, valid_target
+from serving.publish import GatewayPublisher, PublishResult
+from serving.registry import valid_alias
+
+log = logging.getLogger(__name__)
+
+VM_PREFIX = "depin-gw-"
+SSH_KEY_FILE = "id_ed25519"
+
+
+class FluenceSettings(BaseSettings):
+    """Settings of ``depin publish --target fluence`` (env prefix ``DEPIN_FLUENCE_``; keyword arguments win)."""
+
+    model_config = SettingsConfigDict(env_prefix="DEPIN_FLUENCE_", extra="ignore", hide_input_in_errors=True)
+
+    api_key: SecretStr | None = Field(None, description="Fluence API key (Console › Settings › API keys)")
+    url: str = Field(DEFAULT_BASE_URL, description="Fluence API base URL")
+    generation: Literal["A", "B"] | None = Field(None, description="API generation; default: detected")
+    target: str = Field("default", description="deployment name; the VM is named depin-gw-<target>")
+    port: int = Field(8787, ge=1, le=65535, description="gateway port opened on the VM")
+    ssh_port: int = Field(22, ge=1, le=65535, description="SSH port of generation-A VMs (bootstrap)")
+    max_usd_per_day: float = Field(
+        5.0, ge=0, description="price cap: refuse to create a VM costing more than this per day (USD/USDC)"
+    )
+    package: str = Field(boot.DEFAULT_PACKAGE, description="pip requirement installed on the VM")
+    torch_index: str | None = Field(boot.CPU_TORCH_INDEX, description="extra index for torch wheels (CPU)")
+    state_dir: Path = Field(DEFAULT_STATE_DIR, description="state file, admin keys and the SSH key")
+    ssh_key_file: Path | None = Field(None, description="SSH private key (default <state_dir>/id_ed25519)")
+    os_image: str | None = Field(
+        None, description="OS image (gen A URL/slug, gen B image id/slug); default Ubuntu"
+    )
+    basic_configuration: str | None = Field(
+        None, description="gen A VM size slug, e.g. cpu-2-ram-4gb-storage-25gb (default: the cheapest)"
+    )
+    countries: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="gen A datacenter countries (ISO codes, comma-separated)"
+    )
+    cluster: str | None = Field(None, description="gen B cluster id or name (default: the first)")
+    configuration: str | None = Field(
+        None, description="gen B VM configuration id or slug (default: smallest)"
+    )
+    volume_gb: int = Field(25, ge=10, le=10_000, description="gen B boot disk size")
+    source_cidr: str = Field("0.0.0.0/0", description="gen B: who may reach the gateway port (CIDR)")
+    vm_timeout_s: float = Field(900.0, gt=0, description="wait for Active/launched at most this long")
+    bootstrap_timeout_s: float = Field(1200.0, gt=0, description="gen A: SSH bootstrap at most this long")
+    ready_timeout_s: float = Field(
+        900.0, gt=0, description="wait for the gateway's /readyz at most this long"
+    )
+    poll_s: float = Field(5.0, gt=0, description="status polling interval")
+
+    @field_validator("countries", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [c.strip().upper() for c in value.split(",") if c.strip()]
+        return value
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, value: str) -> str:
+        return valid_target(value)
+
+    @field_validator("port")
+    @classmethod
+    def _port(cls, value: int) -> int:
+        if value in (22, 10250):
+            raise ConfigError(f"DEPIN_FLUENCE_PORT (port) {value}: reserved (SSH / Fluence); use e.g. 8787")
+        return value
+
+    def key_file(self) -> Path:
+        return self.ssh_key_file or self.state_dir / SSH_KEY_FILE
+
+    def client(self, **options: Any) -> FluenceClient:
+        """A :class:`FluenceClient` for these settings (``ConfigError`` without an API key)."""
+        if self.api_key is None or not self.api_key.get_secret_value().strip():
+            raise ConfigError(
+                "no Fluence API key: set DEPIN_FLUENCE_API_KEY (Fluence Console › Settings › API keys)"
+            )
+        return FluenceClient(self.api_key, base_url=self.url, generation=self.generation, **options)
+
+
+@dataclass(frozen=True)
+class Quote:
+    """What a new gateway VM would cost."""
+
+    usd_per_day: float
+    usd_per_hour: float
+    deposit_usd: float | None
+    detail: str
+
+
+@dataclass(frozen=True)
+class LiveVm:
+    """A VM as the API reports it now, in generation-neutral terms."""
+
+    id: str
+    name: str
+    status: str
+    ip: str | None
+    running: bool  # Active / launched
+    failed: bool  # failed, ended, stopped: will not come back
+    usd_per_hour: float | None
+
+
+class VmFailed(PermanentError):
+    """The VM reached a terminal failed status."""
+
+
+# ------------------------------------------------------------------------------------------------ backends
+
+
+class _GenA:
+    """Generation A: ``/vms/v3``; SSH bootstrap; ``openPorts``."""
+
+    generation: Literal["A"] = "A"
+
+    def __init__(self, pub: FluencePublisher) -> None:
+        self.p = pub
+        self.api = pub.client.a
+
+    def _live(self, vm: Any) -> LiveVm:
+        per_day = vm.price_per_epoch
+        return LiveVm(
+            id=vm.id,
+            name=vm.vm_name,
+            status=vm.status,
+            ip=vm.public_ip,
+            running=vm.status == "Active",
+            failed=vm.gone,
+            usd_per_hour=per_day / 24 if per_day is not None else None,
+        )
+
+    def find(self, name: str) -> list[LiveVm]:
+        return [self._live(v) for v in self.api.find(name)]
+
+    def get(self, vm_id: str) -> LiveVm | None:
+        vm = self.api.get(vm_id)
+        return self._live(vm) if vm is not None else None
+
+    def constraints(self) -> dict[str, Any]:
+        s = self.p.settings
+        out: dict[str, Any] = {}
+        if s.basic_configuration:
+            out["basicConfiguration"] = s.basic_configuration
+        if s.countries:
+            out["datacenter"] = {"countries": list(s.countries)}
+        return out
+
+    def quote(self) -> Quote:
+        est = self.api.estimate(self.constraints(), instances=1)
+        per_day = est.total_price_per_epoch
+        return Quote(
+            usd_per_day=per_day,
+            usd_per_hour=per_day / 24,
+            deposit_usd=est.deposit_amount_usdc,
+            detail=f"{per_day:.4f} USDC/day, {est.deposit_amount_usdc:.4f} USDC deposit "
+            f"({est.deposit_epochs} days charged at deploy)",
+        )
+
+    def image(self) -> tuple[str, str]:
+        """(osImage URL, SSH username) of the configured or default (Ubuntu) image."""
+        images = self.api.default_images()
+        want = self.p.settings.os_image
+        if want and want.startswith(("http://", "https://")):
+            known = next((i for i in images if i.download_url == want), None)
+            return want, known.username if known else "root"
+        chosen = _pick_image(images, want)
+        return chosen.download_url, chosen.username
+
+    def create(self, dep: Deployment, public_key: str) -> str:
+        url, _ = self.image()
+        created = self.api.create(
+            name=dep.vm_name,
+            os_image=url,
+            ssh_keys=[public_key],
+            open_ports=[22, dep.port],  # openPorts replaces the list: 22 stays
+            hostname=dep.vm_name,
+            constraints=self.constraints(),
+        )
+        if not created:
+            raise PermanentError(f"POST /vms/v3 created no VM for {dep.vm_name}; see the Fluence console")
+        return created[0].vm_id
+
+    def prepare(self, dep: Deployment, vm: LiveVm) -> Deployment:
+        """Once Active: make sure 22 + the gateway port are open, then bootstrap over SSH (once)."""
+        live = self.api.get(vm.id)
+        ports = {p.port for p in live.ports} if live is not None else set()
+        if not {22, dep.port} <= ports:
+            self.api.update(vm.id, open_ports=sorted(ports | {22, dep.port}))
+        if dep.bootstrapped:
+            return dep
+        _, username = self.image()
+        env = self.p.gateway_env(dep)
+        script = boot.bootstrap_script(env, self.p.settings.package, torch_index=self.p.settings.torch_index)
+        dep = self.p.record(dep, status="bootstrapping")
+        result = boot.ssh_bootstrap(
+            vm.ip or "",
+            script,
+            username=username,
+            key_file=self.p.settings.key_file(),
+            port=self.p.ssh_port_for(vm.id),
+            timeout_s=self.p.settings.bootstrap_timeout_s,
+            host_key=dep.ssh_host_key,
+            retry_s=min(2.0, self.p.settings.poll_s),
+        )
+        return self.p.record(dep, bootstrapped=True, ssh_host_key=result.host_key or None)
+
+    def delete(self, dep: Deployment, vm_ids: list[str]) -> list[str]:
+        self.api.delete(vm_ids)
+        return []
+
+
+class _GenB:
+    """Generation B: ``/v2/vms`` with cloud-init; a security group on the VM's interface."""
+
+    generation: Literal["B"] = "B"
+
+    def __init__(self, pub: FluencePublisher) -> None:
+        self.p = pub
+        self.api = pub.client.b
+        self._placement: tuple[str, str] | None = None
+
+    def _live(self, vm: Any) -> LiveVm:
+        return LiveVm(
+            id=vm.id,
+            name=vm.name,
+            status=vm.status,
+            ip=vm.public_address,
+            running=vm.status == "launched",
+            failed=vm.status == "failed",
+            usd_per_hour=vm.price_hourly_usd,
+        )
+
+    def find(self, name: str) -> list[LiveVm]:
+        # terminated VMs stay listed for a while: they are history, not ours to reuse or delete
+        return [self._live(v) for v in self.api.find(name) if v.status not in ("terminating", "terminated")]
+
+    def get(self, vm_id: str) -> LiveVm | None:
+        from serving.fluence._client import FluenceNotFound
+
+        try:
+            vm = self.api.get_vm(vm_id)
+        except FluenceNotFound:
+            return None
+        if vm.status in ("terminating", "terminated"):
+            return LiveVm(vm.id, vm.name, vm.status, None, running=False, failed=True, usd_per_hour=None)
+        return self._live(vm)
+
+    def placement(self) -> tuple[str, str]:
+        """(cluster id, configuration id) from the settings, defaulting to the first cluster and the smallest
+        configuration."""
+        if self._placement is None:
+            s = self.p.settings
+            clusters = self.api.clusters()
+            if s.cluster:
+                cluster = next((c for c in clusters if s.cluster in (c.id, c.name)), None)
+                if cluster is None:
+                    names = ", ".join(c.name for c in clusters) or "none"
+                    raise ConfigError(f"DEPIN_FLUENCE_CLUSTER {s.cluster!r}: no such cluster (have: {names})")
+            elif clusters:
+                cluster = clusters[0]
+            else:
+                raise PermanentError("the Fluence account sees no cluster (GET /v1/clusters is empty)")
+            configs = self.api.configurations()
+            if s.configuration:
+                config = next((c for c in configs if s.configuration in (c.id, c.slug)), None)
+                if config is None:
+                    slugs = ", ".join(c.slug for c in configs) or "none"
+                    raise ConfigError(
+                        f"DEPIN_FLUENCE_CONFIGURATION {s.configuration!r}: no such VM configuration (have: {slugs})"
+                    )
+            elif configs:
+                config = min(configs, key=lambda c: (c.vcpu or 0, c.ram_gb or 0, c.slug))
+            else:
+                raise PermanentError("no VM configuration offered (GET /v1/configurations/virtual_machines)")
+            self._placement = (cluster.id, config.id)
+        return self._placement
+
+    def quote(self) -> Quote:
+        cluster_id, config_id = self.placement()
+        hourly = self.api.vm_hourly_usd(cluster_id, config_id, volume_gb=self.p.settings.volume_gb)
+        return Quote(
+            usd_per_day=hourly * 24,
+            usd_per_hour=hourly,
+            deposit_usd=None,
+            detail=f"{hourly:.4f} USD/hour (VM, {self.p.settings.volume_gb} GB disk, public IPv4)",
+        )
+
+    def create(self, dep: Deployment, public_key: str) -> str:
+        cluster_id, config_id = self.placement()
+        image = _pick_image(self.api.default_images(), self.p.settings.os_image)
+        key = self.api.ensure_ssh_key(f"depin-{dep.target}", public_key)
+        s = self.p.settings
+        user_data = boot.cloud_init(self.p.gateway_env(dep), s.package, torch_index=s.torch_index)
+        vm = self.api.create_vm(
+            cluster_id=cluster_id,
+            name=dep.vm_name,
+            configuration_id=config_id,
+            boot_disk=self.api.boot_disk(cluster_id, dep.vm_name, volume_gb=s.volume_gb, os_image=image.id),
+            ssh_key_ids=[key.id],
+            public_ip="new",
+            cloud_init=user_data,
+        )
+        return vm.id
+
+    def prepare(self, dep: Deployment, vm: LiveVm) -> Deployment:
+        """Once launched: a security group opening 22 + the gateway port, attached to the VM's interface."""
+        cluster_id, _ = self.placement() if dep.security_group_id is None else ("", "")
+        group_id = dep.security_group_id
+        if group_id is None:
+            existing = [g for g in self.api.security_groups() if g.name == dep.vm_name]
+            if existing:
+                group_id = existing[0].id
+            else:
+                group = self.api.create_security_group(
+                    cluster_id=cluster_id,
+                    name=dep.vm_name,
+                    tcp_ports=[22, dep.port],
+                    source=self.p.settings.source_cidr,
+                )
+                group_id = group.id
+            dep = self.p.record(dep, security_group_id=group_id)
+        interfaces = self.api.interfaces(vm.id)
+        chosen = [i for i in interfaces if i.default] or interfaces
+        for iface in chosen:
+            if iface.security_group_id != group_id:
+                self.api.attach_security_group(vm.id, iface.id, group_id)
+        return self.p.record(dep, bootstrapped=True)
+
+    def delete(self, dep: Deployment, vm_ids: list[str]) -> list[str]:
+        for vm_id in vm_ids:
+            self.api.terminate(vm_id)
+        problems = []
+        groups = {dep.security_group_id} if dep.security_group_id else set()
+        try:
+            groups |= {g.id for g in self.api.security_groups() if g.name == dep.vm_name}
+        except FluenceRefused as exc:
+            problems.append(f"listing security groups: {exc}")
+        for group_id in sorted(groups):
+            try:
+                self.api.delete_security_group(group_id)
+            except (FluenceRefused, FluenceUnavailable) as exc:
+                problems.append(f"security group {group_id} not deleted ({exc}); delete it in the console")
+        return problems
+
+
+def _pick_image(images: list[Any], want: str | None) -> Any:
+    """The image whose id/slug/name is ``want``; by default the newest-looking Ubuntu image, else the first."""
+    if not images:
+        raise PermanentError("Fluence lists no default OS image; set DEPIN_FLUENCE_OS_IMAGE")
+    if want:
+        for image in images:
+            if want in (image.id, image.slug, image.name, image.download_url):
+                return image
+        slugs = ", ".join(i.slug for i in images)
+        raise ConfigError(f"DEPIN_FLUENCE_OS_IMAGE {want!r}: not a default image (have: {slugs})")
+    ubuntu = [i for i in images if "ubuntu" in f"{i.slug} {i.name or ''} {i.distribution or ''}".lower()]
+    return sorted(ubuntu, key=lambda i: i.slug)[-1] if ubuntu else images[0]
+
+
+# ---------------------------------------------------------------------------------------------- publisher
+
+
+class _RecordingGatewayPublisher(GatewayPublisher):
+    """A ``GatewayPublisher`` that records each published version in the Fluence state file."""
+
+    def __init__(self, store: StateStore, name: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._store, self._name = store, name
+
+    def publish(self, model_dir: Path | str, name: str, *, alias: str | None = None) -> PublishResult:
+        result = super().publish(model_dir, name, alias=alias)
+        item = PublishedVersion(name=result.name, version=result.version, moved=list(result.moved))
+        self._store.add_published(self._name, item)
+        return result
+
+
+class FluencePublisher:
+    """Publish functions to a gateway on a Fluence VM (see the module docstring).
+
+    ``client``: a :class:`FluenceClient` (closed by :meth:`close` only if ``own_client``). ``account``: the
+    publisher account that signs bundles (the VM's gateway trusts exactly it). ``ssh_port_for``: the SSH port
+    of a VM id (tests: the fake's per-VM port), default ``settings.ssh_port``. ``gateway_options`` go to
+    :class:`serving.client.GatewayClient`; ``sleep`` is a test seam."""
+
+    def __init__(
+        self,
+        client: FluenceClient,
+        account: LocalAccount,
+        settings: FluenceSettings | None = None,
+        *,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        ssh_port_for: Callable[[str], int] | None = None,
+        gateway_options: dict[str, Any] | None = None,
+        own_client: bool = False,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.client = client
+        self.account = account
+        self.settings = settings or FluenceSettings()
+        self.max_batch_size = max_batch_size
+        self._ssh_port_for = ssh_port_for
+        self.gateway_options = dict(gateway_options or {})
+        self.own_client = own_client
+        self._sleep = sleep
+        self.store = StateStore(self.settings.state_dir)
+        self._backend: _GenA | _GenB | None = None
+
+    def __repr__(self) -> str:
+        return f"FluencePublisher(target={self.settings.target!r}, api={self.client.base_url!r})"
+
+    def close(self) -> None:
+        if self.own_client:
+            self.client.close()
+
+    def __enter__(self) -> FluencePublisher:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- small helpers ----------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.settings.target
+
+    @property
+    def vm_name(self) -> str:
+        return VM_PREFIX + self.settings.target
+
+    @property
+    def target(self) -> str:
+        """The gateway URL once the VM is up (``PublishResult.target``), else ``fluence:<target>``."""
+        dep = self.store.get(self.name)
+        return (dep.url if dep is not None else None) or f"fluence:{self.name}"
+
+    @property
+    def backend(self) -> _GenA | _GenB:
+        if self._backend is None:
+            self._backend = _GenA(self) if self.client.generation == "A" else _GenB(self)
+        return self._backend
+
+    def ssh_port_for(self, vm_id: str) -> int:
+        return self._ssh_port_for(vm_id) if self._ssh_port_for is not None else self.settings.ssh_port
+
+    def record(self, dep: Deployment, **changes: Any) -> Deployment:
+        """Save ``dep`` with ``changes`` to the state file; returns the saved record."""
+        return self.store.put(dep.model_copy(update=changes))
+
+    def gateway_env(self, dep: Deployment) -> dict[str, str]:
+        return boot.gateway_env(
+            port=dep.port, admin_key_hash=dep.admin_key_hash, trusted_publishers=[self.account.address]
+        )
+
+    def admin_key(self) -> SecretStr:
+        key = self.store.admin_key(self.name)
+        if key is None:
+            raise ConfigError(
+                f"no admin key for Fluence target {self.name!r} in {self.store.root} "
+                f"({self.store.key_path(self.name).name}); restore it, or run `depin fluence down --fluence-target "
+                f"{self.name}` and publish again (a new gateway VM)"
+            )
+        return key
+
+    def quote(self) -> Quote:
+        """What a new gateway VM would cost (raises ``NoOffer`` when nothing matches)."""
+        return self.backend.quote()
+
+    def check_price(self, quote: Quote) -> None:
+        """``ConfigError`` when ``quote`` is above ``max_usd_per_day``."""
+        cap = self.settings.max_usd_per_day
+        if quote.usd_per_day > cap:
+            raise ConfigError(
+                f"a Fluence gateway VM costs {quote.usd_per_day:.2f} USD/day ({quote.detail}), above the cap "
+                f"DEPIN_FLUENCE_MAX_USD_PER_DAY (--max-usd-per-day) = {cap:.2f}; raise the cap or pick a "
+                "smaller VM (DEPIN_FLUENCE_BASIC_CONFIGURATION / DEPIN_FLUENCE_CONFIGURATION) — nothing was "
+                "created"
+            )
+
+    # ---- ensure -----------------------------------------------------------------------------------------
+    def ensure(self) -> Deployment:
+        """A running, bootstrapped gateway VM for the target whose ``/readyz`` answers 200 (see the module
+        docstring); reused when it exists."""
+        backend = self.backend
+        dep = self.store.get(self.name)
+        if dep is not None and dep.generation != backend.generation:
+            raise ConfigError(
+                f"Fluence target {self.name!r} was deployed with API generation {dep.generation}, the account "
+                f"now answers {backend.generation}; run `depin fluence down --fluence-target {self.name}` first"
+            )
+        live = backend.find(self.vm_name)
+        failed = [v for v in live if v.failed]
+        usable = [v for v in live if not v.failed]
+        if failed:
+            log.warning("deleting failed gateway VM(s) %s", ", ".join(f"{v.id} ({v.status})" for v in failed))
+            probe = dep or self._new_record("0" * 64)
+            backend.delete(probe, [v.id for v in failed])
+            if dep is not None and dep.vm_id in {v.id for v in failed}:
+                dep = self.record(
+                    dep,
+                    vm_id=None,
+                    public_ip=None,
+                    bootstrapped=False,
+                    security_group_id=None,
+                    ssh_host_key=None,
+                    status="creating",
+                )
+        if usable:
+            if dep is None:
+                raise ConfigError(
+                    f"a VM named {self.vm_name} ({usable[0].id}) exists on the Fluence account but this machine "
+                    f"has no record of it in {self.store.path} (so no admin key for its gateway); run "
+                    f"`depin fluence down --fluence-target {self.name}` (deletes it) and publish again, or use another "
+                    "--fluence-target"
+                )
+            vm = next((v for v in usable if v.id == dep.vm_id), usable[0])
+            self.admin_key()  # the key must be here before anything is reused
+            if dep.vm_id != vm.id:  # adopted after a crash between create and record
+                dep = self.record(dep, vm_id=vm.id)
+            return self._bring_up(dep, created=False)
+        return self._create()
+
+    def _new_record(self, digest: str, *, name: str | None = None) -> Deployment:
+        return Deployment(
+            target=name or self.name,
+            vm_name=VM_PREFIX + (name or self.name),
+            generation=self.backend.generation,
+            port=self.settings.port,
+            ssh_port=self.settings.ssh_port,
+            admin_key_hash=digest,
+        )
+
+    def _create(self) -> Deployment:
+        backend = self.backend
+        quote = backend.quote()  # NoOffer (422) propagates: nothing created
+        self.check_price(quote)
+        public_key = boot.ensure_ssh_key(self.settings.key_file())
+        raw, digest = new_admin_key()  # a new VM, a new key (only its sha256 goes to the VM)
+        self.store.write_admin_key(self.name, SecretStr(raw))
+        del raw
+        dep = self.record(
+            self._new_record(digest),
+            usd_per_day=quote.usd_per_day,
+            usd_per_hour=quote.usd_per_hour,
+            status="creating",
+        )
+        log.info("creating Fluence VM %s (%s)", self.vm_name, quote.detail)
+        try:
+            vm_id = backend.create(dep, public_key)
+        except FluenceUnavailable:
+            # the create may have been applied: reconcile by name before giving up
+            found = [v for v in backend.find(self.vm_name) if not v.failed]
+            if not found:  # keep the record: the next run adopts the VM if it shows up after all
+                raise
+            vm_id = found[0].id
+        except BaseException:
+            self.store.remove(self.name)
+            raise
+        dep = self.record(dep, vm_id=vm_id)
+        return self._bring_up(dep, created=True)
+
+    def _bring_up(self, dep: Deployment, *, created: bool) -> Deployment:
+        """Wait running → bootstrap → /readyz. A VM created by this call is deleted on any failure."""
+        try:
+            vm = self._wait_running(dep)
+            dep = self.record(dep, public_ip=vm.ip, usd_per_hour=dep.usd_per_hour or vm.usd_per_hour)
+            dep = self.backend.prepare(dep, vm)
+            self._wait_ready(dep, created=created)
+            return self.record(dep, status="ready")
+        except BaseException as exc:
+            if created or isinstance(exc, VmFailed):
+                self._discard(dep, exc)
+            raise
+
+    def _discard(self, dep: Deployment, exc: BaseException) -> None:
+        """Delete a VM that failed to come up (no orphan); keep the record only if that fails too."""
+        log.warning("deleting Fluence VM %s after a failed start: %s", dep.vm_id, type(exc).__name__)
+        ids = {v.id for v in self.backend.find(self.vm_name)} if dep.vm_id is None else {dep.vm_id}
+        try:
+            problems = self.backend.delete(dep, sorted(ids))
+        except DepinError as err:
+            self.record(dep, status="failed")
+            raise PermanentError(
+                f"the Fluence VM {dep.vm_id} did not come up ({exc}) and deleting it failed too ({err}); run "
+                f"`depin fluence down --fluence-target {self.name}` to stop paying for it"
+            ) from exc
+        for problem in problems:
+            log.warning("%s", problem)
+        self.store.remove(self.name)
+
+    def _wait_running(self, dep: Deployment) -> LiveVm:
+        assert dep.vm_id is not None
+        deadline = time.monotonic() + self.settings.vm_timeout_s
+        last = "unknown"
+        while True:
+            vm = self.backend.get(dep.vm_id)
+            if vm is None:
+                raise VmFailed(f"the Fluence VM {dep.vm_id} ({dep.vm_name}) disappeared while starting")
+            last = vm.status
+            if vm.failed:
+                hint = (
+                    " (invalid cloud-init user data shows up this way in generation B)"
+                    if vm.status == "failed"
+                    else ""
+                )
+                raise VmFailed(
+                    f"the Fluence VM {dep.vm_id} ({dep.vm_name}) went {vm.status}{hint}; it was deleted — "
+                    "publish again to create a new one"
+                )
+            if vm.running and vm.ip:
+                return vm
+            if time.monotonic() >= deadline:
+                raise TransientError(
+                    f"the Fluence VM {dep.vm_id} was still {last} after {self.settings.vm_timeout_s:.0f} s "
+                    "(DEPIN_FLUENCE_VM_TIMEOUT_S); it was deleted — publish again, or raise the timeout"
+                )
+            self._sleep(self.settings.poll_s)
+
+    def _wait_ready(self, dep: Deployment, *, created: bool) -> None:
+        url = dep.url
+        assert url is not None
+        deadline = time.monotonic() + self.settings.ready_timeout_s
+        last = ""
+        with httpx.Client(timeout=httpx.Timeout(5.0, connect=5.0)) as http:
+            while True:
+                try:
+                    r = http.get(f"{url}/readyz")
+                    if r.status_code == 200:
+                        return
+                    last = f"{r.status_code} {r.text[:200]}"
+                except httpx.HTTPError as exc:
+                    last = type(exc).__name__
+                if time.monotonic() >= deadline:
+                    what = (
+                        "it was deleted (no orphan) — check DEPIN_FLUENCE_PACKAGE is installable on the VM and "
+                        "publish again, or raise DEPIN_FLUENCE_READY_TIMEOUT_S"
+                        if created
+                        else f"the VM was kept; see `depin fluence status`, or `depin fluence down --fluence-target "
+                        f"{self.name}` and publish again for a fresh one"
+                    )
+                    raise TransientError(
+                        f"the gateway on Fluence VM {dep.vm_id} ({url}) was not ready after "
+                        f"{self.settings.ready_timeout_s:.0f} s (last: {last or 'no answer'}); {what}"
+                    )
+                self._sleep(min(self.settings.poll_s, 1.0))
+
+    # ---- publish ----------------------------------------------------------------------------------------
+    def gateway_publisher(self) -> GatewayPublisher:
+        """A :class:`GatewayPublisher` for the target's gateway (the VM is ensured first) whose ``publish``
+        also records the version in the state file. Close it (context manager)."""
+        dep = self.ensure()
+        assert dep.url is not None
+        return _RecordingGatewayPublisher(
+            self.store,
+            self.name,
+            dep.url,
+            self.admin_key(),
+            self.account,
+            max_batch_size=self.max_batch_size,
+            **self.gateway_options,
+        )
+
+    def publish(self, model_dir: Path | str, name: str, *, alias: str | None = None) -> PublishResult:
+        """Ensure the gateway VM, then publish ``model_dir`` as ``name`` through its admin API and move
+        ``alias``; the version is recorded in the state file."""
+        valid_name(name)
+        if alias is not None:
+            valid_alias(alias)
+        if not Path(model_dir).is_dir():  # before anything costs money
+            raise ConfigError(
+                f"--model {model_dir}: not a directory; pass a model artifact from `depin train`"
+            )
+        with self.gateway_publisher() as gateway:
+            return gateway.publish(model_dir, name, alias=alias)
+
+    # ---- status / down ----------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """What this machine created on Fluence (the state file) and how it is now (the API, ``/readyz``),
+        plus VMs named ``depin-gw-*`` the state does not know."""
+        state = self.store.load()
+        backend = self.backend
+        out = []
+        known_ids: set[str] = set()
+        for target, dep in sorted(state.deployments.items()):
+            live = backend.get(dep.vm_id) if dep.vm_id else None
+            if dep.vm_id:
+                known_ids.add(dep.vm_id)
+            ready = False
+            url = f"http://{live.ip}:{dep.port}" if live is not None and live.ip else dep.url
+            if url and live is not None and live.running:
+                try:
+                    ready = httpx.get(f"{url}/readyz", timeout=5).status_code == 200
+                except httpx.HTTPError:
+                    ready = False
+            out.append(
+                {
+                    "target": target,
+                    "vm_name": dep.vm_name,
+                    "vm_id": dep.vm_id,
+                    "generation": dep.generation,
+                    "recorded_status": dep.status,
+                    "vm_status": live.status if live is not None else "gone",
+                    "public_ip": live.ip if live is not None else dep.public_ip,
+                    "port": dep.port,
+                    "url": url,
+                    "ready": ready,
+                    "usd_per_hour": dep.usd_per_hour,
+                    "usd_per_day": dep.usd_per_day,
+                    "security_group_id": dep.security_group_id,
+                    "admin_key_file": str(self.store.key_path(target)),
+                    "created_at": dep.created_at,
+                    "published": [p.model_dump(mode="json") for p in dep.published],
+                }
+            )
+        untracked = []
+        for vm in self._all_ours():
+            if vm.id not in known_ids:
+                untracked.append(
+                    {"vm_id": vm.id, "vm_name": vm.name, "vm_status": vm.status, "public_ip": vm.ip}
+                )
+        return {"state_file": str(self.store.path), "deployments": out, "untracked": untracked}
+
+    def _all_ours(self) -> list[LiveVm]:
+        backend = self.backend
+        if isinstance(backend, _GenA):
+            return [backend._live(v) for v in backend.api.list() if v.vm_name.startswith(VM_PREFIX)]
+        return [
+            backend._live(v)
+            for v in backend.api.list_vms()
+            if v.name.startswith(VM_PREFIX) and v.status not in ("terminating", "terminated")
+        ]
+
+    def down(self, *, all_targets: bool = False) -> dict[str, Any]:
+        """Delete the target's gateway VM(s) — the recorded one and any named ``depin-gw-<target>`` — and its
+        security group, and forget it (its functions are unpublished with it). ``all_targets``: every
+        recorded target and every ``depin-gw-*`` VM."""
+        state = self.store.load()
+        backend = self.backend
+        targets = sorted(state.deployments) if all_targets else [self.name]
+        deleted = []
+        for target in targets:
+            name = VM_PREFIX + target
+            dep = state.deployments.get(target)
+            ids = {v.id for v in backend.find(name)}
+            if dep is not None and dep.vm_id:
+                live = backend.get(dep.vm_id)
+                if live is not None and live.status not in ("terminating", "terminated"):
+                    ids.add(dep.vm_id)
+            probe = dep or self._new_record("0" * 64, name=target)
+            problems = backend.delete(probe, sorted(ids)) if ids or isinstance(backend, _GenB) else []
+            self.store.remove(target)
+            deleted.append({"target": target, "vm_name": name, "vm_ids": sorted(ids), "problems": problems})
+        if all_targets:
+            for vm in self._all_ours():
+                orphan = self._new_record("0" * 64, name=vm.name.removeprefix(VM_PREFIX) or "orphan")
+                problems = backend.delete(orphan.model_copy(update={"vm_name": vm.name}), [vm.id])
+                deleted.append({"target": None, "vm_name": vm.name, "vm_ids": [vm.id], "problems": problems})
+        return {"deleted": deleted}
+
+
+__all__ = ["FluencePublisher", "FluenceSettings", "LiveVm", "Quote", "VmFailed"]
