@@ -13,6 +13,7 @@ import contextlib
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ from pathlib import Path
 from depin_core.errors import ConfigError
 from depin_core.fs import atomic_write_bytes
 from gpu_jobs.runner import (
+    CHECKPOINTS,
     LOG,
     RESULT,
     SPEC,
@@ -41,6 +43,7 @@ from gpu_jobs.spec import AttemptRecord, FailureKind, JobResult, JobSpec, JobSta
 
 _JOB_ID = re.compile(r"^[0-9a-f]{12}-[0-9a-f]{8}$")
 _LOG_CHUNK = 1 << 20
+_CKPT_FILE = re.compile(r"^ckpt-\d{9}\.(json|safetensors)$")
 
 
 @dataclass
@@ -84,19 +87,53 @@ class LocalRunner:
         self._lock = threading.Lock()
 
     # --- JobRunner -------------------------------------------------------------------------------------------
-    def submit(self, spec: JobSpec) -> str:
-        """Create the job directory, write ``spec.json`` and start the job (queued while all slots are busy)."""
-        job_id = f"{spec.spec_hash[:12]}-{secrets.token_hex(4)}"
+    def submit(self, spec: JobSpec, *, job_id: str | None = None) -> str:
+        """Create the job directory, write ``spec.json`` and start the job (queued while all slots are busy).
+
+        ``job_id``: a caller-chosen id (``<12 hex>-<8 hex>``, e.g. ``f"{spec.spec_hash[:12]}-{token_hex(4)}"``);
+        submitting an id that already exists under the root returns it unchanged when its spec_hash is the same
+        (idempotent) and raises ``ConfigError`` when it differs. ``spec.checkpoint.resume_from`` files are
+        copied into ``<job_dir>/checkpoints`` first, so the worker resumes from them.
+        """
+        if job_id is None:
+            job_id = f"{spec.spec_hash[:12]}-{secrets.token_hex(4)}"
+        elif not _JOB_ID.match(job_id):
+            raise ConfigError(
+                f"job_id {job_id!r} is malformed; use 12 + 8 lowercase hex digits, "
+                "e.g. f'{spec.spec_hash[:12]}-{secrets.token_hex(4)}'"
+            )
         job_dir = self.root / job_id
-        job_dir.mkdir(parents=True)
-        atomic_write_bytes(job_dir / SPEC, spec.model_dump_json(indent=2).encode())
-        self._write_status(job_dir, JobStatus(job_id=job_id, state=JobState.PENDING, heartbeat=now()))
-        job = _Job(job_id, job_dir, spec)
-        job.thread = threading.Thread(target=self._run, args=(job,), name=f"job-{job_id}", daemon=True)
         with self._lock:
+            existing = _read_spec(job_dir)
+            if existing is not None:
+                if existing.spec_hash != spec.spec_hash:
+                    raise ConfigError(
+                        f"job_id {job_id} already exists with another spec (spec_hash "
+                        f"{existing.spec_hash[:16]}…, this one {spec.spec_hash[:16]}…); use a new job id"
+                    )
+                return job_id
+            resume = spec.checkpoint.resume_from
+            if resume is not None and not Path(resume).is_dir():
+                raise ConfigError(
+                    f"checkpoint.resume_from {resume}: no such directory; pass the checkpoint directory of an "
+                    "earlier attempt (runner.checkpoint_dir(job_id)) or leave it unset"
+                )
+            job_dir.mkdir(parents=True, exist_ok=True)  # left without spec.json by a crash: start over
+            if resume is not None:
+                _copy_checkpoints(Path(resume), job_dir / CHECKPOINTS)
+            # spec.json last: it marks the job directory complete
+            self._write_status(job_dir, JobStatus(job_id=job_id, state=JobState.PENDING, heartbeat=now()))
+            atomic_write_bytes(job_dir / SPEC, spec.model_dump_json(indent=2).encode())
+            job = _Job(job_id, job_dir, spec)
+            job.thread = threading.Thread(target=self._run, args=(job,), name=f"job-{job_id}", daemon=True)
             self._jobs[job_id] = job
         job.thread.start()
         return job_id
+
+    def checkpoint_dir(self, job_id: str) -> Path | None:
+        """The job's checkpoint directory (its newest checkpoint files), or None when it has none yet."""
+        path = self._dir(job_id) / CHECKPOINTS
+        return path if path.is_dir() else None
 
     def status(self, job_id: str) -> JobStatus:
         job_dir = self._dir(job_id)
@@ -142,6 +179,11 @@ class LocalRunner:
         job = self._jobs.get(job_id)
         if job is not None:
             job.cancel.set()
+
+    def active_jobs(self) -> int:
+        """Jobs submitted to this runner that have not finished (running or waiting for a slot)."""
+        with self._lock:
+            return sum(1 for job in self._jobs.values() if not job.done.is_set())
 
     # --- lifecycle -------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -316,6 +358,23 @@ class LocalRunner:
                 return
             except subprocess.TimeoutExpired:
                 continue
+
+
+def _read_spec(job_dir: Path) -> JobSpec | None:
+    try:
+        return JobSpec.model_validate_json((job_dir / SPEC).read_bytes())
+    except FileNotFoundError:
+        return None
+
+
+def _copy_checkpoints(src: Path, dest: Path) -> None:
+    """Copy the checkpoint files (``ckpt-*.json`` / ``ckpt-*.safetensors``) of ``src`` into ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.iterdir()):
+        if _CKPT_FILE.match(f.name) and f.is_file():
+            tmp = dest / f".{f.name}.tmp"
+            shutil.copyfile(f, tmp)
+            os.replace(tmp, dest / f.name)
 
 
 def _message(result: JobResult) -> str | None:

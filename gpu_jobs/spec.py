@@ -183,6 +183,11 @@ class Limits(_Model):
 class CheckpointPolicy(_Model):
     every_steps: int = Field(0, ge=0, description="0 = never")
     keep_last: int = Field(2, ge=1)
+    resume_from: str | None = Field(
+        None,
+        description="a local directory of checkpoint files (ckpt-*.json + ckpt-*.safetensors) to start from; "
+        "the runner copies them into the job's checkpoint directory before the first attempt",
+    )
 
 
 class Outputs(_Model):

@@ -14,7 +14,8 @@ Job directory layout (shared with the runners):
 Steps: STAGING (verify input sha256s, pick the device, seed, load the family) → RUNNING (``family.train`` /
 ``family.infer``) → UPLOADING (write and re-verify the model artifact) → SUCCEEDED. Failures: ``JobError`` keeps
 its kind; an exception in family code is FAILED(user) with the traceback; out-of-memory and machinery errors
-are FAILED(infra); SIGTERM ends the job CANCELLED.
+are FAILED(infra); SIGTERM ends the job CANCELLED. The worker also stops itself (CANCELLED) when its parent
+process dies, e.g. a worker agent that was SIGKILLed: FAILED(infra) (see :func:`watch_parent`).
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ EXIT_CODES = {JobState.SUCCEEDED: 0, JobState.FAILED: 1, JobState.CANCELLED: 3}
 
 class JobCancelled(BaseException):
     """Raised in the main thread on SIGTERM; a BaseException so family ``except Exception`` cannot swallow it."""
+
+
+_orphaned = threading.Event()  # set by watch_parent: the SIGTERM it sends means "runner gone", not "cancel"
 
 
 class StatusFile:
@@ -239,8 +243,13 @@ def run_job(job_dir: Path, attempt: int = 1, runner: str = "local") -> JobResult
         timings["uploading_s"] = time.monotonic() - t_phase
         log(f"{spec.kind} done: {json.dumps(metrics, default=str)[:2000]}")
     except JobCancelled:
-        state, error = JobState.CANCELLED, "cancelled (SIGTERM)"
-        log("cancelled")
+        if _orphaned.is_set():
+            state, failure = JobState.FAILED, FailureKind.INFRA
+            error = "the process that ran the worker (runner or agent) died; the job was stopped"
+            log(f"FAILED(infra) in {phase}: {error}")
+        else:
+            state, error = JobState.CANCELLED, "cancelled (SIGTERM)"
+            log("cancelled")
     except JobError as e:
         state, failure, error = JobState.FAILED, e.kind, str(e)
         log(f"FAILED({e.kind}) in {phase}: {e}")
@@ -284,6 +293,26 @@ def run_job(job_dir: Path, attempt: int = 1, runner: str = "local") -> JobResult
     return result
 
 
+def watch_parent(interval_s: float = HEARTBEAT_S, grace_s: float = 10.0) -> threading.Thread:
+    """Stop this worker when the process that started it dies (e.g. a SIGKILLed worker agent), so no job keeps
+    running unsupervised: once ``os.getppid()`` changes (the worker was re-parented), SIGTERM self (the job ends
+    FAILED(infra)), and exit hard if that has not ended the process ``grace_s`` later (a hung kernel)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        log(f"the parent process {parent} is gone; stopping the job")
+        _orphaned.set()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(EXIT_CODES[JobState.FAILED])
+
+    thread = threading.Thread(target=watch, name="parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: redirect stdout/stderr to the job log, run the job, exit 0/1/3 (succeeded/failed/cancelled)."""
     parser = argparse.ArgumentParser(prog="python -m gpu_jobs.worker", description=__doc__.splitlines()[0])
@@ -298,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
+    watch_parent()
     result = run_job(job_dir, args.attempt, args.runner)
     return EXIT_CODES[result.state]
 

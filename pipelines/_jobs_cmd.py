@@ -1,4 +1,4 @@
-"""``depin train`` / ``depin score``: build a JobSpec, run it on a runner, stream its progress."""
+"""``depin train`` / ``depin score``: build a JobSpec, run it through the runner chain, stream its progress."""
 
 from __future__ import annotations
 
@@ -6,16 +6,16 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from depin_core.errors import ConfigError, PermanentError, TransientError
-from gpu_jobs.local import LocalRunner
+from gpu_jobs.chain import ChainResult, RunnerFactory, Verifier, run_chain
 from gpu_jobs.registry import FAMILIES
-from gpu_jobs.runner import JobRunner
+from gpu_jobs.runner import JobRunner, JobStatus
 from gpu_jobs.spec import (
     CheckpointPolicy,
     DatasetRef,
@@ -45,12 +45,6 @@ def parse_params(items: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key.strip()] = raw
     return out
-
-
-def make_runner(name: str, jobs_dir: Path) -> LocalRunner:
-    if name != "local":
-        raise ConfigError(f"--runner {name!r}: only 'local' (CUDA when available, else CPU) exists so far")
-    return LocalRunner(jobs_dir)
 
 
 def _check_family(model: str) -> None:
@@ -111,12 +105,82 @@ def run_job(
     return result
 
 
+def _chain(runners: Sequence[str] | None, runner: str | None) -> list[str]:
+    chain = list(runners) if runners else ([runner] if runner else ["local"])
+    if runners and runner:
+        raise ConfigError("give the runner chain as runners=[…] or one runner=…, not both")
+    return chain
+
+
+def run_on_chain(
+    spec: JobSpec,
+    runners: Sequence[str],
+    *,
+    jobs_dir: Path = DEFAULT_JOBS_DIR,
+    show_progress: bool = True,
+    on_log: LogSink | None = None,
+    factory: RunnerFactory | None = None,
+    verify: bool | Verifier = True,
+    max_total_s: float | None = None,
+) -> ChainResult:
+    """Run ``spec`` through the runner chain (``gpu_jobs.chain.run_chain``), streaming its log lines and
+    progress to stderr (with ``show_progress``) and each line to ``on_log``. A job that no runner completed
+    raises ``TransientError`` when the last failure was the infrastructure's, else ``PermanentError``; the
+    message lists every attempt."""
+    with Progress(
+        TextColumn(f"[bold blue]{spec.kind.value} {spec.model.family}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=not show_progress,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("job", total=None, info="")
+
+        def log(line: str) -> None:
+            if show_progress:
+                progress.console.print(line, style="dim", markup=False, highlight=False)
+            if on_log is not None:
+                on_log(line)
+
+        def status(entry: str, st: JobStatus) -> None:
+            info = " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in st.metrics.items()
+            )
+            progress.update(task, total=st.total, completed=st.step, info=f"{entry} {st.state.value} {info}")
+
+        out = run_chain(
+            spec,
+            runners,
+            factory=factory,
+            jobs_dir=jobs_dir,
+            verify=verify,
+            max_total_s=max_total_s,
+            on_log=log,
+            on_status=status,
+        )
+    result = out.result
+    if result.state != JobState.SUCCEEDED:
+        failure = f"({result.failure.value})" if result.failure else ""
+        error = TransientError if result.failure == FailureKind.INFRA else PermanentError
+        raise error(f"job {out.job_id} {result.state.value}{failure}: {(result.error or '').strip()[-3000:]}")
+    return out
+
+
+def attempts_json(out: ChainResult) -> list[dict[str, Any]]:
+    """The chain's attempts as JSON objects (runner, node, state, failure, reason, cost_usd, seconds, …)."""
+    return [a.model_dump(mode="json") for a in out.attempts]
+
+
 def run_train(
     *,
     dataset: Path,
     model: str,
     out: Path,
-    runner: str = "local",
+    runners: Sequence[str] | None = None,
+    runner: str | None = None,
     ground_truth: Path | None = None,
     params: dict[str, Any] | None = None,
     seed: int = 0,
@@ -125,8 +189,12 @@ def run_train(
     jobs_dir: Path = DEFAULT_JOBS_DIR,
     show_progress: bool = True,
     on_log: LogSink | None = None,
+    factory: RunnerFactory | None = None,
+    max_total_s: float | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` on the telemetry dataset; returns the ``depin train --json`` object."""
+    """Train ``model`` on the telemetry dataset through the runner chain ``runners`` (default ``["local"]``;
+    ``runner`` is the one-entry form); returns the ``depin train --json`` object, with every attempt."""
+    chain = _chain(runners, runner)
     _check_family(model)
     inputs = [_dataset_ref(dataset, "telemetry", "--dataset")]
     if ground_truth is not None:
@@ -140,8 +208,16 @@ def run_train(
         checkpoint=CheckpointPolicy(every_steps=checkpoint_every),
         outputs=Outputs(dir=str(out.resolve())),
     )
-    with make_runner(runner, jobs_dir) as r:
-        result = run_job(r, spec, show_progress=show_progress, on_log=on_log)
+    done = run_on_chain(
+        spec,
+        chain,
+        jobs_dir=jobs_dir,
+        show_progress=show_progress,
+        on_log=on_log,
+        factory=factory,
+        max_total_s=max_total_s,
+    )
+    result = done.result
     return {
         "job_id": result.job_id,
         "state": result.state.value,
@@ -151,6 +227,8 @@ def run_train(
         "device": result.device.label if result.device else None,
         "spec_hash": result.spec_hash,
         "seconds": round(result.timings.get("total_s", 0.0), 3),
+        "runner": done.runner,
+        "attempts": attempts_json(done),
     }
 
 
@@ -159,14 +237,19 @@ def run_score(
     model_dir: Path,
     dataset: Path,
     out: Path,
-    runner: str = "local",
+    runners: Sequence[str] | None = None,
+    runner: str | None = None,
     ground_truth: Path | None = None,
     max_wall_s: float = 3600.0,
     jobs_dir: Path = DEFAULT_JOBS_DIR,
     show_progress: bool = True,
     on_log: LogSink | None = None,
+    factory: RunnerFactory | None = None,
+    max_total_s: float | None = None,
 ) -> dict[str, Any]:
-    """Batch-score ``dataset`` with the model artifact at ``model_dir`` into the Parquet file ``out``."""
+    """Batch-score ``dataset`` with the model artifact at ``model_dir`` into the Parquet file ``out``, through
+    the runner chain ``runners`` (default ``["local"]``); untrusted runners' rows are spot-checked locally."""
+    chain = _chain(runners, runner)
     config_path = model_dir / "model.json"
     if not config_path.exists():
         raise ConfigError(
@@ -195,8 +278,16 @@ def run_score(
         outputs=Outputs(dir=str(staging.resolve())),
     )
     try:
-        with make_runner(runner, jobs_dir) as r:
-            result = run_job(r, spec, show_progress=show_progress, on_log=on_log)
+        done = run_on_chain(
+            spec,
+            chain,
+            jobs_dir=jobs_dir,
+            show_progress=show_progress,
+            on_log=on_log,
+            factory=factory,
+            max_total_s=max_total_s,
+        )
+        result = done.result
         produced = next(Path(p) for p in result.artifacts)
         out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(produced, out)
@@ -212,4 +303,6 @@ def run_score(
         "output": str(out),
         "device": result.device.label if result.device else None,
         "seconds": round(result.timings.get("total_s", 0.0), 3),
+        "runner": done.runner,
+        "attempts": attempts_json(done),
     }

@@ -24,7 +24,7 @@ from connectors.dimo.ingest import IngestProgress, ingest
 from connectors.dimo.schema import resolve_signals
 from connectors.dimo.settings import DimoSettings
 from connectors.dimo.store import TelemetryStore
-from depin_core.errors import ConfigError, PermanentError, TransientError
+from depin_core.errors import ConfigError, PermanentError
 from depin_core.timeparse import parse_instant
 from gpu_jobs.spec import sha256_file
 from pipelines._ingest_cmd import parse_interval
@@ -232,47 +232,6 @@ def model_dir_for(params: TrainParams, now: datetime | None = None) -> Path:
     return params.out / f"{params.family}-{stamp}-{secrets.token_hex(2)}"
 
 
-def on_runner_chain(
-    runners: Sequence[str], run: Callable[[str], dict[str, Any]], on_log: LogSink | None = None
-) -> tuple[dict[str, Any], str]:
-    """``run(runner)`` on each runner of the chain in turn until one succeeds: the next runner is tried when
-    one fails for infrastructure reasons (``TransientError``); a permanent failure stops at once.
-    Returns (the job's JSON doc, the runner that ran it)."""
-    failures: list[str] = []
-    for name in runners:
-        try:
-            return run(name), name
-        except TransientError as exc:
-            failures.append(f"{name}: {exc}")
-            if on_log is not None:
-                on_log(f"runner {name} failed ({exc}); trying the next runner")
-    raise TransientError("every runner of the chain failed: " + " | ".join(failures))
-
-
-def train_on_chain(
-    params: TrainParams, dataset: Path, out: Path, on_log: LogSink | None = None
-) -> tuple[dict[str, Any], str]:
-    """Train through the runner chain: the next runner is tried when one fails for infrastructure reasons
-    (``TransientError``); a permanent failure stops at once. Returns (``depin train --json`` doc, runner)."""
-    return on_runner_chain(
-        params.runners,
-        lambda name: run_train(
-            dataset=dataset,
-            model=params.family,
-            out=out,
-            runner=name,
-            ground_truth=params.ground_truth,
-            params=params.hyperparameters,
-            seed=params.seed,
-            max_wall_s=params.max_wall_s,
-            jobs_dir=params.jobs_dir,
-            show_progress=False,
-            on_log=on_log,
-        ),
-        on_log,
-    )
-
-
 def _finite(metrics: dict[str, Any], key: str) -> float | None:
     v = metrics.get(key)
     return float(v) if isinstance(v, int | float) and math.isfinite(v) else None
@@ -316,7 +275,19 @@ def train_model_step(
     from gpu_jobs.spec import DatasetRef
 
     out = out or model_dir_for(params)
-    doc, runner = train_on_chain(params, dataset, out, on_log=on_log)
+    doc = run_train(
+        dataset=dataset,
+        model=params.family,
+        out=out,
+        runners=params.runners,
+        ground_truth=params.ground_truth,
+        params=params.hyperparameters,
+        seed=params.seed,
+        max_wall_s=params.max_wall_s,
+        jobs_dir=params.jobs_dir,
+        show_progress=False,
+        on_log=on_log,
+    )
     metrics = clean_metrics(doc["metrics"])
     verdict = check_quality(params.family, doc["metrics"])
     return TrainResult(
@@ -328,12 +299,31 @@ def train_model_step(
         metrics=metrics,
         baseline=verdict.baseline,
         accepted=verdict.accepted,
-        runner=runner,
+        runner=doc["runner"],
         device=doc.get("device"),
         job_id=doc["job_id"],
         spec_hash=doc["spec_hash"],
         seconds=float(doc.get("seconds") or 0.0),
+        attempts=doc.get("attempts") or [],
     )
+
+
+def attempts_rows(attempts: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of the runner-chain table: one per attempt (runner, node, state, reason, cost, seconds, verified)."""
+    return [
+        {
+            "attempt": a.get("attempt"),
+            "runner": a.get("runner"),
+            "node": a.get("node"),
+            "state": a.get("state") + (f"({a['failure']})" if a.get("failure") else ""),
+            "reason": a.get("reason"),
+            "verified": a.get("verification") if a.get("verified") is not None else "trusted/not reached",
+            "resumed_from_step": a.get("resumed_from_step"),
+            "cost_usd": a.get("cost_usd"),
+            "seconds": a.get("seconds"),
+        }
+        for a in attempts
+    ]
 
 
 def require_better(result: TrainResult) -> None:
@@ -401,6 +391,17 @@ def metrics_markdown(result: TrainResult) -> str:
         f"| runner / device | {result.runner} / {result.device} |",
         f"| job | `{result.job_id}` ({result.seconds:.1f} s) |",
     ]
+    attempts = attempts_rows(result.attempts)
+    if attempts:
+        lines += ["", "## Runner chain", "", "| # | runner | node | state | reason | verified | cost (USD) | s |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in attempts:
+            reason = str(r["reason"] or "").replace("|", "\\|").replace("\n", " ")[:200]
+            cost = "" if r["cost_usd"] is None else f"{r['cost_usd']:.4f}"
+            lines.append(
+                f"| {r['attempt']} | {r['runner']} | {r['node'] or ''} | {r['state']} | {reason} | "
+                f"{r['verified']} | {cost} | {r['seconds']} |"
+            )
     return "\n".join(lines)
 
 
@@ -410,6 +411,15 @@ def metrics_markdown(result: TrainResult) -> str:
 def gateway_url(params: PublishParams) -> str:
     """The gateway the function is served by: the target URL, else ``gateway_url``, ``DEPIN_GATEWAY_URL``,
     the default local gateway."""
+    if params.target == "fluence":
+        from pipelines._fluence_cmd import fluence_gateway_url
+
+        url = fluence_gateway_url(params.fluence_target)
+        if url is None:
+            raise ConfigError(
+                "publish.target fluence: no gateway VM recorded yet; the publish step creates it"
+            )
+        return url
     if params.target != "local":
         return params.target
     return (params.gateway_url or os.environ.get(GATEWAY_URL_ENV) or DEFAULT_GATEWAY_URL).rstrip("/")
@@ -430,6 +440,17 @@ def open_publisher(params: PublishParams) -> Iterator[Any]:
     account = load_publisher_account()
     if params.target == "local":
         yield LocalPublisher(registry_dir(params.registry), account, max_batch_size=params.max_batch_size)
+        return
+    if params.target == "fluence":
+        from pipelines._fluence_cmd import open_fluence_gateway
+
+        with open_fluence_gateway(
+            fluence_target=params.fluence_target,
+            max_usd_per_day=params.max_usd_per_day,
+            max_batch_size=params.max_batch_size,
+            account=account,
+        ) as pub:
+            yield pub
         return
     from pipelines._serve_cmd import read_admin_key
 
@@ -473,7 +494,7 @@ def smoke_invoke(params: PublishParams, name: str, version: str) -> tuple[int, l
         from serving.bundle import parse_manifest
         from serving.client import GatewayClient
 
-        with GatewayClient(params.target, retries=5, timeout=60) as client:
+        with GatewayClient(gateway_url(params), retries=5, timeout=60) as client:
             example = list(parse_manifest(client.manifest_bytes(name, version)).example)
             doc, _ = client.invoke(f"{name}@{version}", example)
             if doc.get("version") != version:
@@ -571,20 +592,16 @@ def score_step(params: ScoreParams, on_log: LogSink | None = None) -> ScoreResul
     model = resolve_model(params)
     label = params.function.replace("@", "-") if params.function else Path(model).name
     out = params.out or Path(".depin/scores") / f"{label}.parquet"
-    doc, _ = on_runner_chain(
-        params.runners,
-        lambda name: run_score(
-            model_dir=model,
-            dataset=params.dataset,
-            out=out,
-            runner=name,
-            ground_truth=params.ground_truth,
-            max_wall_s=params.max_wall_s,
-            jobs_dir=params.jobs_dir,
-            show_progress=False,
-            on_log=on_log,
-        ),
-        on_log,
+    doc = run_score(
+        model_dir=model,
+        dataset=params.dataset,
+        out=out,
+        runners=params.runners,
+        ground_truth=params.ground_truth,
+        max_wall_s=params.max_wall_s,
+        jobs_dir=params.jobs_dir,
+        show_progress=False,
+        on_log=on_log,
     )
     return ScoreResult(
         output=str(out),
@@ -594,4 +611,5 @@ def score_step(params: ScoreParams, on_log: LogSink | None = None) -> ScoreResul
         model=str(model),
         metrics=clean_metrics({k: v for k, v in doc["metrics"].items() if not isinstance(v, dict | list)}),
         seconds=float(doc.get("seconds") or 0.0),
+        attempts=doc.get("attempts") or [],
     )

@@ -157,8 +157,12 @@ def train(
     model: Annotated[str, typer.Option(help="model family: range (EV energy/range) or anomaly")],
     out: Annotated[Path, typer.Option(help="where to write the model artifact directory")],
     runner: Annotated[
-        str, typer.Option(help="where to run: local (CUDA when available, else CPU)")
-    ] = "local",
+        list[str] | None,
+        typer.Option(
+            help="runner chain, tried in order on infrastructure failures (repeatable): local (CUDA when "
+            "available, else CPU), agent:<url>, node:<name>, vast, ionet, gpunet (default: local)"
+        ),
+    ] = None,
     ground_truth: Annotated[
         Path | None, typer.Option(help="emulator ground truth (--ground-truth-out) for fault recall")
     ] = None,
@@ -174,16 +178,18 @@ def train(
         dataset=dataset,
         model=model,
         out=out,
-        runner=runner,
+        runners=runner or ["local"],
         ground_truth=ground_truth,
         params=parse_params(param or []),
         seed=seed,
         max_wall_s=max_wall_s,
     )
     shown = {k: v for k, v in result["metrics"].items() if isinstance(v, int | float)}
+    for a in result["attempts"][:-1]:
+        err_console.print(f"attempt {a['attempt']} on {a['runner']} failed: {a['reason']}", markup=False)
     err_console.print(
-        f"trained [bold]{model}[/] on {result['device']} in {result['seconds']:.1f}s → {result['artifact']}; "
-        + ", ".join(f"{k}={v:.4g}" for k, v in list(shown.items())[:8])
+        f"trained [bold]{model}[/] on {result['runner']} ({result['device']}) in {result['seconds']:.1f}s → "
+        f"{result['artifact']}; " + ", ".join(f"{k}={v:.4g}" for k, v in list(shown.items())[:8])
     )
     if as_json:
         emit_json(result)
@@ -194,14 +200,19 @@ def score(
     model: Annotated[Path, typer.Option(help="model artifact directory (from depin train)")],
     dataset: Annotated[Path, typer.Option(help="telemetry dataset directory")],
     out: Annotated[Path, typer.Option(help="Parquet file for the predictions")],
-    runner: Annotated[str, typer.Option(help="where to run: local")] = "local",
+    runner: Annotated[
+        list[str] | None,
+        typer.Option(help="runner chain (repeatable), as for depin train (default: local)"),
+    ] = None,
     ground_truth: Annotated[Path | None, typer.Option(help="emulator ground truth, for metrics")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Batch-score a telemetry dataset with a trained model (streamed; Parquet out)."""
     from pipelines._jobs_cmd import run_score
 
-    result = run_score(model_dir=model, dataset=dataset, out=out, runner=runner, ground_truth=ground_truth)
+    result = run_score(
+        model_dir=model, dataset=dataset, out=out, runners=runner or ["local"], ground_truth=ground_truth
+    )
     err_console.print(f"scored {result['rows']:,} rows with {result['family']} on {result['device']} → {out}")
     if as_json:
         emit_json(result)
@@ -233,9 +244,27 @@ def publish(
     alias: Annotated[
         str | None, typer.Option(help="also point this alias (e.g. prod) at the version")
     ] = None,
-    target: Annotated[str, typer.Option(help="'local' (the registry directory) or a gateway URL")] = "local",
+    target: Annotated[
+        str,
+        typer.Option(
+            help="'local' (the registry directory), 'fluence' (a gateway VM on Fluence; DEPIN_FLUENCE_API_KEY) "
+            "or a gateway URL"
+        ),
+    ] = "local",
     registry: Annotated[
         Path | None, typer.Option(help="registry directory for --target local (default: .depin/registry)")
+    ] = None,
+    fluence_target: Annotated[
+        str | None,
+        typer.Option(
+            help="--target fluence: deployment name, VM depin-gw-<name> (default DEPIN_FLUENCE_TARGET)"
+        ),
+    ] = None,
+    max_usd_per_day: Annotated[
+        float | None,
+        typer.Option(
+            help="--target fluence: refuse a new VM costing more (default DEPIN_FLUENCE_MAX_USD_PER_DAY, 5)"
+        ),
     ] = None,
     admin_key_file: Annotated[
         Path | None,
@@ -257,6 +286,8 @@ def publish(
         registry=registry,
         admin_key_file=admin_key_file,
         max_batch_size=max_batch_size,
+        fluence_target=fluence_target,
+        max_usd_per_day=max_usd_per_day,
     )
     moved = ", ".join(result["moved"]) or "none (version already present)"
     err_console.print(
@@ -394,6 +425,44 @@ def list_signals(as_json: JsonOpt = False) -> None:
                 ]
             }
         )
+
+
+def _fluence_app() -> typer.Typer:
+    from pipelines import _fluence_cmd
+
+    sub = typer.Typer(
+        name="fluence",
+        help="The function gateway on Fluence: show or delete what `depin publish --target fluence` created.",
+        no_args_is_help=True,
+    )
+    sub.command("status")(_fluence_cmd.status)
+    sub.command("down")(_fluence_cmd.down)
+    return sub
+
+
+def _worker_app() -> typer.Typer:
+    from pipelines import _nodes_cmd, _worker_cmd
+
+    sub = typer.Typer(
+        name="worker",
+        help="GPU workers: run the agent on a GPU node, register nodes, quote and reap rented instances.",
+        no_args_is_help=True,
+    )
+    sub.command("serve")(_worker_cmd.serve)
+    for fn in (
+        _nodes_cmd.register,
+        _nodes_cmd.nodes,
+        _nodes_cmd.remove,
+        _nodes_cmd.quote,
+        _nodes_cmd.reap,
+        _nodes_cmd.script,
+    ):
+        sub.command(fn.__name__)(fn)
+    return sub
+
+
+app.add_typer(_fluence_app())
+app.add_typer(_worker_app())
 
 
 def main() -> None:

@@ -149,6 +149,11 @@ def train_model(params: TrainParams = TrainParams()) -> TrainResult:
     create_markdown_artifact(
         markdown=S.metrics_markdown(result), key=f"{result.family}-model-report", description="model quality"
     )
+    create_table_artifact(
+        table=S.attempts_rows(result.attempts),
+        key=f"{result.family}-runner-attempts",
+        description="runner chain: every attempt (runner, node, reason, verification, cost, seconds)",
+    )
     S.require_better(result)
     return result
 

@@ -89,6 +89,7 @@ class TrainResult(_Result):
     job_id: str
     spec_hash: str
     seconds: float
+    attempts: list[dict[str, Any]] = Field(default_factory=list)  # the runner chain's (gpu_jobs.chain)
 
 
 class PublishFunctionResult(_Result):
@@ -114,6 +115,7 @@ class ScoreResult(_Result):
     model: str
     metrics: dict[str, Any]
     seconds: float
+    attempts: list[dict[str, Any]] = Field(default_factory=list)  # the runner chain's (gpu_jobs.chain)
 
 
 class TrainAndPublishResult(_Result):

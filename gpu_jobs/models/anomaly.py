@@ -216,6 +216,26 @@ def evaluate(scored: pl.DataFrame, faults: pl.DataFrame) -> dict[str, Any]:
     }
 
 
+def _read_windows(files: list[str], hp: dict[str, Any]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(telemetry table, its windows of known vehicle types) — what training and evaluation start from."""
+    table = F.read_telemetry([Path(f) for f in files])
+    windows = F.anomaly_windows(table, window_minutes=int(hp["window_minutes"]))
+    return table, windows.filter(pl.col("powertrain").is_in(list(TYPES)))
+
+
+def heldout_metrics(
+    net: nn.ModuleDict, config: dict[str, Any], te: pl.DataFrame, faults_path: Path | None
+) -> dict[str, Any]:
+    """Flagged share of the held-out windows ``te``; recall/FPR against ``faults_path`` when given."""
+    scored = score_windows(net, config, te)
+    metrics: dict[str, Any] = {
+        "heldout_flagged_share": float(scored["flagged"].mean()) if scored.height else 0.0  # type: ignore[arg-type]
+    }
+    if faults_path is not None:
+        metrics |= evaluate(scored, pl.read_parquet(faults_path))
+    return metrics
+
+
 def threshold_from(scores: np.ndarray, q: float, outlier: float) -> float:
     """The ``q`` quantile of the training scores, leaving out gross outliers (above ``outlier`` × the median).
 
@@ -237,9 +257,7 @@ class AnomalyFamily:
         seed = int(getattr(ctx.spec, "seed", 0))
         seed_all(seed)
         files, faults_path = F.split_inputs(ctx.inputs)
-        table = F.read_telemetry([Path(f) for f in files])
-        windows = F.anomaly_windows(table, window_minutes=int(hp["window_minutes"]))
-        windows = windows.filter(pl.col("powertrain").is_in(list(TYPES)))
+        table, windows = _read_windows(files, hp)
         train_ids, test_ids = F.split_vehicles(windows["token_id"], holdout=float(hp["holdout"]), seed=seed)
         tr = windows.filter(pl.col("token_id").is_in(train_ids))
         te = windows.filter(pl.col("token_id").is_in(test_ids))
@@ -300,15 +318,40 @@ class AnomalyFamily:
             for t in types
         }
         metrics: dict[str, Any] = {"n_train_windows": tr.height, "train_loss": fit["loss"]}
-        scored = score_windows(net, config, te)
-        metrics["heldout_flagged_share"] = float(scored["flagged"].mean()) if scored.height else 0.0  # type: ignore[arg-type]
+        metrics |= heldout_metrics(net, config, te, faults_path)
         if faults_path is not None:
-            metrics |= evaluate(scored, pl.read_parquet(faults_path))
             ctx.log(
                 f"anomaly: held-out recall {metrics['recall']:.3f}, FPR {metrics['false_positive_rate']:.3f}"
             )
         state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
         return TrainOutput(state_dict=state, model_config=config, metrics=metrics)
+
+    def evaluate(self, model_dir: Path, inputs: list[Path], *, seed: int | None = None) -> dict[str, Any]:
+        """Recompute the held-out metrics the training job reported, from the artifact at ``model_dir`` and
+        the (verified, local) training inputs: the same windows of the artifact's held-out vehicles scored
+        with its weights, thresholds and scales, against the ground truth when the inputs hold it. With ``seed``
+        (the spec's), the artifact's split must be the seeded one. ``train_loss`` is not recomputed."""
+        from gpu_jobs.artifacts import load_artifact
+
+        art = load_artifact(model_dir)
+        config = art.model_config
+        if config.get("family") != self.name:
+            raise ConfigError(
+                f"model is a {config.get('family')!r} model, not 'anomaly'; pass an anomaly model"
+            )
+        hp = config["hyperparameters"]
+        files, faults_path = F.split_inputs(inputs)
+        _, windows = _read_windows(files, hp)
+        train_ids = np.asarray(config["train_vehicles"], dtype=np.int64)
+        test_ids = np.asarray(config["heldout_vehicles"], dtype=np.int64)
+        if seed is not None:
+            from gpu_jobs.verify import check_split
+
+            check_split(windows["token_id"], train_ids, test_ids, holdout=float(hp["holdout"]), seed=seed)
+        tr = windows.filter(pl.col("token_id").is_in(train_ids))
+        te = windows.filter(pl.col("token_id").is_in(test_ids))
+        net = build_net(config, art.state_dict)
+        return {"n_train_windows": tr.height, **heldout_metrics(net, config, te, faults_path)}
 
     def infer(self, ctx: JobContext, model_dir: Path) -> InferOutput:
         """Score every window of the input telemetry → ``<outputs.dir>/predictions.parquet``."""

@@ -198,6 +198,21 @@ def predict_trips(
     )
 
 
+def _read_trips(files: list[str], hp: dict[str, Any]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(telemetry table, its measurable trips) — what training and :meth:`RangeFamily.evaluate` start from."""
+    table = F.read_telemetry([Path(f) for f in files])
+    trips = F.trip_windows(table, min_km=float(hp["min_km"]))
+    return table, trips.filter(pl.col(TARGET).is_finite() & (pl.col(TARGET) > 0))
+
+
+def heldout_metrics(
+    net: RangeNet, config: dict[str, Any], te: pl.DataFrame, train_mean: float
+) -> dict[str, Any]:
+    """The held-out metrics of the fleet model ``net`` + calibration on the held-out trips ``te``."""
+    pred = predict_trips(net, config, te.sort("token_id", "start"), calibration(config))
+    return _metrics(pred, train_mean, calibration(config))
+
+
 def _metrics(pred: pl.DataFrame, train_mean: float, cal: Calibration) -> dict[str, Any]:
     """Held-out metrics (kWh/100 km unless named otherwise)."""
     y = pred[TARGET].to_numpy()
@@ -229,10 +244,7 @@ class RangeFamily:
         hp = _hparams(ctx)
         seed = int(getattr(ctx.spec, "seed", 0))
         seed_all(seed)
-        files, _ = F.split_inputs(ctx.inputs)
-        table = F.read_telemetry([Path(f) for f in files])
-        trips = F.trip_windows(table, min_km=float(hp["min_km"]))
-        trips = trips.filter(pl.col(TARGET).is_finite() & (pl.col(TARGET) > 0))
+        table, trips = _read_trips(F.split_inputs(ctx.inputs)[0], hp)
         if trips["token_id"].n_unique() < 2:
             raise ConfigError("range: need measurable EV trips from at least 2 vehicles; ingest more EV data")
         train_ids, test_ids = F.split_vehicles(trips["token_id"], holdout=float(hp["holdout"]), seed=seed)
@@ -271,9 +283,8 @@ class RangeFamily:
         # the fleet model is the net plus the typical vehicle (mean offset); new vehicles start there
         config["target"]["center"] += float(model.offsets.detach().mean()) * config["target"]["scale"]
         net = net.cpu().eval()
-        pred = predict_trips(net, config, te.sort("token_id", "start"), calibration(config))
         metrics = {
-            **_metrics(pred, config["fleet_mean_kwh_per_100km"], calibration(config)),
+            **heldout_metrics(net, config, te, config["fleet_mean_kwh_per_100km"]),
             "n_train_windows": tr.height,
             "train_loss": fit["loss"],
         }
@@ -282,6 +293,31 @@ class RangeFamily:
         )
         state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
         return TrainOutput(state_dict=state, model_config=config, metrics=metrics)
+
+    def evaluate(self, model_dir: Path, inputs: list[Path], *, seed: int | None = None) -> dict[str, Any]:
+        """Recompute the held-out metrics the training job reported, from the artifact at ``model_dir`` and
+        the (verified, local) training inputs: the same trips, the artifact's held-out vehicles, the training
+        vehicles' mean as baseline. With ``seed`` (the spec's), the artifact's split must be the seeded one.
+        ``train_loss`` is not recomputed (it needs the training run)."""
+        from gpu_jobs.artifacts import load_artifact
+
+        art = load_artifact(model_dir)
+        config = art.model_config
+        if config.get("family") != self.name:
+            raise ConfigError(f"model is a {config.get('family')!r} model, not 'range'; pass a range model")
+        hp = config["hyperparameters"]
+        _, trips = _read_trips(F.split_inputs(inputs)[0], hp)
+        train_ids = np.asarray(config["train_vehicles"], dtype=np.int64)
+        test_ids = np.asarray(config["heldout_vehicles"], dtype=np.int64)
+        if seed is not None:
+            from gpu_jobs.verify import check_split
+
+            check_split(trips["token_id"], train_ids, test_ids, holdout=float(hp["holdout"]), seed=seed)
+        tr = trips.filter(pl.col("token_id").is_in(train_ids))
+        te = trips.filter(pl.col("token_id").is_in(test_ids))
+        train_mean = float(tr[TARGET].mean())  # type: ignore[arg-type]
+        net = _net_from_config(config, art.state_dict)
+        return {**heldout_metrics(net, config, te, train_mean), "n_train_windows": tr.height}
 
     def infer(self, ctx: JobContext, model_dir: Path) -> InferOutput:
         """Score every trip of the input telemetry → ``<outputs.dir>/predictions.parquet``."""

@@ -150,37 +150,37 @@ def test_dataset_info_and_vehicle_table(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------------- train
 
 
-def test_model_dirs_are_fresh_and_the_runner_chain_falls_through_on_infra_failures(
+def test_model_dirs_are_fresh_and_the_train_step_runs_the_whole_chain(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    params = TrainParams(out=tmp_path, runners=["gpu-a", "gpu-b", "local"])
+    """The chain itself (fallback, resume, verification) is tested in tests/gpu_jobs/test_chain.py; the step
+    hands it the whole chain at once and records every attempt in its result and report."""
+    params = TrainParams(out=tmp_path, runners=["agent:http://gpu-a:8900", "vast", "local"])
     a, b = S.model_dir_for(params), S.model_dir_for(params)
     assert a != b and a.parent == tmp_path and a.name.startswith("range-")
 
-    tried: list[str] = []
+    seen: dict[str, Any] = {}
 
-    def fake_train(*, runner: str, **kw: Any) -> dict[str, Any]:
-        tried.append(runner)
-        if runner == "gpu-a":
-            raise TransientError("node lost")
-        if runner == "gpu-b":
-            raise TransientError("out of memory")
-        return {"runner": runner}
+    def fake_train(**kw: Any) -> dict[str, Any]:
+        seen.update(kw)
+        raise TransientError("every runner of the chain failed: agent:http://gpu-a:8900: unreachable | …")
 
     monkeypatch.setattr(S, "run_train", fake_train)
-    logs: list[str] = []
-    _doc, used = S.train_on_chain(params, tmp_path, a, on_log=logs.append)
-    assert used == "local" and tried == ["gpu-a", "gpu-b", "local"] and len(logs) == 2
+    with pytest.raises(TransientError, match="every runner of the chain failed"):
+        S.train_model_step(params, tmp_path, a)
+    assert seen["runners"] == ["agent:http://gpu-a:8900", "vast", "local"] and seen["out"] == a
 
-    def permanent(*, runner: str, **kw: Any) -> dict[str, Any]:
-        tried.append(runner)
-        raise PermanentError("bad hyperparameter")
-
-    tried.clear()
-    monkeypatch.setattr(S, "run_train", permanent)
-    with pytest.raises(PermanentError):
-        S.train_on_chain(params, tmp_path, a)
-    assert tried == ["gpu-a"]  # a permanent failure does not try other runners
+    attempts = [
+        {"attempt": 1, "runner": "vast", "node": "h1", "state": "FAILED", "failure": "verify",
+         "reason": "local hold-out evaluation disagrees: mae …", "verified": False,
+         "verification": "local hold-out evaluation disagrees", "cost_usd": 0.01, "seconds": 40.0},
+        {"attempt": 2, "runner": "local", "node": "me", "state": "SUCCEEDED", "failure": None, "reason": None,
+         "verified": None, "verification": None, "cost_usd": None, "seconds": 12.5},
+    ]  # fmt: skip
+    result = _train_result(mae=1.0, baseline_mae=2.0).model_copy(update={"attempts": attempts})
+    md = S.metrics_markdown(result)
+    assert "## Runner chain" in md and "FAILED(verify)" in md and "| 2 | local | me | SUCCEEDED |" in md
+    assert [r["state"] for r in S.attempts_rows(attempts)] == ["FAILED(verify)", "SUCCEEDED"]
 
 
 # ------------------------------------------------------------------------------------------------- publish

@@ -1,0 +1,3 @@
+"""The worker agent: an HTTP service on a GPU node that stores content-addressed blobs and runs ``JobSpec``s
+with ``LocalRunner`` (the same worker code as local runs). See ``gpu_jobs.agent.app`` for the API,
+``gpu_jobs.agent.server`` to run it, ``gpu_jobs.agent.process.AgentProcess`` to run it as a child process."""

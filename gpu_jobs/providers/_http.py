@@ -1,0 +1,202 @@
+"""The HTTP client the providers share: one ``httpx.Client``, timeouts, retries of transient failures, errors
+mapped onto ``depin_core.errors``, and the agent health probe.
+
+Transient (retried with jittered exponential backoff, ``Retry-After`` honoured): connection errors, 429, 502,
+503, 504. A request that may have reached the server (read timeout, dropped connection) is retried only when
+idempotent. 401/403 → ``PermanentError`` naming the API-key variable; other 4xx → ``PermanentError`` with the
+provider's message. The API key lives in the client's default headers and nowhere else: never in a message,
+a log line or a ``repr``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Collection
+from typing import Any
+
+import httpx
+from pydantic import SecretStr
+
+from depin_core.errors import ConfigError, PermanentError, TransientError
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUS = frozenset({429, 502, 503, 504})
+
+
+class ApiError(PermanentError):
+    """A provider refused a request for good; ``status`` is the HTTP status, ``detail`` its message."""
+
+    def __init__(self, message: str, *, status: int, detail: str = "") -> None:
+        super().__init__(message)
+        self.status, self.detail = status, detail
+
+
+def _retry_after(r: httpx.Response) -> float | None:
+    raw = r.headers.get("retry-after")
+    try:
+        return max(0.0, float(raw)) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def _message(r: httpx.Response, secret: str) -> str:
+    """A short, secret-free description of an error body (``detail`` / ``error`` / ``msg`` / text)."""
+    try:
+        doc = r.json()
+    except ValueError:
+        text = r.text
+    else:
+        if isinstance(doc, dict):
+            text = str(doc.get("detail") or doc.get("error") or doc.get("msg") or doc.get("message") or doc)
+        else:
+            text = str(doc)
+    text = " ".join(text.split())[:300]
+    return text.replace(secret, "***") if secret else text
+
+
+class ApiClient:
+    """A client of one provider API. ``auth_headers`` carry the key; ``key_hint`` names where the user sets it
+    (e.g. ``DEPIN_VAST_API_KEY``)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: SecretStr,
+        auth_headers: Callable[[str], dict[str, str]],
+        key_hint: str,
+        provider: str,
+        timeout: float = 30.0,
+        retries: int = 4,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 15.0,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        url = base_url.strip().rstrip("/")
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{provider} API URL {base_url!r} must start with http:// or https://")
+        if not isinstance(api_key, SecretStr) or not api_key.get_secret_value().strip():
+            raise ConfigError(f"{provider}: no API key; set {key_hint}")
+        self.base_url = url
+        self.provider = provider
+        self.key_hint = key_hint
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._sleep = sleep
+        self._secret = api_key.get_secret_value()
+        self._client = httpx.Client(
+            base_url=url,
+            timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
+            transport=transport,
+            headers=auth_headers(self._secret),
+            follow_redirects=False,  # a redirect must never carry the key elsewhere
+        )
+
+    def __repr__(self) -> str:
+        return f"ApiClient({self.provider}, {self.base_url!r}, api_key=set)"
+
+    def close(self) -> None:
+        self._client.close()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        ok: Collection[int] = (200, 201),
+        idempotent: bool = True,
+        **kwargs: Any,
+    ) -> httpx.Response:
+        """``method path`` with retries: the response when its status is in ``ok``; else ``PermanentError`` /
+        ``TransientError`` (after the last retry)."""
+        where = f"{self.provider}: {method} {self.base_url}{path}"
+        for attempt in range(self.retries + 1):
+            try:
+                r = self._client.request(method, path, **kwargs)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                problem, retry_after = f"cannot connect ({type(exc).__name__})", None
+            except httpx.TransportError as exc:
+                if not idempotent:
+                    raise TransientError(
+                        f"{where}: the connection failed after sending ({type(exc).__name__}); "
+                        "the request may have been applied — look it up before repeating it"
+                    ) from None
+                problem, retry_after = f"connection failed ({type(exc).__name__})", None
+            else:
+                if r.status_code in ok:
+                    return r
+                if r.status_code in (401, 403):
+                    raise ApiError(
+                        f"{where}: {r.status_code}, the API key was refused; set a valid key in "
+                        f"{self.key_hint}",
+                        status=r.status_code,
+                    )
+                if r.status_code not in RETRY_STATUS:
+                    detail = _message(r, self._secret)
+                    raise ApiError(f"{where}: {r.status_code} {detail}", status=r.status_code, detail=detail)
+                problem, retry_after = f"{r.status_code} {_message(r, self._secret)}", _retry_after(r)
+            if attempt == self.retries:
+                raise TransientError(
+                    f"{where}: {problem}; gave up after {attempt + 1} attempts, retry later",
+                    retry_after=retry_after,
+                )
+            base = retry_after if retry_after is not None else self.backoff_s * 2**attempt
+            delay = min(self.max_backoff_s, base) * random.uniform(0.8, 1.2)
+            log.info("%s: %s; retrying in %.2fs", where, problem, delay)
+            self._sleep(delay)
+        raise AssertionError("unreachable")
+
+    def json(self, method: str, path: str, **kwargs: Any) -> Any:
+        """``request`` and decode its JSON body (``PermanentError`` when it is not JSON)."""
+        r = self.request(method, path, **kwargs)
+        try:
+            return r.json()
+        except ValueError:
+            raise PermanentError(
+                f"{self.provider}: {method} {path} answered {r.status_code} with a body that is not JSON"
+            ) from None
+
+
+class HealthCheck:
+    """``GET {url}/v1/health`` of a worker agent with its token; ``check`` → the health document or None."""
+
+    def __init__(self, *, timeout: float = 5.0, transport: httpx.BaseTransport | None = None) -> None:
+        self._client = httpx.Client(timeout=timeout, transport=transport, follow_redirects=False)
+        self.last_problem = ""
+
+    def check(self, url: str, token: SecretStr) -> dict[str, Any] | None:
+        """The agent's health JSON, or None (``last_problem`` says why). A refused token raises
+        ``PermanentError``: waiting longer will not help."""
+        if not url:
+            self.last_problem = "no URL yet"
+            return None
+        try:
+            r = self._client.get(
+                f"{url.rstrip('/')}/v1/health",
+                headers={"Authorization": f"Bearer {token.get_secret_value()}"},
+            )
+        except httpx.HTTPError as exc:
+            self.last_problem = f"{type(exc).__name__}"
+            return None
+        if r.status_code in (401, 403):
+            raise PermanentError(
+                f"agent at {url} refused the token ({r.status_code}); the instance runs with another "
+                "token (a relaunch under the same name?): destroy it and launch the next attempt"
+            )
+        if r.status_code != 200:
+            self.last_problem = f"health answered {r.status_code}"
+            return None
+        try:
+            doc = r.json()
+        except ValueError:
+            self.last_problem = "health answered with a body that is not JSON"
+            return None
+        return doc if isinstance(doc, dict) else None
+
+    def close(self) -> None:
+        self._client.close()

@@ -1,0 +1,237 @@
+"""Hand-registered worker nodes: GPUnet rentals, lab servers, anything that runs ``depin worker serve``.
+
+GPUnet has no documented compute API (see the README), so a GPUnet node is rented by hand, bootstrapped with
+the script of :class:`~gpu_jobs.providers.base.Bootstrap`, and registered here with its URL and token
+(``depin worker register NAME --url … --token-file …``). The registry is one JSON file, ``.depin/workers.json``
+by default, mode 0600 (it holds the agents' tokens), written atomically.
+
+As a provider ("manual", or "gpunet"): offers are the registered nodes whose ``/v1/health`` answers with their
+token; ``launch`` returns the node (with its own token: the bootstrap's is not used); ``destroy`` does nothing
+(we rent nothing); ``instances`` is empty.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from depin_core.errors import ConfigError, PermanentError, TransientError
+from depin_core.fs import atomic_write_bytes
+from gpu_jobs.providers._http import HealthCheck
+from gpu_jobs.providers.base import MIN_TOKEN_CHARS, Bootstrap, Instance, Offer, Worker
+from gpu_jobs.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NODES_FILE = Path(".depin/workers.json")
+_NODE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+
+class Node(BaseModel):
+    """A registered worker node."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    url: str
+    token: SecretStr
+    gpu: str | None = None  # what the operator says it has (the health check reports what it really has)
+    usd_per_hour: float = Field(0.0, ge=0)
+    registered_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NODE_NAME.match(v):
+            raise ValueError("use 1-63 of a-z, 0-9, '.', '_', '-' (starting with a letter or digit)")
+        return v
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        v = v.strip().rstrip("/")
+        if not v.startswith(("http://", "https://")) or len(v) < 10:
+            raise ValueError("must be the agent's base URL, http(s)://host:port")
+        return v
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, v: SecretStr) -> SecretStr:
+        if len(v.get_secret_value().strip()) < MIN_TOKEN_CHARS:
+            raise ValueError(f"the agent token needs at least {MIN_TOKEN_CHARS} characters")
+        return SecretStr(v.get_secret_value().strip())
+
+    def to_file(self) -> dict[str, Any]:
+        doc = self.model_dump(mode="json")
+        doc["token"] = self.token.get_secret_value()
+        return doc
+
+
+class ManualProvider:
+    """Registered nodes as a provider (see the module doc). ``name`` is "manual" or "gpunet"."""
+
+    def __init__(
+        self,
+        nodes_file: Path | str = DEFAULT_NODES_FILE,
+        *,
+        name: str = "manual",
+        health_timeout_s: float = 5.0,
+        poll_s: float = 1.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.nodes_file = Path(nodes_file)
+        self.name = name
+        self.poll_s = poll_s
+        self._health = HealthCheck(timeout=health_timeout_s, transport=transport)
+
+    def __repr__(self) -> str:
+        return f"ManualProvider({str(self.nodes_file)!r}, name={self.name!r})"
+
+    def close(self) -> None:
+        self._health.close()
+
+    def __enter__(self) -> ManualProvider:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- the registry ----------------------------------------------------------------------------------------
+    def _load(self) -> dict[str, Node]:
+        if not self.nodes_file.exists():
+            return {}
+        try:
+            doc = json.loads(self.nodes_file.read_text())
+            nodes = [Node.model_validate(n) for n in doc.get("nodes", [])]
+        except (OSError, ValueError, AttributeError, ValidationError) as exc:
+            raise ConfigError(
+                f"nodes file {self.nodes_file}: unreadable ({type(exc).__name__}); fix or remove it and "
+                "register the nodes again"
+            ) from None
+        return {n.name: n for n in nodes}
+
+    def _save(self, nodes: dict[str, Node]) -> None:
+        doc = {"nodes": [nodes[k].to_file() for k in sorted(nodes)]}
+        self.nodes_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        atomic_write_bytes(self.nodes_file, (json.dumps(doc, indent=2) + "\n").encode())
+        os.chmod(self.nodes_file, 0o600)  # mkstemp already made it 0600; say so explicitly
+
+    def register(
+        self, name: str, url: str, token: SecretStr, *, gpu: str | None = None, usd_per_hour: float = 0.0
+    ) -> Node:
+        """Add (or replace) node ``name``. ``ConfigError`` naming the field when a value is invalid."""
+        if not isinstance(token, SecretStr):
+            raise ConfigError("token must be a pydantic SecretStr (keeps it out of logs and reprs)")
+        try:
+            node = Node(name=name, url=url, token=token, gpu=gpu, usd_per_hour=usd_per_hour)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(p) for p in err["loc"]) or "node"
+            raise ConfigError(f"{field}: {err['msg']}") from None
+        nodes = self._load()
+        nodes[name] = node
+        self._save(nodes)
+        return node
+
+    def list(self) -> list[Node]:
+        """The registered nodes, by name."""
+        return [n for _, n in sorted(self._load().items())]
+
+    def get(self, name: str) -> Node:
+        """Node ``name`` (``ConfigError`` listing the known names when there is none)."""
+        nodes = self._load()
+        if name not in nodes:
+            known = ", ".join(sorted(nodes)) or "none"
+            raise ConfigError(
+                f"node {name!r} is not registered (known: {known}); depin worker register {name} …"
+            )
+        return nodes[name]
+
+    def by_url(self, url: str) -> Node | None:
+        """The registered node whose URL is ``url`` (trailing slash ignored), or None."""
+        url = url.strip().rstrip("/")
+        return next((n for n in self._load().values() if n.url == url), None)
+
+    def remove(self, name: str) -> bool:
+        """Forget node ``name``; False when it was not registered."""
+        nodes = self._load()
+        if nodes.pop(name, None) is None:
+            return False
+        self._save(nodes)
+        return True
+
+    def health(self, node: Node) -> dict[str, Any] | None:
+        """The node's ``/v1/health`` document, or None when it does not answer. A refused token raises
+        ``PermanentError``."""
+        return self._health.check(node.url, node.token)
+
+    @property
+    def last_problem(self) -> str:
+        return self._health.last_problem
+
+    # ---- the provider protocol -------------------------------------------------------------------------------
+    def _offer(self, node: Node, health: dict[str, Any]) -> Offer:
+        gpus = [g for g in health.get("gpus") or [] if isinstance(g, dict)]
+        mem = [float(g.get("memory_gb") or 0.0) for g in gpus]
+        return Offer(
+            provider=self.name,
+            offer_id=node.name,
+            host=node.name,
+            gpu_name=str(gpus[0].get("name")) if gpus else (node.gpu or "cpu"),
+            gpu_count=len(gpus),
+            vram_gb=min(mem) if mem else 0.0,
+            usd_per_hour=node.usd_per_hour,
+            reliability=None,
+            region=None,
+        )
+
+    def quote(self, spec: JobSpec) -> list[Offer]:
+        """One offer per registered node that answers ``/v1/health`` with its token (others are skipped)."""
+        offers = []
+        for node in self.list():
+            try:
+                health = self.health(node)
+            except PermanentError as exc:
+                log.warning("%s: node %s skipped: %s", self.name, node.name, exc)
+                continue
+            if health is None:
+                log.info("%s: node %s skipped: %s", self.name, node.name, self._health.last_problem)
+                continue
+            offers.append(self._offer(node, health))
+        return offers
+
+    def launch(self, offer: Offer, bootstrap: Bootstrap, *, name: str) -> Worker:
+        """The registered node of ``offer`` as a worker (with the node's own token)."""
+        node = self.get(offer.offer_id)
+        return Worker(
+            provider=self.name, instance_id=node.name, name=name, url=node.url, token=node.token, offer=offer
+        )
+
+    def wait_ready(self, worker: Worker, *, timeout_s: float) -> Worker:
+        """Wait until the node's agent answers ``/v1/health``; ``TransientError`` after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self._health.check(worker.url, worker.token) is not None:
+                return worker
+            if time.monotonic() >= deadline:
+                raise TransientError(
+                    f"{self.name}: node {worker.instance_id} at {worker.url} does not answer /v1/health "
+                    f"({self._health.last_problem}); is `depin worker serve` running there?"
+                )
+            time.sleep(self.poll_s)
+
+    def destroy(self, target: Worker | Instance) -> None:
+        """Nothing to stop: the node is not rented by us."""
+
+    def instances(self) -> list[Instance]:
+        """Nothing rented, nothing to reap."""
+        return []

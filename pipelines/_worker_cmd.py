@@ -1,0 +1,62 @@
+"""``depin worker serve``: run the worker agent on this node (a rented GPU box or a lab server).
+
+The admin token comes from ``--token-file`` or ``$DEPIN_AGENT_TOKEN`` (≥ 16 characters; the agent keeps only
+its sha256). Bind ``--host 0.0.0.0`` to serve other machines; the default is loopback only.
+
+The lead wires ``serve`` into ``pipelines/cli.py`` as ``worker_app.command("serve")(serve)`` on a ``worker``
+sub-app; it is a plain typer-compatible function, so this module creates no Typer app itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pipelines._output import emit_json, err_console
+
+
+def serve(
+    host: Annotated[
+        str, typer.Option(help="address to bind (0.0.0.0 to accept other machines)")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to bind (0 = any free port)")] = 8900,
+    data_dir: Annotated[Path, typer.Option(help="where blobs, jobs and outputs live")] = Path(".depin/agent"),
+    token_file: Annotated[
+        Path | None, typer.Option(help="file holding the admin token (default: $DEPIN_AGENT_TOKEN)")
+    ] = None,
+    ready_file: Annotated[
+        Path | None, typer.Option(help="write {url, host, port, pid} here as JSON once listening")
+    ] = None,
+    max_parallel: Annotated[int, typer.Option(help="jobs running at once; more wait PENDING")] = 1,
+    max_blob_gb: Annotated[
+        float, typer.Option(help="largest blob (dataset shard, checkpoint) accepted, GiB")
+    ] = 20.0,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print one JSON line (url, port, …) on stdout once listening")
+    ] = False,
+) -> None:
+    """Run the worker agent (HTTP API for blobs and jobs) until Ctrl-C / SIGTERM."""
+    from gpu_jobs.agent._auth import TOKEN_ENV, read_admin_token
+    from gpu_jobs.agent.app import AgentSettings
+    from gpu_jobs.agent.server import serve as serve_agent
+
+    token = read_admin_token(token_file)
+    os.environ.pop(TOKEN_ENV, None)  # job workers inherit the environment: never the admin token
+    settings = AgentSettings(
+        data_dir=data_dir, max_parallel=max_parallel, max_blob_bytes=int(max_blob_gb * 2**30)
+    )
+
+    def announce(doc: dict[str, Any]) -> None:
+        err_console.print(
+            f"[bold green]depin worker agent[/] on {doc['url']} (data {settings.data_dir}); "
+            "register it with `depin worker register`; Ctrl-C stops"
+        )
+        if as_json:
+            emit_json({**doc, "data_dir": str(settings.data_dir.resolve())})
+
+    with contextlib.suppress(KeyboardInterrupt):
+        serve_agent(settings, token, host=host, port=port, ready_file=ready_file, on_ready=announce)

@@ -1,0 +1,306 @@
+"""AgentRunner end to end against a real worker agent process on loopback (toy family jobs)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+from pydantic import SecretStr
+
+from depin_core.errors import ConfigError, PermanentError, TransientError
+from depin_core.net import free_port
+from gpu_jobs.agent.process import AgentProcess
+from gpu_jobs.artifacts import MANIFEST, WEIGHTS, load_artifact
+from gpu_jobs.checkpoint import FileCheckpointer
+from gpu_jobs.local import LocalRunner
+from gpu_jobs.remote import AgentAuthError, AgentRunner
+from gpu_jobs.runner import JobRunner
+from gpu_jobs.spec import DatasetRef, FailureKind, JobSpec, JobState, sha256_file
+from tests.gpu_jobs.toy_family import IMPORT_PATH, write_toy_dataset
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {"PYTHONPATH": str(REPO)}
+TOKEN = "test-agent-token-0123456789abcdef"
+
+
+class Recorder(httpx.HTTPTransport):
+    """A real transport that records (method, path, headers) of every request; ``corrupt`` flips the first
+    byte of the answer for paths ending with it."""
+
+    def __init__(self, corrupt: str | None = None) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, str, dict[str, str]]] = []
+        self.corrupt = corrupt
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.calls.append((request.method, request.url.path, dict(request.headers)))
+        response = super().handle_request(request)
+        if self.corrupt and request.url.path.endswith(self.corrupt) and response.status_code == 200:
+            body = bytearray(response.read())
+            body[0] ^= 0xFF
+            return httpx.Response(200, headers=response.headers, content=bytes(body))
+        return response
+
+    def count(self, method: str, prefix: str) -> int:
+        return sum(1 for m, p, _ in self.calls if m == method and p.startswith(prefix))
+
+
+def _start_agent(data_dir: Path, env: dict[str, str] | None = None) -> AgentProcess:
+    return AgentProcess(data_dir, TOKEN, env={**ENV, **(env or {})}).start()
+
+
+@pytest.fixture()
+def agent(tmp_path: Path) -> Iterator[AgentProcess]:
+    proc = _start_agent(tmp_path / "agent")
+    try:
+        yield proc
+    finally:
+        proc.close()
+
+
+@pytest.fixture()
+def data(tmp_path: Path) -> DatasetRef:
+    return DatasetRef.from_path(write_toy_dataset(tmp_path / "data" / "part-0.parquet").parent)
+
+
+def _train(out: Path, data: DatasetRef, *, every: int = 0, **hp: object) -> JobSpec:
+    return JobSpec(
+        kind="train",
+        model={"family": IMPORT_PATH, "hyperparameters": {"steps": 30, **hp}},
+        inputs=[data],
+        seed=5,
+        limits={"max_wall_s": 120},
+        checkpoint={"every_steps": every},
+        outputs={"dir": str(out)},
+    )
+
+
+def _infer(out: Path, data: DatasetRef, model_dir: Path) -> JobSpec:
+    return JobSpec(
+        kind="infer",
+        model={"family": IMPORT_PATH},
+        inputs=[data, DatasetRef.from_path(model_dir, role="model")],
+        outputs={"dir": str(out)},
+    )
+
+
+def _runner(url: str, root: Path, **kw: object) -> AgentRunner:
+    return AgentRunner(url, SecretStr(TOKEN), workdir_root=root, **kw)  # type: ignore[arg-type]
+
+
+def _wait(what: str, cond, timeout: float = 90.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_agent_job_equals_local_job(
+    tmp_path: Path, data: DatasetRef, agent: AgentProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    local_spec = _train(tmp_path / "local-model", data)
+    with LocalRunner(tmp_path / "local", env=ENV) as local:
+        want = local.result(local.submit(local_spec), timeout=120)
+        want_scores = local.result(
+            local.submit(_infer(tmp_path / "local-scores", data, tmp_path / "local-model")), timeout=120
+        )
+    assert want.state == want_scores.state == JobState.SUCCEEDED, want.error or want_scores.error
+
+    rec = Recorder()
+    lines: list[str] = []
+    spec = _train(tmp_path / "agent-model", data, every=10)
+    with _runner(agent.url, tmp_path / "remote", transport=rec, on_log=lines.append) as runner:
+        assert isinstance(runner, JobRunner)
+        job_id = runner.submit(spec)
+        res = runner.result(job_id, timeout=120)
+        text, offset = runner.logs(job_id)
+        st = runner.status(job_id)
+        ckpt_dir = runner.checkpoint_dir(job_id)
+        node = runner.health()["node"]
+        first_puts = rec.count("PUT", "/v1/blobs/")
+
+        # the same data again (another job, another output dir): HEAD says it is there, nothing is re-sent
+        again = runner.result(runner.submit(_train(tmp_path / "agent-model-2", data)), timeout=120)
+        assert rec.count("PUT", "/v1/blobs/") == first_puts
+        scores = runner.result(
+            runner.submit(_infer(tmp_path / "agent-scores", data, tmp_path / "agent-model")), timeout=120
+        )
+
+    assert res.state == JobState.SUCCEEDED, res.error
+    assert res.job_id == job_id and res.spec_hash == spec.spec_hash == want.spec_hash
+    assert res.metrics == pytest.approx(want.metrics, rel=1e-5)
+    assert again.state == JobState.SUCCEEDED and again.metrics == pytest.approx(want.metrics, rel=1e-5)
+    assert first_puts == len(data.files) == 1 and rec.count("HEAD", "/v1/blobs/") >= 2
+    # artifacts: local absolute paths, each verified, and the artifact loads with its manifest digest
+    out = (tmp_path / "agent-model").resolve()
+    assert set(res.artifacts) == {str(p) for p in out.iterdir()} and len(res.artifacts) >= 2
+    assert all(sha256_file(p) == sha for p, sha in res.artifacts.items())
+    art = load_artifact(out, expected_manifest_sha256=res.artifacts[str(out / MANIFEST)])
+    assert art.manifest["spec_hash"] == spec.spec_hash and art.metrics == res.metrics
+    assert [(a.attempt, a.runner, a.node, a.state) for a in res.attempts] == [
+        (1, "agent", node, JobState.SUCCEEDED)
+    ]
+    # status, logs (proxied and streamed to on_log), the mirrored last checkpoint
+    assert (st.state, st.step, st.total) == (JobState.SUCCEEDED, 30, 30)
+    assert "step 30/30" in text and offset == len(text.encode())
+    assert any("step 30/30" in line for line in lines)
+    assert ckpt_dir is not None and sorted(p.name for p in ckpt_dir.iterdir()) == [
+        "ckpt-000000030.json",
+        "ckpt-000000030.safetensors",
+    ]
+    assert FileCheckpointer(ckpt_dir, every_steps=10).restore()["step"] == 30  # type: ignore[index]
+    # inference with the model that came back: the same predictions as the local pipeline
+    assert scores.state == JobState.SUCCEEDED, scores.error
+    pred = tmp_path / "agent-scores" / "predictions.parquet"
+    assert list(scores.artifacts) == [str(pred.resolve())]
+    got = pq.read_table(pred)["prediction"].to_numpy()
+    exp = pq.read_table(tmp_path / "local-scores" / "predictions.parquet")["prediction"].to_numpy()
+    assert got == pytest.approx(exp, rel=1e-5, abs=1e-6)
+    # the token never shows up in a repr or a log line
+    assert TOKEN not in repr(runner) and TOKEN not in caplog.text
+
+
+def test_auth_reachability_and_blob_uploads(tmp_path: Path, agent: AgentProcess) -> None:
+    spec = _train(tmp_path / "m", DatasetRef.from_path(write_toy_dataset(tmp_path / "d.parquet")))
+
+    wrong = AgentRunner(agent.url, SecretStr("not-the-token-0123456789"), workdir_root=tmp_path / "w")
+    with wrong, pytest.raises(AgentAuthError) as auth:
+        wrong.submit(spec)
+    assert isinstance(auth.value, PermanentError) and auth.value.status == 401
+    assert "DEPIN_AGENT_TOKEN" in str(auth.value) and "not-the-token" not in str(auth.value)
+
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with _runner(dead, tmp_path / "dead", connect_timeout_s=1.0) as runner:
+        t = time.monotonic()
+        with pytest.raises(TransientError, match="is the agent running there"):
+            runner.submit(spec)
+        # bounded by connect_timeout_s, not by the 30 s retry budget of other calls (a loose bound)
+        assert time.monotonic() - t < 10
+
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(bytes(range(256)) * 12_000)  # ~3 MiB: several chunks
+    sha, size = sha256_file(blob), blob.stat().st_size
+    auth_header = {"Authorization": f"Bearer {TOKEN}"}
+    # a partial upload the agent holds (the client "dropped" after half the bytes)
+    half = size // 2
+    r = httpx.put(
+        f"{agent.url}/v1/blobs/{sha}",
+        content=blob.read_bytes()[:half],
+        headers={**auth_header, "Upload-Offset": "0", "Upload-Length": str(size)},
+    )
+    assert r.status_code == 202 and r.headers["upload-offset"] == str(half)
+    rec = Recorder()
+    with _runner(agent.url, tmp_path / "w2", transport=rec) as runner:
+        assert runner.ensure_blob(blob, sha) is True
+        puts = [h for m, p, h in rec.calls if m == "PUT"]
+        assert [(h["upload-offset"], h["content-length"]) for h in puts] == [(str(half), str(size - half))]
+        assert runner.ensure_blob(blob, sha) is False  # held now: HEAD only
+        assert rec.count("PUT", "/v1/blobs/") == 1
+        # bytes that do not match their digest are refused, and the message says what to do
+        other = tmp_path / "other.bin"
+        other.write_bytes(b"x" * 1000)
+        with pytest.raises(ConfigError, match="rebuild the spec"):
+            runner.ensure_blob(other, "0" * 64)
+        with pytest.raises(ConfigError, match="is missing"):
+            runner.ensure_blob(tmp_path / "nope.bin", "1" * 64)
+    head = httpx.head(f"{agent.url}/v1/blobs/{sha}", headers=auth_header)
+    assert head.status_code == 200 and head.headers["content-length"] == str(size)
+
+
+def test_tampered_artifacts_fail_verification(tmp_path: Path, data: DatasetRef, agent: AgentProcess) -> None:
+    with _runner(agent.url, tmp_path / "remote") as runner:
+        job_id = runner.submit(_train(tmp_path / "tampered", data))
+        _wait("the job to finish", lambda: runner.status(job_id).state.terminal)
+        assert runner.status(job_id).state == JobState.SUCCEEDED
+        # the node changes its output after the worker hashed it
+        (weights,) = [p for p in agent.data_dir.rglob(WEIGHTS) if job_id in p.parts]
+        raw = bytearray(weights.read_bytes())
+        raw[-1] ^= 0xFF
+        weights.write_bytes(bytes(raw))
+        res = runner.result(job_id, timeout=60)
+    assert (res.state, res.failure) == (JobState.FAILED, FailureKind.VERIFY)
+    assert WEIGHTS in (res.error or "") and res.artifacts == {}
+    assert res.attempts[-1].failure == FailureKind.VERIFY
+    assert not [p for p in (tmp_path / "tampered").rglob("*") if p.is_file()]
+
+    # bytes corrupted on the way: the download does not match the manifest
+    rec = Recorder(corrupt=WEIGHTS)
+    with _runner(agent.url, tmp_path / "remote2", transport=rec) as runner:
+        res = runner.result(runner.submit(_train(tmp_path / "in-transit", data, lr=0.02)), timeout=120)
+    assert (res.state, res.failure) == (JobState.FAILED, FailureKind.VERIFY), res.error
+    assert "does not match" in (res.error or "")
+    assert not [p for p in (tmp_path / "in-transit").rglob("*") if p.is_file()]
+
+
+def test_killed_agent_is_lost_and_the_job_resumes_elsewhere(tmp_path: Path, data: DatasetRef) -> None:
+    spec = _train(tmp_path / "model", data, every=10)
+    node_a = _start_agent(tmp_path / "agent-a", env={"TOY_PAUSE_AT_STEP": "20"})
+    try:
+        with _runner(node_a.url, tmp_path / "remote-a", name="a", heartbeat_timeout_s=2.0, poll_s=0.1) as a:
+            job_id = a.submit(spec)
+            _wait(
+                "the step-20 checkpoint to be mirrored",
+                lambda: (d := a.checkpoint_dir(job_id)) is not None and (d / "ckpt-000000020.json").exists(),
+            )
+            node_a.kill()  # the node vanishes with its worker
+            _wait("the job to be declared lost", lambda: a.status(job_id).state == JobState.FAILED, 30)
+            st = a.status(job_id)
+            lost = a.result(job_id, timeout=30)
+            ckpt_dir = a.checkpoint_dir(job_id)
+    finally:
+        node_a.close()
+    assert (st.message or "").startswith("heartbeat lost")
+    assert (lost.state, lost.failure) == (JobState.FAILED, FailureKind.INFRA)
+    assert (lost.error or "").startswith("heartbeat lost") and lost.attempts[-1].runner == "a"
+    assert ckpt_dir is not None
+    assert FileCheckpointer(ckpt_dir, every_steps=10).restore()["step"] == 20  # type: ignore[index]
+
+    resumed = spec.model_copy(
+        update={"checkpoint": spec.checkpoint.model_copy(update={"resume_from": str(ckpt_dir)})}
+    )
+    node_b = _start_agent(tmp_path / "agent-b")
+    try:
+        with _runner(node_b.url, tmp_path / "remote-b", name="b") as b:
+            assert b.submit(resumed, job_id=job_id, attempt=2) == job_id
+            res = b.result(job_id, timeout=120)
+            text = b.logs(job_id)[0]
+    finally:
+        node_b.close()
+    assert res.state == JobState.SUCCEEDED, res.error
+    assert "resumed from step 20" in text
+    assert res.spec_hash == spec.spec_hash and res.attempts[-1].runner == "b"
+    with LocalRunner(tmp_path / "local", env=ENV) as local:  # the uninterrupted run
+        want = local.result(local.submit(_train(tmp_path / "local-model", data)), timeout=120)
+    assert res.metrics == pytest.approx(want.metrics, rel=1e-5)
+
+
+def test_stalled_worker_is_lost(tmp_path: Path, data: DatasetRef, agent: AgentProcess) -> None:
+    with _runner(agent.url, tmp_path / "remote", heartbeat_timeout_s=2.0, poll_s=0.1) as runner:
+        job_id = runner.submit(_train(tmp_path / "model", data, sleep_s=0.2))
+        _wait("the job to run", lambda: runner.status(job_id).step >= 1)
+        workers = agent.worker_pids()
+        assert workers
+        for pid in workers:  # the agent answers, but the job's heartbeat stops moving
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            _wait("the job to be declared lost", lambda: runner.status(job_id).state == JobState.FAILED, 30)
+            st = runner.status(job_id)
+            res = runner.result(job_id, timeout=10)
+        finally:
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+    assert "heartbeat has not moved" in (st.message or "") and st.step >= 1
+    assert (res.state, res.failure) == (JobState.FAILED, FailureKind.INFRA)
+    assert (res.error or "").startswith("heartbeat lost")
