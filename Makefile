@@ -29,6 +29,7 @@ bench: $(VENV)/.dev  ## benchmarks (print ratios against baselines measured in t
 	$(PY) bench/train.py
 	$(PY) bench/serve.py
 	$(PY) bench/pipeline.py
+	$(PY) bench/dispatch.py
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .

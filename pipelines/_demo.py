@@ -1,10 +1,13 @@
 """``make demo`` / ``depin demo``: the main job on one machine, end to end.
 
-1. start, side by side: the DIMO emulator (a simulated fleet), the function gateway on the demo's registry and
-   a Prefect server (``PREFECT_HOME=.depin/prefect``, so the runs show later in ``depin up``'s UI; the server
+1. start, side by side: the DIMO emulator (a simulated fleet), a GPU worker agent (``depin worker serve``, the
+   process a rented GPU node runs; here on loopback with a fresh token), the function gateway on the demo's
+   registry and a Prefect server (``PREFECT_HOME=.depin/prefect``, so the runs show later in ``depin up``'s UI; the server
    of a running ``depin up`` or ``PREFECT_API_URL`` is used instead when there is one);
 2. run the ``train_and_publish`` flow: ingest the fleet through the real DIMO client over HTTP, train the
-   range model as a job, evaluate it against its naive baseline, publish it as a signed function;
+   range model as a job dispatched through the runner chain ``["agent:<the worker>", "local"]`` (inputs uploaded
+   as content-addressed blobs, the artifact downloaded and verified, the held-out metrics re-computed here
+   before the result is trusted), evaluate it against its naive baseline, publish it as a signed function;
 3. invoke the function once on the gateway with its manifest's example;
 4. print a short summary (stderr) and the JSON summary (``rows``, ``vehicles``, ``metrics``, ``baseline``,
    ``function_url``, ``invoke_result``, ``stage_seconds``, …) to ``<out>/summary.json`` and stdout.
@@ -55,6 +58,7 @@ def demo_params(
     out: Path,
     gateway_url: str,
     registry: Path | None = None,
+    runners: list[str] | None = None,
 ) -> Any:
     """``TrainAndPublishParams`` of the demo: the fleet's whole history, the range model, the local registry."""
     from pipelines.params import IngestParams, PublishParams, TrainAndPublishParams, TrainParams
@@ -69,7 +73,7 @@ def demo_params(
             credentials=credentials,
             rate_limit_per_s=0,  # the local emulator has no rate limit to respect
         ),
-        train=TrainParams(out=out / "models", jobs_dir=out / "jobs"),
+        train=TrainParams(out=out / "models", jobs_dir=out / "jobs", runners=runners or ["local"]),
         publish=PublishParams(
             name=FUNCTION, alias=ALIAS, registry=registry or out / "registry", gateway_url=gateway_url
         ),
@@ -98,10 +102,15 @@ def _prefect_api(out: Path, stack: ExitStack) -> tuple[str, Any]:
 
 def _start_services(
     out: Path, vehicles: int, days: float, seed: int, stack: ExitStack
-) -> tuple[Any, Any, str]:
-    """Emulator, gateway and Prefect server, started side by side: (emulator, gateway, Prefect API URL)."""
+) -> tuple[Any, Any, Any, str]:
+    """Emulator, worker agent, gateway and Prefect server, started side by side: (emulator, agent, gateway,
+    Prefect API URL). The agent's token is a fresh one in ``DEPIN_AGENT_TOKEN`` (how the runner chain finds
+    the token of an ``agent:<url>`` entry); it is never printed."""
     from connectors.dimo.emulator.server import EmulatorProcess
     from connectors.dimo.emulator.state import EmulatorConfig
+    from gpu_jobs.agent.process import AgentProcess
+    from gpu_jobs.chain import AGENT_TOKEN_ENV
+    from gpu_jobs.providers import new_agent_token
     from pipelines._serve_cmd import serve_settings
     from serving.server import GatewayProcess
 
@@ -114,6 +123,9 @@ def _start_services(
     settings, _notes, _key = serve_settings("127.0.0.1", 0, out / "registry")
     del _key  # a new admin key stays in its 0600 file; the demo never prints it
     gw = GatewayProcess(settings)
+    token = new_agent_token()
+    os.environ[AGENT_TOKEN_ENV] = token.get_secret_value()
+    agent = AgentProcess(out / "agent", token)
     errors: list[BaseException] = []
 
     def start(proc: Any) -> None:
@@ -124,7 +136,8 @@ def _start_services(
 
     stack.callback(emu.stop)
     stack.callback(gw.close)
-    threads = [threading.Thread(target=start, args=(p,)) for p in (emu, gw)]
+    stack.callback(agent.stop)
+    threads = [threading.Thread(target=start, args=(p,)) for p in (emu, gw, agent)]
     for t in threads:
         t.start()
     try:
@@ -134,7 +147,7 @@ def _start_services(
             t.join()
     if errors:
         raise errors[0]
-    return emu, gw, api
+    return emu, agent, gw, api
 
 
 def invoke_once(gateway_url: str, name: str, version: str, timeout_s: float = 60) -> dict[str, Any]:
@@ -188,25 +201,26 @@ def _quiet_prefect_console() -> None:
 def run_demo(*, vehicles: int, days: float, seed: int, out: Path) -> dict[str, Any]:
     """Run the demo and return its JSON summary (also written to ``out/summary.json``)."""
     out = out.resolve()
-    for sub in ("dataset", "models", "jobs", "registry", "ground_truth"):
+    for sub in ("dataset", "models", "jobs", "registry", "ground_truth", "agent"):
         shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
     started = t = time.perf_counter()
     err_console.print(
-        f"[bold]1/4[/] starting the DIMO emulator ({vehicles} simulated vehicles, {days:g} days) and the "
-        "function gateway (and a Prefect server unless depin up or PREFECT_API_URL provides one)"
+        f"[bold]1/4[/] starting the DIMO emulator ({vehicles} simulated vehicles, {days:g} days), a GPU worker "
+        "agent, the function gateway (and a Prefect server unless depin up or PREFECT_API_URL provides one)"
     )
     with ExitStack() as stack:
-        emu, gw, api = _start_services(out, vehicles, days, seed, stack)
+        emu, agent, gw, api = _start_services(out, vehicles, days, seed, stack)
         stages["start_services"] = round(time.perf_counter() - t, 2)
         err_console.print(
-            f"    emulator {emu.base_url}, gateway {gw.base_url}, Prefect API {api} "
+            f"    emulator {emu.base_url}, worker agent {agent.url}, gateway {gw.base_url}, Prefect API {api} "
             f"({stages['start_services']:.1f}s)"
         )
 
         err_console.print(
-            "[bold]2/4[/] train_and_publish: ingest → train → evaluate → publish (Prefect flow)"
+            "[bold]2/4[/] train_and_publish: ingest → train on the worker agent (verified here) → evaluate → "
+            "publish (Prefect flow)"
         )
         os.environ["PREFECT_API_URL"] = api  # before prefect is imported (pipelines.flows)
         _quiet_prefect_console()
@@ -220,7 +234,12 @@ def run_demo(*, vehicles: int, days: float, seed: int, out: Path) -> dict[str, A
         stack.callback(_drain_prefect)  # runs before the services stop (LIFO)
 
         params = demo_params(
-            credentials=emu.credentials_path, days=days, end=FLEET_END, out=out, gateway_url=gw.base_url
+            credentials=emu.credentials_path,
+            days=days,
+            end=FLEET_END,
+            out=out,
+            gateway_url=gw.base_url,
+            runners=[f"agent:{agent.url}", "local"],
         )
         t = time.perf_counter()
         result = train_and_publish(params)
@@ -229,7 +248,8 @@ def run_demo(*, vehicles: int, days: float, seed: int, out: Path) -> dict[str, A
             stages[stage] = round(seconds, 2)
         err_console.print(
             f"    {result.rows:,} rows from {result.vehicles} vehicles; {result.family} model "
-            f"{_metric_line(result.metrics, result.baseline)}; published {result.function_name}@"
+            f"{_metric_line(result.metrics, result.baseline)}, trained on {_attempts_line(result.train.attempts)}; "
+            f"published {result.function_name}@"
             f"{result.function_version} ({stages['train_and_publish']:.1f}s)"
         )
 
@@ -252,6 +272,8 @@ def run_demo(*, vehicles: int, days: float, seed: int, out: Path) -> dict[str, A
         "invoke_result": invoked,
         "dataset": result.dataset,
         "model_dir": result.model_dir,
+        "runner": result.train.runner,
+        "attempts": result.train.attempts,
         "prefect_api": api,
         "stage_seconds": stages,
     }
@@ -264,6 +286,17 @@ def run_demo(*, vehicles: int, days: float, seed: int, out: Path) -> dict[str, A
         f"in {invoked['latency_ms']:.1f} ms; summary → {out / SUMMARY_FILE}"
     )
     return summary
+
+
+def _attempts_line(attempts: list[dict[str, Any]]) -> str:
+    """``agent:http://… (verified)`` — and the attempts that failed before it, if any."""
+    parts = []
+    for a in attempts:
+        if a.get("state") == "SUCCEEDED":
+            parts.append(f"{a.get('runner')}" + (" (verified here)" if a.get("verified") else ""))
+        else:
+            parts.append(f"{a.get('runner')} failed: {a.get('reason')}")
+    return "; then ".join(parts) or "?"
 
 
 def _metric_line(metrics: dict[str, Any], baseline: dict[str, Any]) -> str:
