@@ -33,7 +33,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import random
 import re
 import secrets
 import shutil
@@ -51,13 +50,13 @@ from pydantic import SecretStr
 
 from depin_core.errors import ConfigError, PermanentError, TransientError
 from depin_core.fs import atomic_write_bytes
+from depin_core.http import TRANSIENT_STATUSES, backoff_delay, check_base_url, retry_after_of
 from gpu_jobs.runner import JobNotFinished, JobNotFound, JobStatus, now
 from gpu_jobs.spec import AttemptRecord, FailureKind, JobResult, JobSpec, JobState, sha256_file
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
-RETRY_STATUS = frozenset({429, 502, 503, 504})
 TOKEN_FIX = "wrong token for agent URL; check DEPIN_AGENT_TOKEN / depin worker register"
 ACTIVE = frozenset({JobState.STAGING, JobState.RUNNING, JobState.UPLOADING})
 _JOB_ID = re.compile(r"^[0-9a-f]{12}-[0-9a-f]{8}$")
@@ -102,14 +101,6 @@ def _error_of(r: httpx.Response) -> tuple[str, str | None]:
     if isinstance(err, dict):  # tolerate the gateway's nested shape
         return str(err.get("message") or err.get("code") or ""), err.get("field")
     return str(err or body)[:500], body.get("field")
-
-
-def _retry_after(r: httpx.Response) -> float | None:
-    raw = r.headers.get("retry-after")
-    try:
-        return max(0.0, float(raw)) if raw is not None else None
-    except ValueError:
-        return None
 
 
 def _safe_relpath(rel: str) -> PurePosixPath | None:
@@ -170,9 +161,7 @@ class AgentRunner:
         on_log: Callable[[str], None] | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        base = url.strip().rstrip("/")
-        if not base.startswith(("http://", "https://")):
-            raise ConfigError(f"agent URL {url!r} must start with http:// or https://")
+        base = check_base_url(url, "agent URL")
         if not isinstance(token, SecretStr):
             raise ConfigError("token must be a pydantic SecretStr (keeps it out of logs and reprs)")
         if not token.get_secret_value():
@@ -446,8 +435,7 @@ class AgentRunner:
 
     # --- HTTP ------------------------------------------------------------------------------------------------
     def _delay(self, attempt: int, retry_after: float | None) -> float:
-        base = retry_after if retry_after is not None else 0.1 * 2**attempt
-        return min(5.0, base) * random.uniform(0.8, 1.2)
+        return backoff_delay(attempt, retry_after, base_s=0.1, cap_s=5.0)
 
     def _send_once(
         self, method: str, path: str, *, ok: Collection[int], job_id: str | None = None, **kwargs: Any
@@ -461,8 +449,8 @@ class AgentRunner:
             return f"cannot reach the agent ({type(exc).__name__}: {exc})", None
         if r.status_code in ok:
             return r
-        if r.status_code in RETRY_STATUS or r.status_code >= 500:
-            return f"{r.status_code}: {_error_of(r)[0]}", _retry_after(r)
+        if r.status_code in TRANSIENT_STATUSES or r.status_code >= 500:
+            return f"{r.status_code}: {_error_of(r)[0]}", retry_after_of(r)
         self._raise_refused(method, path, r, job_id)
         raise AssertionError("unreachable")
 
@@ -550,8 +538,8 @@ class AgentRunner:
                         os.replace(tmp, dest)
                         return
                     r.read()
-                    if r.status_code in RETRY_STATUS or r.status_code >= 500:
-                        problem, retry_after = f"{r.status_code}: {_error_of(r)[0]}", _retry_after(r)
+                    if r.status_code in TRANSIENT_STATUSES or r.status_code >= 500:
+                        problem, retry_after = f"{r.status_code}: {_error_of(r)[0]}", retry_after_of(r)
                     else:
                         self._raise_refused("GET", path, r, job_id if "/artifacts/" not in path else None)
             except httpx.TransportError as exc:

@@ -61,15 +61,9 @@ def _dataset_ref(path: Path, role: str, flag: str) -> DatasetRef:
 LogSink = Callable[[str], None]
 
 
-def run_job(
-    runner: JobRunner, spec: JobSpec, *, show_progress: bool = True, on_log: LogSink | None = None
-) -> JobResult:
-    """Submit ``spec``, stream its log lines and progress to stderr (with ``show_progress``) and each line
-    to ``on_log``, return the final result. A failed job raises ``TransientError`` when another attempt or
-    node may succeed (``FAILED(infra)``), else ``PermanentError``."""
-    job_id = runner.submit(spec)
-    offset = 0
-    with Progress(
+def _progress(spec: JobSpec, show_progress: bool) -> Progress:
+    """The stderr progress bar of a job (disabled without ``show_progress``)."""
+    return Progress(
         TextColumn(f"[bold blue]{spec.kind.value} {spec.model.family}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -78,19 +72,51 @@ def run_job(
         console=err_console,
         disable=not show_progress,
         transient=True,
-    ) as progress:
+    )
+
+
+def _echo(progress: Progress, show_progress: bool, on_log: LogSink | None) -> LogSink:
+    """A sink that prints each log line above the bar (with ``show_progress``) and passes it to ``on_log``."""
+
+    def log(line: str) -> None:
+        if show_progress:
+            progress.console.print(line, style="dim", markup=False, highlight=False)
+        if on_log is not None:
+            on_log(line)
+
+    return log
+
+
+def _metrics_text(metrics: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
+def _raise_unless_succeeded(job_id: str, result: JobResult) -> None:
+    """``TransientError`` for a job that failed for the infrastructure's sake (``FAILED(infra)``), else
+    ``PermanentError``; nothing for a job that succeeded."""
+    if result.state != JobState.SUCCEEDED:
+        failure = f"({result.failure.value})" if result.failure else ""
+        error = TransientError if result.failure == FailureKind.INFRA else PermanentError
+        raise error(f"job {job_id} {result.state.value}{failure}: {(result.error or '').strip()[-3000:]}")
+
+
+def run_job(
+    runner: JobRunner, spec: JobSpec, *, show_progress: bool = True, on_log: LogSink | None = None
+) -> JobResult:
+    """Submit ``spec``, stream its log lines and progress to stderr (with ``show_progress``) and each line
+    to ``on_log``, return the final result. A failed job raises ``TransientError`` when another attempt or
+    node may succeed (``FAILED(infra)``), else ``PermanentError``."""
+    job_id = runner.submit(spec)
+    offset = 0
+    with _progress(spec, show_progress) as progress:
         task = progress.add_task("job", total=None, info="")
+        log = _echo(progress, show_progress, on_log)
         while True:
             status = runner.status(job_id)
             text, offset = runner.logs(job_id, offset)
             for line in text.splitlines():
-                if show_progress:
-                    progress.console.print(line, style="dim", markup=False, highlight=False)
-                if on_log is not None:
-                    on_log(line)
-            info = " ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in status.metrics.items()
-            )
+                log(line)
+            info = _metrics_text(status.metrics)
             progress.update(
                 task, total=status.total, completed=status.step, info=f"{status.state.value} {info}"
             )
@@ -98,10 +124,7 @@ def run_job(
                 break
             time.sleep(0.2)
     result = runner.result(job_id)
-    if result.state != JobState.SUCCEEDED:
-        failure = f"({result.failure.value})" if result.failure else ""
-        error = TransientError if result.failure == FailureKind.INFRA else PermanentError
-        raise error(f"job {job_id} {result.state.value}{failure}: {(result.error or '').strip()[-3000:]}")
+    _raise_unless_succeeded(job_id, result)
     return result
 
 
@@ -127,28 +150,11 @@ def run_on_chain(
     progress to stderr (with ``show_progress``) and each line to ``on_log``. A job that no runner completed
     raises ``TransientError`` when the last failure was the infrastructure's, else ``PermanentError``; the
     message lists every attempt."""
-    with Progress(
-        TextColumn(f"[bold blue]{spec.kind.value} {spec.model.family}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=err_console,
-        disable=not show_progress,
-        transient=True,
-    ) as progress:
+    with _progress(spec, show_progress) as progress:
         task = progress.add_task("job", total=None, info="")
 
-        def log(line: str) -> None:
-            if show_progress:
-                progress.console.print(line, style="dim", markup=False, highlight=False)
-            if on_log is not None:
-                on_log(line)
-
         def status(entry: str, st: JobStatus) -> None:
-            info = " ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in st.metrics.items()
-            )
+            info = _metrics_text(st.metrics)
             progress.update(task, total=st.total, completed=st.step, info=f"{entry} {st.state.value} {info}")
 
         out = run_chain(
@@ -158,14 +164,10 @@ def run_on_chain(
             jobs_dir=jobs_dir,
             verify=verify,
             max_total_s=max_total_s,
-            on_log=log,
+            on_log=_echo(progress, show_progress, on_log),
             on_status=status,
         )
-    result = out.result
-    if result.state != JobState.SUCCEEDED:
-        failure = f"({result.failure.value})" if result.failure else ""
-        error = TransientError if result.failure == FailureKind.INFRA else PermanentError
-        raise error(f"job {out.job_id} {result.state.value}{failure}: {(result.error or '').strip()[-3000:]}")
+    _raise_unless_succeeded(out.job_id, out.result)
     return out
 
 

@@ -11,7 +11,6 @@ goes into the ``X-API-Key`` header and nowhere else (never into a message, a log
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
@@ -21,10 +20,10 @@ import httpx
 from pydantic import SecretStr
 
 from depin_core.errors import ConfigError, PermanentError, TransientError
+from depin_core.http import NOT_SENT, TRANSIENT_STATUSES, backoff_delay, check_base_url, retry_after_of
 
 log = logging.getLogger(__name__)
 
-RETRY_STATUS = frozenset({429, 502, 503, 504})
 _SAFE = "@"  # kept literal in path segments (name@alias)
 
 
@@ -69,14 +68,6 @@ def _fix(status: int, code: str, field: str | None) -> str:
     return "see the message"
 
 
-def _retry_after(r: httpx.Response) -> float | None:
-    raw = r.headers.get("retry-after")
-    try:
-        return max(0.0, float(raw)) if raw is not None else None
-    except ValueError:
-        return None
-
-
 def _error_of(r: httpx.Response) -> tuple[str, str, str | None]:
     """(code, message, field) of an error response (any body shape)."""
     try:
@@ -106,9 +97,7 @@ class GatewayClient:
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        url = base_url.strip().rstrip("/")
-        if not url.startswith(("http://", "https://")):
-            raise ConfigError(f"gateway URL {base_url!r} must start with http:// or https://")
+        url = check_base_url(base_url, "gateway URL")
         if admin_key is not None and not isinstance(admin_key, SecretStr):
             raise ConfigError("admin_key must be a pydantic SecretStr (keeps it out of logs and reprs)")
         self.base_url = url
@@ -132,10 +121,6 @@ class GatewayClient:
         self.close()
 
     # ---- transport ---------------------------------------------------------------------------------------
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        base = retry_after if retry_after is not None else self.backoff_s * 2**attempt
-        return min(self.max_backoff_s, base) * random.uniform(0.8, 1.2)
-
     def request(
         self,
         method: str,
@@ -161,7 +146,7 @@ class GatewayClient:
             last = attempt == self.retries
             try:
                 r = self._client.request(method, path, headers=headers, **kwargs)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            except NOT_SENT as exc:
                 problem, retry_after = f"cannot connect ({type(exc).__name__}: {exc})", None
             except httpx.TransportError as exc:  # the request may have reached the server
                 if not idempotent:
@@ -174,7 +159,7 @@ class GatewayClient:
                 if r.status_code in ok:
                     return r
                 code, message, field = _error_of(r)
-                if r.status_code not in RETRY_STATUS:
+                if r.status_code not in TRANSIENT_STATUSES:
                     raise GatewayRefused(
                         f"{where} refused ({r.status_code} {code}"
                         + (f", field {field}" if field else "")
@@ -183,7 +168,7 @@ class GatewayClient:
                         code=code,
                         field=field,
                     )
-                problem, retry_after = f"{r.status_code} {code}: {message}", _retry_after(r)
+                problem, retry_after = f"{r.status_code} {code}: {message}", retry_after_of(r)
             if last:
                 hint = (
                     "is the gateway running there? (depin serve)" if "connect" in problem else "retry later"
@@ -192,7 +177,7 @@ class GatewayClient:
                     f"{where}: {problem}; gave up after {attempt + 1} attempts — {hint}",
                     retry_after=retry_after,
                 )
-            delay = self._delay(attempt, retry_after)
+            delay = backoff_delay(attempt, retry_after, base_s=self.backoff_s, cap_s=self.max_backoff_s)
             log.info("%s: %s; retrying in %.2fs", where, problem, delay)
             self._sleep(delay)
         raise AssertionError("unreachable")

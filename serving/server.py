@@ -15,20 +15,14 @@ import gc
 import json
 import logging
 import os
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
-import httpx
 import uvicorn
 
-from depin_core.errors import DepinError
 from depin_core.fs import atomic_write_bytes
 from depin_core.net import listen_socket, url_host
-from depin_core.proc import stop_process
+from depin_core.proc import ServerProcess
 from serving.gateway import Gateway
 from serving.settings import GatewaySettings
 
@@ -70,7 +64,7 @@ def serve(
     server.run(sockets=[sock])
 
 
-class GatewayProcess:
+class GatewayProcess(ServerProcess):
     """The gateway in a child process on a free loopback port (unless ``settings.port`` was set explicitly),
     for tests, benchmarks and demos. ``start`` returns once ``/healthz`` answers (and ``/readyz``, with
     ``wait_ready``); ``stop`` sends SIGTERM (graceful) and kills after 10 s. The child's stderr goes to
@@ -89,18 +83,22 @@ class GatewayProcess:
         env: dict[str, str] | None = None,
         cpu: int | None = None,
     ) -> None:
+        super().__init__("gateway", startup_timeout=startup_timeout)
         explicit = "port" in settings.model_fields_set and settings.port
         self.settings = settings if explicit else settings.model_copy(update={"port": 0})
-        self.startup_timeout = startup_timeout
         self.wait_ready = wait_ready
         self.env = env
         self.cpu = cpu
-        self._tmp = tempfile.TemporaryDirectory(prefix="depin-gateway-")
-        self.ready_path = Path(self._tmp.name) / "ready.json"
-        self.log_path = Path(self._tmp.name) / "gateway.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.base_url = ""
-        self.port = 0
+
+    @property
+    def base_url(self) -> str:
+        """The gateway's URL once it is listening (``""`` before)."""
+        return self.url
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (0 before)."""
+        return int(self.ready.get("port", 0))
 
     def start(self) -> GatewayProcess:
         cmd = [
@@ -114,62 +112,9 @@ class GatewayProcess:
         ]
         if self.cpu is not None:
             cmd = ["taskset", "-c", str(self.cpu), *cmd]
-        env = {**os.environ, **(self.env or {})}
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + self.startup_timeout
-        try:
-            self._wait(deadline, "/healthz")
-            if self.wait_ready:
-                self._wait(deadline, "/readyz")
-        except BaseException:
-            self.stop()
-            raise
+        paths = ["/healthz", "/readyz"] if self.wait_ready else ["/healthz"]
+        self._launch(cmd, self.env or {}, [(path, f"gateway {path} not OK") for path in paths])
         return self
-
-    def _wait(self, deadline: float, path: str) -> None:
-        assert self.proc is not None
-        last = ""
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise DepinError(
-                    f"gateway exited with code {self.proc.returncode}: {self.log_text()[-3000:]}"
-                )
-            if not self.base_url and self.ready_path.exists():
-                doc = json.loads(self.ready_path.read_text())
-                self.base_url, self.port = doc["url"], int(doc["port"])
-            if self.base_url:
-                try:
-                    r = httpx.get(f"{self.base_url}{path}", timeout=2)
-                    if r.status_code == 200:
-                        return
-                    last = r.text[:500]
-                except httpx.HTTPError as exc:
-                    last = repr(exc)
-            time.sleep(0.05)
-        raise DepinError(
-            f"gateway {path} not OK within {self.startup_timeout:.0f}s ({last}); log: {self.log_text()[-2000:]}"
-        )
-
-    def log_text(self) -> str:
-        """What the child wrote to stderr/stdout so far."""
-        with contextlib.suppress(OSError):
-            return self.log_path.read_text(errors="replace")
-        return ""
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-
-    def close(self) -> None:
-        """Stop the child and remove its temp directory (log included)."""
-        self.stop()
-        self._tmp.cleanup()
-
-    def __enter__(self) -> GatewayProcess:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 def main(argv: list[str] | None = None) -> None:

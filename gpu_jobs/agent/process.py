@@ -11,25 +11,18 @@ at once. The token reaches the child through ``$DEPIN_AGENT_TOKEN``, never its c
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
-import httpx
 from pydantic import SecretStr
 
-from depin_core.errors import DepinError
-from depin_core.proc import stop_process
+from depin_core.proc import ServerProcess
 from gpu_jobs.agent._auth import TOKEN_ENV
 
 
-class AgentProcess:
+class AgentProcess(ServerProcess):
     """The agent as a child process; ``start`` returns once ``/v1/health`` answers 200 with the token."""
 
     def __init__(
@@ -45,19 +38,13 @@ class AgentProcess:
         startup_timeout: float = 120.0,
         stop_timeout: float = 20.0,
     ) -> None:
+        super().__init__("agent", startup_timeout=startup_timeout, stop_timeout=stop_timeout)
         self.data_dir = Path(data_dir)
         self._token = token if isinstance(token, SecretStr) else SecretStr(token)
         self.host, self.port = host, port
         self.env = dict(env or {})
         self.max_parallel = max_parallel
         self.max_blob_bytes = max_blob_bytes
-        self.startup_timeout = startup_timeout
-        self.stop_timeout = stop_timeout
-        self._tmp = tempfile.TemporaryDirectory(prefix="depin-agent-")
-        self.ready_path = Path(self._tmp.name) / "ready.json"
-        self.log_path = Path(self._tmp.name) / "agent.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = ""
 
     def __repr__(self) -> str:
         return f"AgentProcess(url={self.url!r}, data_dir={str(self.data_dir)!r}, pid={self.pid})"
@@ -68,8 +55,6 @@ class AgentProcess:
 
     def start(self) -> AgentProcess:
         """Start the child and wait (up to ``startup_timeout``) for its health route."""
-        self.ready_path.unlink(missing_ok=True)
-        self.url = ""
         cmd = [
             sys.executable, "-m", "gpu_jobs.agent", "--host", self.host, "--port", str(self.port),
             "--data-dir", str(self.data_dir), "--ready-file", str(self.ready_path),
@@ -77,45 +62,15 @@ class AgentProcess:
         ]  # fmt: skip
         if self.max_blob_bytes is not None:
             cmd += ["--max-blob-gb", repr(self.max_blob_bytes / 2**30)]
-        env = {**os.environ, **self.env, TOKEN_ENV: self._token.get_secret_value()}
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
-            )
-        try:
-            self._wait_healthy(time.monotonic() + self.startup_timeout)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def _wait_healthy(self, deadline: float) -> None:
-        assert self.proc is not None
-        last = ""
-        headers = {"Authorization": f"Bearer {self._token.get_secret_value()}"}
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise DepinError(f"agent exited with code {self.proc.returncode}: {self.log_text()[-3000:]}")
-            if not self.url and self.ready_path.exists():
-                self.url = json.loads(self.ready_path.read_text())["url"]
-            if self.url:
-                try:
-                    r = httpx.get(f"{self.url}/v1/health", headers=headers, timeout=5)
-                    if r.status_code == 200:
-                        return
-                    last = r.text[:500]
-                except httpx.HTTPError as exc:
-                    last = repr(exc)
-            time.sleep(0.05)
-        raise DepinError(
-            f"agent not healthy within {self.startup_timeout:.0f}s ({last}); log: {self.log_text()[-2000:]}"
+        token = self._token.get_secret_value()
+        self._launch(
+            cmd,
+            {**self.env, TOKEN_ENV: token},
+            [("/v1/health", "agent not healthy")],
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=5,
         )
-
-    def log_text(self) -> str:
-        """What the child wrote to stdout/stderr so far."""
-        with contextlib.suppress(OSError):
-            return self.log_path.read_text(errors="replace")
-        return ""
+        return self
 
     def worker_pids(self) -> list[int]:
         """The pids of the agent's live child processes (its job workers)."""
@@ -123,7 +78,7 @@ class AgentProcess:
 
     def stop(self) -> None:
         """SIGTERM: the agent cancels its jobs, waits for their workers and exits (SIGKILL after the timeout)."""
-        stop_process(self.proc, timeout=self.stop_timeout)
+        super().stop()
 
     def kill(self) -> None:
         """SIGKILL the agent and its job workers (with their process groups) at once: a lost node."""
@@ -137,17 +92,6 @@ class AgentProcess:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         self.proc.wait()
-
-    def close(self) -> None:
-        """Stop the child and remove its temp directory (log included)."""
-        self.stop()
-        self._tmp.cleanup()
-
-    def __enter__(self) -> AgentProcess:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 def children(pid: int) -> list[int]:

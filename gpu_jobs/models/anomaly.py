@@ -259,8 +259,7 @@ class AnomalyFamily:
         files, faults_path = F.split_inputs(ctx.inputs)
         table, windows = _read_windows(files, hp)
         train_ids, test_ids = F.split_vehicles(windows["token_id"], holdout=float(hp["holdout"]), seed=seed)
-        tr = windows.filter(pl.col("token_id").is_in(train_ids))
-        te = windows.filter(pl.col("token_id").is_in(test_ids))
+        tr, te = F.by_vehicles(windows, train_ids, test_ids)
         types = [t for t in TYPES if tr.filter(pl.col("powertrain") == t).height]
         norm = {t: F.fit_norm(tr.filter(pl.col("powertrain") == t), list(F.ANOMALY_FEATURES[t]),
                         robust=F.ROBUST_ANOMALY)
@@ -342,14 +341,7 @@ class AnomalyFamily:
         hp = config["hyperparameters"]
         files, faults_path = F.split_inputs(inputs)
         _, windows = _read_windows(files, hp)
-        train_ids = np.asarray(config["train_vehicles"], dtype=np.int64)
-        test_ids = np.asarray(config["heldout_vehicles"], dtype=np.int64)
-        if seed is not None:
-            from gpu_jobs.verify import check_split
-
-            check_split(windows["token_id"], train_ids, test_ids, holdout=float(hp["holdout"]), seed=seed)
-        tr = windows.filter(pl.col("token_id").is_in(train_ids))
-        te = windows.filter(pl.col("token_id").is_in(test_ids))
+        tr, te = F.artifact_split(windows, config, seed=seed)
         net = build_net(config, art.state_dict)
         return {"n_train_windows": tr.height, **heldout_metrics(net, config, te, faults_path)}
 

@@ -378,6 +378,28 @@ def split_vehicles(token_ids: Iterable[int], *, holdout: float, seed: int) -> tu
     return np.sort(perm[k:]), np.sort(perm[:k])
 
 
+def by_vehicles(
+    rows: pl.DataFrame, train_ids: np.ndarray, test_ids: np.ndarray
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(training, held-out) rows of ``rows``, by ``token_id``."""
+    return rows.filter(pl.col("token_id").is_in(train_ids)), rows.filter(pl.col("token_id").is_in(test_ids))
+
+
+def artifact_split(
+    rows: pl.DataFrame, config: dict[str, Any], *, seed: int | None
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(training, held-out) rows of a model artifact's vehicle split (its ``train_vehicles`` /
+    ``heldout_vehicles``); with ``seed`` (the spec's), ``VerifyError`` unless that split is the seeded one."""
+    train_ids = np.asarray(config["train_vehicles"], dtype=np.int64)
+    test_ids = np.asarray(config["heldout_vehicles"], dtype=np.int64)
+    if seed is not None:
+        from gpu_jobs.verify import check_split
+
+        holdout = float(config["hyperparameters"]["holdout"])
+        check_split(rows["token_id"], train_ids, test_ids, holdout=holdout, seed=seed)
+    return by_vehicles(rows, train_ids, test_ids)
+
+
 def fit_norm(
     frame: pl.DataFrame, names: Sequence[str], *, robust: Iterable[str] = ()
 ) -> dict[str, dict[str, float]]:

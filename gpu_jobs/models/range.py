@@ -248,8 +248,7 @@ class RangeFamily:
         if trips["token_id"].n_unique() < 2:
             raise ConfigError("range: need measurable EV trips from at least 2 vehicles; ingest more EV data")
         train_ids, test_ids = F.split_vehicles(trips["token_id"], holdout=float(hp["holdout"]), seed=seed)
-        tr = trips.filter(pl.col("token_id").is_in(train_ids))
-        te = trips.filter(pl.col("token_id").is_in(test_ids))
+        tr, te = F.by_vehicles(trips, train_ids, test_ids)
         logy = np.log(tr[TARGET].to_numpy())
         config: dict[str, Any] = {
             "family": self.name,
@@ -307,14 +306,7 @@ class RangeFamily:
             raise ConfigError(f"model is a {config.get('family')!r} model, not 'range'; pass a range model")
         hp = config["hyperparameters"]
         _, trips = _read_trips(F.split_inputs(inputs)[0], hp)
-        train_ids = np.asarray(config["train_vehicles"], dtype=np.int64)
-        test_ids = np.asarray(config["heldout_vehicles"], dtype=np.int64)
-        if seed is not None:
-            from gpu_jobs.verify import check_split
-
-            check_split(trips["token_id"], train_ids, test_ids, holdout=float(hp["holdout"]), seed=seed)
-        tr = trips.filter(pl.col("token_id").is_in(train_ids))
-        te = trips.filter(pl.col("token_id").is_in(test_ids))
+        tr, te = F.artifact_split(trips, config, seed=seed)
         train_mean = float(tr[TARGET].mean())  # type: ignore[arg-type]
         net = _net_from_config(config, art.state_dict)
         return {**heldout_metrics(net, config, te, train_mean), "n_train_windows": tr.height}

@@ -11,7 +11,6 @@ a log line or a ``repr``.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable, Collection
 from typing import Any
@@ -20,10 +19,9 @@ import httpx
 from pydantic import SecretStr
 
 from depin_core.errors import ConfigError, PermanentError, TransientError
+from depin_core.http import NOT_SENT, TRANSIENT_STATUSES, backoff_delay, check_base_url, retry_after_of
 
 log = logging.getLogger(__name__)
-
-RETRY_STATUS = frozenset({429, 502, 503, 504})
 
 
 class ApiError(PermanentError):
@@ -32,14 +30,6 @@ class ApiError(PermanentError):
     def __init__(self, message: str, *, status: int, detail: str = "") -> None:
         super().__init__(message)
         self.status, self.detail = status, detail
-
-
-def _retry_after(r: httpx.Response) -> float | None:
-    raw = r.headers.get("retry-after")
-    try:
-        return max(0.0, float(raw)) if raw is not None else None
-    except ValueError:
-        return None
 
 
 def _message(r: httpx.Response, secret: str) -> str:
@@ -76,9 +66,7 @@ class ApiClient:
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        url = base_url.strip().rstrip("/")
-        if not url.startswith(("http://", "https://")):
-            raise ConfigError(f"{provider} API URL {base_url!r} must start with http:// or https://")
+        url = check_base_url(base_url, f"{provider} API URL")
         if not isinstance(api_key, SecretStr) or not api_key.get_secret_value().strip():
             raise ConfigError(f"{provider}: no API key; set {key_hint}")
         self.base_url = url
@@ -118,7 +106,7 @@ class ApiClient:
         for attempt in range(self.retries + 1):
             try:
                 r = self._client.request(method, path, **kwargs)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            except NOT_SENT as exc:
                 problem, retry_after = f"cannot connect ({type(exc).__name__})", None
             except httpx.TransportError as exc:
                 if not idempotent:
@@ -136,17 +124,16 @@ class ApiClient:
                         f"{self.key_hint}",
                         status=r.status_code,
                     )
-                if r.status_code not in RETRY_STATUS:
+                if r.status_code not in TRANSIENT_STATUSES:
                     detail = _message(r, self._secret)
                     raise ApiError(f"{where}: {r.status_code} {detail}", status=r.status_code, detail=detail)
-                problem, retry_after = f"{r.status_code} {_message(r, self._secret)}", _retry_after(r)
+                problem, retry_after = f"{r.status_code} {_message(r, self._secret)}", retry_after_of(r)
             if attempt == self.retries:
                 raise TransientError(
                     f"{where}: {problem}; gave up after {attempt + 1} attempts, retry later",
                     retry_after=retry_after,
                 )
-            base = retry_after if retry_after is not None else self.backoff_s * 2**attempt
-            delay = min(self.max_backoff_s, base) * random.uniform(0.8, 1.2)
+            delay = backoff_delay(attempt, retry_after, base_s=self.backoff_s, cap_s=self.max_backoff_s)
             log.info("%s: %s; retrying in %.2fs", where, problem, delay)
             self._sleep(delay)
         raise AssertionError("unreachable")

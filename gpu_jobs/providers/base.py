@@ -85,6 +85,9 @@ class Offer(_Model):
     reliability: float | None = None
     region: str | None = None
     spot: bool = False
+    max_duration_s: float | None = Field(
+        None, ge=0, description="how long the machine may be rented (Vast `duration`); None = no limit"
+    )
 
     @property
     def block_key(self) -> tuple[str, str]:
@@ -228,8 +231,9 @@ def choose_offer(
     max_usd_per_hour: float | None = None,
     blocked: Collection[tuple[str, str]] = (),
 ) -> Offer | None:
-    """The cheapest offer with at least ``spec.resources.gpu_count`` GPUs of at least ``min_vram_gb`` each, at most ``max_usd_per_hour``, whose ``(provider, host)`` is not
-    ``blocked`` (the offer id stands for an unknown host). Ties: the more reliable, then the lower id.
+    """The cheapest offer with at least ``spec.resources.gpu_count`` GPUs of at least ``min_vram_gb`` each, at
+    most ``max_usd_per_hour``, rentable for the job's whole deadline (``limits.max_wall_s``), whose
+    ``(provider, host)`` is not ``blocked`` (the offer id stands for an unknown host). Ties: the more reliable, then the lower id.
     None when nothing fits."""
     need_gpus = spec.resources.gpu_count
     fits = [
@@ -237,6 +241,7 @@ def choose_offer(
         for o in offers
         if o.gpu_count >= need_gpus
         and o.vram_gb >= spec.resources.min_vram_gb
+        and (o.max_duration_s is None or o.max_duration_s >= spec.limits.max_wall_s)
         and (max_usd_per_hour is None or o.usd_per_hour <= max_usd_per_hour)
         and o.block_key not in blocked
         and (o.provider, o.host) not in blocked

@@ -30,14 +30,14 @@ import json
 import logging
 import math
 import re
-import time
 from typing import Any
 
 import httpx
 from pydantic import SecretStr
 
 from depin_core.errors import PermanentError, TransientError
-from gpu_jobs.providers._http import ApiClient, ApiError, HealthCheck
+from gpu_jobs.providers._http import ApiError
+from gpu_jobs.providers._market import MarketProvider
 from gpu_jobs.providers.base import Bootstrap, Instance, NoCapacity, Offer, Worker, is_ours
 from gpu_jobs.spec import JobSpec
 
@@ -106,7 +106,7 @@ def _public_url(url: str | None) -> str | None:
     return url if url.startswith(("http://", "https://")) else f"https://{url}"
 
 
-class IonetProvider:
+class IonetProvider(MarketProvider):
     """io.net CaaS deployments (see the module doc). ``poll_s``: the longest pause between ``wait_ready``
     polls (it starts at 0.25 s and doubles up to it). ``margin_s`` is added to the spec's ``max_wall_s`` when
     sizing the prepaid duration; ``max_locations`` bounds the price look-ups per hardware type."""
@@ -125,32 +125,18 @@ class IonetProvider:
         transport: httpx.BaseTransport | None = None,
         agent_transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self._api = ApiClient(
+        super().__init__(
+            api_key,
             base_url,
-            api_key=api_key,
             auth_headers=lambda key: {"x-api-key": key, "Accept": "application/json"},
             key_hint=KEY_ENV,
-            provider=self.name,
+            poll_s=poll_s,
             timeout=timeout,
             transport=transport,
+            agent_transport=agent_transport,
         )
-        self._health = HealthCheck(transport=agent_transport)
-        self.poll_s = poll_s
         self.margin_s = margin_s
         self.max_locations = max_locations
-
-    def __repr__(self) -> str:
-        return f"IonetProvider({self._api.base_url!r}, api_key=set)"
-
-    def close(self) -> None:
-        self._api.close()
-        self._health.close()
-
-    def __enter__(self) -> IonetProvider:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
     # ---- offers ----------------------------------------------------------------------------------------------
     def duration_hours(self, spec: JobSpec) -> int:
@@ -304,14 +290,7 @@ class IonetProvider:
 
     def deployment(self, deployment_id: str) -> dict[str, Any] | None:
         """``GET …/deployment/{id}``'s ``data``, or None when it does not exist."""
-        try:
-            doc = self._api.json("GET", f"{CAAS}/deployment/{deployment_id}")
-        except ApiError as exc:
-            if exc.status == 404:
-                return None
-            raise
-        data = doc.get("data") if isinstance(doc, dict) else None
-        return data if isinstance(data, dict) else None
+        return self._get_object(f"{CAAS}/deployment/{deployment_id}", "data")
 
     def container_url(self, deployment_id: str) -> str | None:
         """The ``public_url`` of the deployment's (first) running container."""
@@ -327,32 +306,21 @@ class IonetProvider:
     def wait_ready(self, worker: Worker, *, timeout_s: float) -> Worker:
         """Poll until the deployment runs and its container's agent answers ``/v1/health`` with the token;
         the worker with its ``url``. ``TransientError`` when it failed or is not ready within ``timeout_s``."""
-        deadline = time.monotonic() + timeout_s
-        last = "no status yet"
-        delay = min(0.25, self.poll_s)  # fast at first (a ready agent answers at once), then every poll_s
-        while True:
+        what = f"ionet: deployment {worker.instance_id} ({worker.name})"
+
+        def probe() -> tuple[str | None, str]:
             data = self.deployment(worker.instance_id)
             if data is None:
-                raise TransientError(f"ionet: deployment {worker.instance_id} ({worker.name}) is gone")
+                raise TransientError(f"{what} is gone")
             status = str(data.get("status") or "unknown").lower()
-            last = f"status {status}"
             if status in _FAILED:
-                raise TransientError(f"ionet: deployment {worker.instance_id} ({worker.name}) {status}")
-            if status == "running":
-                url = self.container_url(worker.instance_id)
-                if url is None:
-                    last = "running, no container with a public_url yet"
-                elif self._health.check(url, worker.token) is not None:
-                    return worker.model_copy(update={"url": url})
-                else:
-                    last = f"running, agent at {url}: {self._health.last_problem}"
-            if time.monotonic() >= deadline:
-                raise TransientError(
-                    f"ionet: deployment {worker.instance_id} ({worker.name}) not ready within {timeout_s:g}s "
-                    f"({last}); destroy it and try another offer"
-                )
-            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(self.poll_s, delay * 2)
+                raise TransientError(f"{what} {status}")
+            if status != "running":
+                return None, f"status {status}"
+            url = self.container_url(worker.instance_id)
+            return url, f"status {status}" if url else "running, no container with a public_url yet"
+
+        return self._poll_until_healthy(worker, probe, what=what, timeout_s=timeout_s)
 
     def destroy(self, target: Worker | Instance) -> None:
         """``DELETE …/deployment/{id}``; a deployment already gone or terminating is fine."""

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from typing import Any
 
 import httpx
 from pydantic import SecretStr
 
 from depin_core.errors import PermanentError, TransientError
-from gpu_jobs.providers._http import ApiClient, ApiError, HealthCheck
+from gpu_jobs.providers._http import ApiError
+from gpu_jobs.providers._market import MarketProvider
 from gpu_jobs.providers.base import (
     DEFAULT_AGENT_PORT,
     Bootstrap,
@@ -65,7 +65,7 @@ def agent_url(row: dict[str, Any], port: int) -> str | None:
     return f"http://{ip}:{int(host_port)}" if host_port else None
 
 
-class VastProvider:
+class VastProvider(MarketProvider):
     """Vast.ai on-demand instances (see the module doc for the endpoints).
 
     ``poll_s``: the longest pause between ``wait_ready`` polls (it starts at 0.25 s and doubles up to it).
@@ -88,34 +88,20 @@ class VastProvider:
         transport: httpx.BaseTransport | None = None,
         agent_transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self._api = ApiClient(
+        super().__init__(
+            api_key,
             base_url,
-            api_key=api_key,
             auth_headers=lambda key: {"Authorization": f"Bearer {key}", "Accept": "application/json"},
             key_hint=KEY_ENV,
-            provider=self.name,
+            poll_s=poll_s,
             timeout=timeout,
             transport=transport,
+            agent_transport=agent_transport,
         )
-        self._health = HealthCheck(transport=agent_transport)
-        self.poll_s = poll_s
         self.search_limit = search_limit
         self.verified_only = verified_only
         self.agent_port = agent_port
         self._ports: dict[str, int] = {}  # instance id → agent port of the launches made here
-
-    def __repr__(self) -> str:
-        return f"VastProvider({self._api.base_url!r}, api_key=set)"
-
-    def close(self) -> None:
-        self._api.close()
-        self._health.close()
-
-    def __enter__(self) -> VastProvider:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
     # ---- offers ----------------------------------------------------------------------------------------------
     def search_query(self, spec: JobSpec, *, disk_gb: float = 32.0) -> dict[str, Any]:
@@ -162,6 +148,7 @@ class VastProvider:
             reliability=None if reliability is None else float(reliability),
             region=(str(row["geolocation"]) if row.get("geolocation") else None),
             spot=False,
+            max_duration_s=None if row.get("duration") is None else float(row["duration"]),
         )
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
@@ -226,45 +213,28 @@ class VastProvider:
 
     def instance(self, instance_id: str) -> dict[str, Any] | None:
         """``GET /instances/{id}/?owner=me``: the row, or None when the instance does not exist (any more)."""
-        try:
-            doc = self._api.json("GET", f"/instances/{instance_id}/", params={"owner": "me"})
-        except ApiError as exc:
-            if exc.status == 404:
-                return None
-            raise
-        row = doc.get("instances") if isinstance(doc, dict) else None
-        return row if isinstance(row, dict) else None
+        return self._get_object(f"/instances/{instance_id}/", "instances", params={"owner": "me"})
 
     def wait_ready(self, worker: Worker, *, timeout_s: float) -> Worker:
         """Poll until the instance runs and its agent answers ``/v1/health`` with the token; the worker with
         its ``url``. ``TransientError`` when it failed, vanished or is not ready within ``timeout_s``."""
         port = self._ports.get(worker.instance_id, self.agent_port)
-        deadline = time.monotonic() + timeout_s
-        last = "no status yet"
-        delay = min(0.25, self.poll_s)  # fast at first (a ready agent answers at once), then every poll_s
-        while True:
+        what = f"vast: instance {worker.instance_id} ({worker.name})"
+
+        def probe() -> tuple[str | None, str]:
             row = self.instance(worker.instance_id)
             if row is None:
-                raise TransientError(f"vast: instance {worker.instance_id} ({worker.name}) is gone")
+                raise TransientError(f"{what} is gone")
             status = str(row.get("actual_status") or "unknown")
             last = f"status {status}" + (f" ({row['status_msg']})" if row.get("status_msg") else "")
             if status in _FAILED or row.get("intended_status") == "stopped":
-                raise TransientError(f"vast: instance {worker.instance_id} ({worker.name}) failed: {last}")
-            if status == "running":
-                url = agent_url(row, port)
-                if url is None:
-                    last = f"running, but port {port}/tcp is not mapped yet"
-                elif self._health.check(url, worker.token) is not None:
-                    return worker.model_copy(update={"url": url})
-                else:
-                    last = f"running, agent at {url}: {self._health.last_problem}"
-            if time.monotonic() >= deadline:
-                raise TransientError(
-                    f"vast: instance {worker.instance_id} ({worker.name}) not ready within {timeout_s:g}s "
-                    f"({last}); destroy it and try another offer"
-                )
-            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(self.poll_s, delay * 2)
+                raise TransientError(f"{what} failed: {last}")
+            if status != "running":
+                return None, last
+            url = agent_url(row, port)
+            return url, last if url else f"running, but port {port}/tcp is not mapped yet"
+
+        return self._poll_until_healthy(worker, probe, what=what, timeout_s=timeout_s)
 
     def destroy(self, target: Worker | Instance) -> None:
         """``DELETE /instances/{id}/``; an instance already gone is fine."""

@@ -17,7 +17,6 @@ generation B's ``{"code": "...", "error": "..."}`` — with a hint what to do; 4
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable, Collection
 from functools import cached_property
@@ -27,6 +26,7 @@ import httpx
 from pydantic import SecretStr
 
 from depin_core.errors import ConfigError, DepinError, PermanentError, TransientError
+from depin_core.http import NOT_SENT, TRANSIENT_STATUSES, backoff_delay, check_base_url, retry_after_of
 
 if TYPE_CHECKING:
     from serving.fluence._gen_a import VmsV3
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 Generation = Literal["A", "B"]
 DEFAULT_BASE_URL = "https://api.fluence.dev"
-RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+RETRY_STATUS = TRANSIENT_STATUSES | {500}
 _NO_OFFER = ("no suitable offer", "not enough offers")
 
 
@@ -83,14 +83,6 @@ _STATUS_CODES = {
     409: "conflict",
     422: "unprocessable_entity",
 }
-
-
-def _retry_after(r: httpx.Response) -> float | None:
-    raw = r.headers.get("retry-after")
-    try:
-        return max(0.0, float(raw)) if raw is not None else None
-    except ValueError:
-        return None
 
 
 def parse_error(r: httpx.Response) -> tuple[str, str]:
@@ -170,11 +162,7 @@ class FluenceClient:
             raise ConfigError("api_key must be a pydantic SecretStr (keeps it out of logs and reprs)")
         if not api_key.get_secret_value().strip():
             raise ConfigError("the Fluence API key is empty: set DEPIN_FLUENCE_API_KEY")
-        url = base_url.strip().rstrip("/")
-        if not url.startswith(("http://", "https://")):
-            raise ConfigError(
-                f"Fluence base URL {base_url!r} must start with https:// (or http:// for a fake)"
-            )
+        url = check_base_url(base_url, "Fluence base URL")
         if generation not in (None, "A", "B"):
             raise ConfigError(f"generation must be 'A', 'B' or None (detect), not {generation!r}")
         self.base_url = url
@@ -261,10 +249,6 @@ class FluenceClient:
         auth = f"Bearer {key}" if gen == "A" else f"X-API-KEY {key}"
         return {"X-API-KEY": key, "Authorization": auth}
 
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        base = retry_after if retry_after is not None else self.backoff_s * 2**attempt
-        return min(self.max_backoff_s, base) * random.uniform(0.8, 1.2)
-
     def request(
         self,
         method: str,
@@ -288,7 +272,7 @@ class FluenceClient:
             retry_after: float | None = None
             try:
                 r = self._http.request(method, path, json=json, params=params, headers=self._headers(gen))
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            except NOT_SENT as exc:
                 problem = f"cannot connect ({type(exc).__name__})"
             except httpx.TransportError as exc:  # may have reached the server
                 if not idempotent:
@@ -303,7 +287,7 @@ class FluenceClient:
                 if r.status_code not in RETRY_STATUS:
                     raise refused(r, where)
                 code, message = parse_error(r)
-                problem, retry_after = f"{r.status_code} {code}: {message[:200]}", _retry_after(r)
+                problem, retry_after = f"{r.status_code} {code}: {message[:200]}", retry_after_of(r)
                 if not idempotent and r.status_code != 429:
                     raise FluenceUnavailable(
                         f"{where}: {problem}; the request may have been applied — list the resources (by name) "
@@ -315,7 +299,7 @@ class FluenceClient:
                     f"{where}: {problem}; gave up after {attempt + 1} attempts — retry later",
                     retry_after=retry_after,
                 )
-            delay = self._delay(attempt, retry_after)
+            delay = backoff_delay(attempt, retry_after, base_s=self.backoff_s, cap_s=self.max_backoff_s)
             log.info("%s: %s; retrying in %.2fs", where, problem, delay)
             self._sleep(delay)
         raise AssertionError("unreachable")

@@ -1,13 +1,14 @@
 """The runner chain with real worker agents on loopback: a node lost mid-training (agent and workers SIGKILLed)
-→ the next runner resumes from its checkpoint; a tampered artifact and a lying model → FAILED(verify), the node
-blocked, success elsewhere; an unreachable first runner → fallback; a real range model trained and scored
-through an agent passes local hold-out and sample re-scoring verification."""
+→ the next runner resumes from its checkpoint; a tampered artifact and a lying model → FAILED(verify), each node
+blocked, success elsewhere; a rented Vast.ai instance runs the job and is destroyed; an unreachable first runner
+and a provider without capacity → fallback; a real range model trained and scored through an agent passes local
+hold-out and sample re-scoring verification."""
 
 from __future__ import annotations
 
-import secrets
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -20,31 +21,39 @@ from gpu_jobs.runner import JobStatus
 from gpu_jobs.spec import DatasetRef, FailureKind, JobSpec, JobState
 from pipelines._jobs_cmd import run_score, run_train
 from tests.gpu_jobs.models.fleet_data import FleetData
-from tests.gpu_jobs.test_chain import EVAL_TOY, LIE_ENV, EvalToy
-from tests.gpu_jobs.toy_family import write_toy_dataset
+from tests.gpu_jobs.support import ENV, TOKEN, train_spec
+from tests.gpu_jobs.toy_family import EVAL_IMPORT_PATH, LIE_ENV, EvalToy
 from tests.serving.fixtures import RANGE_HP
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
-ENV = {"PYTHONPATH": str(REPO)}
-TOKEN = "dispatch-test-" + secrets.token_hex(12)
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, AgentProcess]]:
+    """Agents with a flaw, started side by side: ``slow`` pauses after its step-10 checkpoint (to be killed
+    there), ``evil`` is honest but its owner tampers with its outputs, ``liar`` ships perturbed weights with
+    honest metrics."""
+    root = tmp_path_factory.mktemp("nodes")
+    env = {"slow": {"TOY_PAUSE_AT_STEP": "10"}, "evil": {}, "liar": {LIE_ENV: "1"}}
+    procs = {name: AgentProcess(root / name, TOKEN, env={**ENV, **extra}) for name, extra in env.items()}
+    try:
+        with ThreadPoolExecutor(len(procs)) as pool:
+            list(pool.map(AgentProcess.start, procs.values()))
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.close()
 
 
 @pytest.fixture()
-def agents(tmp_path: Path) -> Iterator[dict[str, AgentProcess]]:
-    """Three agents: ``slow`` pauses after its step-10 checkpoint (to be killed there), ``liar`` ships perturbed
-    weights with honest metrics, ``good`` is honest. Started on demand by ``start``."""
-    procs = {
-        "slow": AgentProcess(tmp_path / "agent-slow", TOKEN, env={**ENV, "TOY_PAUSE_AT_STEP": "10"}),
-        "liar": AgentProcess(tmp_path / "agent-liar", TOKEN, env={**ENV, LIE_ENV: "1"}),
-        "good": AgentProcess(tmp_path / "agent-good", TOKEN, env=ENV),
-    }
-    try:
-        yield procs
-    finally:
-        for p in procs.values():
-            p.close()
+def good(worker_agent: AgentProcess) -> AgentProcess:
+    """An honest agent: the session's (each chain uses its own job id)."""
+    return worker_agent
+
+
+@pytest.fixture()
+def data(toy_dataset: DatasetRef) -> DatasetRef:
+    return toy_dataset
 
 
 def factory(tmp: Path) -> DefaultRunnerFactory:
@@ -58,29 +67,15 @@ def factory(tmp: Path) -> DefaultRunnerFactory:
     )
 
 
-@pytest.fixture()
-def data(tmp_path: Path) -> DatasetRef:
-    return DatasetRef.from_path(write_toy_dataset(tmp_path / "data" / "part-0.parquet").parent)
-
-
-def toy_spec(tmp: Path, data: DatasetRef, **hp: object) -> JobSpec:
-    return JobSpec.model_validate(
-        {
-            "kind": "train",
-            "model": {"family": EVAL_TOY, "hyperparameters": {"steps": 30, **hp}},
-            "inputs": [data.model_dump()],
-            "seed": 5,
-            "checkpoint": {"every_steps": 5},
-            "limits": {"max_wall_s": 120},
-            "outputs": {"dir": str(tmp / "model")},
-        }
-    )
+def toy_spec(tmp: Path, data: DatasetRef) -> JobSpec:
+    """The toy job with ``evaluate`` (hold-out verification of untrusted results), a checkpoint every 5 steps."""
+    return train_spec(data, tmp / "model", family=EVAL_IMPORT_PATH, every=5)
 
 
 def test_a_node_lost_mid_training_resumes_from_its_checkpoint_on_the_next_agent(
-    tmp_path: Path, data: DatasetRef, agents: dict[str, AgentProcess]
+    tmp_path: Path, data: DatasetRef, good: AgentProcess, nodes: dict[str, AgentProcess]
 ) -> None:
-    slow, good = agents["slow"].start(), agents["good"].start()
+    slow = nodes["slow"]
     killed: list[int] = []
 
     def on_status(entry: str, st: JobStatus) -> None:
@@ -105,29 +100,29 @@ def test_a_node_lost_mid_training_resumes_from_its_checkpoint_on_the_next_agent(
     assert art.metrics == out.result.metrics and art.metrics["steps"] == 30
 
 
-def test_a_tampered_artifact_fails_verification_then_the_job_succeeds_elsewhere(
-    tmp_path: Path, data: DatasetRef, agents: dict[str, AgentProcess]
+def test_tampered_and_lying_results_fail_verification_then_the_job_succeeds_elsewhere(
+    tmp_path: Path, data: DatasetRef, good: AgentProcess, nodes: dict[str, AgentProcess]
 ) -> None:
-    good = agents["good"].start()
-    evil = AgentProcess(tmp_path / "agent-evil", TOKEN, env=ENV).start()
-    try:
+    """One chain: a node whose owner swaps the weights after the job (artifact hashes), the same node again
+    (blocked, not retried), a node whose model lies with honest metrics (local hold-out evaluation), an honest
+    node (verified)."""
+    evil, liar = nodes["evil"], nodes["liar"]
 
-        def on_status(entry: str, st: JobStatus) -> None:
-            # once the job finished on the evil node, its owner swaps the weights on disk before we download
-            if entry == f"agent:{evil.url}" and st.state == JobState.SUCCEEDED:
-                weights = evil.data_dir / "out" / st.job_id / "weights.safetensors"
-                blob = bytearray(weights.read_bytes())
-                blob[-1] ^= 0xFF
-                weights.write_bytes(bytes(blob))
+    def on_status(entry: str, st: JobStatus) -> None:
+        # once the job finished on the evil node, its owner swaps the weights on disk before we download
+        if entry == f"agent:{evil.url}" and st.state == JobState.SUCCEEDED:
+            weights = evil.data_dir / "out" / st.job_id / "weights.safetensors"
+            blob = bytearray(weights.read_bytes())
+            blob[-1] ^= 0xFF
+            weights.write_bytes(bytes(blob))
 
-        out = run_chain(
-            toy_spec(tmp_path, data), [f"agent:{evil.url}", f"agent:{evil.url}/", f"agent:{good.url}"],
-            factory=factory(tmp_path), jobs_dir=tmp_path / "jobs", on_status=on_status,
-        )  # fmt: skip
-    finally:
-        evil.close()
+    chain = [f"agent:{evil.url}", f"agent:{evil.url}/", f"agent:{liar.url}", f"agent:{good.url}"]
+    out = run_chain(
+        toy_spec(tmp_path, data), chain, factory=factory(tmp_path), jobs_dir=tmp_path / "jobs",
+        on_status=on_status,
+    )  # fmt: skip
     assert out.succeeded and out.runner == f"agent:{good.url}", out.result.error
-    tampered, skipped, done = out.attempts
+    tampered, skipped, lie, done = out.attempts
     assert (tampered.state, tampered.failure, tampered.verified) == (
         JobState.FAILED,
         FailureKind.VERIFY,
@@ -137,41 +132,21 @@ def test_a_tampered_artifact_fails_verification_then_the_job_succeeds_elsewhere(
     assert skipped.failure == FailureKind.INFRA and "blocked" in (
         skipped.reason or ""
     )  # same node, not retried
-    assert done.verified is True
-    load_artifact(tmp_path / "model")  # the good node's artifact, every file verified
-
-
-def test_a_lying_model_fails_holdout_verification_then_local_succeeds(
-    tmp_path: Path, data: DatasetRef, agents: dict[str, AgentProcess]
-) -> None:
-    liar = agents["liar"].start()
-    out = run_chain(toy_spec(tmp_path, data), [f"agent:{liar.url}", "local"], factory=factory(tmp_path),
-                    jobs_dir=tmp_path / "jobs")  # fmt: skip
-    assert out.succeeded and out.runner == "local", out.result.error
-    lie, done = out.attempts
-    assert (lie.failure, lie.verified) == (FailureKind.VERIFY, False)
-    assert "local hold-out evaluation disagrees" in (lie.reason or "")
-    assert done.verified is None  # local is trusted
+    assert (lie.state, lie.failure, lie.verified) == (JobState.FAILED, FailureKind.VERIFY, False)
+    assert "local hold-out evaluation disagrees" in (lie.reason or "") and "mse" in (lie.reason or "")
+    assert done.verified is True and (done.verification or "").startswith(
+        "hold-out evaluation: 1 metrics match"
+    )
+    # the good node's artifact, every file verified; its model really has the metrics it reports
     model = tmp_path / "model"
     honest = EvalToy().evaluate(model, [Path(data.path) / "part-0.parquet"])
     assert honest["mse"] == pytest.approx(load_artifact(model).metrics["mse"], rel=1e-6)
-    assert not list(tmp_path.glob(".model.*.verify"))  # the lying artifact never reached the destination
-
-
-def test_an_unreachable_first_runner_falls_back(tmp_path: Path, data: DatasetRef) -> None:
-    closed = f"agent:http://127.0.0.1:{free_port()}"
-    out = run_chain(toy_spec(tmp_path, data), [closed, "local"], factory=factory(tmp_path),
-                    jobs_dir=tmp_path / "jobs", max_total_s=300)  # fmt: skip
-    assert out.succeeded and out.runner == "local"
-    first = out.attempts[0]
-    assert first.failure == FailureKind.INFRA and "cannot reach the agent" in (first.reason or "")
-    assert first.seconds < 20  # bounded by the connect timeout (2 s) and the health retry budget
+    assert not list(tmp_path.glob(".model.*"))  # neither untrusted artifact reached the destination
 
 
 def test_a_real_range_model_trained_and_scored_through_an_agent_is_verified_locally(
-    tmp_path: Path, serving_fleet: FleetData, agents: dict[str, AgentProcess], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, serving_fleet: FleetData, good: AgentProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    good = agents["good"].start()
     monkeypatch.setenv("DEPIN_AGENT_TOKEN", TOKEN)
     model = tmp_path / "range-model"
     doc = run_train(
@@ -195,27 +170,48 @@ def test_a_real_range_model_trained_and_scored_through_an_agent_is_verified_loca
     shutil.rmtree(tmp_path / "jobs", ignore_errors=True)
 
 
-def test_a_rented_vast_instance_runs_the_job_and_is_destroyed_no_capacity_falls_back(
+def test_rented_vast_and_ionet_machines_run_the_job_and_are_destroyed_unreachable_and_full_runners_fall_back(
     tmp_path: Path, data: DatasetRef
 ) -> None:
+    """Vast.ai: quote → launch → agent ready → job → destroy. Then an agent nobody listens for and a Vast.ai
+    without capacity fall back (bounded time) to io.net: quote → deploy → agent ready → job → terminate."""
+    from tests.fakes.ionet import FakeIonet
     from tests.fakes.vast import FakeVast
 
-    with FakeVast(tmp_path / "vast", agent_factory=lambda d, token: AgentProcess(d, token, env=ENV)) as fake:
+    def machine(d: Path, token: str) -> AgentProcess:
+        return AgentProcess(d, token, env=ENV)
+
+    with (
+        FakeVast(tmp_path / "vast", agent_factory=machine) as vast,
+        FakeIonet(tmp_path / "ionet", agent_factory=machine) as ionet,
+    ):
         f = DefaultRunnerFactory(
             tmp_path / "jobs",
-            env={"DEPIN_VAST_API_KEY": fake.api_key, "DEPIN_VAST_URL": fake.base_url},
-            local_env=ENV,
-            provision_timeout_s=120,
-            provider_poll_s=0.1,
-        )
+            env={
+                "DEPIN_VAST_API_KEY": vast.api_key, "DEPIN_VAST_URL": vast.base_url,
+                "DEPIN_IONET_API_KEY": ionet.api_key, "DEPIN_IONET_URL": ionet.base_url,
+                "DEPIN_AGENT_TOKEN": TOKEN,
+            },
+            local_env=ENV, provision_timeout_s=120, provider_poll_s=0.1, connect_timeout_s=2.0,
+        )  # fmt: skip
         out = run_chain(toy_spec(tmp_path, data), ["vast", "local"], factory=f, jobs_dir=tmp_path / "jobs")
         assert out.succeeded and out.runner == "vast", out.result.error
         (rented,) = out.attempts
         assert rented.verified is True and rented.node and rented.cost_usd is not None and rented.cost_usd > 0
-        assert fake.launches == 1 and len(fake.destroyed) == 1  # released after the job
+        assert vast.launches == 1 and len(vast.destroyed) == 1  # released after the job
 
-        fake.no_capacity = True
-        out = run_chain(toy_spec(tmp_path, data), ["vast", "local"], factory=f, jobs_dir=tmp_path / "jobs")
-        assert out.succeeded and out.runner == "local"
-        assert out.attempts[0].failure == FailureKind.INFRA and "no offer" in (out.attempts[0].reason or "")
-        assert fake.launches == 1 and len(fake.destroyed) == 1
+        vast.no_capacity = True
+        closed = f"agent:http://127.0.0.1:{free_port()}"
+        out = run_chain(toy_spec(tmp_path / "2", data), [closed, "vast", "ionet", "local"], factory=f,
+                        jobs_dir=tmp_path / "jobs", max_total_s=300)  # fmt: skip
+        assert out.succeeded and out.runner == "ionet", out.result.error
+        unreachable, full, deployed = out.attempts
+        assert unreachable.failure == FailureKind.INFRA and "cannot reach the agent" in (
+            unreachable.reason or ""
+        )
+        assert unreachable.seconds < 20  # bounded by the connect timeout (2 s) and the health retry budget
+        assert full.failure == FailureKind.INFRA and "no offer" in (full.reason or "")
+        assert deployed.verified is True and deployed.cost_usd is not None and deployed.cost_usd > 0
+        assert vast.launches == 1 and len(vast.destroyed) == 1
+        assert ionet.launches == 1 and [d["status"] for d in ionet.deployments.values()] == ["destroyed"]
+        assert load_artifact(tmp_path / "2" / "model").metrics == out.result.metrics

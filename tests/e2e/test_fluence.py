@@ -108,7 +108,7 @@ def test_state_files_are_private_and_hold_no_key(tmp_path: Path) -> None:
 
 @pytest.fixture(params=GENERATIONS)
 def fake(request: pytest.FixtureRequest) -> Iterator[FakeFluence]:
-    with FakeFluence(request.param, step_s=0.2) as f:
+    with FakeFluence(request.param, step_s=0.05) as f:
         yield f
 
 
@@ -118,7 +118,7 @@ def settings_for(tmp_path: Path, **overrides: Any) -> FluenceSettings:
         "port": free_port(),
         "state_dir": tmp_path / "fluence",
         "max_usd_per_day": 5.0,
-        "poll_s": 0.1,
+        "poll_s": 0.05,
         "vm_timeout_s": 30.0,
         "bootstrap_timeout_s": 60.0,
         "ready_timeout_s": 120.0,
@@ -309,7 +309,7 @@ def test_readiness_timeout_deletes_the_vm(
     fake: FakeFluence, range_artifact: Path, publisher: LocalAccount, tmp_path: Path
 ) -> None:
     fake.fail_next = "never_ready"
-    settings = settings_for(tmp_path, ready_timeout_s=2.0)
+    settings = settings_for(tmp_path, ready_timeout_s=1.0)
     with publisher_for(fake, publisher, settings) as pub, pytest.raises(TransientError) as exc:
         pub.publish(range_artifact, "range")
     assert "not ready" in str(exc.value) and "deleted (no orphan)" in str(exc.value)
@@ -324,7 +324,7 @@ def test_lost_create_answer_is_reconciled_by_name(
 ) -> None:
     """The create reached the API but its answer was lost: the publisher finds the VM by name and uses it; a
     failed VM of that name is deleted and replaced; still one live VM."""
-    with FakeFluence("B", step_s=0.2) as fake:
+    with FakeFluence("B", step_s=0.05) as fake:
         settings = settings_for(tmp_path)
         # a failed VM of the target's name from an earlier run
         with FluenceClient(fake.api_key, base_url=fake.url) as client:
@@ -365,7 +365,7 @@ def test_foreign_vm_of_the_same_name_is_not_adopted(
 ) -> None:
     """A running VM named like ours that this machine has no record (no admin key) of: refuse, create
     nothing; `down` deletes it."""
-    with FakeFluence("A", step_s=0.2) as fake:
+    with FakeFluence("A", step_s=0.05) as fake:
         settings = settings_for(tmp_path)
         with FluenceClient(fake.api_key, base_url=fake.url) as client:
             image = client.a.default_images()[0].download_url

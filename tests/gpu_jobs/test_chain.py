@@ -1,15 +1,12 @@
 """The runner chain: fallback on infrastructure failures with resume from the last checkpoint, stop on user
 failures, FAILED(verify) + blocklist for untrusted results that do not verify, bounded time, every attempt
-recorded. In-process fake runners for the chain's logic; real ``LocalRunner`` workers (a SIGKILLed worker, a
-node whose models lie) for the real thing."""
+recorded. In-process fake runners for the chain's logic; the same scenarios with real worker agents (a node lost
+mid-training, a tampered artifact, a lying model, an unreachable runner, a rented instance) are in
+``tests/e2e/test_dispatch.py``."""
 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,38 +26,8 @@ from gpu_jobs.chain import (
     parse_entry,
     run_chain,
 )
-from gpu_jobs.context import JobContext, TrainOutput
-from gpu_jobs.local import LocalRunner
 from gpu_jobs.runner import JobStatus
-from gpu_jobs.spec import DatasetRef, FailureKind, JobResult, JobSpec, JobState
-from tests.gpu_jobs.toy_family import ToyFamily, _load_xy, _model, write_toy_dataset
-
-REPO = Path(__file__).resolve().parents[2]
-ENV = {"PYTHONPATH": str(REPO)}
-EVAL_TOY = "tests.gpu_jobs.test_chain:EvalToy"
-LIE_ENV = "DEPIN_TEST_LIE"
-
-
-class EvalToy(ToyFamily):
-    """The toy family plus ``evaluate`` (mse of the artifact's model on the inputs), so untrusted toy results
-    get the hold-out check. With ``DEPIN_TEST_LIE=1`` in its environment it reports the honest metrics but ships
-    perturbed weights — a node whose models lie."""
-
-    def train(self, ctx: JobContext) -> TrainOutput:
-        out = super().train(ctx)
-        if os.environ.get(LIE_ENV) == "1":
-            out.state_dict = {k: v + 0.5 for k, v in out.state_dict.items()}
-        return out
-
-    def evaluate(self, model_dir: Path, inputs: list[Path]) -> dict[str, Any]:
-        art = load_artifact(model_dir)
-        model = _model()
-        model.load_state_dict(art.state_dict)
-        model.eval()
-        x, y = _load_xy(inputs, torch.device("cpu"))
-        with torch.no_grad():
-            return {"mse": torch.nn.functional.mse_loss(model(x), y).item()}
-
+from gpu_jobs.spec import FailureKind, JobResult, JobSpec, JobState
 
 # --------------------------------------------------------------------------------------------- fakes
 
@@ -326,87 +293,3 @@ def test_permanent_runner_errors_move_on_but_config_errors_stop(tmp_path: Path) 
     assert out.succeeded and "wrong token" in (out.attempts[0].reason or "")
     with pytest.raises(ConfigError, match="unknown in this test"):
         run_chain(_spec(tmp_path), ["node:a", "node:zz"], factory=FakeFactory(runners), jobs_dir=tmp_path)
-
-
-# ------------------------------------------------------------------------------- chain (real workers)
-
-
-@pytest.fixture()
-def data(tmp_path: Path) -> DatasetRef:
-    return DatasetRef.from_path(write_toy_dataset(tmp_path / "data" / "part-0.parquet").parent)
-
-
-def _toy(tmp: Path, data: DatasetRef, **hp: Any) -> JobSpec:
-    return JobSpec.model_validate(
-        {
-            "kind": "train",
-            "model": {"family": EVAL_TOY, "hyperparameters": {"steps": 30, **hp}},
-            "inputs": [data.model_dump()],
-            "seed": 5,
-            "checkpoint": {"every_steps": 5},
-            "limits": {"max_wall_s": 120},
-            "outputs": {"dir": str(tmp / "model")},
-        }
-    )
-
-
-def _kill_at_checkpoint(runner: LocalRunner, step: int) -> threading.Thread:
-    """SIGKILL the runner's worker once it has saved the checkpoint at ``step`` (it pauses there)."""
-
-    def watch() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            for job in list(runner._jobs):
-                st = runner.status(job)
-                if (st.checkpoint_step or 0) >= step and st.worker_pid:
-                    os.kill(st.worker_pid, signal.SIGKILL)
-                    return
-            time.sleep(0.05)
-
-    t = threading.Thread(target=watch, daemon=True)
-    t.start()
-    return t
-
-
-def test_a_killed_worker_resumes_on_the_next_runner_from_its_checkpoint(
-    tmp_path: Path, data: DatasetRef
-) -> None:
-    lost = LocalRunner(tmp_path / "node-a", env={**ENV, "TOY_PAUSE_AT_STEP": "10"})
-    local = LocalRunner(tmp_path / "local", env=ENV)
-    lines: list[str] = []
-    with lost, local:
-        watcher = _kill_at_checkpoint(lost, 10)
-        out = run_chain(_toy(tmp_path, data), ["node:a", "local"], factory=FakeFactory({"node:a": lost, "local": local}),
-                        jobs_dir=tmp_path / "jobs", on_log=lines.append)  # fmt: skip
-        watcher.join(5)
-    assert out.succeeded, out.result.error
-    a, b = out.attempts
-    assert (a.failure, b.state, b.resumed_from_step) == (FailureKind.INFRA, JobState.SUCCEEDED, 10)
-    assert "SIGKILL" in (a.reason or "")
-    assert "resumed from step 10" in "\n".join(lines)
-    assert (
-        out.result.metrics["steps"] == 30 and load_artifact(tmp_path / "model").metrics == out.result.metrics
-    )
-
-
-def test_a_node_whose_model_lies_fails_holdout_verification_then_local_succeeds(
-    tmp_path: Path, data: DatasetRef
-) -> None:
-    liar = LocalRunner(tmp_path / "liar", env={**ENV, LIE_ENV: "1"})
-    honest = LocalRunner(tmp_path / "honest", env=ENV)
-    with liar, honest:
-        out = run_chain(_toy(tmp_path, data), ["node:liar", "node:honest", "local"],
-                        factory=FakeFactory({"node:liar": liar, "node:honest": honest, "local": honest},
-                                            nodes={"node:liar": "liar-host", "node:honest": "ok-host", "local": "me"}),
-                        jobs_dir=tmp_path / "jobs")  # fmt: skip
-    assert out.succeeded and out.runner == "node:honest", out.result.error
-    bad, good = out.attempts
-    assert (bad.failure, bad.verified) == (FailureKind.VERIFY, False)
-    assert "local hold-out evaluation disagrees" in (bad.reason or "") and "mse" in (bad.reason or "")
-    assert good.verified is True and (good.verification or "").startswith(
-        "hold-out evaluation: 1 metrics match"
-    )
-    art = load_artifact(tmp_path / "model")
-    assert EvalToy().evaluate(tmp_path / "model", [Path(data.path) / "part-0.parquet"])[
-        "mse"
-    ] == pytest.approx(art.metrics["mse"], rel=1e-6)

@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -23,14 +23,11 @@ from gpu_jobs.checkpoint import FileCheckpointer
 from gpu_jobs.local import LocalRunner
 from gpu_jobs.remote import AgentAuthError, AgentRunner
 from gpu_jobs.runner import JobRunner
-from gpu_jobs.spec import DatasetRef, FailureKind, JobSpec, JobState, sha256_file
-from tests.gpu_jobs.toy_family import IMPORT_PATH, write_toy_dataset
+from gpu_jobs.spec import DatasetRef, FailureKind, JobResult, JobState, sha256_file
+from tests.gpu_jobs.support import ENV, TOKEN, infer_spec, toy_data, train_spec, wait_for
+from tests.gpu_jobs.toy_family import write_toy_dataset
 
 pytestmark = pytest.mark.e2e
-
-REPO = Path(__file__).resolve().parents[2]
-ENV = {"PYTHONPATH": str(REPO)}
-TOKEN = "test-agent-token-0123456789abcdef"
 
 
 class Recorder(httpx.HTTPTransport):
@@ -60,66 +57,52 @@ def _start_agent(data_dir: Path, env: dict[str, str] | None = None) -> AgentProc
 
 
 @pytest.fixture()
-def agent(tmp_path: Path) -> Iterator[AgentProcess]:
-    proc = _start_agent(tmp_path / "agent")
-    try:
-        yield proc
-    finally:
-        proc.close()
+def agent(worker_agent: AgentProcess) -> AgentProcess:
+    """The session's honest agent: every test uses its own job ids (and output dirs)."""
+    return worker_agent
 
 
-@pytest.fixture()
-def data(tmp_path: Path) -> DatasetRef:
-    return DatasetRef.from_path(write_toy_dataset(tmp_path / "data" / "part-0.parquet").parent)
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> DatasetRef:
+    """Toy data of its own (seed 2): the first job here finds its blob missing on the shared agent."""
+    return toy_data(tmp_path_factory.mktemp("toy"), seed=2)
 
 
-def _train(out: Path, data: DatasetRef, *, every: int = 0, **hp: object) -> JobSpec:
-    return JobSpec(
-        kind="train",
-        model={"family": IMPORT_PATH, "hyperparameters": {"steps": 30, **hp}},
-        inputs=[data],
-        seed=5,
-        limits={"max_wall_s": 120},
-        checkpoint={"every_steps": every},
-        outputs={"dir": str(out)},
-    )
+@dataclass(frozen=True)
+class Reference:
+    """The toy job trained (no checkpoints) and its model scoring the data, both through ``LocalRunner``."""
+
+    train: JobResult
+    predictions: Path
 
 
-def _infer(out: Path, data: DatasetRef, model_dir: Path) -> JobSpec:
-    return JobSpec(
-        kind="infer",
-        model={"family": IMPORT_PATH},
-        inputs=[data, DatasetRef.from_path(model_dir, role="model")],
-        outputs={"dir": str(out)},
-    )
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, data: DatasetRef) -> Reference:
+    tmp = tmp_path_factory.mktemp("local")
+    with LocalRunner(tmp / "jobs", env=ENV) as local:
+        want = local.result(local.submit(train_spec(data, tmp / "model", every=0)), timeout=120)
+        scores = local.result(local.submit(infer_spec(data, tmp / "scores", tmp / "model")), timeout=120)
+    assert want.state == scores.state == JobState.SUCCEEDED, want.error or scores.error
+    return Reference(want, tmp / "scores" / "predictions.parquet")
 
 
 def _runner(url: str, root: Path, **kw: object) -> AgentRunner:
     return AgentRunner(url, SecretStr(TOKEN), workdir_root=root, **kw)  # type: ignore[arg-type]
 
 
-def _wait(what: str, cond, timeout: float = 90.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def test_agent_job_equals_local_job(
-    tmp_path: Path, data: DatasetRef, agent: AgentProcess, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    data: DatasetRef,
+    agent: AgentProcess,
+    reference: Reference,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    local_spec = _train(tmp_path / "local-model", data)
-    with LocalRunner(tmp_path / "local", env=ENV) as local:
-        want = local.result(local.submit(local_spec), timeout=120)
-        want_scores = local.result(
-            local.submit(_infer(tmp_path / "local-scores", data, tmp_path / "local-model")), timeout=120
-        )
-    assert want.state == want_scores.state == JobState.SUCCEEDED, want.error or want_scores.error
-
+    want = reference.train
     rec = Recorder()
     lines: list[str] = []
-    spec = _train(tmp_path / "agent-model", data, every=10)
+    spec = train_spec(data, tmp_path / "agent-model")  # a checkpoint every 10 steps
+    data_blob = f"/v1/blobs/{data.files[0].sha256}"
     with _runner(agent.url, tmp_path / "remote", transport=rec, on_log=lines.append) as runner:
         assert isinstance(runner, JobRunner)
         job_id = runner.submit(spec)
@@ -128,20 +111,18 @@ def test_agent_job_equals_local_job(
         st = runner.status(job_id)
         ckpt_dir = runner.checkpoint_dir(job_id)
         node = runner.health()["node"]
-        first_puts = rec.count("PUT", "/v1/blobs/")
-
-        # the same data again (another job, another output dir): HEAD says it is there, nothing is re-sent
-        again = runner.result(runner.submit(_train(tmp_path / "agent-model-2", data)), timeout=120)
-        assert rec.count("PUT", "/v1/blobs/") == first_puts
+        assert rec.count("PUT", "/v1/blobs/") == len(data.files) == 1
+        # inference with the model that came back (another job): the dataset is held already, HEAD says so and
+        # it is not sent again; only the model's files are uploaded
         scores = runner.result(
-            runner.submit(_infer(tmp_path / "agent-scores", data, tmp_path / "agent-model")), timeout=120
+            runner.submit(infer_spec(data, tmp_path / "agent-scores", tmp_path / "agent-model")), timeout=120
         )
+    assert rec.count("PUT", data_blob) == 1 and rec.count("HEAD", data_blob) >= 2
+    assert rec.count("PUT", "/v1/blobs/") == 1 + len(list((tmp_path / "agent-model").iterdir()))
 
     assert res.state == JobState.SUCCEEDED, res.error
     assert res.job_id == job_id and res.spec_hash == spec.spec_hash == want.spec_hash
     assert res.metrics == pytest.approx(want.metrics, rel=1e-5)
-    assert again.state == JobState.SUCCEEDED and again.metrics == pytest.approx(want.metrics, rel=1e-5)
-    assert first_puts == len(data.files) == 1 and rec.count("HEAD", "/v1/blobs/") >= 2
     # artifacts: local absolute paths, each verified, and the artifact loads with its manifest digest
     out = (tmp_path / "agent-model").resolve()
     assert set(res.artifacts) == {str(p) for p in out.iterdir()} and len(res.artifacts) >= 2
@@ -165,14 +146,14 @@ def test_agent_job_equals_local_job(
     pred = tmp_path / "agent-scores" / "predictions.parquet"
     assert list(scores.artifacts) == [str(pred.resolve())]
     got = pq.read_table(pred)["prediction"].to_numpy()
-    exp = pq.read_table(tmp_path / "local-scores" / "predictions.parquet")["prediction"].to_numpy()
+    exp = pq.read_table(reference.predictions)["prediction"].to_numpy()
     assert got == pytest.approx(exp, rel=1e-5, abs=1e-6)
     # the token never shows up in a repr or a log line
     assert TOKEN not in repr(runner) and TOKEN not in caplog.text
 
 
 def test_auth_reachability_and_blob_uploads(tmp_path: Path, agent: AgentProcess) -> None:
-    spec = _train(tmp_path / "m", DatasetRef.from_path(write_toy_dataset(tmp_path / "d.parquet")))
+    spec = train_spec(DatasetRef.from_path(write_toy_dataset(tmp_path / "d.parquet")), tmp_path / "m")
 
     wrong = AgentRunner(agent.url, SecretStr("not-the-token-0123456789"), workdir_root=tmp_path / "w")
     with wrong, pytest.raises(AgentAuthError) as auth:
@@ -219,10 +200,27 @@ def test_auth_reachability_and_blob_uploads(tmp_path: Path, agent: AgentProcess)
 
 
 def test_tampered_artifacts_fail_verification(tmp_path: Path, data: DatasetRef, agent: AgentProcess) -> None:
+    spec = train_spec(data, tmp_path / "tampered", every=0)
     with _runner(agent.url, tmp_path / "remote") as runner:
-        job_id = runner.submit(_train(tmp_path / "tampered", data))
-        _wait("the job to finish", lambda: runner.status(job_id).state.terminal)
+        job_id = runner.submit(spec)
+        wait_for("the job to finish", lambda: runner.status(job_id).state.terminal)
         assert runner.status(job_id).state == JobState.SUCCEEDED
+
+        # bytes corrupted on the way: another client of the same job (its id and spec: the agent's finished job,
+        # not a new one) downloads weights that do not match the manifest
+        rec = Recorder(corrupt=WEIGHTS)
+        moved = spec.model_copy(
+            update={"outputs": spec.outputs.model_copy(update={"dir": str(tmp_path / "in-transit")})}
+        )
+        with _runner(agent.url, tmp_path / "remote2", transport=rec) as other:
+            assert other.submit(moved, job_id=job_id) == job_id
+            res = other.result(job_id, timeout=120)
+        assert (res.state, res.failure) == (JobState.FAILED, FailureKind.VERIFY), res.error
+        assert (
+            "does not match" in (res.error or "") and rec.count("GET", f"/v1/jobs/{job_id}/artifacts/") >= 2
+        )
+        assert not [p for p in (tmp_path / "in-transit").rglob("*") if p.is_file()]
+
         # the node changes its output after the worker hashed it
         (weights,) = [p for p in agent.data_dir.rglob(WEIGHTS) if job_id in p.parts]
         raw = bytearray(weights.read_bytes())
@@ -234,27 +232,21 @@ def test_tampered_artifacts_fail_verification(tmp_path: Path, data: DatasetRef, 
     assert res.attempts[-1].failure == FailureKind.VERIFY
     assert not [p for p in (tmp_path / "tampered").rglob("*") if p.is_file()]
 
-    # bytes corrupted on the way: the download does not match the manifest
-    rec = Recorder(corrupt=WEIGHTS)
-    with _runner(agent.url, tmp_path / "remote2", transport=rec) as runner:
-        res = runner.result(runner.submit(_train(tmp_path / "in-transit", data, lr=0.02)), timeout=120)
-    assert (res.state, res.failure) == (JobState.FAILED, FailureKind.VERIFY), res.error
-    assert "does not match" in (res.error or "")
-    assert not [p for p in (tmp_path / "in-transit").rglob("*") if p.is_file()]
 
-
-def test_killed_agent_is_lost_and_the_job_resumes_elsewhere(tmp_path: Path, data: DatasetRef) -> None:
-    spec = _train(tmp_path / "model", data, every=10)
+def test_killed_agent_is_lost_and_the_job_resumes_elsewhere(
+    tmp_path: Path, data: DatasetRef, agent: AgentProcess, reference: Reference
+) -> None:
+    spec = train_spec(data, tmp_path / "model")  # a checkpoint every 10 steps
     node_a = _start_agent(tmp_path / "agent-a", env={"TOY_PAUSE_AT_STEP": "20"})
     try:
         with _runner(node_a.url, tmp_path / "remote-a", name="a", heartbeat_timeout_s=2.0, poll_s=0.1) as a:
             job_id = a.submit(spec)
-            _wait(
+            wait_for(
                 "the step-20 checkpoint to be mirrored",
                 lambda: (d := a.checkpoint_dir(job_id)) is not None and (d / "ckpt-000000020.json").exists(),
             )
             node_a.kill()  # the node vanishes with its worker
-            _wait("the job to be declared lost", lambda: a.status(job_id).state == JobState.FAILED, 30)
+            wait_for("the job to be declared lost", lambda: a.status(job_id).state == JobState.FAILED, 30)
             st = a.status(job_id)
             lost = a.result(job_id, timeout=30)
             ckpt_dir = a.checkpoint_dir(job_id)
@@ -269,38 +261,36 @@ def test_killed_agent_is_lost_and_the_job_resumes_elsewhere(tmp_path: Path, data
     resumed = spec.model_copy(
         update={"checkpoint": spec.checkpoint.model_copy(update={"resume_from": str(ckpt_dir)})}
     )
-    node_b = _start_agent(tmp_path / "agent-b")
-    try:
-        with _runner(node_b.url, tmp_path / "remote-b", name="b") as b:
-            assert b.submit(resumed, job_id=job_id, attempt=2) == job_id
-            res = b.result(job_id, timeout=120)
-            text = b.logs(job_id)[0]
-    finally:
-        node_b.close()
+    with _runner(agent.url, tmp_path / "remote-b", name="b") as b:  # another node: the module's agent
+        assert b.submit(resumed, job_id=job_id, attempt=2) == job_id
+        res = b.result(job_id, timeout=120)
+        text = b.logs(job_id)[0]
     assert res.state == JobState.SUCCEEDED, res.error
     assert "resumed from step 20" in text
     assert res.spec_hash == spec.spec_hash and res.attempts[-1].runner == "b"
-    with LocalRunner(tmp_path / "local", env=ENV) as local:  # the uninterrupted run
-        want = local.result(local.submit(_train(tmp_path / "local-model", data)), timeout=120)
-    assert res.metrics == pytest.approx(want.metrics, rel=1e-5)
+    assert res.metrics == pytest.approx(reference.train.metrics, rel=1e-5)  # as the uninterrupted run
 
 
 def test_stalled_worker_is_lost(tmp_path: Path, data: DatasetRef, agent: AgentProcess) -> None:
     with _runner(agent.url, tmp_path / "remote", heartbeat_timeout_s=2.0, poll_s=0.1) as runner:
-        job_id = runner.submit(_train(tmp_path / "model", data, sleep_s=0.2))
-        _wait("the job to run", lambda: runner.status(job_id).step >= 1)
+        job_id = runner.submit(train_spec(data, tmp_path / "model", sleep_s=0.2))
+        wait_for("the job to run", lambda: runner.status(job_id).step >= 1)
         workers = agent.worker_pids()
         assert workers
         for pid in workers:  # the agent answers, but the job's heartbeat stops moving
             os.kill(pid, signal.SIGSTOP)
         try:
-            _wait("the job to be declared lost", lambda: runner.status(job_id).state == JobState.FAILED, 30)
+            wait_for(
+                "the job to be declared lost", lambda: runner.status(job_id).state == JobState.FAILED, 30
+            )
             st = runner.status(job_id)
             res = runner.result(job_id, timeout=10)
         finally:
             for pid in workers:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
+            # the agent still runs the job the runner gave up on: end it (the agent is shared by the module)
+            httpx.post(f"{agent.url}/v1/jobs/{job_id}/cancel", headers={"Authorization": f"Bearer {TOKEN}"})
     assert "heartbeat has not moved" in (st.message or "") and st.step >= 1
     assert (res.state, res.failure) == (JobState.FAILED, FailureKind.INFRA)
     assert (res.error or "").startswith("heartbeat lost")

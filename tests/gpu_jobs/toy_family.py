@@ -2,6 +2,9 @@
 
 It trains a 4-16-1 MLP with dropout (so the global torch RNG matters on resume) on columns x0..x3 → y, drawing
 batches from its own ``torch.Generator``, and checkpoints model + optimizer + generator + global RNGs + step.
+The optimizer is a few lines of Adam (:class:`ToyAdam`) rather than ``torch.optim``: constructing any
+``torch.optim`` optimizer imports ``torch._dynamo``, about 2 s of CPU in every worker process, which the many
+toy jobs of the suite would pay again and again.
 
 Knobs (hyperparameters): ``steps``, ``batch_size``, ``lr``, ``crash_at_step`` (raise there), ``sleep_s`` (sleep
 after every step). Environment: ``TOY_PAUSE_AT_STEP=k`` sleeps for a long time after step k (after its
@@ -51,6 +54,39 @@ def _load_xy(files: list[Path], device: torch.device) -> tuple[torch.Tensor, tor
     return x.to(device), y.to(device)
 
 
+class ToyAdam:
+    """Adam (Kingma & Ba, no weight decay) over ``params``, with a checkpointable ``state_dict``."""
+
+    def __init__(self, params: list[nn.Parameter], lr: float, betas: tuple[float, float] = (0.9, 0.999)):
+        self.params, self.lr, self.betas, self.eps = params, lr, betas, 1e-8
+        self.t = 0
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        b1, b2 = self.betas
+        self.t += 1
+        for p, m, v in zip(self.params, self.m, self.v, strict=True):
+            assert p.grad is not None
+            m.mul_(b1).add_(p.grad, alpha=1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            denom = (v / (1 - b2**self.t)).sqrt_().add_(self.eps)
+            p.addcdiv_(m, denom, value=-self.lr / (1 - b1**self.t))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"t": self.t, "m": list(self.m), "v": list(self.v)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.t = int(state["t"])
+        self.m = [x.to(p.device).clone() for x, p in zip(state["m"], self.params, strict=True)]
+        self.v = [x.to(p.device).clone() for x, p in zip(state["v"], self.params, strict=True)]
+
+
 class ToyFamily:
     name = "toy"
 
@@ -59,7 +95,7 @@ class ToyFamily:
         steps, bs = int(hp.get("steps", 40)), int(hp.get("batch_size", 32))
         x, y = _load_xy(ctx.inputs, ctx.device)
         model = _model().to(ctx.device)
-        opt = torch.optim.Adam(model.parameters(), lr=float(hp.get("lr", 0.01)))
+        opt = ToyAdam(list(model.parameters()), lr=float(hp.get("lr", 0.01)))
         gen = torch.Generator().manual_seed(ctx.spec.seed)
         step = 0
         state = ctx.checkpointer.restore()
@@ -118,3 +154,28 @@ class ToyFamily:
         out = Path(ctx.spec.outputs.dir) / "predictions.parquet"
         pq.write_table(pa.table({"prediction": pred}), out)
         return InferOutput(output=out, rows=len(pred))
+
+
+EVAL_IMPORT_PATH = "tests.gpu_jobs.toy_family:EvalToy"
+LIE_ENV = "DEPIN_TEST_LIE"
+
+
+class EvalToy(ToyFamily):
+    """The toy family plus ``evaluate`` (mse of the artifact's model on the inputs), so untrusted toy results
+    get the hold-out check. With ``DEPIN_TEST_LIE=1`` in its environment it reports the honest metrics but ships
+    perturbed weights — a node whose models lie."""
+
+    def train(self, ctx: JobContext) -> TrainOutput:
+        out = super().train(ctx)
+        if os.environ.get(LIE_ENV) == "1":
+            out.state_dict = {k: v + 0.5 for k, v in out.state_dict.items()}
+        return out
+
+    def evaluate(self, model_dir: Path, inputs: list[Path]) -> dict[str, Any]:
+        art = load_artifact(model_dir)
+        model = _model()
+        model.load_state_dict(art.state_dict)
+        model.eval()
+        x, y = _load_xy(inputs, torch.device("cpu"))
+        with torch.no_grad():
+            return {"mse": nn.functional.mse_loss(model(x), y).item()}

@@ -1,4 +1,4 @@
-"""Fixtures for the worker-agent tests: a real agent process on loopback and raw httpx clients."""
+"""Fixtures for the worker-agent tests: the session's agent process on loopback and raw httpx clients."""
 
 from __future__ import annotations
 
@@ -9,18 +9,13 @@ import pytest
 
 from gpu_jobs.agent.process import AgentProcess
 from gpu_jobs.spec import DatasetRef
-from tests.gpu_jobs.agent.helpers import ENV, TOKEN, auth
-from tests.gpu_jobs.toy_family import write_toy_dataset
+from tests.gpu_jobs.agent.helpers import auth
+from tests.gpu_jobs.support import toy_data
 
 
-@pytest.fixture(scope="module")
-def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
-    proc = AgentProcess(tmp_path_factory.mktemp("agent"), TOKEN, env=ENV, max_parallel=2)
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.close()
+@pytest.fixture()
+def agent(worker_agent: AgentProcess) -> AgentProcess:
+    return worker_agent
 
 
 @pytest.fixture()
@@ -31,5 +26,5 @@ def client(agent: AgentProcess) -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> DatasetRef:
-    root = tmp_path_factory.mktemp("data")
-    return DatasetRef.from_path(write_toy_dataset(root / "toy" / "part-0.parquet").parent)
+    """Toy data of its own (seed 1): test_api's first job finds its blob missing on the shared agent."""
+    return toy_data(tmp_path_factory.mktemp("toy"), seed=1)

@@ -1,9 +1,9 @@
-"""Helpers for the worker-agent tests: tokens, toy specs, uploads, polling."""
+"""Helpers for the worker-agent tests: the token, raw HTTP uploads and job polling (toy specs and job ids come
+from ``tests.gpu_jobs.support``)."""
 
 from __future__ import annotations
 
 import hashlib
-import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -11,32 +11,24 @@ from typing import Any
 import httpx
 import pytest
 
-from gpu_jobs.spec import DatasetRef, JobSpec
-from tests.gpu_jobs.toy_family import IMPORT_PATH
+from gpu_jobs.spec import JobSpec
+from tests.gpu_jobs.support import ENV, TOKEN, new_job_id, train_spec
 
-REPO = Path(__file__).resolve().parents[3]
-ENV = {"PYTHONPATH": str(REPO)}
-TOKEN = "agent-test-" + secrets.token_hex(12)
+__all__ = [
+    "ENV",
+    "TOKEN",
+    "auth",
+    "new_job_id",
+    "terminal",
+    "train_spec",
+    "upload",
+    "upload_inputs",
+    "wait_job",
+]
 
 
 def auth(token: str = TOKEN) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-def new_job_id(spec: JobSpec) -> str:
-    return f"{spec.spec_hash[:12]}-{secrets.token_hex(4)}"
-
-
-def train_spec(data: DatasetRef, out: Path, **hp: Any) -> JobSpec:
-    return JobSpec(
-        kind="train",
-        model={"family": IMPORT_PATH, "hyperparameters": {"steps": 30, **hp}},
-        inputs=[data],
-        seed=5,
-        limits={"max_wall_s": 120},
-        checkpoint={"every_steps": 10, "keep_last": 2},
-        outputs={"dir": str(out)},
-    )
 
 
 def upload(client: httpx.Client, data: bytes) -> httpx.Response:
@@ -63,7 +55,7 @@ def wait_job(client: httpx.Client, job_id: str, until: Any, timeout: float = 120
         if time.monotonic() > deadline:
             logs = client.get(f"/v1/jobs/{job_id}/logs").json()["text"]
             pytest.fail(f"job {job_id} stuck at {doc}; log:\n{logs[-3000:]}")
-        time.sleep(0.1)
+        time.sleep(0.05)
 
 
 def terminal(doc: dict[str, Any]) -> bool:

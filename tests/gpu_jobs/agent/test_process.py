@@ -1,5 +1,6 @@
-"""The agent process's lifecycle: a lost node (SIGKILL) leaves no job workers behind; a restart reports the
-interrupted job FAILED(infra) instead of leaving it RUNNING forever."""
+"""The agent process's lifecycle: a lost node (SIGKILL) leaves no job workers behind, nor does an agent that dies
+alone (its workers stop themselves); a restart reports the interrupted job FAILED(infra) instead of leaving it
+RUNNING forever; a graceful stop cancels running jobs."""
 
 from __future__ import annotations
 
@@ -56,10 +57,13 @@ def _start_paused_job(agent: AgentProcess, data: DatasetRef, tmp_path: Path) -> 
     return client, job_id
 
 
-def test_kill_takes_the_workers_down_with_the_agent(data: DatasetRef, tmp_path: Path) -> None:
+def test_a_lost_agent_leaves_no_workers_and_a_restart_reports_the_interrupted_job(
+    data: DatasetRef, tmp_path: Path
+) -> None:
     agent = AgentProcess(tmp_path / "agent", TOKEN, env={**ENV, "TOY_PAUSE_AT_STEP": "3"})
     with agent:
-        client, _ = _start_paused_job(agent, data, tmp_path)
+        # kill(): the agent and its workers go down together (a lost node)
+        client, killed_id = _start_paused_job(agent, data, tmp_path)
         client.close()
         workers = agent.worker_pids()
         assert len(workers) == 1
@@ -70,32 +74,29 @@ def test_kill_takes_the_workers_down_with_the_agent(data: DatasetRef, tmp_path: 
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{agent.url}/v1/health", headers=auth(), timeout=5)
 
-
-def test_workers_stop_themselves_when_the_agent_dies(data: DatasetRef, tmp_path: Path) -> None:
-    agent = AgentProcess(tmp_path / "agent", TOKEN, env={**ENV, "TOY_PAUSE_AT_STEP": "3"})
-    with agent:
-        client, job_id = _start_paused_job(agent, data, tmp_path)
-        client.close()
-        workers = agent.worker_pids()
-        assert agent.proc is not None and len(workers) == 1
-        agent.proc.kill()  # the agent alone: its worker notices it was orphaned
-        agent.proc.wait()
-        assert _wait_gone(workers) == []
-
         agent.start()  # same data directory: the interrupted job is reported, not left RUNNING
         with httpx.Client(base_url=agent.url, headers=auth(), timeout=30) as client:
-            doc = wait_job(client, job_id, terminal, timeout=30)
+            doc = wait_job(client, killed_id, terminal, timeout=30)
             assert doc["status"]["state"] == "FAILED", doc
-            result = client.get(f"/v1/jobs/{job_id}/result").json()["result"]
+            result = client.get(f"/v1/jobs/{killed_id}/result").json()["result"]
             assert result["failure"] == "infra"
             spec = train_spec(data, tmp_path / "m", steps=10)
-            again = {"job_id": job_id, "attempt": 2, "spec": spec.model_dump(mode="json")}
+            again = {"job_id": killed_id, "attempt": 2, "spec": spec.model_dump(mode="json")}
             r = client.post("/v1/jobs", json=again)
             assert r.status_code == 200 and r.json() == {
-                "job_id": job_id,
+                "job_id": killed_id,
                 "state": "FAILED",
                 "created": False,
             }
+
+        # the agent alone dies: its worker notices it was orphaned and stops itself
+        client, _ = _start_paused_job(agent, data, tmp_path)
+        client.close()
+        workers = agent.worker_pids()
+        assert agent.proc is not None and len(workers) == 1
+        agent.proc.kill()
+        agent.proc.wait()
+        assert _wait_gone(workers) == []
 
 
 def test_stop_cancels_running_jobs(data: DatasetRef, tmp_path: Path) -> None:

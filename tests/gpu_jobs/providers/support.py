@@ -6,8 +6,8 @@ from pydantic import SecretStr
 
 from gpu_jobs.providers import Bootstrap
 from gpu_jobs.spec import JobKind, JobSpec, Limits, ModelSpec, Outputs, Resources
+from tests.gpu_jobs.support import TOKEN  # the session worker_agent's token
 
-TOKEN = "agent-token-0123456789abcdef"
 JOB_ID = "0123456789ab-89abcdef"
 
 

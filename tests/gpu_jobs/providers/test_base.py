@@ -66,6 +66,14 @@ def test_choose_offer_breaks_ties_by_reliability() -> None:
     assert choose_offer(offers, make_spec()).offer_id == "y"
 
 
+def test_choose_offer_skips_machines_rentable_for_less_than_the_deadline() -> None:
+    # Vast offers say how long the machine may be rented (`duration`, s); the job needs limits.max_wall_s
+    offers = [offer("short", 0.10, max_duration_s=1800.0), offer("long", 0.30, max_duration_s=86400.0)]
+    assert choose_offer(offers, make_spec(max_wall_s=3600.0)).offer_id == "long"
+    assert choose_offer(offers, make_spec(max_wall_s=600.0)).offer_id == "short"
+    assert choose_offer(offers[:1], make_spec(max_wall_s=3600.0)) is None
+
+
 def test_worker_names_round_trip() -> None:
     name = worker_name(JOB_ID, 2)
     assert name == f"depin-{JOB_ID}-2"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,10 +28,9 @@ def nodes_file(tmp_path: Path) -> Path:
     return tmp_path / ".depin" / "workers.json"
 
 
-@pytest.fixture(scope="module")
-def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
-    with AgentProcess(tmp_path_factory.mktemp("agent"), TOKEN) as a:
-        yield a
+@pytest.fixture()
+def agent(worker_agent: AgentProcess) -> AgentProcess:
+    return worker_agent
 
 
 def cli() -> typer.Typer:
