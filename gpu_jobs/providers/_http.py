@@ -32,6 +32,15 @@ class ApiError(PermanentError):
         self.status, self.detail = status, detail
 
 
+def _field_error(item: Any) -> str:
+    """One FastAPI validation error as ``field.path: message`` (the ``body``/``query`` root dropped)."""
+    if not isinstance(item, dict):
+        return str(item)
+    loc = [str(p) for p in item.get("loc") or [] if p not in ("body", "query", "path")]
+    msg = str(item.get("msg") or item)
+    return f"{'.'.join(loc)}: {msg}" if loc else msg
+
+
 def _message(r: httpx.Response, secret: str) -> str:
     """A short, secret-free description of an error body (``detail`` / ``error`` / ``msg`` / text)."""
     try:
@@ -39,8 +48,14 @@ def _message(r: httpx.Response, secret: str) -> str:
     except ValueError:
         text = r.text
     else:
-        if isinstance(doc, dict):
-            text = str(doc.get("detail") or doc.get("error") or doc.get("msg") or doc.get("message") or doc)
+        if isinstance(doc, dict) and isinstance(doc.get("detail"), list):  # FastAPI 422: [{loc, msg}]
+            text = "; ".join(_field_error(e) for e in doc["detail"])
+        elif isinstance(doc, dict):
+            code, msg = doc.get("error"), doc.get("msg") or doc.get("message")
+            if not doc.get("detail") and isinstance(code, str) and isinstance(msg, str) and msg:
+                text = msg if code in msg else f"{code}: {msg}"  # Vast: {"error": code, "msg": text}
+            else:
+                text = str(doc.get("detail") or code or msg or doc)
         else:
             text = str(doc)
     text = " ".join(text.split())[:300]
