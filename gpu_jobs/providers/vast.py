@@ -1,33 +1,40 @@
 """Vast.ai: rent an on-demand instance of a stock PyTorch image whose on-start script runs our agent.
 
-REST API v0 (``https://console.vast.ai/api/v0``, ``Authorization: Bearer <key>``), as the ``vast-ai/vast-cli``
-client calls it:
+The endpoints and bodies are those of Vast's official client (PyPI ``vastai`` 1.9, ``vastai/api/*.py``), on the
+server root ``https://console.vast.ai`` (``…/api/v0`` is accepted too), ``Authorization: Bearer <key>``:
 
-- offers: ``POST /bundles/`` with filters ``{"verified": {"eq": true}, "external": {"eq": false}, "rentable":
-  {"eq": true}, "rented": {"eq": false}, "num_gpus": {"gte": n}, "gpu_ram": {"gte": MB}, "order":
+- offers: ``POST /api/v0/bundles/`` with filters ``{"verified": {"eq": true}, "external": {"eq": false},
+  "rentable": {"eq": true}, "rented": {"eq": false}, "num_gpus": {"gte": n}, "gpu_ram": {"gte": MB}, "order":
   [["dph_total", "asc"]], "type": "on-demand", "limit", "allocated_storage"}`` → ``{"offers": [...]}``
-  (``id``, ``machine_id``, ``gpu_name``, ``num_gpus``, ``gpu_ram`` MB, ``dph_total`` $/h, ``reliability2``,
-  ``geolocation``);
-- launch: ``PUT /asks/{offer_id}/`` ``{"client_id": "me", "image", "env", "price", "disk", "label",
-  "onstart", "runtype", …}`` → ``{"success": true, "new_contract": instance_id}``. ``env`` is vast-cli's
-  parsed form: ``{"DEPIN_AGENT_TOKEN": …, "-p 8900:8900": "1"}`` (the ``-p`` key exposes the agent port);
-- status: ``GET /instances/{id}/?owner=me`` → ``{"instances": {...} | null}`` (``actual_status``,
+  (``id``, ``machine_id``, ``gpu_name``, ``num_gpus``, ``gpu_ram`` MB, ``dph_total`` $/h, ``reliability``,
+  ``geolocation``, ``duration`` s);
+- launch: ``PUT /api/v0/asks/{offer_id}/`` with the client's ``create_instance`` body (``client_id: "me"``,
+  ``image``, ``env``, ``price: null`` = on-demand, ``disk``, ``label``, ``onstart``, ``runtype``, …) →
+  ``{"success": true, "new_contract": instance_id}``. ``env`` is the client's parsed form:
+  ``{"DEPIN_AGENT_TOKEN": …, "-p 8900:8900": "1"}`` (the ``-p`` key exposes the agent port). Refusals
+  (``{"error", "msg", "ask_id"}``): 400 ``invalid_args`` / ``invalid_price`` / ``no_ssh_key_for_vm`` → a
+  ``ConfigError`` with Vast's message; 404 / 410 ``no_such_ask`` (the offer is gone) → ``NoCapacity``, quote
+  again; 403 (e.g. "Offer … is not your own") → ``PermanentError`` (the offer, not the key);
+- status: ``GET /api/v0/instances/{id}/?owner=me`` → ``{"instances": {...} | null}`` (``actual_status``,
   ``intended_status``, ``status_msg``, ``public_ipaddr``, ``ports`` = ``{"8900/tcp": [{"HostIp",
   "HostPort"}]}``); the agent is ``http://<public_ipaddr>:<HostPort of 8900/tcp>``;
-- ours: ``GET /instances/?owner=me`` → ``{"instances": [...]}``, filtered by ``label``;
-- destroy: ``DELETE /instances/{id}/``.
+- ours: ``GET /api/v1/instances/`` in keyset pages (``limit`` 25, ``order_by`` by id, ``after_token`` =
+  the previous ``next_token``) with a server-side ``select_filters`` on ``label``; an API without v1 (404)
+  is listed through ``GET /api/v0/instances/?owner=me`` instead;
+- destroy: ``DELETE /api/v0/instances/{id}/`` (404 = already gone).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+import re
+from typing import Any, NoReturn
 
 import httpx
 from pydantic import SecretStr
 
-from depin_core.errors import PermanentError, TransientError
+from depin_core.errors import ConfigError, PermanentError, TransientError
 from gpu_jobs.providers._http import ApiError
 from gpu_jobs.providers._market import MarketProvider
 from gpu_jobs.providers.base import (
@@ -43,10 +50,43 @@ from gpu_jobs.spec import JobSpec
 
 log = logging.getLogger(__name__)
 
-DEFAULT_URL = "https://console.vast.ai/api/v0"
+DEFAULT_URL = "https://console.vast.ai"  # the official client's server root (VAST_URL)
 KEY_ENV = "DEPIN_VAST_API_KEY"
-RUNTYPE = "ssh_direc ssh_proxy"  # vast-cli's --ssh --direct: the on-start script runs, ports map directly
+# the client's ssh=True, direct=True (resolve_runtype): the on-start script runs, ports map directly
+RUNTYPE = "ssh_direc ssh_proxy"
+PAGE_LIMIT = 25  # the v1 instance list's largest page
+MAX_PAGES = 400  # 10,000 instances; a list that never ends is an API fault, not a reason to loop forever
 _FAILED = {"exited", "offline", "dead", "failed"}
+_API_SUFFIX = re.compile(r"/api/v\d+/?$")
+_CONFIG_HINTS = {
+    "invalid_price": "the price must be between 0.001 and 128 $/h",
+    "no_ssh_key_for_vm": "the offer is a VM, which needs an SSH key on the Vast account first "
+    "(`vastai create ssh-key`), or choose another offer",
+}
+
+
+def server_root(url: str) -> str:
+    """The server root of a Vast URL: ``https://console.vast.ai`` from itself or from ``…/api/v0`` (the
+    official client's ``VAST_URL`` is the root; older settings here named ``…/api/v0``)."""
+    return _API_SUFFIX.sub("", url.strip().rstrip("/"))
+
+
+def _refusal(r: httpx.Response) -> tuple[str, str]:
+    """``(error code, message)`` of a Vast error body (``{"error", "msg"}``; some send ``message`` or text)."""
+    try:
+        doc = r.json()
+    except ValueError:
+        return "", " ".join(r.text.split())[:300]
+    if not isinstance(doc, dict):
+        return "", str(doc)[:300]
+    msg = doc.get("msg") or doc.get("message") or doc.get("detail") or ""
+    return str(doc.get("error") or ""), " ".join(str(msg).split())[:300]
+
+
+def _label_is(rows: list[dict[str, Any]], filters: dict[str, Any]) -> list[dict[str, Any]]:
+    """``rows`` that pass a label filter of ours (``{"label": {"in": [...]}}``), for the v0 list."""
+    wanted = (filters.get("label") or {}).get("in")
+    return rows if wanted is None else [r for r in rows if r.get("label") in wanted]
 
 
 def agent_url(row: dict[str, Any], port: int) -> str | None:
@@ -90,7 +130,7 @@ class VastProvider(MarketProvider):
     ) -> None:
         super().__init__(
             api_key,
-            base_url,
+            server_root(base_url),
             auth_headers=lambda key: {"Authorization": f"Bearer {key}", "Accept": "application/json"},
             key_hint=KEY_ENV,
             poll_s=poll_s,
@@ -102,6 +142,7 @@ class VastProvider(MarketProvider):
         self.verified_only = verified_only
         self.agent_port = agent_port
         self._ports: dict[str, int] = {}  # instance id → agent port of the launches made here
+        self._v1 = True  # False once the API answered 404 for /api/v1/instances/
 
     # ---- offers ----------------------------------------------------------------------------------------------
     def search_query(self, spec: JobSpec, *, disk_gb: float = 32.0) -> dict[str, Any]:
@@ -124,7 +165,7 @@ class VastProvider(MarketProvider):
 
     def quote(self, spec: JobSpec) -> list[Offer]:
         """On-demand offers that meet ``spec.resources`` (``[]`` when none)."""
-        doc = self._api.json("POST", "/bundles/", json=self.search_query(spec))
+        doc = self._api.json("POST", "/api/v0/bundles/", json=self.search_query(spec))
         rows = (doc.get("offers") if isinstance(doc, dict) else None) or []
         offers = []
         for row in rows:
@@ -136,7 +177,7 @@ class VastProvider(MarketProvider):
 
     def _offer(self, row: dict[str, Any]) -> Offer:
         host = row.get("machine_id") if row.get("machine_id") is not None else row.get("host_id")
-        reliability = row.get("reliability2", row.get("reliability"))
+        reliability = row.get("reliability", row.get("reliability2"))  # the client's Offer has reliability
         return Offer(
             provider=self.name,
             offer_id=str(row["id"]),
@@ -152,19 +193,53 @@ class VastProvider(MarketProvider):
         )
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
-    def _rows(self) -> list[dict[str, Any]]:
-        doc = self._api.json("GET", "/instances/", params={"owner": "me"})
+    def _rows(self, select_filters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Our instances (all pages) that pass ``select_filters`` (Vast's ``{column: {op: value}}``)."""
+        filters = select_filters or {}
+        if self._v1:
+            try:
+                return self._rows_v1(filters)
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+                log.info("vast: %s has no /api/v1/instances/ (404); listing with /api/v0", self._api.base_url)
+                self._v1 = False
+        doc = self._api.json("GET", "/api/v0/instances/", params={"owner": "me"})
         rows = doc.get("instances") if isinstance(doc, dict) else None
-        return [r for r in rows or [] if isinstance(r, dict)]
+        return _label_is([r for r in rows or [] if isinstance(r, dict)], filters)
+
+    def _rows_v1(self, filters: dict[str, Any]) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {
+            "select_filters": json.dumps(filters),
+            "order_by": json.dumps([{"col": "id", "dir": "asc"}]),
+            "limit": PAGE_LIMIT,
+        }
+        rows: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for _ in range(MAX_PAGES):
+            doc = self._api.json("GET", "/api/v1/instances/", params=params)
+            doc = doc if isinstance(doc, dict) else {}
+            rows.extend(r for r in doc.get("instances") or [] if isinstance(r, dict))
+            token = doc.get("next_token")
+            if not token:
+                return rows
+            if str(token) in seen:
+                raise PermanentError(
+                    f"vast: the instance list repeated its page token after {len(rows)} rows"
+                )
+            seen.add(str(token))
+            params["after_token"] = str(token)
+        raise PermanentError(f"vast: the instance list did not end after {MAX_PAGES} pages of {PAGE_LIMIT}")
 
     def find(self, name: str) -> dict[str, Any] | None:
         """Our instance labelled ``name`` (the newest when several), or None."""
-        rows = [r for r in self._rows() if r.get("label") == name]
+        rows = [r for r in self._rows({"label": {"in": [name]}}) if r.get("label") == name]
         return max(rows, key=lambda r: int(r.get("id") or 0)) if rows else None
 
     def launch(self, offer: Offer, bootstrap: Bootstrap, *, name: str) -> Worker:
         """Rent ``offer`` as instance ``name`` running the bootstrap on start; an instance already labelled
-        ``name`` is returned instead (no second rental). ``NoCapacity`` when the offer is gone."""
+        ``name`` is returned instead (no second rental). ``NoCapacity`` when the offer is gone, ``ConfigError``
+        when Vast refuses the request as invalid (400), ``PermanentError`` when it refuses this account (403)."""
         if not is_ours(name):
             raise PermanentError(f"vast: instance name {name!r} must start with 'depin-' (see worker_name)")
         existing = self.find(name)
@@ -180,40 +255,75 @@ class VastProvider(MarketProvider):
                 token=bootstrap.token,
                 offer=offer,
             )
-        body = {
+        body = {  # the official client's create_instance body, with its defaults for what we leave unset
             "client_id": "me",
             "image": bootstrap.image,
             "env": {**bootstrap.env(), f"-p {bootstrap.port}:{bootstrap.port}": "1"},
             "price": None,  # on-demand (a bid price would make it interruptible)
             "disk": bootstrap.disk_gb,
             "label": name,
+            "extra": None,
             "onstart": bootstrap.script(background=True),
-            "runtype": RUNTYPE,
             "image_login": None,
+            "python_utf8": False,
+            "lang_utf8": False,
+            "use_jupyter_lab": False,
+            "jupyter_dir": None,
+            "force": False,
             "cancel_unavail": True,
+            "template_hash_id": None,
+            "user": None,
+            "runtype": RUNTYPE,
         }
+        r = self._api.request(
+            "PUT",
+            f"/api/v0/asks/{offer.offer_id}/",
+            json=body,
+            idempotent=False,
+            ok=(200, 201, 400, 403, 404, 410),
+        )
+        if r.status_code not in (200, 201):
+            self._refused(offer, r, bootstrap)
         try:
-            r = self._api.request("PUT", f"/asks/{offer.offer_id}/", json=body, idempotent=False)
-        except ApiError as exc:
-            if exc.status in (400, 404, 410):
-                raise NoCapacity(
-                    f"vast: offer {offer.offer_id} can no longer be rented ({exc.detail or exc.status}); "
-                    "quote again"
-                ) from None
-            raise
-        doc = r.json()
-        if not doc.get("success", True) or doc.get("new_contract") is None:
+            doc = r.json()
+        except ValueError:
+            doc = {}
+        if not isinstance(doc, dict) or not doc.get("success", True) or doc.get("new_contract") is None:
+            error, msg = _refusal(r)
             raise NoCapacity(
-                f"vast: renting offer {offer.offer_id} failed: {doc.get('msg') or doc.get('error')}"
+                f"vast: renting offer {offer.offer_id} failed: {msg or error or r.text[:200]}; quote again"
             )
         iid = str(doc["new_contract"])
         self._ports[iid] = bootstrap.port
         log.info("vast: rented offer %s as instance %s (%s)", offer.offer_id, iid, name)
         return Worker(provider=self.name, instance_id=iid, name=name, token=bootstrap.token, offer=offer)
 
+    def _refused(self, offer: Offer, r: httpx.Response, bootstrap: Bootstrap) -> NoReturn:
+        """Raise what a refused ``PUT /asks/`` means (see the module doc); Vast's message is kept."""
+        error, msg = _refusal(r)
+        msg = msg.replace(bootstrap.token.get_secret_value(), "***")
+        parts = (  # Vast's msg often starts "error 410/3907: no_such_ask …" already
+            "" if str(r.status_code) in msg else str(r.status_code),
+            "" if not error or error in msg else f"{error}:",
+            msg,
+        )
+        said = " ".join(part for part in parts if part)
+        what = f"vast: renting offer {offer.offer_id} was refused ({said})"
+        if r.status_code in (404, 410) or "no_such_ask" in f"{error} {msg}":
+            raise NoCapacity(f"{what}; the offer is gone: quote again")
+        if r.status_code == 403:
+            raise PermanentError(
+                f"{what}; this account may not rent this offer (not an API-key problem): choose another offer, "
+                "or check the key's permissions if Vast's message names one"
+            )
+        hint = _CONFIG_HINTS.get(
+            error, "check the bootstrap (image, disk >= 8 GB, on-start script) and the label"
+        )
+        raise ConfigError(f"{what}; {hint}")
+
     def instance(self, instance_id: str) -> dict[str, Any] | None:
         """``GET /instances/{id}/?owner=me``: the row, or None when the instance does not exist (any more)."""
-        return self._get_object(f"/instances/{instance_id}/", "instances", params={"owner": "me"})
+        return self._get_object(f"/api/v0/instances/{instance_id}/", "instances", params={"owner": "me"})
 
     def wait_ready(self, worker: Worker, *, timeout_s: float) -> Worker:
         """Poll until the instance runs and its agent answers ``/v1/health`` with the token; the worker with
@@ -239,7 +349,9 @@ class VastProvider(MarketProvider):
     def destroy(self, target: Worker | Instance) -> None:
         """``DELETE /instances/{id}/``; an instance already gone is fine."""
         try:
-            r = self._api.request("DELETE", f"/instances/{target.instance_id}/", json={}, ok=(200, 201, 204))
+            r = self._api.request(
+                "DELETE", f"/api/v0/instances/{target.instance_id}/", json={}, ok=(200, 201, 204)
+            )
         except ApiError as exc:
             if exc.status in (404, 410) or "no_such" in exc.detail or "not found" in exc.detail.lower():
                 return

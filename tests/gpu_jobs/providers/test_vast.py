@@ -1,8 +1,11 @@
 """VastProvider against the fake Vast.ai API (tests/fakes/vast.py): offers, idempotent launch, readiness,
-destroy, the reaper, failures, and secrets kept out of reprs and logs."""
+destroy, the reaper, the v1 instance list (pages, label filter, v0 fallback), Vast's refusals, failures, and
+secrets kept out of reprs and logs. The official client against the same fake:
+tests/e2e/test_official_vastai.py."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,8 +14,10 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from depin_core.errors import PermanentError, TransientError
+from depin_core.errors import ConfigError, PermanentError, TransientError
 from gpu_jobs.providers import NoCapacity, VastProvider, choose_offer, pick_offer, reap, worker_name
+from gpu_jobs.providers.base import Bootstrap
+from gpu_jobs.providers.vast import server_root
 from tests.fakes.vast import FakeVast
 from tests.gpu_jobs.providers.support import JOB_ID, TOKEN, make_bootstrap, make_spec
 
@@ -82,7 +87,9 @@ def test_no_capacity_is_a_clear_error(api: FakeVast, vast: VastProvider) -> None
         NoCapacity, match=r"vast: no offer with >= 1 GPU\(s\) of >= 24 GB .*0 offer\(s\) seen"
     ):
         pick_offer(vast, spec)
-    with pytest.raises(NoCapacity, match="can no longer be rented"):
+    with pytest.raises(
+        NoCapacity, match=r"no_such_ask Instance type 1002 is no longer available.*quote again"
+    ):
         vast.launch(offer, make_bootstrap(), name=worker_name(JOB_ID, 1))
     assert api.launches == 0 and api.instances == {}
 
@@ -131,7 +138,7 @@ def test_a_wrong_api_key_is_a_permanent_error_without_the_key(api: FakeVast) -> 
 
 
 def test_unreachable_api_is_transient() -> None:
-    with VastProvider(SecretStr("k"), "http://127.0.0.1:9/api/v0", poll_s=0.01) as p:
+    with VastProvider(SecretStr("k"), "http://127.0.0.1:9", poll_s=0.01) as p:
         p._api.retries, p._api.backoff_s = 1, 0.01
         with pytest.raises(TransientError, match="cannot connect"):
             p.quote(make_spec())
@@ -161,6 +168,163 @@ def test_retries_honour_retry_after_then_succeed() -> None:
     with VastProvider(SecretStr("k-123"), transport=httpx.MockTransport(handler)) as p:
         assert p.quote(make_spec()) == []
     assert len(calls) == 2
+
+
+def test_the_url_may_be_the_server_root_or_api_v0(api: FakeVast) -> None:
+    # the official client's VAST_URL is the root; settings here used to name …/api/v0: both reach the same API
+    assert server_root("https://console.vast.ai/api/v0/") == server_root("https://console.vast.ai")
+    assert server_root("https://console.vast.ai") == "https://console.vast.ai"
+    for url in (api.server_url, api.base_url, api.base_url + "/"):
+        with VastProvider(SecretStr(api.api_key), url) as p:
+            assert [o.offer_id for o in p.quote(make_spec(min_vram_gb=24))] == ["1002", "1001", "1003"]
+            assert p.instances() == []
+    assert {path for _, path in api.requests} == {"/api/v0/bundles/", "/api/v1/instances/"}
+
+
+def test_instances_are_listed_in_v1_pages_and_found_by_a_server_side_label_filter(
+    api: FakeVast, vast: VastProvider
+) -> None:
+    api.page_limit = 2
+    ours = [api.leak(worker_name(JOB_ID, n)) for n in (1, 2, 3)]
+    api.leak("my-jupyter-box")
+    again = api.leak(worker_name(JOB_ID, 2))  # a newer instance with the same name
+    api.calls.clear()
+    assert sorted(int(i.instance_id) for i in vast.instances()) == sorted([*ours, again])
+    pages = [q for m, path, q in api.calls if path == "/api/v1/instances/"]
+    assert len(pages) == 3  # 5 instances, 2 a page
+    assert "after_token" not in pages[0] and pages[1]["after_token"] != pages[2]["after_token"]
+    assert all(
+        json.loads(q["order_by"]) == [{"col": "id", "dir": "asc"}] and q["limit"] == "25" for q in pages
+    )
+
+    api.calls.clear()
+    assert vast.find(worker_name(JOB_ID, 2))["id"] == again
+    [(_, _, q)] = api.calls  # one page: the server filtered by label
+    assert json.loads(q["select_filters"]) == {"label": {"in": [worker_name(JOB_ID, 2)]}}
+    assert vast.find(worker_name(JOB_ID, 9)) is None
+
+
+def test_an_api_without_v1_is_listed_through_v0(api: FakeVast, vast: VastProvider) -> None:
+    api.v1 = False
+    name = worker_name(JOB_ID, 1)
+    first = vast.launch(pick_offer(vast, make_spec()), make_bootstrap(), name=name)
+    again = vast.launch(pick_offer(vast, make_spec()), make_bootstrap(), name=name)
+    assert first.instance_id == again.instance_id and api.launches == 1
+    api.leak("my-jupyter-box")
+    assert [i.name for i in vast.instances()] == [name]
+    lists = [path for m, path in api.requests if m == "GET" and path.endswith("/instances/")]
+    assert lists == ["/api/v0/instances/"] * 3  # v1 answered 404 once (unrecorded) and is not asked again
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "msg", "raised", "hint"),
+    [
+        (400, "invalid_args", "error 400/3467: Invalid args: 'image' is too long", ConfigError, "bootstrap"),
+        (400, "invalid_price", "error 400: price out of range", ConfigError, "0.001 and 128"),
+        (400, "no_ssh_key_for_vm", "error 400: VM offers need an SSH key", ConfigError, "create ssh-key"),
+        (404, "invalid_args", "error 404/3603: no_such_ask Instance type by id 1002 is not available.",
+         NoCapacity, "quote again"),
+        (410, "no_such_ask", "error 410/3907: no_such_ask Instance type 1002 is no longer available.",
+         NoCapacity, "quote again"),
+        (403, "invalid_args", "error 403/3586: Offer 1002 is not your own. Hosts can only rent their own "
+         "machines.", PermanentError, "not an API-key problem"),
+    ],
+)  # fmt: skip
+def test_a_refused_rent_says_what_vast_said_and_what_it_means(
+    api: FakeVast, vast: VastProvider, status: int, error: str, msg: str, raised: type, hint: str
+) -> None:
+    offer = pick_offer(vast, make_spec())
+    api.ask_error = (status, error, msg)
+    with pytest.raises(raised) as info:
+        vast.launch(offer, make_bootstrap(), name=worker_name(JOB_ID, 1))
+    text = str(info.value)
+    assert msg in text and hint in text and f"offer {offer.offer_id}" in text
+    assert "DEPIN_VAST_API_KEY" not in text  # none of these is a bad key
+    assert type(info.value) is raised or (
+        raised is PermanentError and not isinstance(info.value, ConfigError)
+    )
+    assert not isinstance(info.value, TransientError) or raised is NoCapacity
+    assert api.launches == 0 and api.instances == {}
+
+
+def test_the_fakes_own_refusals_reach_the_caller(api: FakeVast, vast: VastProvider) -> None:
+    offer = pick_offer(vast, make_spec())
+    small = Bootstrap(token=SecretStr(TOKEN), disk_gb=4)
+    with pytest.raises(
+        ConfigError, match=r"\(invalid_args: error 400: Invalid args: disk must be at least 8 GB\)"
+    ):
+        vast.launch(offer, small, name=worker_name(JOB_ID, 1))
+    api.foreign_offers.add(int(offer.offer_id))
+    with pytest.raises(PermanentError, match="is not your own") as info:
+        vast.launch(offer, make_bootstrap(), name=worker_name(JOB_ID, 1))
+    assert not isinstance(info.value, ConfigError | TransientError)
+    gone = offer.model_copy(update={"offer_id": "999"})
+    with pytest.raises(NoCapacity, match="no_such_ask Instance type by id 999 is not available"):
+        vast.launch(gone, make_bootstrap(), name=worker_name(JOB_ID, 1))
+    assert api.launches == 0
+
+
+def test_the_fake_takes_the_official_clients_query_syntax(api: FakeVast) -> None:
+    auth = {"Authorization": f"Bearer {api.api_key}"}
+    query = {  # as vastai's parse_query sends 'num_gpus>=2 gpu_name in [A100_SXM4,RTX_4090]': numbers as strings
+        "verified": {"eq": True},
+        "num_gpus": {"gte": "2"},
+        "gpu_name": {"in": ["A100 SXM4", "RTX 4090"]},
+        "geolocation": {"notin": ["Texas, US"]},
+        "order": [["score", "desc"]],
+        "type": "on-demand",
+        "allocated_storage": 5.0,
+    }
+    r = httpx.post(f"{api.base_url}/bundles/", json=query, headers=auth, timeout=10)
+    assert r.status_code == 200 and [o["id"] for o in r.json()["offers"]] == [1003]
+    query["num_gpus"] = {"lte": "1"}
+    r = httpx.post(f"{api.base_url}/bundles/", json=query, headers=auth, timeout=10)
+    assert [o["id"] for o in r.json()["offers"]] == [1001]
+    r = httpx.post(f"{api.base_url}/bundles/", json={"num_gpus": {"like": 1}}, headers=auth, timeout=10)
+    assert r.status_code == 400 and r.json()["error"] == "invalid_args"
+
+    v1 = f"{api.server_url}/api/v1/instances/"
+    bad = httpx.get(v1, params={"select_filters": '{"dph_total": {"lte": 1}}'}, headers=auth, timeout=10)
+    assert (
+        bad.status_code == 400
+        and bad.json()["error"] == "invalid_request"
+        and "dph_total" in bad.json()["msg"]
+    )
+    first, second = api.leak(worker_name(JOB_ID, 1)), api.leak("other")
+    found = httpx.get(
+        v1, params={"select_filters": json.dumps({"id": {"gte": str(second)}})}, headers=auth, timeout=10
+    )
+    assert [r["id"] for r in found.json()["instances"]] == [second] and found.json()["total_instances"] == 1
+    found = httpx.get(
+        v1, params={"select_filters": '{"label": {"in": [null, "other"]}}'}, headers=auth, timeout=10
+    )
+    assert found.json()["label_counts"] == {"other": 1} and first != second
+    bad = httpx.get(v1, params={"after_token": "not-a-token"}, headers=auth, timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"] == "invalid_token"
+
+
+def test_list_errors_keep_vasts_message_and_a_page_token_loop_stops() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        body = {
+            "error": "invalid_request",
+            "msg": "Error in query parameters: label is not a valid search key",
+        }
+        return httpx.Response(400, json=body)
+
+    with (
+        VastProvider(SecretStr("k"), transport=httpx.MockTransport(refuse)) as p,
+        pytest.raises(PermanentError, match="invalid_request: Error in query parameters: label is not"),
+    ):
+        p.instances()
+
+    def loop(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"instances": [{"id": 1, "label": "x"}], "next_token": "same"})
+
+    with (
+        VastProvider(SecretStr("k"), transport=httpx.MockTransport(loop)) as p,
+        pytest.raises(PermanentError, match="repeated its page token"),
+    ):
+        p.instances()
 
 
 @pytest.mark.e2e
