@@ -12,6 +12,7 @@ from serving.fluence._client import (
     Generation,
     InsufficientBalance,
     NoOffer,
+    NotTerminable,
 )
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "Generation",
     "InsufficientBalance",
     "NoOffer",
+    "NotTerminable",
 ]

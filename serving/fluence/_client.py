@@ -1,17 +1,19 @@
 """HTTP client of the Fluence public API (``https://api.fluence.dev``), both API generations and GPU containers.
 
-Authentication: the API key goes into ``X-API-KEY`` on every request, plus ``Authorization: Bearer <key>`` for
-generation A (``/vms/v3``, marketplace, GPU) and ``Authorization: X-API-KEY <key>`` for generation B (``/v1``,
-``/v2``) — the forms the docs and Fluence's own Terraform provider send. The key is a ``SecretStr`` and never
-appears in a message, a log line or a ``repr``.
+Authentication: the API key goes into the ``X-API-KEY`` header on every request — the ``api_key`` scheme of
+Fluence's published OpenAPI document and the form the current docs show. Generation-B requests (``/v1``,
+``/v2``) also carry ``Authorization: X-API-KEY <key>``, the form the document's introduction shows and that
+Fluence's own Terraform provider sends next to ``X-API-KEY``. No ``Authorization: Bearer`` (that scheme is for
+console JWTs). The key is a ``SecretStr`` and never appears in a message, a log line or a ``repr``.
 
 Errors: transient failures (connection errors, 429, 5xx) are retried with jittered exponential backoff, honouring
 ``Retry-After``; after the last attempt they raise :class:`FluenceUnavailable` (a ``TransientError``). A request
 that may have reached the server (a read timeout, a dropped connection, a 5xx) is re-sent only when it is
 idempotent: creating a VM is not, so the caller must reconcile by name. Other answers raise a
-:class:`FluenceRefused` (a ``PermanentError``) built from the body — generation A's ``{"error": "..."}`` or
-generation B's ``{"code": "...", "error": "..."}`` — with a hint what to do; 422 "No suitable offer found" /
-"Not enough offers found" is :class:`NoOffer`.
+:class:`FluenceRefused` (a ``PermanentError``) built from the body — generation A's ``{"error": "..."}``,
+generation B's ``{"code": "...", "error": "..."}`` or the GPU API's ``{"detail": "..." | [{loc, msg}, ...]}`` —
+with a hint what to do; 422 "No suitable offer found" / "Not enough offers found" is :class:`NoOffer`, an
+insufficient balance (B ``insufficient_balance``, GPU "Insufficient balance ...") :class:`InsufficientBalance`.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ log = logging.getLogger(__name__)
 Generation = Literal["A", "B"]
 DEFAULT_BASE_URL = "https://api.fluence.dev"
 RETRY_STATUS = TRANSIENT_STATUSES | {500}
-_NO_OFFER = ("no suitable offer", "not enough offers")
+_NO_OFFER = ("no suitable offer", "not enough offers", "no longer available")
+_NO_BALANCE = ("insufficient balance", "not enough balance", "insufficient funds")
 
 
 class FluenceError(DepinError):
@@ -74,6 +77,10 @@ class FluenceUnavailable(FluenceError, TransientError):
     """The API could not be reached or kept answering 429/5xx; retrying later may work."""
 
 
+class NotTerminable(FluenceError, TransientError):
+    """The instance is in a status from which it cannot be terminated yet (GPU: only ``ACTIVE`` can)."""
+
+
 _STATUS_CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -85,21 +92,42 @@ _STATUS_CODES = {
 }
 
 
+def _detail_text(detail: Any) -> str:
+    """The GPU API's ``detail``: a string (400 business errors) or FastAPI's ``[{loc, msg}, ...]`` (422)."""
+    if isinstance(detail, list):
+        parts = []
+        for item in detail:
+            if isinstance(item, dict):
+                loc = ".".join(str(p) for p in (item.get("loc") or []) if p != "body")
+                parts.append(f"{loc}: {item.get('msg', '')}" if loc else str(item.get("msg", "")))
+            else:
+                parts.append(str(item))
+        return "; ".join(parts)
+    if isinstance(detail, dict):
+        return str(detail.get("message") or detail.get("msg") or detail)
+    return str(detail)
+
+
 def parse_error(r: httpx.Response) -> tuple[str, str]:
-    """(code, message) of an error answer: ``{"error": "..."}`` (A), ``{"code", "error"}`` (B), or text."""
+    """(code, message) of an error answer: ``{"error": "..."}`` (A), ``{"code", "error"}`` (B),
+    ``{"detail": ...}`` (GPU), or text."""
     try:
         body = r.json()
     except ValueError:
         body = None
+    fallback = _STATUS_CODES.get(r.status_code, "http_error")
     if isinstance(body, dict):
         err = body.get("error")
         if isinstance(err, dict):  # tolerate {"error": {"code", "message"}}
-            return str(err.get("code") or _STATUS_CODES.get(r.status_code, "http_error")), str(
-                err.get("message") or ""
-            )
-        code = body.get("code") or _STATUS_CODES.get(r.status_code, "http_error")
+            return str(err.get("code") or fallback), str(err.get("message") or "")
+        if err is None and "detail" in body:
+            message = _detail_text(body["detail"])
+            if any(m in message.lower() for m in _NO_BALANCE):
+                return "insufficient_balance", message
+            return str(body.get("code") or fallback), message
+        code = body.get("code") or fallback
         return str(code), str(err if err is not None else body.get("message") or "")
-    return _STATUS_CODES.get(r.status_code, "http_error"), r.text[:300].strip()
+    return fallback, r.text[:300].strip()
 
 
 def _fix(status: int, code: str) -> str:
@@ -111,7 +139,7 @@ def _fix(status: int, code: str) -> str:
     if status == 404:
         return "the resource is gone or this account does not have this API generation"
     if code == "insufficient_balance":
-        return "top up the Fluence balance (Console › Billing)"
+        return "top up the Fluence balance (Console › Billing); retrying will not help before that"
     if status == 422:
         return "relax the constraints (configuration, country, max price) or retry later"
     if status in (400, 406, 409):
@@ -128,9 +156,9 @@ def refused(r: httpx.Response, where: str) -> FluenceRefused:
         cls = FluenceAuthError
     elif status == 404:
         cls = FluenceNotFound
-    elif code == "insufficient_balance":
+    elif code == "insufficient_balance" or any(m in message.lower() for m in _NO_BALANCE):
         cls = InsufficientBalance
-    elif status == 422 and any(m in message.lower() for m in _NO_OFFER):
+    elif status in (400, 422) and any(m in message.lower() for m in _NO_OFFER):
         cls = NoOffer
     text = f"{where} refused ({status} {code}): {message or r.reason_phrase}; {_fix(status, code)}"
     return cls(text, status=status, code=code, api_message=message)
@@ -220,24 +248,31 @@ class FluenceClient:
         return self._generation
 
     def detect_generation(self) -> Generation:
-        """``GET /v1/service/status`` answering 200 → "B"; else ``GET /vms/v3`` answering 200 → "A".
+        """The account's generation, by authenticated calls: ``GET /v2/vms`` answering 200 → "B"; else
+        ``GET /vms/v3`` answering 200 → "A". (``GET /v1/service/status`` is public and answers on the shared
+        host for every account, so it says nothing about the account.) ``DEPIN_FLUENCE_GENERATION`` skips this.
 
-        Raises ``FluenceAuthError`` when the key is refused, ``FluenceUnavailable`` when the API cannot be
+        Raises ``FluenceAuthError`` when both refuse the key, ``FluenceUnavailable`` when the API cannot be
         reached, ``FluenceRefused`` when neither generation answers."""
         try:
-            self.request("GET", "/v1/service/status", gen="B")
+            self.request("GET", "/v2/vms", gen="B", params={"perPage": 1})
             return "B"
         except FluenceRefused as exc:
             first = exc
         try:
             self.request("GET", "/vms/v3", gen="A")
             return "A"
-        except FluenceAuthError:
-            raise
         except FluenceRefused as exc:
-            raise FluenceRefused(
-                f"{self.base_url} answers neither API generation (/v1/service/status: {first.status}, /vms/v3: "
-                f"{exc.status}); check DEPIN_FLUENCE_URL (default {DEFAULT_BASE_URL})",
+            auth = isinstance(exc, FluenceAuthError) or isinstance(first, FluenceAuthError)
+            cls: type[FluenceRefused] = FluenceAuthError if auth else FluenceRefused
+            hint = (
+                "check DEPIN_FLUENCE_API_KEY (a full-access key), or set DEPIN_FLUENCE_GENERATION=A|B"
+                if cls is FluenceAuthError
+                else f"check DEPIN_FLUENCE_URL (default {DEFAULT_BASE_URL}) or set DEPIN_FLUENCE_GENERATION=A|B"
+            )
+            raise cls(
+                f"{self.base_url} accepts this key for neither API generation (GET /v2/vms: {first.status} "
+                f"{first.code}, GET /vms/v3: {exc.status} {exc.code}); {hint}",
                 status=exc.status,
                 code=exc.code,
                 api_message=exc.api_message,
@@ -246,8 +281,9 @@ class FluenceClient:
     # ---- transport ---------------------------------------------------------------------------------------------
     def _headers(self, gen: Generation) -> dict[str, str]:
         key = self._key.get_secret_value()
-        auth = f"Bearer {key}" if gen == "A" else f"X-API-KEY {key}"
-        return {"X-API-KEY": key, "Authorization": auth}
+        if gen == "B":
+            return {"X-API-KEY": key, "Authorization": f"X-API-KEY {key}"}
+        return {"X-API-KEY": key}
 
     def request(
         self,
@@ -307,6 +343,20 @@ class FluenceClient:
     def get_json(self, path: str, *, gen: Generation, params: Any = None) -> Any:
         """``GET path`` → decoded JSON."""
         return _json(self.request("GET", path, gen=gen, params=params), path)
+
+    def get_items(self, path: str, *, gen: Generation) -> list[Any]:
+        """``GET path`` of an unpaginated collection: ``{"items": [...]}`` (the current document) or a bare
+        list (older snapshots) → the items."""
+        doc = self.get_json(path, gen=gen)
+        if isinstance(doc, dict) and isinstance(doc.get("items"), list):
+            return list(doc["items"])
+        if isinstance(doc, list):
+            return doc
+        raise FluenceRefused(
+            f'GET {path}: expected {{"items": [...]}} or a list, got {type(doc).__name__}',
+            status=200,
+            code="bad_response",
+        )
 
     def paginate(
         self, path: str, *, gen: Generation, params: dict[str, Any] | None = None, per_page: int = 100

@@ -1,9 +1,17 @@
 """Generation B of the Fluence API: cluster-based ``/v2/vms`` with cloud-init, security groups, hourly prices.
 
-``cloudInit.userData`` is capped at 16 KiB (bytes), accepted only on create and never echoed back; invalid YAML
-shows up as a ``failed`` VM, not a 400. Ports are opened by a security group attached to the VM's interface.
-Lists are paginated (``page`` / ``perPage``); errors are ``{"code", "error"}``. A VM's ``publicIp`` is the id
-of a public-IP resource: :meth:`V2Cluster.get_vm` expands it to get the address.
+Wire shapes follow Fluence's published OpenAPI document (v0.10.0, "Cloudless Labs"):
+
+- ``cloudInit.userData`` is capped at 16 KiB (bytes), accepted only on create and never echoed back; invalid
+  YAML shows up as a ``failed`` VM, not a 400.
+- A new boot disk's ``osImage`` is an image URL (a default image's ``downloadUrl``), not an image id.
+- Ports are opened by a security group attached to the VM's interface. Creating one takes ``ingressRules`` /
+  ``egressRules`` as ARRAYS of rules (or null); the ``{"type": "allow", "rules": [...]}`` / ``{"type":
+  "allowAll"}`` object appears only in answers (and in the update request). Egress is left out: allow all.
+- ``/v1/clusters``, ``/v1/configurations/virtual_machines`` and ``/v1/storages/default_images`` answer
+  ``{"items": [...]}``; older snapshots answered a bare list (and ``dc_id`` for ``dcId``): both are read.
+- Other lists are paginated (``page`` / ``perPage``); errors are ``{"code", "error"}``. A VM's ``publicIp`` is
+  the id of a public-IP resource: :meth:`V2Cluster.get_vm` expands it to get the address.
 """
 
 from __future__ import annotations
@@ -32,8 +40,9 @@ MAX_USER_DATA_BYTES = 16 * 1024
 _EXPAND = {"expand[0]": "publicIp", "expand[1]": "networkInterfaces"}
 
 
-def tcp_ingress(tcp_ports: Iterable[int], *, source: str = "0.0.0.0/0") -> dict[str, Any]:
-    """Security-group rules allowing TCP to each port in ``tcp_ports`` from ``source`` (IPv4 CIDR)."""
+def tcp_ingress(tcp_ports: Iterable[int], *, source: str = "0.0.0.0/0") -> list[dict[str, Any]]:
+    """Security-group rules (``SecurityGroupRuleDto``, the create request's array form) allowing TCP to each
+    port in ``tcp_ports`` from ``source`` (an IPv4 CIDR)."""
     rules = []
     for port in sorted(set(tcp_ports)):
         if not 1 <= int(port) <= 65535:
@@ -45,10 +54,7 @@ def tcp_ingress(tcp_ports: Iterable[int], *, source: str = "0.0.0.0/0") -> dict[
                 "remote": {"address": source},
             }
         )
-    return {"type": "allow", "rules": rules}
-
-
-ALLOW_ALL: dict[str, Any] = {"type": "allowAll"}
+    return rules
 
 
 class V2Cluster:
@@ -66,20 +72,23 @@ class V2Cluster:
 
     # ---- discovery ---------------------------------------------------------------------------------------------
     def service_status(self) -> ServiceStatus:
-        """``GET /v1/service/status`` (also how generation B is detected)."""
+        """``GET /v1/service/status`` (public: maintenance mode and version; says nothing about the account)."""
         return ServiceStatus.model_validate(self._get("/v1/service/status"))
 
     def clusters(self) -> list[Cluster]:
-        """``GET /v1/clusters``."""
-        return [Cluster.model_validate(c) for c in self._get("/v1/clusters")]
+        """``GET /v1/clusters`` (``{"items"}`` or a bare list)."""
+        return [Cluster.model_validate(c) for c in self._c.get_items("/v1/clusters", gen="B")]
 
     def configurations(self) -> list[VmConfiguration]:
-        """``GET /v1/configurations/virtual_machines``: VM sizes."""
-        return [VmConfiguration.model_validate(c) for c in self._get("/v1/configurations/virtual_machines")]
+        """``GET /v1/configurations/virtual_machines``: VM sizes (``{"items"}`` or a bare list)."""
+        items = self._c.get_items("/v1/configurations/virtual_machines", gen="B")
+        return [VmConfiguration.model_validate(c) for c in items]
 
     def default_images(self) -> list[DefaultImage]:
-        """``GET /v1/storages/default_images``."""
-        return [DefaultImage.model_validate(i) for i in self._get("/v1/storages/default_images")]
+        """``GET /v1/storages/default_images`` (``{"items"}`` or a bare list)."""
+        return [
+            DefaultImage.model_validate(i) for i in self._c.get_items("/v1/storages/default_images", gen="B")
+        ]
 
     # ---- SSH keys ----------------------------------------------------------------------------------------------
     def ssh_keys(self) -> list[SshKey]:
@@ -110,7 +119,13 @@ class V2Cluster:
         os_image: str | None = None,
         replicated: bool = False,
     ) -> dict[str, Any]:
-        """An inline boot disk (``CreateUserStorageRequest``; NVME is the only type new storage may have)."""
+        """An inline boot disk (``CreateUserStorageRequest``; NVME is the only type new storage may have).
+        ``os_image`` is the image URL (a default image's ``downloadUrl`` or your own .qcow2/.img/.raw)."""
+        if os_image is not None and not os_image.startswith(("https://", "http://")):
+            raise ConfigError(
+                f"bootDisk.osImage {os_image!r}: Fluence takes an image URL here (a default image's downloadUrl), "
+                "not an image id or slug"
+            )
         disk: dict[str, Any] = {
             "clusterId": cluster_id,
             "name": f"{name}-boot",
@@ -213,18 +228,14 @@ class V2Cluster:
         tcp_ports: Iterable[int],
         source: str = "0.0.0.0/0",
     ) -> SecurityGroup:
-        """``POST /v1/security_groups``: ingress TCP to ``tcp_ports`` from ``source``, egress allowed.
-        Include 22 in ``tcp_ports`` to keep SSH access."""
-        body = {
-            "clusterId": cluster_id,
-            "name": name,
-            "ingressRules": tcp_ingress(tcp_ports, source=source),
-            "egressRules": ALLOW_ALL,
-        }
+        """``POST /v1/security_groups``: ingress TCP to ``tcp_ports`` from ``source``; egress is left out, which
+        allows all. Include 22 in ``tcp_ports`` to keep SSH access."""
+        body = {"clusterId": cluster_id, "name": name, "ingressRules": tcp_ingress(tcp_ports, source=source)}
         return SecurityGroup.model_validate(self._send("POST", "/v1/security_groups", body, idempotent=False))
 
     def delete_security_group(self, security_group_id: str) -> None:
-        """``POST /v1/security_groups/delete`` with ``{"ids"}``. Already gone is not an error."""
+        """``POST /v1/security_groups/delete`` with ``{"ids"}`` (answers the removed groups). Already gone is not
+        an error."""
         try:
             self._send("POST", "/v1/security_groups/delete", {"ids": [security_group_id]}, idempotent=True)
         except FluenceNotFound:

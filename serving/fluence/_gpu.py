@@ -4,6 +4,11 @@ A container gets an image, a start command, environment and ports, and the API r
 external port forwarded to each exposed port. Limits enforced here before sending: at most 10 ports and 64
 environment variables, only port 80 may use ``http``, names ``[a-z0-9-]{1,25}``. Billed hourly, 3 hours charged
 at creation (``pricing.upfront_hours``).
+
+Errors are FastAPI's ``{"detail": ...}``: a string for business errors (400, e.g. "Insufficient balance to
+deploy instance" → ``InsufficientBalance``, permanent) and ``[{loc, msg}, ...]`` for invalid fields (422).
+Only ``ACTIVE`` instances can be terminated (``DELETE`` answers 204): :meth:`GpuContainers.delete` treats
+``ENDED``/``FAILED`` as done and raises ``NotTerminable`` (transient) while the instance is ``INITIALIZED``.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from depin_core.errors import ConfigError
-from serving.fluence._client import FluenceNotFound
+from serving.fluence._client import FluenceNotFound, FluenceRefused, NotTerminable
 from serving.fluence.models import GpuInstance, GpuPlan
 
 if TYPE_CHECKING:
@@ -84,11 +89,31 @@ class GpuContainers:
         return [GpuInstance.model_validate(i) for i in items]
 
     def delete(self, instance_id: str) -> None:
-        """``DELETE /gpu/instances/{id}``. Already gone is not an error."""
+        """``DELETE /gpu/instances/{id}`` (only ``ACTIVE`` instances can be terminated). Already ended, failed
+        or unknown is not an error; ``NotTerminable`` while the instance is still ``INITIALIZED``."""
+        try:
+            current = self.get(instance_id)
+        except FluenceNotFound:
+            return
+        if current.gone:
+            return
+        if current.instance_status != "ACTIVE":
+            raise NotTerminable(
+                f"GPU instance {instance_id} is {current.instance_status}: only ACTIVE instances can be "
+                "terminated; retry once it is ACTIVE (or FAILED, which needs nothing)"
+            )
         try:
             self._c.request("DELETE", f"/gpu/instances/{instance_id}", gen="A")
         except FluenceNotFound:
             return
+        except FluenceRefused as exc:
+            if exc.status == 400:  # it may have ended meanwhile
+                try:
+                    if self.get(instance_id).gone:
+                        return
+                except FluenceNotFound:
+                    return
+            raise
 
     def logs(self, instance_id: str, last: int = 100) -> list[str]:
         """``GET /gpu/instances/{id}/logs?last=N``: the container's last log lines."""

@@ -184,7 +184,8 @@ class Cluster(BaseModel):
 
     id: str
     name: str
-    dc_id: str | None = None  # the only snake_case field of the API's Cluster
+    # ``dcId`` in the current document, ``dc_id`` in older snapshots
+    dc_id: str | None = Field(None, validation_alias=AliasChoices("dcId", "dc_id"))
 
 
 class VmConfiguration(BaseModel):
@@ -277,7 +278,9 @@ class VmB(BaseModel):
 
 
 class SecurityGroup(BaseModel):
-    """``/v1/security_groups`` entry; rules are kept as the API's JSON (see ``V2Cluster.tcp_ingress``)."""
+    """``/v1/security_groups`` entry (``UserSecurityGroupDto``). Rules are kept as the API's JSON: answers carry
+    ``{"type": "allow", "rules": [...]}`` or ``{"type": "allowAll"}``; ``attached_to`` holds network interface
+    ids."""
 
     model_config = _CAMEL
 
@@ -285,9 +288,17 @@ class SecurityGroup(BaseModel):
     name: str
     cluster_id: str | None = Field(None, alias="clusterId")
     status: str | None = None
-    ingress_rules: dict[str, Any] | None = Field(None, alias="ingressRules")
-    egress_rules: dict[str, Any] | None = Field(None, alias="egressRules")
+    ingress_rules: dict[str, Any] | list[Any] | None = Field(None, alias="ingressRules")
+    egress_rules: dict[str, Any] | list[Any] | None = Field(None, alias="egressRules")
     attached_to: list[str] = Field(default_factory=list, alias="attachedTo")
+
+    @property
+    def ingress_rule_list(self) -> list[dict[str, Any]]:
+        """The ingress rules, whichever form the API answered (object with ``rules``, or an array)."""
+        rules = self.ingress_rules
+        if isinstance(rules, dict):
+            return list(rules.get("rules") or [])
+        return list(rules or [])
 
 
 class CostResult(BaseModel):

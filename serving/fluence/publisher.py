@@ -60,7 +60,9 @@ class FluenceSettings(BaseSettings):
 
     api_key: SecretStr | None = Field(None, description="Fluence API key (Console › Settings › API keys)")
     url: str = Field(DEFAULT_BASE_URL, description="Fluence API base URL")
-    generation: Literal["A", "B"] | None = Field(None, description="API generation; default: detected")
+    generation: Literal["A", "B"] | None = Field(
+        None, description="API generation A or B; default: detected with authenticated calls"
+    )
     target: str = Field("default", description="deployment name; the VM is named depin-gw-<target>")
     port: int = Field(8787, ge=1, le=65535, description="gateway port opened on the VM")
     ssh_port: int = Field(22, ge=1, le=65535, description="SSH port of generation-A VMs (bootstrap)")
@@ -72,7 +74,7 @@ class FluenceSettings(BaseSettings):
     state_dir: Path = Field(DEFAULT_STATE_DIR, description="state file, admin keys and the SSH key")
     ssh_key_file: Path | None = Field(None, description="SSH private key (default <state_dir>/id_ed25519)")
     os_image: str | None = Field(
-        None, description="OS image (gen A URL/slug, gen B image id/slug); default Ubuntu"
+        None, description="OS image: a default image's slug, id or name, or an image URL; default Ubuntu"
     )
     basic_configuration: str | None = Field(
         None, description="gen A VM size slug, e.g. cpu-2-ram-4gb-storage-25gb (default: the cheapest)"
@@ -98,6 +100,17 @@ class FluenceSettings(BaseSettings):
     def _split(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [c.strip().upper() for c in value.split(",") if c.strip()]
+        return value
+
+    @field_validator("generation", mode="before")
+    @classmethod
+    def _generation(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip().upper() or None
+            if value not in (None, "A", "B"):
+                raise ConfigError(
+                    f"DEPIN_FLUENCE_GENERATION {value!r}: A (/vms/v3) or B (/v2/vms), or unset to detect"
+                )
         return value
 
     @field_validator("target")
@@ -333,7 +346,7 @@ class _GenB:
 
     def create(self, dep: Deployment, public_key: str) -> str:
         cluster_id, config_id = self.placement()
-        image = _pick_image(self.api.default_images(), self.p.settings.os_image)
+        image_url = self.image_url()
         key = self.api.ensure_ssh_key(f"depin-{dep.target}", public_key)
         s = self.p.settings
         user_data = boot.cloud_init(self.p.gateway_env(dep), s.package, torch_index=s.torch_index)
@@ -341,12 +354,20 @@ class _GenB:
             cluster_id=cluster_id,
             name=dep.vm_name,
             configuration_id=config_id,
-            boot_disk=self.api.boot_disk(cluster_id, dep.vm_name, volume_gb=s.volume_gb, os_image=image.id),
+            boot_disk=self.api.boot_disk(cluster_id, dep.vm_name, volume_gb=s.volume_gb, os_image=image_url),
             ssh_key_ids=[key.id],
             public_ip="new",
             cloud_init=user_data,
         )
         return vm.id
+
+    def image_url(self) -> str:
+        """The boot disk's ``osImage``: the configured URL, or the ``downloadUrl`` of the configured (default:
+        Ubuntu) default image — an image URL, not an image id."""
+        want = self.p.settings.os_image
+        if want and want.startswith(("http://", "https://")):
+            return want
+        return str(_pick_image(self.api.default_images(), want).download_url)
 
     def prepare(self, dep: Deployment, vm: LiveVm) -> Deployment:
         """Once launched: a security group opening 22 + the gateway port, attached to the VM's interface."""

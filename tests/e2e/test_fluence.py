@@ -206,7 +206,7 @@ def test_publish_invoke_reuse_status_down(
     else:
         assert vm["status"] == "launched" and vm["had_cloud_init"]
         group = vm["security_group"]
-        assert group is not None and vm["id"] in group["attachedTo"]
+        assert group is not None and group["attachedTo"] == [vm["iface_id"]]  # interface ids
         opened = {r["protocolKind"]["tcp"]["ports"]["exact"]["value"] for r in group["ingressRules"]["rules"]}
         assert opened == {22, port}
     dep = store.get("t1")

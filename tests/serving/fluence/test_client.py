@@ -5,6 +5,7 @@ here (see test_fake_gateway.py)."""
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 
 import httpx
@@ -19,7 +20,9 @@ from serving.fluence import (
     FluenceNotFound,
     FluenceRefused,
     FluenceUnavailable,
+    InsufficientBalance,
     NoOffer,
+    NotTerminable,
 )
 from serving.fluence._client import parse_error
 from serving.fluence._gen_b import MAX_USER_DATA_BYTES
@@ -78,6 +81,27 @@ def b_vm(c: FluenceClient, name: str = "depin-gw", **kw: object):  # type: ignor
 def test_detects_each_generation(fake_a: FakeFluence, fake_b: FakeFluence) -> None:
     assert client(fake_a).generation == "A"
     assert client(fake_b).generation == "B"
+    # the public /v1/service/status answers on the shared host for generation-A accounts too: not a signal
+    assert httpx.get(f"{fake_a.url}/v1/service/status").status_code == 200
+    for fake in (fake_a, fake_b):
+        first = fake.requests[0]
+        assert (first["method"], first["path"]) == ("GET", "/v2/vms") and first["x_api_key"]
+        assert all(r["path"] != "/v1/service/status" for r in fake.requests if r["x_api_key"])
+
+
+def test_generation_setting_skips_detection(fake_b: FakeFluence, monkeypatch: pytest.MonkeyPatch) -> None:
+    from serving.fluence.publisher import FluenceSettings
+
+    monkeypatch.setenv("DEPIN_FLUENCE_API_KEY", fake_b.api_key.get_secret_value())
+    monkeypatch.setenv("DEPIN_FLUENCE_URL", fake_b.url)
+    monkeypatch.setenv("DEPIN_FLUENCE_GENERATION", "b")
+    settings = FluenceSettings()
+    assert settings.generation == "B"
+    with settings.client() as c:
+        assert c.generation == "B" and fake_b.requests == []
+    monkeypatch.setenv("DEPIN_FLUENCE_GENERATION", "C")
+    with pytest.raises(ConfigError, match="DEPIN_FLUENCE_GENERATION"):
+        FluenceSettings()
 
 
 def test_given_generation_skips_detection(fake_b: FakeFluence) -> None:
@@ -86,17 +110,38 @@ def test_given_generation_skips_detection(fake_b: FakeFluence) -> None:
     assert fake_b.requests == []
 
 
-def test_sends_both_header_forms_per_generation(fake_a: FakeFluence, fake_b: FakeFluence) -> None:
-    ca, cb = client(fake_a), client(fake_b)
+def test_sends_the_documented_header_forms(fake_a: FakeFluence, fake_b: FakeFluence) -> None:
+    """X-API-KEY everywhere; generation B also ``Authorization: X-API-KEY <key>``; never a Bearer."""
+    ca, cb = client(fake_a, generation="A"), client(fake_b, generation="B")
     ca.a.list()
     ca.gpu.plans()
     cb.b.clusters()
     by_path = {r["path"]: r for r in fake_a.requests + fake_b.requests}
     for path in ("/vms/v3", "/gpu/plans/"):
-        assert by_path[path]["x_api_key"] and by_path[path]["authorization"] == "Bearer"
-        assert by_path[path]["authorization_ok"]
+        assert by_path[path]["x_api_key"] and by_path[path]["authorization"] is None
     assert by_path["/v1/clusters"]["x_api_key"] and by_path["/v1/clusters"]["authorization"] == "X-API-KEY"
     assert by_path["/v1/clusters"]["authorization_ok"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({"X-API-KEY": "{key}"}, 200),
+        ({"Authorization": "X-API-KEY {key}"}, 200),
+        ({"X-API-KEY": "{key}", "Authorization": "X-API-KEY {key}"}, 200),
+        ({"Authorization": "Bearer {key}"}, 401),  # B's Bearer is a console JWT
+        ({"X-API-KEY": "{key}", "Authorization": "X-API-KEY wrong"}, 401),
+        ({}, 401),
+    ],
+)
+def test_fake_b_accepts_both_published_key_forms(
+    fake_b: FakeFluence, headers: dict[str, str], status: int
+) -> None:
+    key = fake_b.api_key.get_secret_value()
+    r = httpx.get(f"{fake_b.url}/v1/clusters", headers={k: v.format(key=key) for k, v in headers.items()})
+    assert r.status_code == status
+    if status == 401:
+        assert r.json() == {"code": "unauthorized", "error": "Auth token invalid or missing"}
 
 
 def test_wrong_key_is_a_permanent_auth_error_without_the_key(
@@ -136,11 +181,45 @@ def test_config_errors() -> None:
         (400, {"code": "bad_request", "error": "Wrong parameters"}, "bad_request", "Wrong parameters"),
         (409, {"code": "insufficient_balance", "error": "top up"}, "insufficient_balance", "top up"),
         (500, b"<html>oops</html>", "http_error", "<html>oops</html>"),
+        (400, {"detail": "Plan no longer available"}, "bad_request", "Plan no longer available"),
+        (
+            400,
+            {"detail": "Insufficient balance to deploy instance"},
+            "insufficient_balance",
+            "Insufficient balance to deploy instance",
+        ),
+        (
+            422,
+            {
+                "detail": [
+                    {
+                        "type": "value_error",
+                        "loc": ["body", "container_settings", "expose", 0, "port"],
+                        "msg": "Value error, Port must be between 1 and 65535",
+                        "input": "999999999",
+                    }
+                ]
+            },
+            "unprocessable_entity",
+            "container_settings.expose.0.port: Value error, Port must be between 1 and 65535",
+        ),
     ],
 )
 def test_parse_error_shapes(status: int, body: object, code: str, message: str) -> None:
     kw = {"json": body} if not isinstance(body, bytes) else {"content": body}
     assert parse_error(httpx.Response(status, **kw)) == (code, message)  # type: ignore[arg-type]
+
+
+def test_gpu_detail_errors_are_classified() -> None:
+    from serving.fluence._client import refused
+
+    poor = refused(
+        httpx.Response(400, json={"detail": "Insufficient balance to deploy instance"}), "POST /gpu"
+    )
+    assert isinstance(poor, InsufficientBalance) and isinstance(poor, PermanentError)
+    assert "top up" in str(poor)
+    gone = refused(httpx.Response(400, json={"detail": "Plan no longer available"}), "POST /gpu")
+    assert isinstance(gone, NoOffer)
 
 
 def test_transient_errors_are_retried_honouring_retry_after(fake_b: FakeFluence) -> None:
@@ -165,13 +244,14 @@ def test_retries_give_up_with_a_transient_error(fake_a: FakeFluence) -> None:
 def test_vm_create_is_not_resent_after_a_5xx_but_is_after_429(fake_b: FakeFluence) -> None:
     c = client(fake_b, generation="B")
     cluster, config = c.b.clusters()[0], c.b.configurations()[0]
+    disk = str(uuid.uuid4())  # an existing storage id
     fake_b.inject_errors(503)
     with pytest.raises(FluenceUnavailable, match="list the resources"):
-        c.b.create_vm(cluster_id=cluster.id, name="x", configuration_id=config.id, boot_disk="disk-1")
+        c.b.create_vm(cluster_id=cluster.id, name="x", configuration_id=config.id, boot_disk=disk)
     posts = [r for r in fake_b.requests if r["method"] == "POST" and r["path"] == "/v2/vms"]
     assert len(posts) == 1
     fake_b.inject_errors(429)
-    vm = c.b.create_vm(cluster_id=cluster.id, name="x", configuration_id=config.id, boot_disk="disk-1")
+    vm = c.b.create_vm(cluster_id=cluster.id, name="x", configuration_id=config.id, boot_disk=disk)
     assert [v.id for v in c.b.find("x")] == [vm.id]
 
 
@@ -288,10 +368,8 @@ def test_gen_b_lifecycle_billing_and_security_group(fake_b: FakeFluence) -> None
     got = c.b.get_vm(vm.id)
     assert got.ready and got.public_address == "127.0.0.1"
     sg = c.b.create_security_group(cluster_id=cluster.id, name="depin-gw", tcp_ports=[22, 8787])
-    assert [r["protocolKind"]["tcp"]["ports"]["exact"]["value"] for r in sg.ingress_rules["rules"]] == [
-        22,
-        8787,
-    ]  # type: ignore[index]
+    assert [r["protocolKind"]["tcp"]["ports"]["exact"]["value"] for r in sg.ingress_rule_list] == [22, 8787]
+    assert sg.egress_rules == {"type": "allowAll"}  # egress left out of the request: allow all
     (iface,) = c.b.interfaces(vm.id)
     assert iface.public and iface.security_group_id is None
     c.b.attach_security_group(vm.id, iface.id, sg.id)
@@ -345,7 +423,7 @@ def test_gen_b_user_data_cap(fake_b: FakeFluence) -> None:
         "clusterId": cluster.id,
         "name": "big",
         "configurationId": config.id,
-        "bootDisk": "disk",
+        "bootDisk": str(uuid.uuid4()),
         "cloudInit": {"userData": "é" * (MAX_USER_DATA_BYTES // 2 + 1)},  # bytes, not characters, count
     }
     with pytest.raises(FluenceRefused) as info:
@@ -371,21 +449,26 @@ def test_gen_b_failure_knobs(fake_b: FakeFluence) -> None:
     with pytest.raises(NoOffer) as info:
         b_vm(c, name="none")
     assert info.value.code == "unprocessable_entity"
+    fake_b.no_offer, fake_b.insufficient_balance = False, True
+    with pytest.raises(InsufficientBalance) as poor:  # permanent: top up first
+        b_vm(c, name="poor")
+    assert poor.value.code == "insufficient_balance" and isinstance(poor.value, PermanentError)
     assert [v.name for v in c.b.list_vms()] == ["doomed"]
 
 
 def test_gen_b_fake_validates_create_bodies(fake_b: FakeFluence) -> None:
     c = client(fake_b, generation="B")
     cluster, config = c.b.clusters()[0], c.b.configurations()[0]
-    good = {"clusterId": cluster.id, "name": "x", "configurationId": config.id, "bootDisk": "disk"}
+    good = {"clusterId": cluster.id, "name": "x", "configurationId": config.id, "bootDisk": str(uuid.uuid4())}
+    disk = {"clusterId": cluster.id, "name": "b", "storageType": "NVME", "volumeGb": 25, "replicated": False}
     for field, value, status in (
-        (
-            "bootDisk",
-            {"clusterId": cluster.id, "name": "b", "storageType": "HDD", "volumeGb": 25, "replicated": False},
-            400,
-        ),
-        ("configurationId", "nope", 422),
-        ("sshKeys", ["not-a-key-id"], 422),
+        ("bootDisk", {**disk, "storageType": "HDD"}, 400),  # new storage is NVME
+        ("bootDisk", {**disk, "osImage": DEFAULT_IMAGES[0]["id"]}, 400),  # a URL, not an image id
+        ("bootDisk", "disk-1", 400),  # ids are UUIDs
+        ("configurationId", "nope", 400),
+        ("configurationId", str(uuid.uuid4()), 422),
+        ("sshKeys", ["not-a-key-id"], 400),
+        ("sshKeys", [str(uuid.uuid4())], 422),
         ("publicIp", {"addressType": "V6", "name": "ip"}, 400),
     ):
         with pytest.raises(FluenceRefused) as info:
@@ -408,17 +491,34 @@ def test_gpu_container_lifecycle_without_gateway(fake_a: FakeFluence) -> None:
     with pytest.raises(ConfigError, match="10 ports"):
         c.gpu.create(plan_id=plan.id, name="gw", image="ghcr.io/x/y:1", ports=list(range(8000, 8011)))
     iid = c.gpu.create(plan_id=plan.id, name="gw", image="ghcr.io/x/y:1", ports=[8000], env={"A": "1"})
+    with pytest.raises(NotTerminable, match="only ACTIVE"):  # still INITIALIZED
+        c.gpu.delete(iid)
     assert wait_status(lambda: c.gpu.get(iid).instance_status, {"ACTIVE", "FAILED"})[-1] == "ACTIVE"
     inst = c.gpu.get(iid)
     assert inst.ready and inst.network and inst.network.domain == "127.0.0.1" and inst.external_port(8000)
     assert [i.id for i in c.gpu.list()] == [iid]
     assert isinstance(c.gpu.logs(iid, last=5), list)
     c.gpu.delete(iid)
-    c.gpu.delete(iid)  # already gone: no error
-    assert c.gpu.list() == []
+    c.gpu.delete(iid)  # already ENDED: no error (the API refuses to terminate it again)
+    assert [(i.id, i.instance_status) for i in c.gpu.list()] == [(iid, "ENDED")]
     fake_a.fail_next = "failed"
     bad = c.gpu.create(plan_id=plan.id, name="gw2", image="ghcr.io/x/y:1", ports=[8000])
     assert wait_status(lambda: c.gpu.get(bad).instance_status, {"ACTIVE", "FAILED"})[-1] == "FAILED"
+    c.gpu.delete(bad)  # FAILED: nothing to terminate
+    fake_a.insufficient_balance = True
+    with pytest.raises(InsufficientBalance) as info:
+        c.gpu.create(plan_id=plan.id, name="gw3", image="ghcr.io/x/y:1", ports=[8000])
+    assert info.value.status == 400 and "Insufficient balance" in info.value.api_message
+    r = httpx.post(  # a field the API rejects: FastAPI's 422 detail list, mapped to a field-naming error
+        f"{fake_a.url}/gpu/instances/",
+        headers={"X-API-KEY": fake_a.api_key.get_secret_value()},
+        json={
+            "plan_id": plan.id,
+            "name": "gw4",
+            "container_settings": {"image": "x", "expose": [{"port": "0"}]},
+        },
+    )
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "port"
 
 
 def test_pagination_does_not_depend_on_the_first_page_number() -> None:
