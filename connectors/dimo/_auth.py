@@ -9,6 +9,8 @@ key never reach logs, reprs or exceptions.
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -169,7 +171,11 @@ def _auth_advice(text: str, client_id: str) -> str:
 
 
 class VehicleTokens:
-    """Per-vehicle JWTs from ``POST /v1/tokens/exchange``, cached until shortly before ``exp``."""
+    """Per-vehicle JWTs from ``POST /v1/tokens/exchange``, cached until shortly before ``exp``.
+
+    Sends the current body (``asset`` DID + ``permissions``); a service that rejects it with a 400 about the
+    legacy fields gets the legacy body (``nftContractAddress``/``privileges``/``tokenId``) from then on.
+    """
 
     def __init__(
         self,
@@ -185,7 +191,10 @@ class VehicleTokens:
         self._clock = clock
         self._cache: dict[int, tuple[frozenset[int], _Cached]] = {}
         self._locks: dict[int, asyncio.Lock] = {}
+        self._log = logging.getLogger("connectors.dimo")
         self.exchanges = 0
+        # True once the service rejected the current body: later exchanges send the legacy one directly.
+        self.legacy_body = False
 
     def __repr__(self) -> str:
         return f"VehicleTokens(cached={len(self._cache)})"
@@ -219,23 +228,25 @@ class VehicleTokens:
 
     async def _exchange(self, token_id: int, privileges: frozenset[int]) -> _Cached:
         s = self._settings
-        urls = s.urls
         what = f"DIMO token exchange for vehicle {token_id}"
-        # Legacy body: what every SDK sends, accepted by token-exchange-api and the emulator.
-        body = {
-            "nftContractAddress": urls.nft_contract,
-            "privileges": sorted(privileges),
-            "tokenId": token_id,
-        }
         try:
-            doc: Any = await self._service.call(
-                "POST",
-                f"{urls.token_exchange}/v1/tokens/exchange",
-                what=what,
-                parse=lambda r: json_body(r, what),
-                auth=self._developer,
-                json=body,
-            )
+            doc: Any = None
+            if not self.legacy_body:
+                try:
+                    doc = await self._post(what, current_exchange_body(s, token_id, privileges))
+                except DimoQueryError as exc:
+                    if not _rejects_current_body(exc):
+                        raise
+                    # An older token-exchange-api, from before `asset`/`permissions`: remember and fall back.
+                    self.legacy_body = True
+                    self._log.info(
+                        "%s: the service rejected the asset/permissions body (%s); using the "
+                        "legacy nftContractAddress/privileges/tokenId body",
+                        what,
+                        exc,
+                    )
+            if doc is None:
+                doc = await self._post(what, legacy_exchange_body(s, token_id, privileges))
         except DimoPrivilegeError as exc:
             perms = ", ".join(ID_TO_PERMISSION.get(p, str(p)) for p in sorted(privileges))
             raise DimoPrivilegeError(
@@ -247,6 +258,51 @@ class VehicleTokens:
             raise DimoTransientError(f"{what}: response has no token")
         self.exchanges += 1
         return _cache_entry(str(token), self._clock(), fallback_ttl=600)
+
+    async def _post(self, what: str, body: dict[str, Any]) -> Any:
+        return await self._service.call(
+            "POST",
+            f"{self._settings.urls.token_exchange}/v1/tokens/exchange",
+            what=what,
+            parse=lambda r: json_body(r, what),
+            auth=self._developer,
+            json=body,
+        )
+
+
+def current_exchange_body(settings: DimoSettings, token_id: int, privileges: Iterable[int]) -> dict[str, Any]:
+    """The token-exchange body DIMO documents today: the vehicle as an ERC-721 DID, permission names."""
+    urls = settings.urls
+    ids = sorted(privileges)
+    unknown = [p for p in ids if p not in ID_TO_PERMISSION]
+    if unknown:
+        raise DimoQueryError(
+            f"privileges {unknown} have no DIMO permission name; use ids {sorted(ID_TO_PERMISSION)}"
+        )
+    return {
+        "asset": f"did:erc721:{urls.chain_id}:{urls.nft_contract}:{token_id}",
+        "permissions": [ID_TO_PERMISSION[p] for p in ids],
+    }
+
+
+def legacy_exchange_body(settings: DimoSettings, token_id: int, privileges: Iterable[int]) -> dict[str, Any]:
+    """The deprecated body (what the SDKs still send): contract address, privilege ids, token id."""
+    return {
+        "nftContractAddress": settings.urls.nft_contract,
+        "privileges": sorted(privileges),
+        "tokenId": token_id,
+    }
+
+
+# What a token-exchange-api that predates `asset`/`permissions` answers to the current body: it reads the empty
+# legacy fields ('Invalid NFT contract address "".', 'Please provide at least one privilege ...').
+_LEGACY_ONLY = re.compile(r"nft ?contract|tokenid|privilege|parse request body", re.IGNORECASE)
+
+
+def _rejects_current_body(exc: DimoQueryError) -> bool:
+    """True when a 400 says the service does not understand the asset/permissions body."""
+    text = str(exc)
+    return "HTTP 400" in text and bool(_LEGACY_ONLY.search(text.partition("HTTP 400")[2]))
 
 
 class _VehicleSource(TokenSource):
@@ -265,4 +321,10 @@ class _VehicleSource(TokenSource):
         await self._tokens.get(self._token_id, self._privileges, stale=stale)
 
 
-__all__ = ["DeveloperToken", "VehicleTokens", "sign_challenge"]
+__all__ = [
+    "DeveloperToken",
+    "VehicleTokens",
+    "current_exchange_body",
+    "legacy_exchange_body",
+    "sign_challenge",
+]

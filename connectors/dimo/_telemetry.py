@@ -7,6 +7,11 @@ bucket start stays on the ``since + k·interval`` grid) with buckets × value co
 and length ≤ ``max_window``. A 422 COMPLEXITY_LIMIT_EXCEEDED halves the chunk; "maximum execution time" halves
 the window; both lessons are remembered for later plans.
 
+Data spans. With the per-signal ``firstSeen``/``lastSeen`` of ``dataSummary`` (:func:`parse_data_summary`),
+signals a vehicle never reported are dropped, the range shrinks to the buckets that can hold data, and a chunk
+is not asked for a window outside its signals' spans. Bucket starts stay on the ``since + k·interval`` grid, so
+the rows are the same as without it; only empty pages are saved.
+
 Conversion (measured on a 1440-row × 15-signal page, 644 KB, this 2-core machine, best of 7×20):
   orjson.loads alone 1.8 ms · orjson + pa.Table.from_pylist 3.7 ms · orjson + pa.array(struct) 3.3 ms ·
   polars.read_json(schema) + arrow cast 3.2 ms · pyarrow.json (one block) 4.2 ms.
@@ -19,9 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
 import numpy as np
@@ -136,6 +141,81 @@ def buckets_in(start: datetime, end: datetime, interval: timedelta) -> int:
     return -(-((end - start) // _US) // (interval // _US))
 
 
+# (first seen, last seen) of one signal's data, from ``dataSummary``.
+Span = tuple[datetime, datetime]
+# dataSummary times may be rounded to whole seconds: widen spans so a rounded time never drops a bucket.
+SPAN_SLACK = timedelta(seconds=1)
+DATA_SUMMARY_QUERY = (
+    "query Summary($tokenId: Int!) {\n"
+    "  dataSummary(tokenId: $tokenId) { signalDataSummary { name firstSeen lastSeen } }\n}"
+)
+_EARLIEST, _LATEST = datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)
+# Signals derived from another one: their data spans are those of the source signal.
+_SPAN_OF = {"currentLocationApproximateCoordinates": "currentLocationCoordinates"}
+
+
+def parse_data_summary(data: dict, what: str) -> dict[str, Span] | None:
+    """``{signal: (firstSeen, lastSeen)}`` of a ``dataSummary`` answer, widened by :data:`SPAN_SLACK`.
+
+    None when the answer holds no summary (null or missing): nothing is known, so nothing may be skipped.
+    """
+    summary = data.get("dataSummary")
+    items = summary.get("signalDataSummary") if isinstance(summary, dict) else None
+    if not isinstance(items, list):
+        return None
+    out: dict[str, Span] = {}
+    for item in items:
+        try:
+            first, last = _instant(item["firstSeen"]), _instant(item["lastSeen"])
+        except (KeyError, TypeError, ValueError):
+            raise DimoTransientError(
+                f"{what}: dataSummary entry {item!r} has no valid firstSeen/lastSeen"
+            ) from None
+        if first > last:  # an inverted span must never be used to skip anything
+            out[str(item["name"])] = (_EARLIEST, _LATEST)
+        else:
+            out[str(item["name"])] = (first - SPAN_SLACK, last + SPAN_SLACK)
+    return out
+
+
+def _instant(text: str) -> datetime:
+    """An RFC 3339 time from Go (up to 9 fractional digits) as an aware UTC datetime."""
+    head, dot, frac = text.replace("Z", "+00:00").partition(".")
+    if dot:
+        digits = len(frac) - len(frac.lstrip("0123456789"))
+        head += "." + frac[:digits][:6].ljust(6, "0") + frac[digits:]
+    dt = datetime.fromisoformat(head)
+    if dt.tzinfo is None:
+        raise ValueError(text)
+    return dt.astimezone(UTC)
+
+
+def signal_span(name: str, spans: Mapping[str, Span]) -> Span | None:
+    """The data span of ``name`` (None: the vehicle never reported it)."""
+    return spans.get(_SPAN_OF.get(name, name))
+
+
+def chunk_span(chunk: Sequence[str], spans: Mapping[str, Span]) -> Span | None:
+    """The union of the spans of ``chunk``'s signals (None when none has data)."""
+    found = [sp for n in chunk if (sp := signal_span(n, spans)) is not None]
+    if not found:
+        return None
+    return min(f for f, _ in found), max(last for _, last in found)
+
+
+def clamp_range(
+    since: datetime, until: datetime, interval: timedelta, span: Span
+) -> tuple[datetime, datetime] | None:
+    """The part of ``[since, until)`` whose buckets (on the ``since + k·interval`` grid) can hold data seen
+    within ``span``; None when none can."""
+    first, last = span
+    if last < since or first >= until:
+        return None
+    start = since if first <= since else since + interval * ((first - since) // interval)
+    end = until if last >= until else min(until, since + interval * ((last - since) // interval + 1))
+    return start, end
+
+
 # ---------------------------------------------------------------- conversion
 
 
@@ -241,6 +321,14 @@ class Planner:
         )
 
 
+def planned_requests(
+    planner: Planner, signals: Sequence[str], since: datetime, until: datetime, interval: timedelta
+) -> int:
+    """Requests the plan for ``signals`` over ``[since, until)`` makes before any skipping or splitting."""
+    chunks = planner.chunks(signals)
+    return len(chunks) * len(planner.windows(since, until, interval, chunks))
+
+
 PageFetcher = Callable[[tuple[str, ...], datetime, datetime], Awaitable[pa.Table]]
 
 
@@ -284,13 +372,33 @@ async def fetch_range(
     since: datetime,
     until: datetime,
     interval: timedelta,
+    spans: Mapping[str, Span] | None = None,
 ) -> list[pa.Table]:
-    """All windows × chunks for one vehicle, concurrently (the service bounds concurrency); one table per window."""
+    """All windows × chunks for one vehicle, concurrently (the service bounds concurrency); one table per window.
+
+    With ``spans`` (from ``dataSummary``), signals without data, buckets outside every span and chunk × window
+    pairs outside the chunk's span are not requested.
+    """
+    if spans is not None:
+        signals = [n for n in signals if signal_span(n, spans) is not None]
+        whole = chunk_span(signals, spans)
+        clamped = clamp_range(since, until, interval, whole) if whole else None
+        if clamped is None:
+            return []
+        since, until = clamped
     chunks = planner.chunks(signals)
     windows = planner.windows(since, until, interval, chunks)
+    chunk_spans = [chunk_span(c, spans) if spans is not None else None for c in chunks]
+
+    def wanted(i: int, start: datetime, end: datetime) -> bool:
+        sp = chunk_spans[i]
+        return sp is None or (sp[0] < end and sp[1] >= start)
 
     async def window(start: datetime, end: datetime) -> pa.Table:
-        parts = await asyncio.gather(*(fetch_unit(fetch, planner, c, start, end, interval) for c in chunks))
+        todo = [c for i, c in enumerate(chunks) if wanted(i, start, end)]
+        if not todo:
+            return empty_page(chunks[0])
+        parts = await asyncio.gather(*(fetch_unit(fetch, planner, c, start, end, interval) for c in todo))
         return parts[0] if len(parts) == 1 else join_chunks(parts)
 
     return list(await asyncio.gather(*(window(s, e) for s, e in windows)))

@@ -26,7 +26,7 @@ from connectors.dimo._auth import DeveloperToken, VehicleTokens
 from connectors.dimo._http import ClientStats, RetryPolicy, Service, TokenSource, graphql_data
 from connectors.dimo._identity import VehicleInfo, discover_vehicles
 from connectors.dimo.catalog import ALL_TIME_LOCATION, NON_LOCATION, current_signals, signal_catalog
-from connectors.dimo.errors import DimoPrivilegeError
+from connectors.dimo.errors import DimoPrivilegeError, DimoQueryError
 from connectors.dimo.go_duration import format_go_duration
 from connectors.dimo.privileges import ID_TO_PERMISSION, LOCATION_HISTORY, NON_LOCATION_HISTORY
 from connectors.dimo.schema import resolve_signals, telemetry_schema
@@ -44,7 +44,8 @@ _AVAILABLE_QUERY = "query Available($tokenId: Int!) { availableSignals(tokenId: 
 
 @dataclass(frozen=True, slots=True)
 class VehicleHistory:
-    """One vehicle's telemetry for ``[since, until)``; ``requests`` counts the telemetry pages fetched.
+    """One vehicle's telemetry for ``[since, until)``; ``requests`` counts its telemetry requests (pages and the
+    ``dataSummary`` lookup, when the planner made one).
 
     ``skipped_reason`` is set (and ``table`` empty) when the license may not read the vehicle; callers must
     not advance its watermark then.
@@ -118,6 +119,7 @@ class DimoClient(TelemetrySource):
         self._telemetry = service("telemetry")
         self._developer: DeveloperToken | None = None
         self._vehicle_tokens: VehicleTokens | None = None
+        self._summary_supported = True  # cleared when the telemetry service rejects dataSummary
         self.planner = tm.Planner(
             settings.max_signals_per_request, settings.max_values_per_request, settings.max_window
         )
@@ -273,12 +275,46 @@ class DimoClient(TelemetrySource):
             )
 
         try:
-            windows = await tm.fetch_range(page, self.planner, fetch_signals, since, until, interval)
+            spans = None
+            if self._worth_a_summary(fetch_signals, since, until, interval):
+                requests += 1
+                spans = await self._data_spans(vehicle.token_id, auth)
+            windows = await tm.fetch_range(page, self.planner, fetch_signals, since, until, interval, spans)
         except DimoPrivilegeError as exc:
             self.log.warning("vehicle %d: skipped, privilege refused by DIMO: %s", vehicle.token_id, exc)
             return skipped(str(exc), schema)
         table = await asyncio.to_thread(tm.assemble, vehicle.token_id, windows, schema)
         return VehicleHistory(vehicle, table, requests, since, until)
+
+    def _worth_a_summary(
+        self, signals: list[str], since: datetime, until: datetime, interval: timedelta
+    ) -> bool:
+        """Whether a ``dataSummary`` lookup (one request) may pay off for this vehicle's plan."""
+        s = self.settings
+        if not (s.use_data_summary and self._summary_supported):
+            return False
+        return (
+            tm.planned_requests(self.planner, signals, since, until, interval) >= s.data_summary_min_requests
+        )
+
+    async def _data_spans(self, token_id: int, auth: TokenSource) -> dict[str, tm.Span] | None:
+        """Each signal's (first, last) time from ``dataSummary``; None when the service lacks the query."""
+        what = f"DIMO dataSummary for vehicle {token_id}"
+        try:
+            data = await self._telemetry.call(
+                "POST",
+                self._urls.telemetry,
+                what=what,
+                parse=lambda r: graphql_data(r, what),
+                auth=auth,
+                json={"query": tm.DATA_SUMMARY_QUERY, "variables": {"tokenId": token_id}},
+            )
+        except DimoQueryError as exc:
+            if self._summary_supported:
+                self.log.warning("%s failed (%s); fetching every window without it", what, exc)
+            self._summary_supported = False
+            return None
+        return tm.parse_data_summary(data, what)
 
     async def fetch_history(
         self,

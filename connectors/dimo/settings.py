@@ -110,6 +110,15 @@ class DimoSettings(BaseSettings):
     max_window: timedelta = Field(
         timedelta(days=7), description="longest time range of one telemetry request"
     )
+    use_data_summary: bool = Field(
+        True,
+        description="ask dataSummary (one request per vehicle) for each signal's first/last time and skip "
+        "the windows and signals that cannot hold data",
+    )
+    # The lookup costs one request: worth it for backfills (many windows), not for an incremental hour.
+    data_summary_min_requests: int = Field(
+        4, ge=1, description="use dataSummary only for vehicles whose plan has at least this many requests"
+    )
 
     @field_validator("client_id")
     @classmethod

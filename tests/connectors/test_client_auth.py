@@ -79,10 +79,9 @@ async def test_vehicle_token_reexchanged_on_401_and_before_exp(fake):
         clock.t += 545  # vehicle JWT lives 600 s; within 60 s of exp it is renewed
         await client.available_signals(3)
         assert len(state.exchanges) == 3
-    assert state.exchanges[0] == {
-        "nftContractAddress": "0xbA5738a18d83D41847dfFbDC6101d37C69c9B0cF",
-        "privileges": [1],
-        "tokenId": 3,
+    assert state.exchanges[0] == {  # the current form; the legacy fallback is tested against the emulator
+        "asset": "did:erc721:137:0xbA5738a18d83D41847dfFbDC6101d37C69c9B0cF:3",
+        "permissions": ["privilege:GetNonLocationHistory"],
     }
 
 

@@ -129,8 +129,6 @@ async def test_fetch_all_available_signals(emulator):
 
 
 def test_emulator_process_with_faults():
-    pytest.importorskip("connectors.dimo.emulator.simulator")
-    pytest.importorskip("connectors.dimo.emulator.replay")
     import asyncio
 
     from connectors.dimo.emulator.server import EmulatorProcess

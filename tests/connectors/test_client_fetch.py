@@ -153,3 +153,24 @@ async def test_identity_page_of_the_wrong_shape_is_transient():
             await _identity_page(page(bad), "p1", CLIENT_ID)
     with pytest.raises(DimoTransientError, match="lacks vehicles"):
         await _identity_page(httpx.Response(200, content=b'{"data": {}}'), "p1", CLIENT_ID)
+
+
+@pytest.mark.parametrize("answer", ["missing", "null"])
+async def test_a_service_without_a_data_summary_gets_every_window(fake, caplog, answer):
+    """dataSummary refused (422) or null: nothing is known, so nothing is skipped; a refusal is remembered."""
+    state, url = fake
+    state.data_summary = answer
+    settings = settings_for(url, use_data_summary=True, data_summary_min_requests=1)
+    async with DimoClient(settings) as client:
+        vehicles = [v for v in await client.discover_vehicles() if v.token_id in (2, 3)]
+        kw = {"since": T0, "until": T0 + timedelta(hours=2), "interval": MIN, "signals": SIGNALS}
+        out = await _collect(client, vehicles, **kw)
+        lookups = client.stats.statuses[422] if answer == "missing" else None
+    async with DimoClient(settings_for(url)) as plain:
+        want = await _collect(plain, vehicles, **kw)
+    assert out.keys() == want.keys() == {2, 3}
+    for tid in out:
+        assert out[tid].table.equals(want[tid].table) and out[tid].table.num_rows > 0
+    if answer == "missing":
+        # both vehicles may ask before the first refusal is seen; later vehicles would not ask
+        assert 1 <= lookups <= 2 and "dataSummary" in caplog.text

@@ -230,3 +230,86 @@ async def test_one_bucket_timeout_is_transient():
     planner = tm.Planner(90, 1000, timedelta(days=1))
     with pytest.raises(DimoTransientError):
         await tm.fetch_unit(fetch, planner, ("speed",), T0, T0 + MIN, MIN)
+
+
+def test_data_summary_spans_parse_go_times_and_widen_by_a_second():
+    data = {
+        "dataSummary": {
+            "signalDataSummary": [
+                {
+                    "name": "speed",
+                    "firstSeen": "2026-01-01T00:00:00.123456789Z",
+                    "lastSeen": "2026-01-02T00:00:00Z",
+                },
+                {
+                    "name": "currentLocationCoordinates",
+                    "firstSeen": "2026-01-01T05:00:00+02:00",
+                    "lastSeen": "2026-01-01T06:00:00Z",
+                },
+            ]
+        }
+    }
+    spans = tm.parse_data_summary(data, "test")
+    first, last = spans["speed"]
+    assert first == datetime(2026, 1, 1, 0, 0, 0, 123456, tzinfo=UTC) - tm.SPAN_SLACK
+    assert last == datetime(2026, 1, 2, tzinfo=UTC) + tm.SPAN_SLACK
+    loc = spans["currentLocationCoordinates"]
+    assert loc[0] == datetime(2026, 1, 1, 3, tzinfo=UTC) - tm.SPAN_SLACK
+    # the approximate location is derived from the coordinates: same span; unknown signals have none
+    assert tm.signal_span("currentLocationApproximateCoordinates", spans) == loc
+    assert tm.signal_span("obdDTCList", spans) is None
+    assert tm.chunk_span(("speed", "currentLocationCoordinates"), spans) == (first, last)
+    with pytest.raises(DimoTransientError, match="firstSeen/lastSeen"):
+        tm.parse_data_summary(
+            {"dataSummary": {"signalDataSummary": [{"name": "speed", "firstSeen": "x"}]}}, "t"
+        )
+    # no summary at all (null, missing) means unknown, not "no data": nothing may be skipped
+    assert tm.parse_data_summary({"dataSummary": None}, "t") is None
+    assert tm.parse_data_summary({}, "t") is None
+    assert tm.parse_data_summary({"dataSummary": {"signalDataSummary": []}}, "t") == {}
+    # an inverted span (first after last) is kept but skips nothing
+    inverted = {"name": "speed", "firstSeen": "2026-01-02T00:00:00Z", "lastSeen": "2026-01-01T00:00:00Z"}
+    bad = tm.parse_data_summary({"dataSummary": {"signalDataSummary": [inverted]}}, "t")
+    assert tm.clamp_range(T0, T0 + timedelta(days=1), MIN, bad["speed"]) == (T0, T0 + timedelta(days=1))
+
+
+def test_clamp_range_keeps_the_bucket_grid():
+    until = T0 + timedelta(days=1)
+    span = (T0 + timedelta(hours=2, seconds=10), T0 + timedelta(hours=5, seconds=59))
+    start, end = tm.clamp_range(T0, until, MIN, span)
+    assert start == T0 + timedelta(hours=2) and end == T0 + timedelta(hours=5, minutes=1)
+    assert tm.clamp_range(T0, until, MIN, (T0 - timedelta(days=3), T0 - timedelta(days=2))) is None
+    assert tm.clamp_range(T0, until, MIN, (until, until + MIN)) is None
+    # data around the whole range: unchanged (the last, partial bucket included)
+    odd = until + timedelta(seconds=20)
+    assert tm.clamp_range(T0, odd, MIN, (T0 - MIN, odd + MIN)) == (T0, odd)
+
+
+async def test_fetch_range_with_spans_skips_chunks_and_windows_outside_them():
+    planner = tm.Planner(max_signals=1, max_values=60, max_window=timedelta(days=1))  # 1-hour windows
+    asked: list[tuple[tuple[str, ...], datetime]] = []
+
+    async def fetch(chunk, start, end):
+        asked.append((chunk, start))
+        return tm.empty_page(chunk)
+
+    until = T0 + timedelta(hours=6)
+    spans = {
+        "speed": (T0 + timedelta(hours=1, minutes=5), T0 + timedelta(hours=2, minutes=30)),
+        "powertrainType": (T0 + timedelta(hours=2, minutes=10), T0 + timedelta(hours=3, minutes=10)),
+    }
+    await tm.fetch_range(fetch, planner, ["speed", "powertrainType", "obdDTCList"], T0, until, MIN, spans)
+    got = sorted((c[0], s - T0) for c, s in asked)
+    # All spans: 01:05–03:10 after T0 → buckets 01:05 … 03:10 after T0, one-hour windows from 01:05.
+    h = timedelta(hours=1)
+    assert got == [
+        ("powertrainType", 2 * h + 5 * MIN),  # its span starts at 02:10
+        ("powertrainType", 3 * h + 5 * MIN),
+        ("speed", h + 5 * MIN),
+        ("speed", 2 * h + 5 * MIN),  # its span ends at 02:30
+    ]
+    asked.clear()
+    await tm.fetch_range(fetch, planner, ["speed", "powertrainType", "obdDTCList"], T0, until, MIN, None)
+    assert len(asked) == 3 * 6
+    asked.clear()
+    assert await tm.fetch_range(fetch, planner, ["obdDTCList"], T0, until, MIN, spans) == [] and asked == []

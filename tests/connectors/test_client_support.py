@@ -1,7 +1,7 @@
 """A small, scriptable DIMO look-alike on loopback for the client tests (no tests here).
 
 It follows /work/shared/reference/dimo-api.md for the shapes the client depends on: web3 challenge auth,
-token exchange (legacy body), identity paging, telemetry ``signals``/``availableSignals``. Faults are
+token exchange (current and legacy body), identity paging, telemetry ``signals``/``availableSignals``. Faults are
 scripted per path: ``server.script("/telemetry/query", 429, 503, "drop", "malformed")``.
 """
 
@@ -29,7 +29,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from connectors.dimo.go_duration import parse_go_duration
-from connectors.dimo.privileges import encode_sacd_permissions
+from connectors.dimo.privileges import PERMISSION_TO_ID, encode_sacd_permissions
 
 SECRET = "test-secret-for-the-fake-dimo-server-0123456789"
 SIGNER = Account.from_key("0x" + "11" * 32)
@@ -62,6 +62,8 @@ class FakeState:
     complexity_limit: int = 100
     max_buckets: int = 10**9  # more buckets than this → "maximum execution time" error
     sacd_supported: bool = True
+    # dataSummary: "missing" = unknown field (422, like a server without it), "null" = answered with null
+    data_summary: str = "missing"
     page_size: int = 100
     scripts: dict[str, deque[Any]] = field(default_factory=lambda: defaultdict(deque))
     hits: Counter[str] = field(default_factory=Counter)
@@ -177,7 +179,11 @@ def create_app(state: FakeState) -> Starlette:
             return Response("Invalid or expired JWT", 401, media_type="text/plain")
         body = orjson.loads(await request.body())
         state.exchanges.append(body)
-        tid, privs = int(body["tokenId"]), set(body["privileges"])
+        if body.get("asset"):  # the current form: did:erc721:<chain>:<contract>:<token id> + permission names
+            tid = int(body["asset"].rsplit(":", 1)[1])
+            privs = {PERMISSION_TO_ID[p] for p in body["permissions"]}
+        else:
+            tid, privs = int(body["tokenId"]), set(body["privileges"])
         if not privs <= state.vehicles.get(tid, set()):
             return _json(
                 {
@@ -251,6 +257,13 @@ def create_app(state: FakeState) -> Starlette:
             return _json({"errors": [{"message": "unauthorized: token id does not match"}], "data": None})
         if "availableSignals" in query:
             return _json({"data": {"availableSignals": state.available}})
+        if "dataSummary" in query:
+            if state.data_summary == "null":
+                return _json({"data": {"dataSummary": None}})
+            message = 'Cannot query field "dataSummary" on type "Query".'
+            return _json(
+                {"errors": [{"message": message, "extensions": {"code": "GRAPHQL_VALIDATION_FAILED"}}]}, 422
+            )
         state.telemetry_queries.append(v)
         fields = _FIELD.findall(query)
         cost = 2 + sum(3 if n == "currentLocationCoordinates" else 1 for _, n, _ in fields)
@@ -372,10 +385,13 @@ def settings_for(url: str, **overrides: Any):
         token_exchange_url=url,
         identity_url=f"{url}/identity/query",
         telemetry_url=f"{url}/telemetry/query",
-        rate_limit_per_s=0,
-        backoff_base_s=0.001,
-        backoff_max_s=0.01,
-        **overrides,
+        **{
+            "rate_limit_per_s": 0,
+            "backoff_base_s": 0.001,
+            "backoff_max_s": 0.01,
+            "use_data_summary": False,  # this fake has no dataSummary; the emulator tests cover it
+            **overrides,
+        },
     )
 
 

@@ -19,7 +19,7 @@ from connectors.dimo.emulator.server import EmulatorProcess
 from connectors.dimo.ingest import ingest
 from connectors.dimo.settings import DimoSettings
 from connectors.dimo.store import TelemetryStore
-from tests.e2e.conftest import fleet_config
+from tests.e2e.conftest import FIXED_END, fleet_config
 
 pytestmark = pytest.mark.e2e
 
@@ -184,3 +184,43 @@ async def test_vehicles_lacking_privileges_are_skipped_or_trimmed_with_a_log_lin
     no_location = table.filter(pc.is_null(table.column("latitude")))
     assert no_location.num_rows > 0 and pc.count_distinct(no_location.column("token_id")).as_py() >= 1
     assert any("GetLocationHistory" in r.getMessage() for r in caplog.records)
+
+
+async def test_ingest_under_dimo_rate_limit_with_idle_vehicles(tmp_path) -> None:
+    """The production-like path: the emulator enforces DIMO's documented 10 requests/s per service and half the
+    fleet went idle; the client runs its defaults (limiter 10/s, dataSummary planning) except max_concurrency 4
+    (in flight + limiter burst must fit the server's one-second bucket: see emulator/ratelimit.py)."""
+    config = fleet_config(idle_fraction=0.5, rate_limit_per_s=10, days=1.0)
+    until = FIXED_END
+    since = until - timedelta(days=1)
+    with EmulatorProcess(config) as emu:
+        reports = {}
+        for use in (True, False):
+            settings = DimoSettings.from_credentials_file(
+                emu.credentials_path, max_concurrency=4, max_window=timedelta(hours=3), use_data_summary=use
+            )
+            assert settings.rate_limit_per_s == 10  # the default limiter
+            async with DimoClient(settings) as client:
+                reports[use] = await ingest(
+                    client,
+                    TelemetryStore(tmp_path / str(use)),
+                    since=since,
+                    until=until,
+                    interval=MINUTE,
+                    signals=SIGNALS,
+                )
+                assert client.stats.statuses[429] == 0 and client.stats.retries == 0
+    planned, plain = reports[True], reports[False]
+    assert planned.vehicles == plain.vehicles == 6 and planned.rows == plain.rows > 0
+    assert planned.requests < plain.requests  # idle vehicles' empty windows were not asked for
+    a = (
+        TelemetryStore(tmp_path / "True")
+        .read()
+        .sort_by([("token_id", "ascending"), ("timestamp", "ascending")])
+    )
+    b = (
+        TelemetryStore(tmp_path / "False")
+        .read()
+        .sort_by([("token_id", "ascending"), ("timestamp", "ascending")])
+    )
+    assert a.equals(b)

@@ -11,11 +11,12 @@ from starlette.types import ASGIApp
 from connectors.dimo.emulator import auth, identity, telemetry
 from connectors.dimo.emulator.faults import FaultInjector
 from connectors.dimo.emulator.gql import json_response
+from connectors.dimo.emulator.ratelimit import RateLimiter
 from connectors.dimo.emulator.state import EmulatorState
 
 
 def create_app(state: EmulatorState) -> ASGIApp:
-    """Build the app for ``state``; fault injection wraps it when the spec enables any fault."""
+    """Build the app for ``state``; fault injection and the rate limit wrap it when enabled."""
 
     async def healthz(_: Request) -> Response:
         return json_response({"status": "ok", "vehicles": len(state.fleet.vehicles)})
@@ -28,6 +29,9 @@ def create_app(state: EmulatorState) -> ASGIApp:
     ]
     app = Starlette(routes=routes)
     app.state.emulator = state
+    wrapped: ASGIApp = app
     if state.faults.enabled:
-        return FaultInjector(app, state.faults)
-    return app
+        wrapped = FaultInjector(wrapped, state.faults)
+    if state.rate_limit_per_s > 0:  # outermost: the ingress limits before anything else runs
+        wrapped = RateLimiter(wrapped, state.rate_limit_per_s, clock=state.rate_limit_clock)
+    return wrapped

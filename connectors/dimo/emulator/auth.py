@@ -350,20 +350,22 @@ def _exchange_route(state: EmulatorState) -> Route:
         except ValidationError:
             return _exchange_error(400, "Couldn't parse request body.")
 
-        if body.asset is not None:
+        if state.exchange_legacy_only:  # an older token-exchange-api ignores the new fields
+            body = body.model_copy(update={"asset": None, "permissions": None})
+        if body.asset:
             m = ERC721_DID.match(body.asset)
             if not m:
                 return _exchange_error(400, f'Invalid asset DID "{body.asset}".')
             contract, token_id = m.group(2), int(m.group(3))
         else:
-            contract, token_id = body.nftContractAddress or "", body.tokenId
-            if token_id is None:
-                return _exchange_error(400, "Couldn't parse request body.")
+            contract, token_id = body.nftContractAddress or "", body.tokenId or 0
+            if not is_hex_address(contract):
+                return _exchange_error(400, f'Invalid NFT contract address "{contract}".')
         chain = NFT_CHAINS.get(contract.lower())
         if chain is None:
             return _exchange_error(400, f'Invalid NFT contract address "{contract}".')
 
-        if body.permissions is not None:
+        if body.permissions:
             unknown = [p for p in body.permissions if p not in PERMISSION_TO_ID]
             if unknown:
                 return _exchange_error(400, f"unknown permissions {_go_list(unknown)}")

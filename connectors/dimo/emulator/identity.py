@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import re
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable
@@ -237,7 +238,7 @@ class FleetIndex:
             return self.ids_desc, self.neg
         key = tuple(
             sorted(
-                (k, str(v).lower() if k in ("privileged", "owner") else repr(v))
+                (k, str(v).lower() if k in _ADDRESS_FILTERS else repr(v))
                 for k, v in flt.items()
                 if v is not None
             )
@@ -268,7 +269,11 @@ class FleetIndex:
                 owned_set = set(owned)
                 owned = [t for t in ids if t in owned_set]
             ids = owned
-        checks = [(key, flt.get(key)) for key in _FILTER_ATTRS if flt.get(key) is not None]
+        checks = [
+            (key, str(v).lower() if key in _ADDRESS_FILTERS else v)
+            for key in _FILTER_ATTRS
+            if (v := flt.get(key)) is not None
+        ]
         if checks:
             vs = self.fleet.vehicles
             ids = [
@@ -279,8 +284,17 @@ class FleetIndex:
         return (self.ids_desc if ids is None else ids), valid_until
 
 
+_ADDRESS_FILTERS = ("privileged", "owner", "connection")
+
+
 def _definition_id(v: Vehicle) -> str:
     return v.definition_id or re.sub(r"[^a-z0-9]+", "_", f"{v.make} {v.model} {v.year}".lower()).strip("_")
+
+
+def _connection_address(v: Vehicle) -> str | None:
+    """The address of the connection a vehicle's synthetic device belongs to (its data source's ethr DID);
+    None without a synthetic device. Lower case: filter values are compared lower-cased."""
+    return v.source.rsplit(":", 1)[-1].lower() if v.synthetic_device_id is not None else None
 
 
 # VehiclesFilter fields matched by equality, and how to read each from a Vehicle.
@@ -290,6 +304,7 @@ _FILTER_ATTRS: dict[str, Callable[[Vehicle], Any]] = {
     "year": attrgetter("year"),
     "manufacturerTokenId": attrgetter("manufacturer_token_id"),
     "deviceDefinitionId": _definition_id,
+    "connection": _connection_address,
 }
 
 
@@ -493,8 +508,9 @@ class Root:
                 raise GraphQLError(f"error decoding tokenDID: invalid DID {tokenDID!r}")
             tokenId = int(m.group(3))
         v = self.state.fleet.vehicles.get(tokenId)  # type: ignore[arg-type]
-        if v is None:
-            raise GraphQLError("not found", extensions={"code": "NOT_FOUND"})
+        if v is None:  # identity-api: data.vehicle is null, with this error beside it
+            what = f"token id {tokenId}." if tokenDID is None else f"DID {json.dumps(tokenDID)}."
+            raise GraphQLError(f"No vehicle with {what}", extensions={"code": "NOT_FOUND"})
         return VehicleView(v, self.state)
 
     def vehicles(self, _info: GraphQLResolveInfo, **kw: Any) -> dict[str, Any]:
@@ -523,8 +539,15 @@ class Root:
             "tokenId": value == lic.token_id,
             "tokenDID": str(value).lower() == view.tokenDID.lower(),
         }[key]
-        if not match:
-            raise GraphQLError("not found", extensions={"code": "NOT_FOUND"})
+        if not match:  # identity-api's message (it has no case for tokenDID: the text stops there)
+            shown = {
+                "tokenId": f"token id {value}.",
+                "clientId": f"client id {value}.",
+                "alias": f"alias {json.dumps(value)}.",
+            }
+            raise GraphQLError(
+                f"No developer license with {shown.get(key, '')}", extensions={"code": "NOT_FOUND"}
+            )
         return view
 
     def rewards(self, _info: GraphQLResolveInfo, user: str) -> None:

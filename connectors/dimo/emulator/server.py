@@ -43,6 +43,7 @@ def build_fleet(config: EmulatorConfig) -> Fleet:
         seed=config.seed,
         end=end,
         restricted_fraction=config.restricted_fraction,
+        idle_fraction=config.idle_fraction,
     )
     if config.cmap_dir is not None:
         from connectors.dimo.emulator import replay
@@ -72,6 +73,8 @@ def build_state(config: EmulatorConfig, public_url: str) -> EmulatorState:
         dev_jwt_ttl=timedelta(seconds=config.dev_jwt_ttl_s),
         vehicle_jwt_ttl=timedelta(seconds=config.vehicle_jwt_ttl_s),
         faults=FaultSpec.parse(config.faults),
+        exchange_legacy_only=config.exchange_legacy_only,
+        rate_limit_per_s=config.rate_limit_per_s,
     )
 
 

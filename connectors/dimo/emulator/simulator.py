@@ -278,6 +278,22 @@ def initial_sim(
     )
 
 
+def idle_cutoffs(
+    seed: int, vehicles: int, idle_fraction: float, start: datetime, end: datetime
+) -> dict[int, datetime]:
+    """{vehicle index: time its data stops} for the idle share of the fleet.
+
+    Drawn from their own seed stream, so a fleet with ``idle_fraction=0`` is the same as before the option.
+    """
+    n = round(idle_fraction * vehicles)
+    if not n:
+        return {}
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x53]))
+    chosen = rng.choice(vehicles, n, replace=False).tolist()
+    span = end - start
+    return {i: start if k == 0 else start + span * float(rng.uniform(0, 0.5)) for k, i in enumerate(chosen)}
+
+
 def simulate_fleet(
     license: DeveloperLicense,
     *,
@@ -287,20 +303,24 @@ def simulate_fleet(
     end: datetime,
     restricted_fraction: float = 0.0,
     speed_traces: list[np.ndarray] | None = None,
+    idle_fraction: float = 0.0,
 ) -> Fleet:
     """Simulate ``vehicles`` cars over ``[end − days, end)``; same arguments, identical fleet.
 
     ~60 % are EVs. Every vehicle grants privileges (1,3,4,5,6) to ``license.client_id`` except a
     ``restricted_fraction`` share: half of those grant nothing, half only (1,). ``speed_traces`` (1 Hz km/h
     arrays, e.g. CMAP recordings) replace the synthetic speed profiles with recorded stop-to-stop pieces.
+    An ``idle_fraction`` share of vehicles lost their device early: their data stops at a random time in the
+    first half of the history, and the first of them never reported at all (see :func:`idle_cutoffs`).
     """
     if not 0 <= vehicles <= NAME_COUNT or not 0 < days < math.inf:
         raise ConfigError(
             f"simulate_fleet: vehicles={vehicles}, days={days}; use 0 <= vehicles <= {NAME_COUNT} "
             "(one unique name each) and a finite days > 0"
         )
-    if not 0.0 <= restricted_fraction <= 1.0:
-        raise ConfigError(f"restricted_fraction={restricted_fraction} is outside [0, 1]")
+    for name, share in (("restricted_fraction", restricted_fraction), ("idle_fraction", idle_fraction)):
+        if not 0.0 <= share <= 1.0:
+            raise ConfigError(f"{name}={share} is outside [0, 1]")
     end = end.astimezone(UTC)
     start = end - timedelta(days=days)
     t_start, t_end = start.timestamp(), end.timestamp()
@@ -323,6 +343,7 @@ def simulate_fleet(
         if master.random() < 0.1:
             owners[i] = owners[int(master.integers(i))]
 
+    idle = idle_cutoffs(seed, vehicles, idle_fraction, start, end)
     names: set[str] = set()
     fleet_vehicles: dict[int, Vehicle] = {}
     series: dict[int, pl.DataFrame] = {}
@@ -353,6 +374,9 @@ def simulate_fleet(
         )
         run_vehicle(sim, rng, plan_trips(rng, p, t0, t_end), math.ceil(t_end), pieces)
         series[p.token_id], events[p.token_id] = sim.frames(t_start, t_end)
+        if (cutoff := idle.get(i)) is not None:
+            series[p.token_id] = series[p.token_id].filter(pl.col("ts") < cutoff)
+            events[p.token_id] = events[p.token_id].filter(pl.col("ts") < cutoff)
         fleet_vehicles[p.token_id] = vehicle
     return Fleet(
         license=license,

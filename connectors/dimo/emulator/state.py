@@ -40,6 +40,22 @@ class EmulatorConfig(BaseModel):
     restricted_fraction: float = Field(
         0.0, ge=0, le=1, description="share of vehicles not shared with the license"
     )
+    idle_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="share of vehicles whose device went offline early in the history (one never reported)",
+    )
+    rate_limit_per_s: float = Field(
+        0.0,
+        ge=0,
+        description="per service and client host: more than this many requests/s get 429 + Retry-After "
+        "(DIMO documents 10); 0 = no limit",
+    )
+    exchange_legacy_only: bool = Field(
+        False,
+        description="token exchange ignores asset/permissions like an older token-exchange-api",
+    )
     log_level: str = "warning"
 
     @field_validator("faults")
@@ -80,6 +96,9 @@ class EmulatorState:
     dev_jwt_ttl: timedelta = timedelta(days=14)
     vehicle_jwt_ttl: timedelta = timedelta(minutes=10)
     faults: FaultSpec = field(default_factory=FaultSpec)
+    exchange_legacy_only: bool = False
+    rate_limit_per_s: float = 0.0
+    rate_limit_clock: Callable[[], float] = time.monotonic  # tests swap in a virtual clock
     challenges: dict[str, Challenge] = field(default_factory=dict)
     clock: Callable[[], float] = time.time
 

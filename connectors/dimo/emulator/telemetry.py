@@ -2,7 +2,7 @@
 
 Request flow: vehicle JWT (invalid → HTTP 401 ``{"message":"JWT is invalid."}``), parse + validate
 (cached, 422), complexity ≤ 100 (422), variable coercion. Root fields are then split: every ``signals``
-field runs columnar (:mod:`telemetry_signals`); the rest (signalsLatest, availableSignals, dataSummary,
+field runs columnar (:mod:`telemetry_signals`); the rest (signalsLatest, availableSignals, signalsSnapshot, dataSummary,
 events, vinVCLatest, __typename) run on graphql-core's executor with the resolvers of
 :mod:`telemetry_resolvers`. Results are merged in selection order.
 

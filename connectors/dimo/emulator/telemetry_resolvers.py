@@ -1,6 +1,6 @@
 """graphql-core resolvers of the Telemetry API's non-``signals`` root fields and the auth checks they share.
 
-signalsLatest, availableSignals, dataSummary, events and vinVCLatest are small answers, so they run on
+signalsLatest, availableSignals, signalsSnapshot, dataSummary, events and vinVCLatest are small answers, so they run on
 graphql-core's ordinary executor; privileges are checked per field like gqlgen's directives.
 """
 
@@ -29,7 +29,7 @@ from connectors.dimo.privileges import LOCATION_HISTORY, NON_LOCATION_HISTORY
 from connectors.dimo.settings import VEHICLE_NFT_PROD
 
 VIN_CREDENTIAL = 5
-GO_ZERO_TIME = datetime(1, 1, 1, tzinfo=UTC)
+NO_DATA_LAST_SEEN = datetime(1900, 1, 1, tzinfo=UTC)  # telemetry-api GetDataSummary's starting maximum
 _VIN_ALPHABET = "ABCDEFGHJKLMNPRSTUVWXYZ0123456789"
 
 
@@ -84,11 +84,6 @@ def _vehicle(ctx: Ctx, token_id: int, filter_arg: dict[str, Any] | None) -> Vehi
     return vd if vd is not None and source_matches(source, vd.source) else None
 
 
-def _permitted(ctx: Ctx, names: list[str]) -> list[str]:
-    privs = ctx.claims.privileges if ctx.claims else frozenset()
-    return [n for n in names if field_privilege_error(n, privs) is None]
-
-
 # ---- resolvers for the graphql-core path -----------------------------------------------------------
 
 
@@ -127,34 +122,55 @@ def _last_seen(parent: dict[str, Any], _info: GraphQLResolveInfo) -> Any:
 def _available_signals(_root: Any, info: GraphQLResolveInfo, tokenId: int, filter: Any = None) -> Any:
     ctx = _authorize(info, tokenId)
     vd = _vehicle(ctx, tokenId, filter)
-    names = _permitted(ctx, vd.available) if vd else []
-    return names or None
+    return (vd.available if vd else []) or None  # telemetry-api does not filter these by privilege
 
 
-def _data_summary(_root: Any, info: GraphQLResolveInfo, tokenId: int, filter: Any = None) -> Any:
+def _signals_snapshot(_root: Any, info: GraphQLResolveInfo, tokenId: int, filter: Any = None) -> Any:
+    """telemetry-api ``SignalsSnapshot``: every signal's latest value the caller may read (filtered by its
+    privileges, unlike availableSignals), the approximate location appended when the coordinates are there."""
     ctx = _authorize(info, tokenId)
     vd = _vehicle(ctx, tokenId, filter)
     if vd is None:
-        return {
-            "numberOfSignals": 0,
-            "availableSignals": [],
-            "firstSeen": GO_ZERO_TIME,
-            "lastSeen": GO_ZERO_TIME,
-            "signalDataSummary": [],
-            "eventDataSummary": [],
-        }
-    names = _permitted(ctx, vd.available)
-    sums = [vd.summaries[n] for n in names]
+        return {"lastSeen": None, "signals": []}
+    assert ctx.claims is not None
+    privileges = ctx.claims.privileges
+    out = []
+    for name, (ts, value) in sorted(vd.latest.items()):
+        if field_privilege_error(name, privileges) is None:
+            out.append({"name": name, "timestamp": ts, **_snapshot_value(name, value)})
+    if COORDINATES in vd.latest and field_privilege_error(APPROX_COORDINATES, privileges) is None:
+        ts, loc = vd.latest[COORDINATES]
+        approx = {**loc, LAT: snap(loc[LAT]), LON: snap(loc[LON])}
+        out.append({"name": APPROX_COORDINATES, "timestamp": ts, "valueLocation": approx})
+    return {"lastSeen": vd.last_seen, "signals": out}
+
+
+def _snapshot_value(name: str, value: Any) -> dict[str, Any]:
+    if name == COORDINATES:
+        return {"valueLocation": value}
+    return {"valueString": value} if isinstance(value, str) else {"valueNumber": value}
+
+
+def _data_summary(_root: Any, info: GraphQLResolveInfo, tokenId: int, filter: Any = None) -> Any:
+    """telemetry-api ``GetDataSummary``: all-time, not filtered by privileges (only ``@requiresVehicleToken``);
+    firstSeen/lastSeen also cover events; with no data they are the request time and 1900-01-01."""
+    ctx = _authorize(info, tokenId)
+    vd = _vehicle(ctx, tokenId, filter)
+    names = vd.available if vd else []
+    sums = [vd.summaries[n] for n in names] if vd else []
+    events = _event_summary(vd.events) if vd else []
+    firsts = [s.first_seen for s in sums] + [e["firstSeen"] for e in events]
+    lasts = [s.last_seen for s in sums] + [e["lastSeen"] for e in events]
     return {
         "numberOfSignals": sum(s.count for s in sums),
         "availableSignals": names,
-        "firstSeen": min((s.first_seen for s in sums), default=GO_ZERO_TIME),
-        "lastSeen": max((s.last_seen for s in sums), default=GO_ZERO_TIME),
+        "firstSeen": min(firsts, default=datetime.now(UTC)),
+        "lastSeen": max(lasts, default=NO_DATA_LAST_SEEN),
         "signalDataSummary": [
             {"name": n, "numberOfSignals": s.count, "firstSeen": s.first_seen, "lastSeen": s.last_seen}
             for n, s in zip(names, sums, strict=True)
         ],
-        "eventDataSummary": _event_summary(vd.events),
+        "eventDataSummary": events,
     }
 
 
@@ -174,6 +190,7 @@ def _event_summary(events: pl.DataFrame) -> list[dict[str, Any]]:
 
 
 def _string_filter(col: str, f: dict[str, Any] | None) -> pl.Expr | None:
+    """``StringValueFilter``: every set condition holds, and so does one of ``or`` when given."""
     if not f:
         return None
     c = pl.col(col)
@@ -182,7 +199,11 @@ def _string_filter(col: str, f: dict[str, Any] | None) -> pl.Expr | None:
         *([c != f["neq"]] if f.get("neq") is not None else []),
         *([c.is_in(f["in"])] if f.get("in") is not None else []),
         *([~c.is_in(f["notIn"])] if f.get("notIn") is not None else []),
+        *([c.str.starts_with(f["startsWith"])] if f.get("startsWith") is not None else []),
     ]
+    alternatives = [e for sub in f.get("or") or [] if (e := _string_filter(col, sub)) is not None]
+    if alternatives:
+        conds.append(pl.any_horizontal(alternatives))
     return pl.all_horizontal(conds) if conds else None
 
 
@@ -249,9 +270,8 @@ def _vin_vc(_root: Any, info: GraphQLResolveInfo, tokenId: int) -> Any:
         "countryCode": "USA",
         "vehicleContractAddress": VEHICLE_NFT_PROD,
         "validFrom": issued,
+        "validTo": expires,
         "rawVC": orjson.dumps(raw).decode(),
-        "issuanceDate": issued,
-        "expirationDate": expires,
     }
 
 
@@ -262,6 +282,7 @@ def wire_resolvers() -> None:
     assert query is not None
     query.fields["signalsLatest"].resolve = _signals_latest
     query.fields["availableSignals"].resolve = _available_signals
+    query.fields["signalsSnapshot"].resolve = _signals_snapshot
     query.fields["dataSummary"].resolve = _data_summary
     query.fields["events"].resolve = _events
     query.fields["vinVCLatest"].resolve = _vin_vc

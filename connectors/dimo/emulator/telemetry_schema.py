@@ -10,7 +10,16 @@ from datetime import UTC, datetime
 from functools import cache
 from typing import Any
 
-from graphql import GraphQLError, GraphQLScalarType, GraphQLSchema, StringValueNode, ValueNode, build_schema
+from graphql import (
+    GraphQLError,
+    GraphQLNonNull,
+    GraphQLObjectType,
+    GraphQLScalarType,
+    GraphQLSchema,
+    StringValueNode,
+    ValueNode,
+    build_schema,
+)
 
 from connectors.dimo.catalog import Signal, current_signals
 from connectors.dimo.emulator.gql import load_sdl
@@ -96,13 +105,21 @@ def _serialize_int(value: Any) -> int:
     return value
 
 
+# gqlgen's Int is 64-bit, graphql-core's 32-bit: output fields that can exceed 2³¹ (Event.durationNs) get this
+# stand-in, which keeps the name "Int" so the schema reads as the real one.
+INT_64 = GraphQLScalarType("Int64", serialize=_serialize_int, description="gqlgen's 64-bit Int")
+INT_64.name = "Int"  # graphql-core refuses the reserved name at construction only
+
+
 @cache
 def telemetry_schema() -> GraphQLSchema:
-    """The executable schema with the Time/Int64/Uint64 scalars wired up (resolvers are set by telemetry.py)."""
+    """The executable schema with the Time/Uint64 scalars wired up (resolvers are set by telemetry.py)."""
     schema = build_schema(telemetry_sdl())
     wire_scalar(schema, "Time", format_time, parse_time, _parse_time_literal)
-    for name in ("Int64", "Uint64"):
-        wire_scalar(schema, name, _serialize_int)
+    wire_scalar(schema, "Uint64", _serialize_int)
+    event = schema.type_map["Event"]
+    assert isinstance(event, GraphQLObjectType)
+    event.fields["durationNs"].type = GraphQLNonNull(INT_64)
     return schema
 
 

@@ -306,6 +306,26 @@ def test_exchange_new_body_and_dev_contract(srv: Server) -> None:
     assert claims is not None and claims.contract == VEHICLE_NFT_DEV and claims.token_id == 40
 
 
+def test_exchange_legacy_only_ignores_the_new_fields(srv: Server) -> None:
+    """``exchange_legacy_only``: a token-exchange-api from before asset/permissions existed."""
+    dev = dev_jwt(srv)
+    new = {
+        "asset": f"did:erc721:137:{VEHICLE_NFT_PROD}:10",
+        "permissions": ["privilege:GetNonLocationHistory"],
+    }
+    srv.state.exchange_legacy_only = True
+    try:
+        r = _exchange(srv, new, dev)
+        legacy = _exchange(
+            srv, {"nftContractAddress": VEHICLE_NFT_PROD, "privileges": [1], "tokenId": 10}, dev
+        )
+    finally:
+        srv.state.exchange_legacy_only = False
+    assert (r.status_code, r.json()) == (400, {"code": 400, "message": 'Invalid NFT contract address "".'})
+    assert legacy.status_code == 200
+    assert _exchange(srv, new, dev).status_code == 200  # the current service takes it
+
+
 @pytest.mark.parametrize(
     ("body", "status", "message"),
     [

@@ -127,8 +127,14 @@ def test_vehicle_lookup_fields_and_not_found(srv: Server) -> None:
     assert v["tokenId"] == 40 and v["sacd"] is None and v["syntheticDevice"]["tokenId"] == 2004
 
     status, body = gql(srv, q, id=12345, g=lic)
-    assert status == 200 and body["data"] is None  # Vehicle! is non-null in identity-api
-    assert body["errors"][0]["message"] == "not found" and body["errors"][0]["path"] == ["vehicle"]
+    # identity-api (graph/vehicle.resolvers.go): `vehicle` is nullable; null plus a NOT_FOUND error.
+    assert status == 200 and body["data"] == {"vehicle": None}
+    err = body["errors"][0]
+    assert err["message"] == "No vehicle with token id 12345." and err["path"] == ["vehicle"]
+    assert err["extensions"]["code"] == "NOT_FOUND"
+    _, body = gql(srv, q, did=f"did:erc721:137:{VEHICLE_NFT_PROD}:999", g=lic)
+    assert body["data"] == {"vehicle": None}
+    assert body["errors"][0]["message"] == f'No vehicle with DID "did:erc721:137:{VEHICLE_NFT_PROD}:999".'
     _, body = gql(srv, q, id=10, did="did:erc721:137:0x0:1", g=lic)
     assert body["errors"][0]["message"] == "provide exactly one of `tokenID` or `tokenDID`"
 
@@ -172,6 +178,13 @@ def test_filters_owner_make_year_and_count(srv: Server) -> None:
         t for t in privileged_ids(srv) if fleet[t].make == "Ford" and fleet[t].year == 2022
     ]
     assert ids({"owner": OWNER, "manufacturerTokenId": 137, "privileged": STRANGER}) == []
+    # connection: vehicles whose synthetic device belongs to the connection at that address
+    paired = [t for t in sorted(fleet, reverse=True) if fleet[t].synthetic_device_id is not None]
+    assert paired, "the fleet needs a vehicle with a synthetic device"
+    address = fleet[paired[0]].source.rsplit(":", 1)[1]
+    want = [t for t in paired if fleet[t].source.rsplit(":", 1)[1].lower() == address.lower()]
+    assert ids({"connection": address.upper().replace("0X", "0x")}) == want
+    assert ids({"connection": STRANGER}) == []
 
 
 def test_developer_license_rewards_and_bad_address(srv: Server) -> None:
@@ -186,6 +199,12 @@ def test_developer_license_rewards_and_bad_address(srv: Server) -> None:
     assert [s["address"] for s in d["signers"]["nodes"]] == list(lic.signers)
     assert d["redirectURIs"]["nodes"] == [{"uri": lic.domain}] and body["data"]["rewards"] is None
 
+    other = "0x" + "12" * 20
+    status, body = gql(srv, q, c=other)
+    # identity-api: `developerLicense` is nullable; an unknown license is null plus a NOT_FOUND error.
+    assert status == 200 and body["data"]["developerLicense"] is None
+    assert body["errors"][0]["message"] == f"No developer license with client id {other}."
+    assert body["errors"][0]["extensions"]["code"] == "NOT_FOUND"
     status, body = gql(srv, q, c="0xnot-an-address")
     assert status == 422 and body["errors"][0]["extensions"]["code"] == "GRAPHQL_VALIDATION_FAILED"
     status, body = gql(srv, "{ vehicles(first: 1) { bogus } }")

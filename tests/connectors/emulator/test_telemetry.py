@@ -695,6 +695,7 @@ def test_available_signals_and_data_summary(client, state) -> None:
     }
     assert summary["numberOfSignals"] == sum(counts.values())
     assert {d["name"]: d["numberOfSignals"] for d in summary["signalDataSummary"]} == counts
+    # The overall span also covers events (the last, safety.collision, is at 00:30, inside the series).
     assert (summary["firstSeen"], summary["lastSeen"]) == (_iso(T0), _iso(T0 + (N - 1) * STEP))
     assert summary["eventDataSummary"][0] == {
         "name": "behavior.harshAcceleration",
@@ -702,18 +703,75 @@ def test_available_signals_and_data_summary(client, state) -> None:
         "firstSeen": _iso(T0 + timedelta(minutes=5)),
         "lastSeen": _iso(T0 + timedelta(minutes=5)),
     }
-    non_location = post(client, state, "{ availableSignals(tokenId: 11) }", privileges=(1,)).json()["data"]
-    assert non_location["availableSignals"] == ["exteriorAirTemperature", "obdDTCList", "speed"]
+    # telemetry-api filters neither by the caller's privileges (only signalsSnapshot does).
+    non_location = post(client, state, q, privileges=(1,)).json()["data"]
+    assert non_location == data
     empty = post(
         client,
         state,
-        "{ availableSignals(tokenId: 13) dataSummary(tokenId: 13) { numberOfSignals firstSeen } }",
+        "{ availableSignals(tokenId: 13) dataSummary(tokenId: 13) { numberOfSignals availableSignals "
+        "signalDataSummary { name } firstSeen lastSeen } }",
         token_id=13,
-    ).json()
-    assert empty["data"] == {
-        "availableSignals": None,
-        "dataSummary": {"numberOfSignals": 0, "firstSeen": "0001-01-01T00:00:00Z"},
+    ).json()["data"]
+    assert empty["availableSignals"] is None
+    # GetDataSummary's starting values survive when there is no data: firstSeen = now, lastSeen = 1900.
+    first_seen = datetime.fromisoformat(empty["dataSummary"].pop("firstSeen").replace("Z", "+00:00"))
+    assert first_seen > datetime(2026, 1, 1, tzinfo=UTC)
+    assert empty["dataSummary"] == {
+        "numberOfSignals": 0,
+        "availableSignals": [],
+        "signalDataSummary": [],
+        "lastSeen": "1900-01-01T00:00:00Z",
     }
+
+
+def test_signals_snapshot_is_filtered_by_privileges(client, state) -> None:
+    q = """{ signalsSnapshot(tokenId: 11) { lastSeen
+        signals { name timestamp valueNumber valueString valueLocation { latitude longitude hdop } } } }"""
+    full = post(client, state, q).json()["data"]["signalsSnapshot"]
+    latest = post(client, state, "{ signalsLatest(tokenId: 11) { lastSeen speed { timestamp value } } }")
+    latest_data = latest.json()["data"]["signalsLatest"]
+    by_name = {s["name"]: s for s in full["signals"]}
+    assert full["lastSeen"] == latest_data["lastSeen"]
+    assert list(by_name) == [
+        "currentLocationAltitude",
+        "currentLocationCoordinates",
+        "exteriorAirTemperature",
+        "obdDTCList",
+        "speed",
+        "currentLocationApproximateCoordinates",  # derived, appended last
+    ]
+    speed = by_name["speed"]
+    assert (speed["timestamp"], speed["valueNumber"]) == (
+        latest_data["speed"]["timestamp"],
+        latest_data["speed"]["value"],
+    )
+    assert speed["valueString"] is None and speed["valueLocation"] is None
+    assert isinstance(by_name["obdDTCList"]["valueString"], str)
+    exact, approx = by_name["currentLocationCoordinates"], by_name["currentLocationApproximateCoordinates"]
+    assert exact["valueLocation"] != approx["valueLocation"]
+    assert abs(exact["valueLocation"]["latitude"] - approx["valueLocation"]["latitude"]) < 0.05
+    # without location privileges the location entries disappear (no error, unlike signalsLatest)
+    no_loc = post(client, state, q, privileges=(1,)).json()
+    assert "errors" not in no_loc
+    assert [s["name"] for s in no_loc["data"]["signalsSnapshot"]["signals"]] == [
+        "exteriorAirTemperature",
+        "obdDTCList",
+        "speed",
+    ]
+    none = post(client, state, "{ signalsSnapshot(tokenId: 13) { lastSeen signals { name } } }", token_id=13)
+    assert none.json()["data"]["signalsSnapshot"] == {"lastSeen": None, "signals": []}
+
+
+def test_data_summary_first_and_last_seen_cover_events() -> None:
+    fleet = _fleet()
+    fleet.events[12] = fleet.events[11].with_columns(pl.col("ts") + timedelta(hours=2))
+    st = EmulatorState(fleet=fleet, public_url="http://127.0.0.1")
+    q = "{ dataSummary(tokenId: 12) { firstSeen lastSeen signalDataSummary { lastSeen } } }"
+    with serve(create_app(st)) as url, httpx.Client(base_url=url, timeout=10) as c:
+        got = post(c, st, q, token_id=12).json()["data"]["dataSummary"]
+    assert got["lastSeen"] == _iso(T0 + timedelta(hours=2, minutes=30))
+    assert max(s["lastSeen"] for s in got["signalDataSummary"]) < got["lastSeen"]
 
 
 def test_events(client, state) -> None:
@@ -735,6 +793,16 @@ def test_events(client, state) -> None:
         "events"
     ]
     assert [r["name"] for r in named] == ["behavior.harshAcceleration"]
+    # durationNs is gqlgen's 64-bit Int: 3 s does not fit graphql-core's 32-bit Int.
+    assert next(r for r in rows if r["name"] == "behavior.harshAcceleration")["durationNs"] == 3_000_000_000
+    prefixed = post(client, state, q, {"f": {"name": {"startsWith": "behavior.harshA"}}}).json()["data"]
+    assert [r["name"] for r in prefixed["events"]] == ["behavior.harshAcceleration"]
+    either = {
+        "name": {"neq": "x", "or": [{"eq": "behavior.harshBraking"}, {"startsWith": "behavior.harshA"}]}
+    }
+    assert len(post(client, state, q, {"f": either}).json()["data"]["events"]) == 2
+    neither = {"name": {"or": [{"eq": "nope"}, {"startsWith": "safety"}]}}
+    assert post(client, state, q, {"f": neither}).json()["data"]["events"] == []
     denied = post(client, state, q, privileges=(1,)).json()
     assert (
         denied["errors"][0]["message"]
@@ -743,8 +811,11 @@ def test_events(client, state) -> None:
 
 
 def test_vin_vc(client, state) -> None:
-    q = "{ vinVCLatest(tokenId: 11) { vin rawVC vehicleTokenId } }"
+    q = "{ vinVCLatest(tokenId: 11) { vin rawVC vehicleTokenId validFrom validTo } }"
     first = post(client, state, q).json()["data"]["vinVCLatest"]
+    raw = orjson.loads(first["rawVC"])
+    assert (first["validFrom"], first["validTo"]) == (raw["validFrom"], raw["validTo"])
+    assert first["validTo"] > first["validFrom"]
     assert first == post(client, state, q).json()["data"]["vinVCLatest"]
     assert first["vin"] == fake_vin(11) and len(first["vin"]) == 17 and first["vehicleTokenId"] == 11
     assert orjson.loads(first["rawVC"])["credentialSubject"]["vehicleIdentificationNumber"] == first["vin"]
