@@ -136,7 +136,7 @@ def main() -> None:
                     if res.state != JobState.SUCCEEDED:
                         raise SystemExit(f"{runner.name} job failed: {res.error}")
                     metrics.append(res.metrics)
-                    worker_s[runner.name].append(res.timings.get("total_s", 0.0))
+                    worker_s[runner.name].append(res.timings["total_s"])
                 print(f"round {i}: local {local_s[-1]:.2f}s, agent {agent_s[-1]:.2f}s", file=sys.stderr)
 
             bare_dir = work / "bare"

@@ -8,8 +8,13 @@ default services on — what a local run pays; started before timing, its start 
    job through ``LocalRunner`` → quality bar → publish → smoke call → alias), then the flow
    (``pipelines.flows.train_and_publish``: the same functions as tasks and subflows, plus artifacts, state
    tracking, logging to the API). Each round starts from an empty dataset, models directory and registry.
-The best round of each side counts. Last stdout line, JSON: ``flow_s``, ``plain_s``, ``overhead_s`` (flow −
-plain), ``overhead_ratio`` (flow ÷ plain), per-stage seconds of both, ``server_start_s``, rows, device.
+The best round of each side counts. Every run (warm-ups included) must produce the same outcome — rows,
+dataset hash, function name, and the model artifact's files (weights, config and metrics sha256) — or the run
+fails: the comparison is only fair when both sides did the same work. The function *version* is reported, not
+compared: it is the content hash of the bundle, which holds the artifact's ``manifest.json``, and that file
+records the training run's ``created_at`` and timings, so every run — even two plain ones — gets a new version.
+Last stdout line, JSON: ``flow_s``, ``plain_s``, ``overhead_s`` (flow − plain), ``overhead_ratio`` (flow ÷
+plain), per-stage seconds of both, ``server_start_s``, rows, device, ``flow_version``/``plain_version``.
 """
 
 from __future__ import annotations
@@ -76,7 +81,42 @@ def plain_train_and_publish(params: TrainAndPublishParams) -> tuple[dict[str, An
     pp = params.publish.model_copy(update={"model_dir": Path(trained.model_dir)})
     published = S.publish_function_step(pp, Path(trained.model_dir))
     stages["publish"] = time.perf_counter() - t
-    return {"rows": info.rows, "version": published.version, "device": trained.device}, stages
+    out = outcome(
+        info.rows, trained.dataset_sha256, Path(trained.model_dir), published.name, published.version
+    )
+    return {**out, "device": trained.device}, stages
+
+
+def outcome(rows: int, dataset_sha256: str, model_dir: Path, function: str, version: str) -> dict[str, Any]:
+    """What a run produced; every key but ``version`` must be the same for all runs (see the module doc)."""
+    files = json.loads((model_dir / "manifest.json").read_text())["files"]
+    return {
+        "rows": rows,
+        "dataset_sha256": dataset_sha256,
+        "model_files": files,
+        "function": function,
+        "version": version,
+    }
+
+
+def require_same(reference: dict[str, Any], other: dict[str, Any], what: str) -> None:
+    """Fail the run when ``other`` differs from ``reference`` in anything but the version."""
+    diff = [k for k in reference if k not in ("version", "device") and reference[k] != other[k]]
+    if diff:
+        detail = "; ".join(f"{k}: {reference[k]!r} vs {other[k]!r}" for k in diff)
+        raise SystemExit(
+            f"bench failed: {what} produced a different outcome than the first plain run ({detail})"
+        )
+
+
+def flow_outcome(result: Any) -> dict[str, Any]:
+    return outcome(
+        result.rows,
+        result.dataset_sha256,
+        Path(result.model_dir),
+        result.function_name,
+        result.function_version,
+    )
 
 
 def run_params(
@@ -142,20 +182,23 @@ def main() -> None:
                 def params() -> TrainAndPublishParams:
                     return run_params(work, creds, args.days, args.epochs, args.batch_size)
 
-                plain_train_and_publish(params())  # warm-up
-                train_and_publish(params())
+                info, _ = plain_train_and_publish(params())  # warm-up; its outcome is the reference
+                require_same(info, flow_outcome(train_and_publish(params())), "the warm-up flow")
                 plain: list[tuple[float, dict[str, float]]] = []
                 flows: list[tuple[float, dict[str, float]]] = []
-                info: dict[str, Any] = {}
+                flow_version = ""
                 for r in range(args.repeat):
                     p = params()
                     t = time.perf_counter()
-                    info, stages = plain_train_and_publish(p)
+                    plain_info, stages = plain_train_and_publish(p)
                     plain.append((time.perf_counter() - t, stages))
+                    require_same(info, plain_info, f"plain round {r + 1}")
                     p = params()
                     t = time.perf_counter()
                     result = train_and_publish(p)
                     flows.append((time.perf_counter() - t, result.stage_seconds))
+                    require_same(info, flow_outcome(result), f"flow round {r + 1}")
+                    flow_version = result.function_version
                     print(
                         f"round {r + 1}: plain {plain[-1][0]:.2f}s, flow {flows[-1][0]:.2f}s", file=sys.stderr
                     )
@@ -173,12 +216,15 @@ def main() -> None:
         "flow_stage_s": {k: round(v, 3) for k, v in flow_stages.items()},
         "plain_stage_s": {k: round(v, 3) for k, v in plain_stages.items()},
         "server_start_s": round(server_s, 2),
-        "rows": info.get("rows"),
+        "rows": info["rows"],
         "vehicles": args.vehicles,
         "days": args.days,
         "epochs": args.epochs,
         "repeat": args.repeat,
-        "device": info.get("device"),
+        "device": info["device"],
+        "same_outcome": True,  # rows, dataset, function name and model files matched in every run
+        "flow_version": flow_version,
+        "plain_version": plain_info["version"],
     }
     print(json.dumps(out))
 

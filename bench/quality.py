@@ -87,13 +87,13 @@ def main() -> None:
                 m, n = r.metrics, a.metrics
                 ratios.append(m["mae"] / m["baseline_mae"])
                 hist.append(m["mae"] / m["history_baseline_mae"])
-                if n.get("n_faults"):
+                if n["n_faults"]:
                     recalls.append(n["recall"])
                     fprs.append(n["false_positive_rate"])
                 print(
                     f"fleet {fleet_seed} split {split}: range mae {m['mae']:.2f} vs baseline "
                     f"{m['baseline_mae']:.2f} kWh/100km (ratio {ratios[-1]:.2f}); anomaly recall "
-                    f"{n.get('recall', float('nan')):.2f} fpr {n.get('false_positive_rate', float('nan')):.3f}",
+                    f"{n['recall']:.2f} fpr {n['false_positive_rate']:.3f}",
                     flush=True,
                 )
                 if split == 0:

@@ -12,9 +12,10 @@ One run:
    measuring window. Each side's best round counts (highest rps, lowest p50/p99: the least disturbed by
    other work on the machine), the same rule for both sides.
 
-Last stdout line: one JSON object with ``ratio_1``, ``ratio_16``, ``ratio_64`` (gateway ÷ bare throughput),
-``p99_ratio_64`` (gateway ÷ bare p99 latency at 64 clients), the absolute rps / p50 / p99 per side and point,
-the gateway's batch statistics and ``device``.
+Only 200 answers count (throughput and latency); any other answer, warm-up included, fails the run with a
+non-zero exit and the status and body it got. Last stdout line: one JSON object with ``ratio_1``,
+``ratio_16``, ``ratio_64`` (gateway ÷ bare throughput), ``p99_ratio_64`` (gateway ÷ bare p99 latency at 64
+clients), the absolute rps / p50 / p99 per side and point, the gateway's batch statistics and ``device``.
 """
 
 from __future__ import annotations
@@ -145,8 +146,10 @@ async def _client(
     t_measure: float,
     t_stop: float,
     lat: list[float],
-    bad: list[int],
+    bad: list[tuple[int, bytes]],
 ) -> None:
+    """One keep-alive connection; latencies of 200 answers inside the window go to ``lat``, every non-200
+    answer (warm-up included) to ``bad`` as (status, start of the body)."""
     reader, writer = await asyncio.open_connection(host, port)
     writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     clock = time.perf_counter
@@ -163,12 +166,12 @@ async def _client(
             m = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
             if m is None:
                 raise RuntimeError(f"no Content-Length in {head[:200]!r}")
-            await reader.readexactly(int(m.group(1)))
+            body = await reader.readexactly(int(m.group(1)))
             t1 = clock()
-            if t_measure <= t1 < t_stop:
+            if head[9:12] != b"200":
+                bad.append((int(head[9:12]), body[:300]))
+            elif t_measure <= t1 < t_stop:
                 lat.append(t1 - t0)
-                if head[9:12] != b"200":
-                    bad.append(int(head[9:12]))
     finally:
         writer.close()
 
@@ -186,7 +189,7 @@ async def _load(
         for b in bodies
     ]
     lat: list[float] = []
-    bad: list[int] = []
+    bad: list[tuple[int, bytes]] = []
     now = time.perf_counter()
     t_measure, t_stop = now + warmup, now + warmup + duration
     step = max(1, len(requests) // clients)
@@ -194,14 +197,18 @@ async def _load(
         *(_client(host, int(port), requests, c * step, t_measure, t_stop, lat, bad) for c in range(clients))
     )
     lat.sort()
-    q = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) >= 2 else [lat[0] * 1e3] * 99
+    if len(lat) >= 2:
+        q = statistics.quantiles(lat, n=100, method="inclusive")
+    else:  # 0 or 1 successes: the run fails below or in ``main`` (no successes = no throughput)
+        q = [lat[0] if lat else float("nan")] * 99
     return {
-        "rps": round(len(lat) / duration, 1),
+        "rps": round(len(lat) / duration, 1),  # successful (200) answers only
         "p50_ms": round(q[49] * 1e3, 3),
         "p99_ms": round(q[98] * 1e3, 3),
         "requests": len(lat),
         "errors": len(bad),
-        "error_statuses": sorted(set(bad))[:5],
+        "error_statuses": sorted({status for status, _ in bad})[:5],
+        "error_example": bad[0][1].decode(errors="replace") if bad else None,
     }
 
 
@@ -338,8 +345,22 @@ def summarize(results: dict[str, dict[int, list[dict[str, Any]]]], levels: list[
         for side, r in best.items():
             for k, v in r.items():
                 out[f"{side}_{k}_{n}"] = v
-        out[f"gateway_mean_batch_rows_{n}"] = results["gateway"][n][-1].get("mean_batch_rows")
+        out[f"gateway_mean_batch_rows_{n}"] = results["gateway"][n][-1]["mean_batch_rows"]
     return out
+
+
+def _require_success(side: str, clients: int, res: dict[str, Any]) -> None:
+    """Stop the run on any non-200 answer or an empty window: such a point's throughput means nothing."""
+    if res["errors"]:
+        raise SystemExit(
+            f"bench failed: {side} answered {res['errors']} request(s) with HTTP {res['error_statuses']} at "
+            f"{clients} client(s), e.g. {res['error_example']!r}; fix the server or the request rows and rerun"
+        )
+    if res["requests"] < 2:
+        raise SystemExit(
+            f"bench failed: {side} completed {res['requests']} request(s) in the {clients}-client window; "
+            "raise --duration or check the server's log (--keep)"
+        )
 
 
 def main() -> None:
@@ -381,9 +402,11 @@ def main() -> None:
                 "gateway": (gateway.base_url, "/v1/functions/range/invoke"),
                 "bare": (bare.url, "/invoke"),
             }
-            answers = [
-                httpx.post(url + path, content=bodies[0], timeout=10).json() for url, path in sides.values()
-            ]
+            answers = []
+            for url, path in sides.values():
+                first = httpx.post(url + path, content=bodies[0], timeout=10)
+                first.raise_for_status()
+                answers.append(first.json())
             assert answers[0]["outputs"] == answers[1]["outputs"], answers  # same model, same numbers
             for n in levels:
                 for _ in range(args.rounds):
@@ -402,6 +425,7 @@ def main() -> None:
                             + (f"  rows/batch {res['mean_batch_rows']}" if side == "gateway" else ""),
                             file=sys.stderr,
                         )
+                        _require_success(side, n, res)
     finally:
         if args.keep:
             print(f"kept {work}", file=sys.stderr)

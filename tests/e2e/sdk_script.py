@@ -87,6 +87,17 @@ def main(creds_path: str) -> dict[str, Any]:
     )
     out["signals_6h"] = raw["data"]["signals"]
     out["signals_errors"] = raw.get("errors")
+
+    out["vin"] = d.telemetry.get_vehicle_vin_vc(vehicle_jwt, token_id)["data"]["vinVCLatest"]["vin"]
+    # fields of the current telemetry-api schema, through the SDK's raw query
+    current = d.telemetry.query(
+        f"""{{ vinVCLatest(tokenId: {token_id}) {{ validFrom validTo }}
+              dataSummary(tokenId: {token_id}) {{ availableSignals signalDataSummary {{ name firstSeen lastSeen }} }}
+              signalsSnapshot(tokenId: {token_id}) {{ lastSeen signals {{ name }} }} }}""",
+        vehicle_jwt,
+    )
+    out["current_schema"] = current.get("data")
+    out["current_schema_errors"] = current.get("errors")
     return out
 
 

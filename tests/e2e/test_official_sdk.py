@@ -1,15 +1,16 @@
 """Compatibility: DIMO's official Python SDK (dimo-python-sdk 1.8.0) works unchanged against the emulator.
 
 The SDK pins eth-account 0.13.4, so it lives in its own venv (``<repo>/.venv-dimo-sdk``, created on first
-use and reused while valid); ``sdk_script.py`` runs there against an emulator child process.
+use and reused while valid); ``sdk_script.py`` runs there against an emulator child process. When the env var
+CI is set, an SDK that cannot be installed fails the test; without CI an unreachable package index skips it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,51 +22,46 @@ from connectors.dimo.emulator.server import EmulatorProcess
 from connectors.dimo.emulator.state import EmulatorConfig
 from connectors.dimo.privileges import decode_sacd_permissions
 from connectors.dimo.settings import VEHICLE_NFT_PROD
+from tests.e2e.dimo_sdk_venv import SdkIndexUnreachable, SdkInstallError, ensure_sdk_python
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
-SDK_VENV = REPO / ".venv-dimo-sdk"
-SDK_PYTHON = SDK_VENV / "bin" / "python"
 SCRIPT = Path(__file__).with_name("sdk_script.py")
-SDK_REQUIREMENTS = ["dimo-python-sdk==1.8.0", "typing_extensions"]
-UNREACHABLE = (
-    "No matching distribution found",
-    "Could not find a version",
-    "NewConnectionError",
-    "Max retries exceeded",
-    "Temporary failure in name resolution",
-    "Network is unreachable",
-    "Connection refused",
-)
 
 
-def _sdk_ready() -> bool:
-    if not SDK_PYTHON.exists():
-        return False
-    check = "import dimo, importlib.metadata as m; assert m.version('dimo-python-sdk') == '1.8.0'"
-    return subprocess.run([str(SDK_PYTHON), "-c", check], capture_output=True, timeout=60).returncode == 0
+def obtain_sdk(ensure: Callable[[], Path] = ensure_sdk_python) -> Path:
+    """The SDK venv's interpreter. Failing to install it fails the test when the env var CI is set; without CI
+    an unreachable (or hanging) package index skips, and any other install failure still fails."""
+    try:
+        return ensure()
+    except (SdkIndexUnreachable, subprocess.TimeoutExpired) as exc:
+        if "CI" in os.environ:
+            pytest.fail(f"CI is set, so the official SDK must be installable: {exc}", pytrace=False)
+        pytest.skip(f"official DIMO SDK not installable here (set CI to make this a failure): {exc}")
+    except (SdkInstallError, subprocess.CalledProcessError, OSError) as exc:
+        pytest.fail(f"could not install the official DIMO SDK: {exc}", pytrace=False)
 
 
-@pytest.fixture(scope="module")
-def sdk_python() -> Path:
-    """The SDK venv's interpreter; built with ``python -m venv`` + pip when missing or broken."""
-    if _sdk_ready():
-        return SDK_PYTHON
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(SDK_VENV)], check=True, timeout=120)
-    pip = subprocess.run(
-        [str(SDK_PYTHON), "-m", "pip", "install", "-q", "--disable-pip-version-check", *SDK_REQUIREMENTS],
-        capture_output=True,
-        text=True,
-        timeout=480,
-    )
-    if pip.returncode != 0:
-        log = pip.stdout + pip.stderr
-        if any(marker in log for marker in UNREACHABLE):
-            pytest.skip(f"package index unreachable, cannot install {SDK_REQUIREMENTS}: {log[-500:]}")
-        pytest.fail(f"pip install {SDK_REQUIREMENTS} failed:\n{log[-3000:]}")
-    assert _sdk_ready(), "dimo-python-sdk 1.8.0 installed but not importable"
-    return SDK_PYTHON
+def test_sdk_install_failure_fails_under_ci_and_skips_only_without(monkeypatch: pytest.MonkeyPatch) -> None:
+    def unreachable() -> Path:
+        raise SdkIndexUnreachable("package index unreachable: Network is unreachable")
+
+    def hangs() -> Path:
+        raise subprocess.TimeoutExpired(["pip", "install"], 480)
+
+    def broken() -> Path:
+        raise SdkInstallError("pip install failed: resolver conflict")
+
+    monkeypatch.setenv("CI", "true")
+    for ensure in (unreachable, hangs, broken):
+        with pytest.raises(pytest.fail.Exception):
+            obtain_sdk(ensure)
+    monkeypatch.delenv("CI")
+    for ensure in (unreachable, hangs):
+        with pytest.raises(pytest.skip.Exception, match="set CI to make this a failure"):
+            obtain_sdk(ensure)
+    with pytest.raises(pytest.fail.Exception, match="resolver conflict"):
+        obtain_sdk(broken)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +82,8 @@ def _privileged_ids(emu: EmulatorProcess) -> list[int]:
     return [n["tokenId"] for n in r.json()["data"]["vehicles"]["nodes"]]
 
 
-def test_official_sdk_end_to_end(sdk_python: Path, emulator: EmulatorProcess) -> None:
+def test_official_sdk_end_to_end(emulator: EmulatorProcess) -> None:
+    sdk_python = obtain_sdk()  # in the test body: an install failure under CI is a FAILED test, not an error
     proc = subprocess.run(
         [str(sdk_python), str(SCRIPT), str(emulator.credentials_path)],
         capture_output=True,
@@ -143,3 +140,18 @@ def test_official_sdk_end_to_end(sdk_python: Path, emulator: EmulatorProcess) ->
     assert max(b["maxSpeed"] or 0 for b in buckets) > 5  # it drove at some point in three days
     odo = [b["odo"] for b in buckets if b["odo"] is not None]
     assert odo and odo == sorted(odo)  # the odometer never runs backwards
+
+    # The SDK's VIN query, then current-schema fields (VC validity, dataSummary, signalsSnapshot) via its raw query
+    assert isinstance(out["vin"], str) and len(out["vin"]) == 17
+    assert out["current_schema_errors"] is None
+    current = out["current_schema"]
+    assert current["vinVCLatest"]["validFrom"] < current["vinVCLatest"]["validTo"]
+    summary = current["dataSummary"]
+    assert summary["availableSignals"] == [s["name"] for s in summary["signalDataSummary"]]
+    assert set(out["available"]) == set(summary["availableSignals"])
+    assert all(s["firstSeen"] <= s["lastSeen"] for s in summary["signalDataSummary"])
+    snapshot = {s["name"] for s in current["signalsSnapshot"]["signals"]}
+    assert "speed" in snapshot and snapshot <= set(summary["availableSignals"]) | {
+        "currentLocationApproximateCoordinates"
+    }
+    assert current["signalsSnapshot"]["lastSeen"] == max(s["lastSeen"] for s in summary["signalDataSummary"])
