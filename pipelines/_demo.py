@@ -32,7 +32,7 @@ from typing import Any
 
 from depin_core.fs import atomic_write_bytes
 from depin_core.net import free_port
-from pipelines._output import err_console
+from pipelines._output import say
 
 SUMMARY_FILE = "summary.json"
 # The demo fleet: 30 simulated vehicles, a week of history ending at a fixed time (the fleet and quality of
@@ -206,21 +206,23 @@ def run_demo(*, vehicles: int, days: float, seed: int, out: Path) -> dict[str, A
     out.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
     started = t = time.perf_counter()
-    err_console.print(
-        f"[bold]1/4[/] starting the DIMO emulator ({vehicles} simulated vehicles, {days:g} days), a GPU worker "
-        "agent, the function gateway (and a Prefect server unless depin up or PREFECT_API_URL provides one)"
+    say(
+        ("1/4", "bold"),
+        f" starting the DIMO emulator ({vehicles} simulated vehicles, {days:g} days), a GPU worker "
+        "agent, the function gateway (and a Prefect server unless depin up or PREFECT_API_URL provides one)",
     )
     with ExitStack() as stack:
         emu, agent, gw, api = _start_services(out, vehicles, days, seed, stack)
         stages["start_services"] = round(time.perf_counter() - t, 2)
-        err_console.print(
+        say(
             f"    emulator {emu.base_url}, worker agent {agent.url}, gateway {gw.base_url}, Prefect API {api} "
             f"({stages['start_services']:.1f}s)"
         )
 
-        err_console.print(
-            "[bold]2/4[/] train_and_publish: ingest → train on the worker agent (verified here) → evaluate → "
-            "publish (Prefect flow)"
+        say(
+            ("2/4", "bold"),
+            " train_and_publish: ingest → train on the worker agent (verified here) → evaluate → "
+            "publish (Prefect flow)",
         )
         os.environ["PREFECT_API_URL"] = api  # before prefect is imported (pipelines.flows)
         _quiet_prefect_console()
@@ -246,20 +248,20 @@ def run_demo(*, vehicles: int, days: float, seed: int, out: Path) -> dict[str, A
         stages["train_and_publish"] = round(time.perf_counter() - t, 2)
         for stage, seconds in result.stage_seconds.items():
             stages[stage] = round(seconds, 2)
-        err_console.print(
+        say(
             f"    {result.rows:,} rows from {result.vehicles} vehicles; {result.family} model "
             f"{_metric_line(result.metrics, result.baseline)}, trained on {_attempts_line(result.train.attempts)}; "
             f"published {result.function_name}@"
             f"{result.function_version} ({stages['train_and_publish']:.1f}s)"
         )
 
-        err_console.print(f"[bold]3/4[/] invoking {FUNCTION}@{ALIAS} once on the gateway")
+        say(("3/4", "bold"), f" invoking {FUNCTION}@{ALIAS} once on the gateway")
         t = time.perf_counter()
         invoked = invoke_once(gw.base_url, result.function_name, result.function_version)
         stages["invoke"] = round(time.perf_counter() - t, 2)
     stages["total"] = round(time.perf_counter() - started, 2)
 
-    err_console.print("[bold]4/4[/] summary")
+    say(("4/4", "bold"), " summary")
     summary: dict[str, Any] = {
         "rows": result.rows,
         "vehicles": result.vehicles,
@@ -279,11 +281,13 @@ def run_demo(*, vehicles: int, days: float, seed: int, out: Path) -> dict[str, A
     }
     atomic_write_bytes(out / SUMMARY_FILE, json.dumps(summary, indent=2, default=str).encode())
     first = invoked["outputs"][0] if invoked["outputs"] else {}
-    err_console.print(
-        f"\n[bold green]demo done[/] in {stages['total']:.1f}s: {summary['rows']:,} rows × "
+    say(
+        "\n",
+        ("demo done", "bold green"),
+        f" in {stages['total']:.1f}s: {summary['rows']:,} rows × "
         f"{summary['vehicles']} vehicles → {result.family} model ({_metric_line(result.metrics, result.baseline)})"
         f" → {result.function_url}\n    invoke: {len(invoked['inputs'])} row(s) → {json.dumps(first)[:160]} "
-        f"in {invoked['latency_ms']:.1f} ms; summary → {out / SUMMARY_FILE}"
+        f"in {invoked['latency_ms']:.1f} ms; summary → {out / SUMMARY_FILE}",
     )
     return summary
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from pipelines._output import emit_json, err_console
+from pipelines._output import emit_json, say
 
 if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
@@ -155,20 +155,24 @@ def status(
     with make_fluence_publisher(fluence_target=fluence_target, state_dir=state_dir) as pub:
         doc = pub.status()
     if not doc["deployments"] and not doc["untracked"]:
-        err_console.print(f"no Fluence gateway recorded in {doc['state_file']}")
+        say(f"no Fluence gateway recorded in {doc['state_file']}")
     for d in doc["deployments"]:
         price = f"{d['usd_per_day']:.2f} USD/day" if d["usd_per_day"] is not None else "price unknown"
-        ready = "[green]ready[/]" if d["ready"] else "[yellow]not ready[/]"
-        err_console.print(
-            f"[bold]{d['target']}[/]: VM {d['vm_name']} ({d['vm_id']}, gen {d['generation']}) "
-            f"{d['vm_status']}, {d['url'] or 'no address'} {ready}, {price}"
+        ready = ("ready", "green") if d["ready"] else ("not ready", "yellow")
+        say(
+            (d["target"], "bold"),
+            f": VM {d['vm_name']} ({d['vm_id']}, gen {d['generation']}) {d['vm_status']}, "
+            f"{d['url'] or 'no address'} ",
+            ready,
+            f", {price}",
         )
         for p in d["published"]:
-            err_console.print(f"  {p['name']}@{p['version']} (published {p['published_at']})")
+            say(f"  {p['name']}@{p['version']} (published {p['published_at']})")
     for u in doc["untracked"]:
-        err_console.print(
-            f"[yellow]untracked[/] VM {u['vm_name']} ({u['vm_id']}) {u['vm_status']}: not in the state file; "
-            "`depin fluence down --all` deletes it"
+        say(
+            ("untracked", "yellow"),
+            f" VM {u['vm_name']} ({u['vm_id']}) {u['vm_status']}: not in the state file; "
+            "`depin fluence down --all` deletes it",
         )
     if as_json:
         emit_json(doc)
@@ -186,12 +190,12 @@ def down(
     with make_fluence_publisher(fluence_target=fluence_target, state_dir=state_dir) as pub:
         doc = pub.down(all_targets=all_targets)
     if not any(d["vm_ids"] for d in doc["deleted"]):
-        err_console.print("no Fluence gateway VM to delete")
+        say("no Fluence gateway VM to delete")
     for d in doc["deleted"]:
         if d["vm_ids"]:
-            err_console.print(f"deleted {d['vm_name']}: {', '.join(d['vm_ids'])}")
+            say(f"deleted {d['vm_name']}: {', '.join(d['vm_ids'])}")
         for problem in d["problems"]:
-            err_console.print(f"[yellow]{problem}[/]")
+            say((problem, "yellow"))
     if as_json:
         emit_json(doc)
 

@@ -24,7 +24,7 @@ from pydantic import SecretStr
 
 from depin_core.errors import ConfigError
 from depin_core.fs import atomic_write_bytes
-from pipelines._output import emit_json, err_console
+from pipelines._output import emit_json, say
 
 if TYPE_CHECKING:
     from serving.settings import GatewaySettings
@@ -120,9 +120,10 @@ def _announce(ready_file: Path, stop: threading.Event, settings: GatewaySettings
             url = doc["url"]
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    err_console.print(
-                        f"[bold green]depin gateway[/] on {url} (registry {settings.registry_dir}); "
-                        f"invoke: POST {url}/v1/functions/<name>/invoke; Ctrl-C stops"
+                    say(
+                        ("depin gateway", "bold green"),
+                        f" on {url} (registry {settings.registry_dir}); "
+                        f"invoke: POST {url}/v1/functions/<name>/invoke; Ctrl-C stops",
                     )
                     if as_json:
                         emit_json(
@@ -155,7 +156,7 @@ def run_serve(*, host: str | None, port: int | None, registry: Path | None, as_j
         sys.stderr.flush()
         del new_key
     for note in notes:
-        err_console.print(note)
+        say(note)
     stop = threading.Event()
     with tempfile.TemporaryDirectory(prefix="depin-serve-") as tmp:
         ready = Path(tmp) / "ready.json"

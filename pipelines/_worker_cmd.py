@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from pipelines._output import emit_json, err_console
+from pipelines._output import emit_json, say
 
 
 def serve(
@@ -51,9 +51,10 @@ def serve(
     )
 
     def announce(doc: dict[str, Any]) -> None:
-        err_console.print(
-            f"[bold green]depin worker agent[/] on {doc['url']} (data {settings.data_dir}); "
-            "register it with `depin worker register`; Ctrl-C stops"
+        say(
+            ("depin worker agent", "bold green"),
+            f" on {doc['url']} (data {settings.data_dir}); register it with `depin worker register`; "
+            "Ctrl-C stops",
         )
         if as_json:
             emit_json({**doc, "data_dir": str(settings.data_dir.resolve())})

@@ -14,7 +14,7 @@ import typer
 from pydantic import ValidationError
 
 from depin_core.errors import DepinError
-from pipelines._output import emit_json, err_console
+from pipelines._output import emit_json, err_console, error, say
 
 app = typer.Typer(
     name="depin",
@@ -49,6 +49,15 @@ def emulator(
         Path | None, typer.Option(help="write the ground-truth tables (Parquet) here")
     ] = None,
     restricted_fraction: Annotated[float, typer.Option(help="share of vehicles not fully shared")] = 0.0,
+    idle_fraction: Annotated[
+        float, typer.Option(help="share of vehicles whose device went offline early (one never reported)")
+    ] = 0.0,
+    rate_limit: Annotated[
+        float, typer.Option(help="requests/s per service and client before 429 (DIMO: 10); 0 = off")
+    ] = 0.0,
+    exchange_legacy_only: Annotated[
+        bool, typer.Option(help="token exchange accepts only the legacy nftContractAddress/privileges body")
+    ] = False,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "warning",
 ) -> None:
     """Run the DIMO-compatible emulator (Auth, Token Exchange, Identity, Telemetry) until Ctrl-C."""
@@ -71,15 +80,19 @@ def emulator(
         credentials_out=credentials_out,
         ground_truth_out=ground_truth_out,
         restricted_fraction=restricted_fraction,
+        idle_fraction=idle_fraction,
+        rate_limit_per_s=rate_limit,
+        exchange_legacy_only=exchange_legacy_only,
         log_level=log_level,
     )
 
     def ready(state) -> None:  # type: ignore[no-untyped-def]
-        err_console.print(
-            f"[bold green]DIMO emulator[/] on {state.public_url}: {len(state.fleet.vehicles)} vehicles, "
+        say(
+            ("DIMO emulator", "bold green"),
+            f" on {state.public_url}: {len(state.fleet.vehicles)} vehicles, "
             f"{state.fleet.start:%Y-%m-%d %H:%M} → {state.fleet.end:%Y-%m-%d %H:%M} UTC"
             + (f"; credentials → {credentials_out}" if credentials_out else "")
-            + (f"; faults: {faults}" if faults else "")
+            + (f"; faults: {faults}" if faults else ""),
         )
 
     with contextlib.suppress(KeyboardInterrupt):
@@ -122,11 +135,13 @@ def ingest(
             show_progress=True,
         )
     )
-    err_console.print(
-        f"ingested [bold]{report.rows:,}[/] rows from {report.vehicles} vehicles in {report.seconds:.1f}s "
+    say(
+        "ingested ",
+        (f"{report.rows:,}", "bold"),
+        f" rows from {report.vehicles} vehicles in {report.seconds:.1f}s "
         f"({report.requests} requests, {report.retries} retries) → {report.dataset}"
         + (f"; {report.up_to_date} already up to date" if report.up_to_date else "")
-        + (f"; skipped {len(report.skipped)}" if report.skipped else "")
+        + (f"; skipped {len(report.skipped)}" if report.skipped else ""),
     )
     if as_json:
         emit_json(report.to_json())
@@ -186,10 +201,12 @@ def train(
     )
     shown = {k: v for k, v in result["metrics"].items() if isinstance(v, int | float)}
     for a in result["attempts"][:-1]:
-        err_console.print(f"attempt {a['attempt']} on {a['runner']} failed: {a['reason']}", markup=False)
-    err_console.print(
-        f"trained [bold]{model}[/] on {result['runner']} ({result['device']}) in {result['seconds']:.1f}s → "
-        f"{result['artifact']}; " + ", ".join(f"{k}={v:.4g}" for k, v in list(shown.items())[:8])
+        say(f"attempt {a['attempt']} on {a['runner']} failed: {a['reason']}")
+    say(
+        "trained ",
+        (model, "bold"),
+        f" on {result['runner']} ({result['device']}) in {result['seconds']:.1f}s → {result['artifact']}; "
+        + ", ".join(f"{k}={v:.4g}" for k, v in list(shown.items())[:8]),
     )
     if as_json:
         emit_json(result)
@@ -213,7 +230,7 @@ def score(
     result = run_score(
         model_dir=model, dataset=dataset, out=out, runners=runner or ["local"], ground_truth=ground_truth
     )
-    err_console.print(f"scored {result['rows']:,} rows with {result['family']} on {result['device']} → {out}")
+    say(f"scored {result['rows']:,} rows with {result['family']} on {result['device']} → {out}")
     if as_json:
         emit_json(result)
 
@@ -290,9 +307,10 @@ def publish(
         max_usd_per_day=max_usd_per_day,
     )
     moved = ", ".join(result["moved"]) or "none (version already present)"
-    err_console.print(
-        f"published [bold]{result['name']}@{result['version']}[/] by {result['publisher']} "
-        f"to {result['target']}; aliases moved: {moved}"
+    say(
+        "published ",
+        (f"{result['name']}@{result['version']}", "bold"),
+        f" by {result['publisher']} to {result['target']}; aliases moved: {moved}",
     )
     if as_json:
         emit_json(result)
@@ -312,12 +330,12 @@ def invoke(
     from pipelines._serve_cmd import run_invoke
 
     doc = run_invoke(ref=ref, data=data, target=target, request_id=request_id)
-    err_console.print(f"{doc['function']}@{doc['version']} in {doc['latency_ms']:.1f} ms:")
+    say(f"{doc['function']}@{doc['version']} in {doc['latency_ms']:.1f} ms:")
     if as_json:
         emit_json(doc)
     else:
         for row in doc["outputs"]:
-            err_console.print(json.dumps(row, separators=(",", ":")), markup=False, highlight=False)
+            say(json.dumps(row, separators=(",", ":")))
 
 
 @app.command()
@@ -370,9 +388,10 @@ def up(
     )
     if background:
         doc = start_background(opts)
-        err_console.print(
-            f"[bold green]depin up[/] running in the background (pid {doc['pid']}): UI {doc['ui']}, "
-            f"gateway {doc['gateway']}; `depin down` stops it"
+        say(
+            ("depin up", "bold green"),
+            f" running in the background (pid {doc['pid']}): UI {doc['ui']}, gateway {doc['gateway']}; "
+            "`depin down` stops it",
         )
         if as_json:
             emit_json(doc)
@@ -389,7 +408,7 @@ def down(
     from pipelines._up import stop_background
 
     result = stop_background(timeout_s=timeout)
-    err_console.print(
+    say(
         f"depin up (pid {result['pid']}) stopped"
         if result["stopped"]
         else f"nothing to stop: {result['reason']}"
@@ -470,12 +489,12 @@ def main() -> None:
     try:
         app()
     except DepinError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
+        error(str(exc))
         raise SystemExit(2) from None
     except ValidationError as exc:
         for err in exc.errors():
             where = ".".join(str(p) for p in err["loc"]) or "input"
-            err_console.print(f"[bold red]error:[/] --{where.replace('_', '-')}: {err['msg']}")
+            error(f"--{where.replace('_', '-')}: {err['msg']}")
         raise SystemExit(2) from None
 
 

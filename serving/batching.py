@@ -143,6 +143,10 @@ class DynamicBatcher:
     it must return as many rows as it got. ``on_batch(rows, seconds)`` is called on the loop after each batch.
     """
 
+    # Times each batch; the measured time drives ``retry_after`` and the inline decision. Tests replace it (on
+    # the class or an instance) with a fake clock, which makes those decisions independent of machine load.
+    clock: Callable[[], float] = staticmethod(time.perf_counter)
+
     def __init__(
         self,
         run: Callable[[Columns], RunOutput],
@@ -371,7 +375,7 @@ class DynamicBatcher:
 
     def _run_batch(self, parts: list[Columns], counts: list[int]) -> tuple[list[Any], float]:
         """Runs in the executor: concatenate, run, split."""
-        t0 = time.perf_counter()
+        t0 = self.clock()
         keys = [tuple(p) for p in parts]
         if all(k == keys[0] for k in keys):
             results = _split(self._run(_concat(parts)), counts)
@@ -386,7 +390,7 @@ class DynamicBatcher:
                     idx, _split(self._run(_concat(sub)), [counts[i] for i in idx]), strict=True
                 ):
                     results[i] = piece
-        return results, time.perf_counter() - t0
+        return results, self.clock() - t0
 
     def _batch_done(self, items: list[_Item], rows: int, fut: concurrent.futures.Future[Any]) -> None:
         self._in_flight -= 1

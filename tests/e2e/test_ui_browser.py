@@ -4,7 +4,7 @@ deployment's Run → Custom run form, its page shows it Completed with its subfl
 what the flows recorded, and the published function answers on the gateway ``depin up`` started.
 
 Screenshots go to ``.depin/test-artifacts/ui-browser/`` (and the pytest tmp dir). Skipped only where chromium
-or Playwright is missing outside CI; ``.ci/run`` installs chromium, the dev extras install Playwright.
+is missing outside CI; ``.ci/run`` installs chromium, the dev extras install Playwright.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+from playwright import sync_api
 
 from pipelines._demo import FLEET, FLEET_END, invoke_once, range_signals
 from serving.client import GatewayClient, GatewayRefused
@@ -33,22 +34,13 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / ".depin" / "test-artifacts" / 
 RUN_TIMEOUT_MS = 300_000
 
 
-def _require_browser() -> Any:
-    """Playwright's sync API, or a skip (a failure under CI, which must have both)."""
-    missing = []
+def _require_browser() -> None:
+    """A skip where the system's chromium is missing (a failure under CI, which must have it)."""
     if not Path(CHROMIUM).exists():
-        missing.append(f"chromium ({CHROMIUM}; apt-get install chromium)")
-    try:
-        from playwright import sync_api
-    except ImportError:
-        sync_api = None
-        missing.append("playwright (pip install -e '.[dev]')")
-    if missing:
-        reason = "browser test needs " + " and ".join(missing)
+        reason = f"browser test needs chromium ({CHROMIUM}; apt-get install chromium)"
         if os.environ.get("CI"):
             pytest.fail(reason + "; .ci/run installs chromium")
         pytest.skip(reason)
-    return sync_api
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +98,7 @@ def _shot(page: Any, name: str, tmp_path: Path) -> None:
 def test_ui_runs_train_and_publish_to_completed_with_artifacts(
     stack: tuple[dict[str, Any], Path], tmp_path: Path
 ) -> None:
-    sync_api = _require_browser()
+    _require_browser()
     doc, _cwd = stack
     ui, api = doc["ui"], doc["api"]
     deployment = httpx.get(f"{api}/deployments/name/train-and-publish/on-demand", timeout=10).json()

@@ -239,13 +239,15 @@ def test_killed_agent_is_lost_and_the_job_resumes_elsewhere(
     spec = train_spec(data, tmp_path / "model")  # a checkpoint every 10 steps
     node_a = _start_agent(tmp_path / "agent-a", env={"TOY_PAUSE_AT_STEP": "20"})
     try:
-        with _runner(node_a.url, tmp_path / "remote-a", name="a", heartbeat_timeout_s=2.0, poll_s=0.1) as a:
+        # a heartbeat timeout no loaded machine reaches while the node lives; shortened once it is killed
+        with _runner(node_a.url, tmp_path / "remote-a", name="a", heartbeat_timeout_s=300.0, poll_s=0.1) as a:
             job_id = a.submit(spec)
             wait_for(
                 "the step-20 checkpoint to be mirrored",
                 lambda: (d := a.checkpoint_dir(job_id)) is not None and (d / "ckpt-000000020.json").exists(),
             )
             node_a.kill()  # the node vanishes with its worker
+            a.heartbeat_timeout_s = 0.5
             wait_for("the job to be declared lost", lambda: a.status(job_id).state == JobState.FAILED, 30)
             st = a.status(job_id)
             lost = a.result(job_id, timeout=30)
@@ -272,13 +274,15 @@ def test_killed_agent_is_lost_and_the_job_resumes_elsewhere(
 
 
 def test_stalled_worker_is_lost(tmp_path: Path, data: DatasetRef, agent: AgentProcess) -> None:
-    with _runner(agent.url, tmp_path / "remote", heartbeat_timeout_s=2.0, poll_s=0.1) as runner:
+    # a heartbeat timeout no loaded machine reaches while the worker lives; shortened once it is stopped
+    with _runner(agent.url, tmp_path / "remote", heartbeat_timeout_s=300.0, poll_s=0.1) as runner:
         job_id = runner.submit(train_spec(data, tmp_path / "model", sleep_s=0.2))
         wait_for("the job to run", lambda: runner.status(job_id).step >= 1)
         workers = agent.worker_pids()
         assert workers
         for pid in workers:  # the agent answers, but the job's heartbeat stops moving
             os.kill(pid, signal.SIGSTOP)
+        runner.heartbeat_timeout_s = 1.0
         try:
             wait_for(
                 "the job to be declared lost", lambda: runner.status(job_id).state == JobState.FAILED, 30

@@ -18,6 +18,11 @@ import pytest
 
 from depin_core.errors import ConfigError, TransientError
 from serving.batching import Columns, DeadlineExceeded, DynamicBatcher, Overloaded, row_count
+from tests.serving.fake_clock import TickingClock
+
+# A deadline that passes while the request waits on a gated model; long enough that a busy machine never lets it
+# pass between computing it and queueing the request (that would be "before it was queued").
+QUEUED_DEADLINE_S = 0.5
 
 
 class Gated:
@@ -160,7 +165,7 @@ async def test_deadline_in_queue_is_never_run(executor: concurrent.futures.Execu
     first = asyncio.create_task(b.submit(cols(1)))
     await until(lambda: len(model.batches) == 1, "the first batch")
     with pytest.raises(DeadlineExceeded, match="in the queue"):
-        await b.submit(cols(-7), deadline=time.monotonic() + 0.02)
+        await b.submit(cols(-7), deadline=time.monotonic() + QUEUED_DEADLINE_S)
     assert b.queue_rows == 0
     later = asyncio.create_task(b.submit(cols(2)))
     model.release(2)
@@ -177,7 +182,7 @@ async def test_deadline_while_running_and_already_past(executor: concurrent.futu
     with pytest.raises(DeadlineExceeded, match="before it was queued"):
         await b.submit(cols(1), deadline=time.monotonic() - 1)
     with pytest.raises(DeadlineExceeded, match="while its batch was running"):
-        await b.submit(cols(1), deadline=time.monotonic() + 0.02)
+        await b.submit(cols(1), deadline=time.monotonic() + QUEUED_DEADLINE_S)
     model.release()
     await until(lambda: b.in_flight_rows == 0, "the abandoned batch to finish")
     assert (await asyncio.gather(b.submit(cols(3)), asyncio.to_thread(model.release)))[0]["y"].tolist() == [6]
@@ -337,12 +342,13 @@ async def test_lone_request_on_an_idle_fast_model_runs_on_the_loop_concurrent_on
     executor: concurrent.futures.ThreadPoolExecutor,
 ) -> None:
     model = Gated(gated=False)
-    b = make(model, executor, inline_max_ms=50.0)
+    b = make(model, executor, inline_max_ms=1.0)
+    b.clock = TickingClock(1e-6)  # every batch measures ~1 µs: fast, whatever the machine's load
     first = await b.submit({"x": np.array([1.0])})  # no measured batch time yet: the inference thread
     assert model.threads == {"test-infer_0"} and b.stats.inline_batches == 0
     model.threads.clear()
     lone = await b.submit({"x": np.array([2.0])})
-    assert threading.current_thread().name in model.threads and b.stats.inline_batches == 1
+    assert model.threads == {threading.current_thread().name} and b.stats.inline_batches == 1
     # requests arriving in the same loop iteration are not run one by one on the loop: they share a batch
     before = len(model.batches)
     outs = await asyncio.gather(*(b.submit({"x": np.array([float(i)])}) for i in range(5)))
@@ -356,7 +362,10 @@ async def test_inline_disabled_or_slow_model_keeps_every_batch_on_the_executor(
     executor: concurrent.futures.ThreadPoolExecutor,
 ) -> None:
     model = Gated(gated=False)
-    for b in (make(model, executor), make(model, executor, inline_max_ms=1e-6)):
+    # inline disabled with a fast model (~1 µs per batch); a slow model (~1 s per batch) over inline_max_ms
+    for inline_max_ms, step in ((0.0, 1e-6), (100.0, 1.0)):
+        b = make(model, executor, inline_max_ms=inline_max_ms)
+        b.clock = TickingClock(step)
         for i in range(3):
             await b.submit({"x": np.array([float(i)])})
         assert b.stats.inline_batches == 0
@@ -367,7 +376,8 @@ async def test_inline_disabled_or_slow_model_keeps_every_batch_on_the_executor(
 async def test_an_error_in_an_inline_batch_reaches_its_request_only(
     executor: concurrent.futures.ThreadPoolExecutor,
 ) -> None:
-    b = make(Gated(gated=False), executor, inline_max_ms=50.0)
+    b = make(Gated(gated=False), executor, inline_max_ms=1.0)
+    b.clock = TickingClock(1e-6)
     await b.submit({"x": np.array([1.0])})
     with pytest.raises(ValueError, match="negative"):
         await b.submit({"x": np.array([-1.0])})

@@ -14,6 +14,7 @@ import textwrap
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -423,7 +424,7 @@ def test_concurrent_writers_in_threads_lose_no_update(reg: Registry, three: list
 
 CHILD = textwrap.dedent(
     """
-    import json, logging, os, sys, time
+    import fcntl, json, logging, os, sys, time
     from pathlib import Path
     from serving.registry import Registry
 
@@ -436,8 +437,17 @@ CHILD = textwrap.dedent(
     root, mode, *args = sys.argv[1:]
     reg = Registry(Path(root), trusted=None)
     go = Path(args[0])
+
+    def flock(fd, op, _flock=fcntl.flock):
+        if op == fcntl.LOCK_EX:  # staged and verified: about to queue on the registry lock
+            Path(f"{go}.locking.{os.getpid()}").touch()
+        return _flock(fd, op)
+
+    fcntl.flock = flock
     Path(f"{go}.ready.{os.getpid()}").touch()  # imports done: wait for the others
+    deadline = time.monotonic() + 300  # never outlive a test that failed before touching go
     while not go.exists():
+        assert time.monotonic() < deadline, "never released"
         time.sleep(0.001)
     if mode == "add":
         version = reg.add(Path(args[1])).manifest.version
@@ -463,13 +473,45 @@ def _child(*args: str) -> subprocess.Popen[str]:
     )
 
 
+def _wait_for(what: str, cond: Callable[[], bool], procs: list[subprocess.Popen[str]]) -> None:
+    """Poll ``cond`` until true (bounded); fail at once if a child died."""
+    deadline = time.monotonic() + 120
+    while not cond():
+        assert all(p.poll() is None for p in procs), f"a child exited before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
 def _start_together(procs: list[subprocess.Popen[str]], go: Path) -> None:
     """Release the children at once, after every one has finished importing."""
-    deadline = time.monotonic() + 120
-    while len(list(go.parent.glob(f"{go.name}.ready.*"))) < len(procs):
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a child failed to start"
-        time.sleep(0.01)
+    _wait_for(
+        "the children to start", lambda: len(list(go.parent.glob(f"{go.name}.ready.*"))) == len(procs), procs
+    )
     go.touch()
+
+
+def _flock_waiters(lock: Path) -> set[int]:
+    """Pids blocked in ``flock`` on ``lock`` (the ``->`` lines of Linux's /proc/locks)."""
+    ino = str(lock.stat().st_ino)
+    pids = set()
+    for line in Path("/proc/locks").read_text().splitlines():
+        f = line.split()
+        if len(f) > 6 and f[1] == "->" and f[6].rsplit(":", 1)[-1] == ino:
+            pids.add(int(f[5]))
+    return pids
+
+
+def _queued_on_lock(procs: list[subprocess.Popen[str]], go: Path, lock: Path) -> None:
+    """Wait until every child has staged its bundle and queued on ``lock`` (blocked in ``flock``, where
+    /proc/locks shows it; else at the ``flock`` call)."""
+    pids = {p.pid for p in procs}
+    _wait_for(
+        "the children to reach the lock",
+        lambda: len(list(go.parent.glob(f"{go.name}.locking.*"))) == len(procs),
+        procs,
+    )
+    if Path("/proc/locks").exists():
+        _wait_for("the children to block on the lock", lambda: pids <= _flock_waiters(lock), procs)
 
 
 def _wait(proc: subprocess.Popen[str]) -> str:
@@ -484,12 +526,18 @@ def test_processes_adding_the_same_version_at_once_install_it_once(
     root, go, v = tmp_path / "registry", tmp_path / "go", _v(range_bundle)
     root.mkdir()
     procs = [_child(str(root), "add", str(go), str(range_bundle.path)) for _ in range(3)]
-    with open(root / ".lock", "a+b") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # the adders stage + verify, then queue on the lock
-        _start_together(procs, go)
-        time.sleep(0.5)
-        fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
-    results = [json.loads(_wait(p)) for p in procs]
+    try:
+        with open(root / ".lock", "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # the adders stage + verify, then queue on the lock
+            _start_together(procs, go)
+            _queued_on_lock(procs, go, root / ".lock")
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+        results = [json.loads(_wait(p)) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
     assert [r["version"] for r in results] == [v] * 3
     assert sorted(r["installed"] for r in results) == [False, False, True]  # the others found it, verified
     reg = Registry(root, trusted=None)

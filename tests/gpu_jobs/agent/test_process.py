@@ -70,7 +70,7 @@ def test_a_lost_agent_leaves_no_workers_and_a_restart_reports_the_interrupted_jo
         agent_pid = agent.pid
         assert agent_pid is not None
         agent.kill()
-        assert _wait_gone([agent_pid, *workers], timeout=5) == []
+        assert _wait_gone([agent_pid, *workers]) == []
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{agent.url}/v1/health", headers=auth(), timeout=5)
 
@@ -107,7 +107,7 @@ def test_stop_cancels_running_jobs(data: DatasetRef, tmp_path: Path) -> None:
         workers = agent.worker_pids()
         agent.stop()
         assert agent.proc is not None and agent.proc.returncode is not None
-        assert _wait_gone(workers, timeout=5) == []
+        assert _wait_gone(workers) == []
     result = (tmp_path / "agent" / "jobs" / job_id / "result.json").read_text()
     assert '"state": "CANCELLED"' in result
 
