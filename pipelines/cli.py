@@ -22,6 +22,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # click's plain help and usage errors: typer's rich panels wrap an error at the terminal width
+    rich_markup_mode=None,
 )
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object as the last stdout line")]
@@ -451,6 +453,7 @@ def _fluence_app() -> typer.Typer:
 
     sub = typer.Typer(
         name="fluence",
+        rich_markup_mode=None,
         help="The function gateway on Fluence: show or delete what `depin publish --target fluence` created.",
         no_args_is_help=True,
     )
@@ -464,6 +467,7 @@ def _worker_app() -> typer.Typer:
 
     sub = typer.Typer(
         name="worker",
+        rich_markup_mode=None,
         help="GPU workers: run the agent on a GPU node, register nodes, quote and reap rented instances.",
         no_args_is_help=True,
     )

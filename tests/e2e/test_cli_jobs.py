@@ -204,3 +204,14 @@ def test_human_lines_print_verbatim_unwrapped(capsys: pytest.CaptureFixture[str]
         f"published fn@3 to {path}",
         f"error: --out {path}: [red]exists[/red]",
     ]
+
+
+def test_usage_errors_print_on_one_line(tmp_path: Path) -> None:
+    """Errors found while parsing flags (typer's, not ours) print on one line too, at any width."""
+    option = "--" + "a-rather-long-misspelled-option-name-" * 3 + "x"
+    piped = depin("ingest", option, cwd=tmp_path, env={**os.environ, "COLUMNS": "40"})
+    code, on_terminal = depin_on_terminal("ingest", option, cwd=tmp_path, columns=40)
+    for rc, stderr in ((piped.returncode, piped.stderr), (code, on_terminal)):
+        assert rc == 2, stderr
+        errors = [line for line in stderr.splitlines() if "rror" in line]
+        assert len(errors) == 1 and errors[0].startswith(f"Error: No such option: {option}"), stderr
