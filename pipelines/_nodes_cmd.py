@@ -27,7 +27,7 @@ from gpu_jobs.providers import reap as reap_instances
 from gpu_jobs.providers.base import DEFAULT_AGENT_PORT, DEFAULT_DATA_DIR
 from gpu_jobs.providers.manual import ManualProvider, Node
 from gpu_jobs.spec import JobKind, JobSpec, Limits, ModelSpec, Outputs, Resources
-from pipelines._output import emit_json, err_console
+from pipelines._output import emit_json, say
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object as the last stdout line")]
 NodesFileOpt = Annotated[
@@ -105,7 +105,7 @@ def register(
             )
         manual.register(name, url, token, gpu=gpu, usd_per_hour=usd_per_hour)
     state = "healthy" if row["healthy"] else f"not answering now ({row['problem']})"
-    err_console.print(f"registered node [bold]{name}[/] at {row['url']}: {state}; nodes file {nodes_file}")
+    say("registered node ", (name, "bold"), f" at {row['url']}: {state}; nodes file {nodes_file}")
     if as_json:
         emit_json({"registered": name, "nodes_file": str(nodes_file), **row})
 
@@ -115,9 +115,7 @@ def nodes(nodes_file: NodesFileOpt = DEFAULT_NODES_FILE, as_json: JsonOpt = Fals
     with ManualProvider(nodes_file) as manual:
         rows = [_health_row(manual, n) for n in manual.list()]
     if not rows:
-        err_console.print(
-            f"no nodes registered in {nodes_file} (depin worker register NAME --url … --token-file …)"
-        )
+        say(f"no nodes registered in {nodes_file} (depin worker register NAME --url … --token-file …)")
     for row in rows:
         gpus = (
             ", ".join(f"{g.get('name')} {g.get('memory_gb')} GB" for g in row.get("gpus") or []) or "no GPU"
@@ -127,7 +125,7 @@ def nodes(nodes_file: NodesFileOpt = DEFAULT_NODES_FILE, as_json: JsonOpt = Fals
             if row["healthy"]
             else f"DOWN: {row['problem']}"
         )
-        err_console.print(f"{row['name']:<20} {row['url']:<36} ${row['usd_per_hour']:.2f}/h  {state}")
+        say(f"{row['name']:<20} {row['url']:<36} ${row['usd_per_hour']:.2f}/h  {state}")
     if as_json:
         emit_json({"nodes_file": str(nodes_file), "nodes": rows})
 
@@ -142,7 +140,7 @@ def remove(
         if not manual.remove(name):
             known = ", ".join(n.name for n in manual.list()) or "none"
             raise ConfigError(f"node {name!r} is not registered in {nodes_file} (known: {known})")
-    err_console.print(f"removed node [bold]{name}[/] from {nodes_file}")
+    say("removed node ", (name, "bold"), f" from {nodes_file}")
     if as_json:
         emit_json({"removed": name, "nodes_file": str(nodes_file)})
 
@@ -165,9 +163,7 @@ def reap(
     finally:
         p.close()
     verb = "would destroy" if dry_run else "destroyed"
-    err_console.print(
-        f"{provider}: {len(ours)} instance(s) of ours; {verb} {len(destroyed)}: {', '.join(destroyed)}"
-    )
+    say(f"{provider}: {len(ours)} instance(s) of ours; {verb} {len(destroyed)}: {', '.join(destroyed)}")
     if as_json:
         emit_json(
             {
@@ -206,12 +202,12 @@ def quote(
     chosen = choose_offer(offers, spec, max_usd_per_hour=max_usd_per_hour)
     for o in fitting[:limit]:
         mark = "*" if chosen is not None and o.offer_id == chosen.offer_id else " "
-        err_console.print(
+        say(
             f"{mark} {o.offer_id:<16} {o.gpu_count} x {o.gpu_name:<18} {o.vram_gb:6.1f} GB  "
             f"${o.usd_per_hour:.3f}/h  {o.region or ''}"
         )
     if chosen is None:
-        err_console.print(f"{provider}: no offer fits {gpus} GPU(s) x {min_vram:g} GB under the cap")
+        say(f"{provider}: no offer fits {gpus} GPU(s) x {min_vram:g} GB under the cap")
     if as_json:
         emit_json(
             {
@@ -227,8 +223,13 @@ def script(
     package: Annotated[
         str, typer.Option(help="pip requirement installed on the node (name, git URL, wheel URL)")
     ] = ("depin-pipeline"),
-    port: Annotated[int, typer.Option(help="port the agent listens on (0.0.0.0)")] = DEFAULT_AGENT_PORT,
-    data_dir: Annotated[str, typer.Option(help="the agent's data directory on the node")] = DEFAULT_DATA_DIR,
+    port: Annotated[
+        int,
+        typer.Option(help="port the agent listens on (0.0.0.0); $DEPIN_AGENT_PORT on the node overrides it"),
+    ] = DEFAULT_AGENT_PORT,
+    data_dir: Annotated[
+        str, typer.Option(help="the agent's data directory on the node; $DEPIN_AGENT_DATA_DIR overrides it")
+    ] = DEFAULT_DATA_DIR,
     background: Annotated[
         bool, typer.Option(help="start the agent with nohup and return (on-start hooks)")
     ] = False,
@@ -250,7 +251,7 @@ def script(
             raise ConfigError(f"--token-out {token_out} exists; remove it or pick another path") from None
         with os.fdopen(fd, "w") as fh:
             fh.write(new_agent_token().get_secret_value() + "\n")
-        err_console.print(f"wrote a new agent token to {token_out} (mode 0600)")
+        say(f"wrote a new agent token to {token_out} (mode 0600)")
     if as_json:
         emit_json({"script": text, "port": port, "token_file": str(token_out) if token_out else None})
     else:

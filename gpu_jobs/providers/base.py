@@ -156,9 +156,9 @@ class Bootstrap(_Model):
         )
 
 
-def serve_argv(port: int = DEFAULT_AGENT_PORT, data_dir: str = DEFAULT_DATA_DIR) -> list[str]:
-    """The agent command line on a node (no secret in it)."""
-    return ["depin", "worker", "serve", "--host", "0.0.0.0", "--port", str(port), "--data-dir", data_dir]
+HOST_ENV = "DEPIN_AGENT_HOST"  # where the agent listens (default 0.0.0.0)
+PORT_ENV = "DEPIN_AGENT_PORT"  # its port (default: the bootstrap's port; io.net sets it, Vast maps it)
+DATA_DIR_ENV = "DEPIN_AGENT_DATA_DIR"  # its data directory (default: the bootstrap's data_dir)
 
 
 def bootstrap_script(
@@ -169,23 +169,30 @@ def bootstrap_script(
     background: bool = False,
 ) -> str:
     """POSIX sh that turns a stock PyTorch/CUDA image into a worker: refuse to run without
-    ``$DEPIN_AGENT_TOKEN``, ``pip install`` the package, start ``depin worker serve`` on ``port``.
-    ``background`` (a Vast on-start script, which must return) starts it with ``nohup … &`` logging to
-    ``<data_dir>/agent.log``; otherwise it ``exec``s (a container entrypoint, or a shell on a rented node)."""
-    serve = " ".join(shlex.quote(a) for a in serve_argv(port, data_dir))
-    data = shlex.quote(data_dir)
+    ``$DEPIN_AGENT_TOKEN``, ``pip install`` the package with the image's Python, start ``depin worker serve``.
+
+    Where it listens and keeps its data come from ``$DEPIN_AGENT_HOST`` (default 0.0.0.0), ``$DEPIN_AGENT_PORT``
+    (default ``port``) and ``$DEPIN_AGENT_DATA_DIR`` (default ``data_dir``), so a provider's port mapping (or
+    several agents on one host) need no other script. ``background`` (a Vast on-start script, which must
+    return) starts the agent with ``nohup … &`` logging to ``$DATA/agent.log``; otherwise it ``exec``s (a
+    container entrypoint, or a shell on a rented node)."""
     lines = [
         "#!/bin/sh",
         "# depin worker bootstrap: install depin-pipeline, run the worker agent.",
-        f"# The agent token comes from ${TOKEN_ENV} (set by the provider), never from this script.",
+        f"# The agent token comes from ${TOKEN_ENV} (set by the provider), never from this script;",
+        f"# ${HOST_ENV}, ${PORT_ENV} and ${DATA_DIR_ENV} override where the agent listens and keeps data.",
         "set -eu",
         f'if [ -z "${{{TOKEN_ENV}:-}}" ]; then echo "{TOKEN_ENV} is not set" >&2; exit 64; fi',
-        f"mkdir -p {data}",
+        f"HOST=${{{HOST_ENV}:-0.0.0.0}}",
+        f"PORT=${{{PORT_ENV}:-{int(port)}}}",
+        f"DATA=${{{DATA_DIR_ENV}:-{shlex.quote(data_dir)}}}",
+        'mkdir -p "$DATA"',
         "PY=$(command -v python3 || command -v python)",
         f'"$PY" -m pip install --no-cache-dir --disable-pip-version-check {shlex.quote(package)}',
     ]
+    serve = 'depin worker serve --host "$HOST" --port "$PORT" --data-dir "$DATA"'
     if background:
-        lines.append(f"nohup {serve} >> {data}/agent.log 2>&1 &")
+        lines.append(f'nohup {serve} >> "$DATA/agent.log" 2>&1 &')
     else:
         lines.append(f"exec {serve}")
     return "\n".join(lines) + "\n"

@@ -12,7 +12,9 @@ The format (shared with the fake Fluence API in ``tests/fakes/fluence.py``, whic
       KEY=VALUE
       DEPIN_ENV
 
-  then installs uv + Python, ``pip install <package>`` into ``/opt/depin/venv``, and a systemd unit
+  then installs uv (``pip install uv`` into ``/opt/depin/uv`` unless the image has one: no downloaded
+  installer piped into sh), a venv ``/opt/depin/venv`` of the image's ``python3`` when it fits
+  ``PYTHON_REQUEST`` (else uv installs one), ``uv pip install <package>`` into it, and a systemd unit
   ``depin-gateway.service`` (``EnvironmentFile=/etc/depin/gateway.env``, ``ExecStart=… depin serve``,
   ``Restart=always``). It is idempotent (re-running it updates the settings and restarts the unit);
 - ``cloud_init`` is ``#cloud-config`` YAML: ``write_files`` (the env file, 0600, and the script at
@@ -40,6 +42,8 @@ ENV_PATH = "/etc/depin/gateway.env"
 SCRIPT_PATH = "/usr/local/bin/depin-bootstrap"
 REGISTRY_DIR = "/var/lib/depin/registry"
 VENV_DIR = "/opt/depin/venv"
+UV_DIR = "/opt/depin/uv"  # a venv holding uv (pip install uv), when the image has no uv
+PYTHON_REQUEST = ">=3.11,<3.14"  # requires-python; the image's python3 when it fits (Debian 12, Ubuntu 24.04)
 UNIT = "depin-gateway.service"
 HEREDOC = "DEPIN_ENV"
 MAX_USER_DATA = 16 * 1024  # Fluence generation B: cloudInit.userData is capped at 16 KiB
@@ -135,8 +139,10 @@ def bootstrap_script(
     env: Mapping[str, str], package: str, *, torch_index: str | None = CPU_TORCH_INDEX
 ) -> str:
     """The POSIX sh script that turns a fresh Debian/Ubuntu VM (run as root) into the gateway: env file,
-    uv + Python 3.12, ``pip install package`` (torch from ``torch_index``, CPU wheels by default), a
-    ``depin`` system user and the ``depin-gateway`` systemd unit, started. Safe to run again."""
+    uv (``pip install uv`` into ``/opt/depin/uv`` unless the image has one), a venv of a Python
+    ``>=3.11,<3.14`` (the image's when it fits, else one uv installs), ``uv pip install package`` (torch from
+    ``torch_index``, CPU wheels by default), a ``depin`` system user and the ``depin-gateway`` systemd unit,
+    started. Safe to run again."""
     package = _check_package(package)
     index = ""
     if torch_index:
@@ -152,17 +158,23 @@ cat > {ENV_PATH} <<'{HEREDOC}'
 chmod 600 {ENV_PATH}
 umask 022
 export DEBIAN_FRONTEND=noninteractive
-if ! command -v curl >/dev/null 2>&1; then
-  apt-get update -q && apt-get install -y -q curl ca-certificates
-fi
-if ! command -v uv >/dev/null 2>&1 && [ ! -x /usr/local/bin/uv ]; then
-  curl -LsSf https://astral.sh/uv/install.sh | env UV_INSTALL_DIR=/usr/local/bin UV_NO_MODIFY_PATH=1 sh
-fi
-UV=/usr/local/bin/uv
-command -v uv >/dev/null 2>&1 && UV=$(command -v uv)
-export UV_PYTHON_INSTALL_DIR=/opt/depin/python
 mkdir -p /opt/depin
-[ -x {VENV_DIR}/bin/python ] || "$UV" venv --python 3.12 {VENV_DIR}
+# uv from PyPI, installed by pip into a venv of its own (no downloaded installer piped into sh)
+UV=$(command -v uv || true)
+if [ -z "$UV" ]; then
+  if [ ! -x {UV_DIR}/bin/uv ]; then
+    if ! python3 -m venv {UV_DIR} >/dev/null 2>&1; then  # Debian/Ubuntu: venv needs python3-venv
+      apt-get update -q && apt-get install -y -q python3-venv
+      rm -rf {UV_DIR}
+      python3 -m venv {UV_DIR}
+    fi
+    {UV_DIR}/bin/python -m pip install -q --disable-pip-version-check uv
+  fi
+  UV={UV_DIR}/bin/uv
+fi
+# the image's Python when it is new enough, else uv installs one under /opt/depin/python
+export UV_PYTHON_INSTALL_DIR=/opt/depin/python
+[ -x {VENV_DIR}/bin/python ] || "$UV" venv --python '{PYTHON_REQUEST}' {VENV_DIR}
 "$UV" pip install --python {VENV_DIR}/bin/python{index} '{package}'
 id depin >/dev/null 2>&1 || useradd --system --home-dir /var/lib/depin --shell /usr/sbin/nologin depin
 mkdir -p {REGISTRY_DIR}

@@ -92,11 +92,17 @@ class AgentPool:
         self._stopped: set[str] = set()
 
     def boot(
-        self, key: str, token: str, on_ready: Callable[[str], None], on_fail: Callable[[str], None]
+        self,
+        key: str,
+        token: str,
+        on_ready: Callable[[str], None],
+        on_fail: Callable[[str], None],
+        factory: AgentFactory | None = None,
     ) -> None:
+        """``factory`` (when given) replaces the pool's for this machine; nothing boots when the pool has none."""
         if self.factory is None:
             return
-        factory = self.factory
+        factory = factory or self.factory
 
         def run() -> None:
             try:

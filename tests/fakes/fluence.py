@@ -2,9 +2,18 @@
 
 It follows ``shared/reference/fluence-and-serving.md`` §1: generation A (``/marketplace/offers``, ``/vms/v3`` with
 ``openPorts``, ``/vms/v3/status``, ``default_images``, ``estimate``; errors ``{"error"}``; missing/invalid key →
-403), generation B (``/v1/service/status``, clusters, configurations, ``/v2/vms`` with ``cloudInit.userData`` ≤ 16
-KiB, interfaces + security groups, ``/v1/prices/cost``, ``/v1/ssh_keys``; paginated lists; errors ``{code,
-error}``; missing/invalid key → 401), and GPU containers (``/gpu/plans/``, ``/gpu/instances/``).
+403), generation B (clusters, configurations, ``/v2/vms`` with ``cloudInit.userData`` ≤ 16 KiB, interfaces +
+security groups, ``/v1/prices/cost``, ``/v1/ssh_keys``; paginated lists; errors ``{code, error}``; missing/invalid
+key → 401), and GPU containers (``/gpu/plans/``, ``/gpu/instances/``; errors ``{"detail"}``).
+
+Generation B answers exactly the shapes of Fluence's published OpenAPI document (v0.10.0; the e2e test
+``test_fluence_openapi.py`` validates every exchange against it) and refuses request bodies that break it with 400
+``{"code": "bad_request", "error": "<field>: ..."}`` (``tests/fakes/fluence_wire.py``): e.g. security-group rules
+as the ``{"type", "rules"}`` object instead of an array, a boot disk ``osImage`` that is not an image URL, an id
+that is not a UUID. ``legacy_lists = True`` answers the older snapshot's bare lists (clusters with ``dc_id``).
+Auth: B takes ``X-API-KEY: <key>`` and/or ``Authorization: X-API-KEY <key>`` (both forms the document shows),
+A and GPU take ``X-API-KEY`` and/or the older docs' ``Authorization: Bearer <key>``. ``GET /v1/service/status``
+and ``/v1/storages/default_images`` are public and answer for every account, generation A's included (one host).
 
 When a VM boots, the gateway is started for real (``serving.server.GatewayProcess`` on 127.0.0.1 at the requested
 ``DEPIN_GATEWAY_PORT``, with a temp registry), from the bootstrap the publisher sent (design-6-7 "The gateway
@@ -15,7 +24,14 @@ on ``exec sh -s`` with the script on stdin, extracts the env heredoc and starts 
 over time (``step_s`` apart): A ``New → Launching → Active``, B ``new → launching → launched``. Gateways stop on
 delete/terminate and when the fake stops: no orphan processes.
 
-Failure knobs: ``no_offer`` (every create/estimate → 422 "No suitable offer found"), ``fail_next = "failed"``
+``run_bootstrap = True`` runs the bootstrap itself instead (root only; ``tests.support.vm``, about a minute per
+VM): a launched generation-B VM applies its user data's ``write_files`` and ``runcmd``, and generation A's
+``sh -s`` runs the script it received, in a stand-in VM of its own (overlay disk, own network); the script
+installs the package with uv and starts the gateway through its systemd unit, and the VM's gateway port is
+forwarded to 127.0.0.1. The SSH client gets the script's real exit status and output.
+
+Failure knobs: ``no_offer`` (every create/estimate → 422 "No suitable offer found"), ``insufficient_balance``
+(creates → B 422 ``insufficient_balance``, GPU 400 ``{"detail": "Insufficient balance ..."}``), ``fail_next = "failed"``
 (the next VM fails: B ``failed``, A ``Terminated``, GPU ``FAILED``), ``fail_next = "never_ready"`` (the next VM
 comes up but never runs a gateway), prices (``price_per_epoch_usd``, ``price_hourly_usd``, ``gpu_price_hour``),
 and ``inject_errors(status, times, retry_after=None)`` (the next requests answer that status).
@@ -48,8 +64,10 @@ from starlette.routing import Route
 from depin_core.net import free_port, listen_socket
 from serving.server import GatewayProcess
 from serving.settings import GatewaySettings
+from tests.fakes.fluence_wire import body_problem, uuid_problem
 
 ENV_PATH = "/etc/depin/gateway.env"
+_PUBLIC = frozenset({"/v1/service/status", "/v1/storages/default_images"})
 MAX_USER_DATA = 16 * 1024
 _HEREDOC = re.compile(r"^cat > /etc/depin/gateway\.env <<'DEPIN_ENV'\n(.*?)^DEPIN_ENV$", re.M | re.S)
 _ENV_LINE = re.compile(r"^([A-Z_][A-Z0-9_]*)=(.*)$")
@@ -64,7 +82,10 @@ DEFAULT_IMAGES = [
         "distribution": "Ubuntu",
         "slug": "ubuntu-22-04-x64",
         "downloadUrl": "https://cloud-images.ubuntu.com/releases/22.04/release/ubuntu-22.04-server-cloudimg-amd64.img",
+        "iconUrl": "https://fluence.test/icons/ubuntu.svg",
         "username": "ubuntu",
+        "createdAt": "2025-01-01T00:00:00Z",
+        "updatedAt": "2025-01-01T00:00:00Z",
     },
     {
         "id": "da1e99153be74618820a164eebcbdc66",
@@ -72,9 +93,13 @@ DEFAULT_IMAGES = [
         "distribution": "Ubuntu",
         "slug": "ubuntu-24-04-x64",
         "downloadUrl": "https://cloud-images.ubuntu.com/releases/24.04/release/ubuntu-24.04-server-cloudimg-amd64.img",
+        "iconUrl": "https://fluence.test/icons/ubuntu.svg",
         "username": "ubuntu",
+        "createdAt": "2025-01-01T00:00:00Z",
+        "updatedAt": "2025-01-01T00:00:00Z",
     },
 ]
+USER_ID = "00000000-0000-4000-8000-000000000001"
 BASIC_CONFIGURATIONS = [
     "cpu-2-ram-4gb-storage-25gb",
     "cpu-4-ram-8gb-storage-25gb",
@@ -124,6 +149,50 @@ class _Gateway:
     @property
     def alive(self) -> bool:
         return self.proc.proc is not None and self.proc.proc.poll() is None
+
+
+@dataclass
+class _VmGateway:
+    """``run_bootstrap``: the gateway a stand-in VM runs (what its bootstrap started), seen at
+    ``127.0.0.1:port``; alive once it answered ``/readyz`` and while its process runs."""
+
+    port: int
+    machine: Any = None  # tests.support.vm.Vm
+    error: str | None = None
+    ready: bool = False
+    thread: threading.Thread | None = None
+
+    @property
+    def proc(self) -> _VmGateway:  # the fake reads gateway.proc.base_url
+        return self
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def alive(self) -> bool:
+        if not self.ready or self.machine is None:
+            return False
+        pid_file = self.machine.state / "depin-gateway.service.pid"
+        return pid_file.exists() and Path(f"/proc/{pid_file.read_text().strip()}").exists()
+
+    def watch(self, timeout_s: float) -> None:
+        def run() -> None:
+            try:
+                self.machine.wait_ready(self.base_url, timeout_s=timeout_s)
+                self.ready = True
+            except Exception as exc:
+                self.error = f"gateway did not start: {str(exc)[-1500:]}"
+
+        self.thread = threading.Thread(target=run, name=f"vm-gateway-{self.port}", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        if self.machine is not None:
+            self.machine.close()  # kills the bootstrap and the gateway: the readiness wait ends with them
+        if self.thread is not None:
+            self.thread.join(timeout=30)
 
 
 @dataclass
@@ -186,7 +255,10 @@ class FakeFluence:
         self.step_s = step_s
         self.gateway_startup_timeout_s = gateway_startup_timeout_s
         # knobs
+        self.run_bootstrap = False  # True: VMs run the bootstrap they got in a stand-in VM (tests.support.vm)
         self.no_offer = False
+        self.insufficient_balance = False
+        self.legacy_lists = False
         self.fail_next: str | None = None
         self.price_per_epoch_usd = 2.4352
         self.price_hourly_usd = 0.05
@@ -199,7 +271,7 @@ class FakeFluence:
         self._vms: dict[str, _Vm] = {}
         self._ssh_keys: dict[str, dict[str, Any]] = {}
         self._security_groups: dict[str, dict[str, Any]] = {}
-        self.cluster = {"id": str(uuid.uuid4()), "name": "fake-eu-1", "dc_id": str(uuid.uuid4())}
+        self.cluster = {"id": str(uuid.uuid4()), "name": "fake-eu-1", "dcId": str(uuid.uuid4())}
         self.configurations = [
             {
                 "id": str(uuid.uuid4()),
@@ -208,6 +280,10 @@ class FakeFluence:
                 "vcpu": cpu,
                 "ramGb": ram,
                 "dedicated": False,
+                "cpuFamilies": ["AMD_ZEN3"],
+                "preset": "general",
+                "tags": [],
+                "description": f"{cpu} vCPU, {ram} GB RAM",
             }
             for slug, cpu, ram in (("cpu-regular-2vcpu-4gb", 2, 4), ("cpu-regular-4vcpu-8gb", 4, 8))
         ]
@@ -268,6 +344,7 @@ class FakeFluence:
             "open_ports": [dict(p) for p in vm.open_ports],
             "security_group_id": vm.security_group_id,
             "security_group": self._security_groups.get(vm.security_group_id or ""),
+            "iface_id": vm.iface_id,
             "had_cloud_init": vm.had_cloud_init,
             "env": dict(vm.env) if vm.env else None,
             "ssh_port": vm.ssh_port,
@@ -407,6 +484,7 @@ class FakeFluence:
 
     def _advance_b(self, vm: _Vm, steps: int) -> None:
         start_env: dict[str, str] | None = None
+        user_data: str | None = None
         with self._lock:
             if vm.status not in ("new", "launching"):
                 return
@@ -425,11 +503,16 @@ class FakeFluence:
                 vm.status = "launching"
             if steps >= 2 and vm.status == "launching":
                 vm.status = "launched"
-                vm.user_data = None  # erased once launched (never echoed back)
+                user_data, vm.user_data = vm.user_data, None  # erased once launched (never echoed back)
                 vm.public_ip = "127.0.0.1" if vm.public_ip_id else None
                 if vm.env is not None and vm.fate == "ok":
                     start_env = vm.env
-        if start_env is not None:
+        if start_env is not None and self.run_bootstrap and user_data is not None:
+            boot = threading.Thread(  # off the API's event loop: booting a VM takes a moment
+                target=self._boot_vm, args=(vm, start_env), kwargs={"user_data": user_data}, daemon=True
+            )
+            boot.start()
+        elif start_env is not None:
             self._start_gateway(vm, start_env)
 
     def _advance_gpu(self, vm: _Vm, steps: int) -> None:
@@ -523,6 +606,43 @@ class FakeFluence:
             return
         gw.thread.start()
 
+    def _boot_vm(
+        self, vm: _Vm, env: dict[str, str], *, user_data: str | None = None, script: str | None = None
+    ) -> tuple[int, str]:
+        """``run_bootstrap``: boot a stand-in VM (``tests.support.vm``) that applies ``user_data`` (generation
+        B, in the background) or runs ``script`` with ``sh -s`` to its end (generation A: its exit status and
+        output); the VM's gateway port is forwarded to 127.0.0.1. Replaces a running one."""
+        from tests.support import vm as vms
+
+        self._stop_gateway(vm)
+        gw = _VmGateway(port=int(env.get("DEPIN_GATEWAY_PORT") or 0))
+        why = vms.unavailable()
+        if why is None:
+            gw.machine = vms.Vm(Path(tempfile.mkdtemp(prefix=f"vm-{vm.id[:10]}-", dir=self._tmp.name)))
+        with self._lock:
+            vm.gateway, vm.gateway_error = gw, None  # type: ignore[assignment]
+            ended = vm.ended
+        if why is not None or ended or gw.machine is None:
+            gw.error = why or "the VM ended"
+            vm.log.append(f"bootstrap: {gw.error}")
+            return 1, f"fake fluence: {gw.error}\n"
+        machine = gw.machine
+        try:
+            if script is not None:
+                proc = machine.run(["sh", "-s"], stdin=script.encode())
+                code = proc.wait(timeout=self.gateway_startup_timeout_s)
+            else:
+                vms.run_cloud_init(machine, user_data or "")
+                code = 0
+            machine.forward(gw.port)
+        except Exception as exc:
+            gw.error = f"bootstrap: {str(exc)[:1500]}"
+            vm.log.append(gw.error)
+            return 1, gw.error + "\n"
+        vm.log.append(f"bootstrap ran in a VM stand-in ({'sh -s' if script is not None else 'cloud-init'})")
+        gw.watch(self.gateway_startup_timeout_s)
+        return code, machine.log()
+
     def _stop_gateway(self, vm: _Vm) -> None:
         with self._lock:
             gw, vm.gateway = vm.gateway, None
@@ -614,6 +734,11 @@ class FakeFluence:
                     return
                 vm.env = env
                 vm.log.append("ssh: bootstrap script received")
+                if vm.fate == "ok" and self.run_bootstrap:  # the script runs as root on the VM, for real
+                    code, output = await asyncio.to_thread(self._boot_vm, vm, env, script=script)
+                    process.stdout.write(output)
+                    process.exit(code)
+                    return
                 if vm.fate == "ok":
                     await asyncio.to_thread(self._start_gateway, vm, env)
                 process.stdout.write("depin gateway bootstrapped\n")
@@ -642,7 +767,7 @@ class FakeFluence:
     # ---- HTTP --------------------------------------------------------------------------------------------------
     def _app(self) -> Starlette:
         a, b, g = self._routes_a(), self._routes_b(), self._routes_gpu()
-        routes = g + (a if self.generation == "A" else b)
+        routes = self._routes_public() + g + (a if self.generation == "A" else b)
         app = Starlette(routes=routes)
         fake = self
 
@@ -668,15 +793,18 @@ class FakeFluence:
             if denied is not None:
                 await denied(scope, receive, send)
                 return
-            if path != "/v1/service/status":
+            if path not in _PUBLIC:
                 with fake._lock:
                     injected = fake._inject.pop(0) if fake._inject else None
                 if injected is not None:
                     status, retry_after = injected
                     extra = {"Retry-After": str(retry_after)} if retry_after is not None else None
-                    body = (
-                        {"code": "service_unavailable", "error": f"injected {status}"}
+                    code = "internal_server_error" if status == 500 else "service_unavailable"
+                    body: dict[str, Any] = (
+                        {"code": code, "error": f"injected {status}"}
                         if gen_b
+                        else {"detail": f"injected {status}"}
+                        if path.startswith("/gpu/")
                         else {"error": f"injected {status}"}
                     )
                     await JSONResponse(body, status_code=status, headers=extra)(scope, receive, send)
@@ -687,23 +815,42 @@ class FakeFluence:
         return middleware  # type: ignore[return-value]
 
     def _auth_error(self, path: str, headers: Any, gen_b: bool) -> Response | None:
-        """403 ``{"error"}`` (A, GPU) / 401 ``{code, error}`` (B) unless the key is sent the generation's way."""
-        if path == "/v1/service/status":
-            return None  # public (security: [] in the spec)
-        key_ok = headers.get("x-api-key") == self._key
+        """403 ``{"error"}`` (A) / ``{"detail"}`` (GPU) / 401 ``{code, error}`` (B) unless every key header sent is
+        a form the generation takes: ``X-API-KEY: <key>``, plus ``Authorization: X-API-KEY <key>`` (B) or
+        ``Authorization: Bearer <key>`` (A, GPU: the older docs). One wrong header fails the request."""
+        if path in _PUBLIC:
+            return None  # security: [] in the document
+        forms = []
+        if "x-api-key" in headers:
+            forms.append(headers.get("x-api-key") == self._key)
         auth = headers.get("authorization")
         if auth is not None:
             scheme, _, value = auth.partition(" ")
-            want = "X-API-KEY" if gen_b else "Bearer"
-            if scheme.lower() != want.lower() or value != self._key:
-                key_ok = False  # a wrong Authorization is rejected even with a good X-API-KEY
-            elif not headers.get("x-api-key"):
-                key_ok = True
-        if key_ok:
+            want = "x-api-key" if gen_b else "bearer"
+            forms.append(scheme.lower() == want and value == self._key)
+        if forms and all(forms):
             return None
         if gen_b:
             return JSONResponse({"code": "unauthorized", "error": "Auth token invalid or missing"}, 401)
+        if path.startswith("/gpu/"):
+            return JSONResponse({"detail": "Auth failed. No such API Key"}, 403)
         return JSONResponse({"error": "Auth failed. No such API Key"}, 403)
+
+    def _routes_public(self) -> list[Route]:
+        """The unauthenticated generation-B routes: one host serves every account, so they answer whatever the
+        account's generation (why they cannot tell the generation)."""
+        fake = self
+
+        async def service_status(request: Request) -> Response:
+            return JSONResponse({"maintenanceMode": False, "version": "0.10.0-fake"})
+
+        async def default_images(request: Request) -> Response:
+            return JSONResponse(DEFAULT_IMAGES if fake.legacy_lists else {"items": DEFAULT_IMAGES})
+
+        return [
+            Route("/v1/service/status", service_status, methods=["GET"]),
+            Route("/v1/storages/default_images", default_images, methods=["GET"]),
+        ]
 
     @staticmethod
     async def _body(request: Request) -> Any:
@@ -984,9 +1131,24 @@ class FakeFluence:
     # ---- generation B ------------------------------------------------------------------------------------------
     def _routes_b(self) -> list[Route]:
         fake = self
+        subnet_id = str(uuid.uuid4())
+        vpc_id = str(uuid.uuid4())
 
         def err(status: int, code: str, message: str) -> JSONResponse:
             return JSONResponse({"code": code, "error": message}, status)
+
+        async def body_of(request: Request) -> Any:
+            """The JSON body if it keeps the document's rules for this route, else a 400 ``JSONResponse``."""
+            route = next(r for r in request.app.routes if r.endpoint is request.scope["endpoint"])
+            for name, value in request.path_params.items():
+                problem = uuid_problem(name, value)
+                if problem:
+                    return err(400, "bad_request", problem)
+            body = await fake._body(request)
+            if body is None:
+                return err(400, "bad_request", "the body must be JSON")
+            problem = body_problem(request.method, route.path, body)
+            return err(400, "bad_request", problem) if problem else body
 
         def page(request: Request, items: list[dict[str, Any]]) -> JSONResponse:
             q = request.query_params
@@ -1022,34 +1184,44 @@ class FakeFluence:
                 return None
             return {
                 "id": vm.public_ip_id,
+                "userId": USER_ID,
+                "clusterId": vm.cluster_id,
                 "name": f"{vm.name}-ip",
                 "addressType": "V4",
-                "address": "127.0.0.1",
+                "address": "127.0.0.1" if vm.public_ip else None,
                 "status": "ready",
-                "clusterId": vm.cluster_id,
+                "allowedActions": ["update"],
+                "attachedTo": {"id": vm.id, "name": vm.name},
                 "priceHourlyUsd": "0.005",
+                "priceMonthlyUsd": "3.65",
+                "createdAt": vm.created_at,
             }
 
         def iface_json(vm: _Vm) -> dict[str, Any]:
             kind = (
                 {"public": {"public_ip": vm.public_ip_id}}
                 if vm.public_ip_id
-                else {"private": {"subnet": "default"}}
+                else {"private": {"subnet": subnet_id}}
             )
             return {"id": vm.iface_id, "default": True, "kind": kind, "securityGroup": vm.security_group_id}
+
+        def actions(vm: _Vm) -> list[str]:
+            if vm.status in ("terminated", "terminating"):
+                return []
+            return (
+                ["terminate"] if vm.status == "failed" else ["terminate", "updateNetworkInterface", "restart"]
+            )
 
         def vm_json(vm: _Vm, expand: set[str] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
             doc: dict[str, Any] = {
                 "id": vm.id,
-                "userId": "00000000-0000-0000-0000-000000000001",
+                "userId": USER_ID,
                 "clusterId": vm.cluster_id,
                 "configurationId": vm.configuration_id,
                 "name": vm.name,
                 "status": vm.status,
                 "restartRequired": False,
-                "allowedActions": ["terminate", "updateNetworkInterface", "restart"]
-                if vm.status not in ("terminated", "terminating", "failed")
-                else [],
+                "allowedActions": actions(vm),
                 "bootDisk": vm.boot_disk_id,
                 "cloudInit": {} if vm.had_cloud_init else None,
                 "dataDisks": [],
@@ -1062,7 +1234,7 @@ class FakeFluence:
                 "createdAt": vm.created_at,
                 "updatedAt": _now_iso(),
                 "readySince": None,
-                "terminatedAt": None,
+                "terminatedAt": _now_iso() if vm.status == "terminated" else None,
             }
             if expand:
                 exp: dict[str, Any] = {}
@@ -1072,6 +1244,9 @@ class FakeFluence:
                     exp["networkInterfaces"] = [iface_json(vm)]
                 doc["expanded"] = exp
             return doc
+
+        def group_json(group: dict[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in group.items() if not k.startswith("_")}
 
         def b_vms() -> list[_Vm]:
             with fake._lock:
@@ -1084,26 +1259,31 @@ class FakeFluence:
                 return None
             return vm if vm.generation == "B" else None
 
-        async def service_status(request: Request) -> Response:
-            return JSONResponse({"maintenanceMode": False, "version": "0.13.1-fake"})
+        def vm_of(request: Request) -> _Vm | JSONResponse:
+            vm_id = request.path_params["vm_id"]
+            problem = uuid_problem("vm_id", vm_id)
+            if problem:
+                return err(400, "bad_request", problem)
+            vm = get_b(vm_id)
+            return vm if vm is not None else err(404, "not_found", "VM not found")
 
         async def clusters(request: Request) -> Response:
-            return JSONResponse([fake.cluster])
+            if fake.legacy_lists:  # the 0.8.210 snapshot: a bare list, dc_id
+                c = fake.cluster
+                return JSONResponse([{"id": c["id"], "name": c["name"], "dc_id": c["dcId"]}])
+            return JSONResponse({"items": [fake.cluster]})
 
         async def configurations(request: Request) -> Response:
-            return JSONResponse(fake.configurations)
-
-        async def default_images(request: Request) -> Response:
-            return JSONResponse(DEFAULT_IMAGES)
+            return JSONResponse(fake.configurations if fake.legacy_lists else {"items": fake.configurations})
 
         async def ssh_keys(request: Request) -> Response:
             if request.method == "GET":
                 with fake._lock:
                     return page(request, list(fake._ssh_keys.values()))
-            body = await fake._body(request)
-            if not isinstance(body, dict) or not isinstance(body.get("name"), str):
-                return err(400, "bad_request", "name: required")
-            pub = body.get("publicKey")
+            body = await body_of(request)
+            if isinstance(body, Response):
+                return body
+            pub = body["publicKey"]
             try:
                 key = asyncssh.import_public_key(pub)
             except Exception:
@@ -1113,7 +1293,7 @@ class FakeFluence:
                     return err(409, "conflict", "publicKey: this key is already registered")
                 doc = {
                     "id": str(uuid.uuid4()),
-                    "userId": "00000000-0000-0000-0000-000000000001",
+                    "userId": USER_ID,
                     "name": body["name"],
                     "publicKey": pub.strip(),
                     "algorithm": key.algorithm.decode(),
@@ -1123,27 +1303,12 @@ class FakeFluence:
             return JSONResponse(doc)
 
         async def delete_ssh_keys(request: Request) -> Response:
-            body = await fake._body(request)
+            body = await body_of(request)
+            if isinstance(body, Response):
+                return body
             with fake._lock:
-                for i in (body or {}).get("ids") or []:
-                    fake._ssh_keys.pop(i, None)
-            return Response(status_code=200)
-
-        def check_disk(disk: Any) -> str | None:
-            if isinstance(disk, str):
-                return None if disk else "bootDisk: empty id"
-            if not isinstance(disk, dict):
-                return "bootDisk: a storage id or {clusterId, name, storageType, volumeGb, replicated}"
-            for f in ("clusterId", "name", "storageType", "volumeGb", "replicated"):
-                if f not in disk:
-                    return f"bootDisk.{f}: required"
-            if disk["storageType"] != "NVME":
-                return "bootDisk.storageType: NVME"
-            if not isinstance(disk["volumeGb"], int) or disk["volumeGb"] < 1:
-                return "bootDisk.volumeGb: a positive integer"
-            if not isinstance(disk["replicated"], bool):
-                return "bootDisk.replicated: a boolean"
-            return None
+                removed = [fake._ssh_keys.pop(i) for i in body["ids"] if i in fake._ssh_keys]
+            return JSONResponse(removed)
 
         async def vms(request: Request) -> Response:
             if request.method == "GET":
@@ -1163,44 +1328,42 @@ class FakeFluence:
                     items = [v for v in items if v.id in ids]
                 expand = expand_of(request)
                 return page(request, [vm_json(v, expand) for v in items])
-            body = await fake._body(request)
-            if not isinstance(body, dict):
-                return err(400, "bad_request", "the body must be a JSON object")
-            for f in ("clusterId", "name", "configurationId", "bootDisk"):
-                if f not in body:
-                    return err(400, "bad_request", f"{f}: required")
+            body = await body_of(request)
+            if isinstance(body, Response):
+                return body
             if body["clusterId"] != fake.cluster["id"]:
                 return err(422, "unprocessable_entity", "clusterId: unknown cluster")
             config = next((c for c in fake.configurations if c["id"] == body["configurationId"]), None)
             if config is None:
                 return err(422, "unprocessable_entity", "configurationId: unknown configuration")
-            if not isinstance(body["name"], str) or not body["name"]:
+            if not body["name"]:
                 return err(400, "bad_request", "name: a non-empty string")
-            problem = check_disk(body["bootDisk"])
-            if problem:
-                return err(400, "bad_request", problem)
+            disk = body["bootDisk"]
+            if isinstance(disk, dict):
+                image = disk.get("osImage")
+                if image is not None and (
+                    not image.startswith(("http://", "https://"))
+                    or not image.split("?")[0].endswith(_IMAGE_EXT)
+                ):
+                    return err(
+                        400,
+                        "bad_request",
+                        f"bootDisk.osImage: the URL of a {'/'.join(_IMAGE_EXT)} image (a default image's "
+                        f"downloadUrl), not {image[:60]!r}",
+                    )
             keys = body.get("sshKeys") or []
             with fake._lock:
                 unknown = [k for k in keys if k not in fake._ssh_keys]
             if unknown:
                 return err(422, "unprocessable_entity", f"sshKeys: unknown key ids {unknown}")
-            ci = body.get("cloudInit")
-            user_data = None
-            if ci is not None:
-                if not isinstance(ci, dict):
-                    return err(400, "bad_request", "cloudInit: {userData}")
-                user_data = ci.get("userData")
-                if user_data is not None and not isinstance(user_data, str):
-                    return err(400, "bad_request", "cloudInit.userData: a string")
-                if user_data is not None and len(user_data.encode("utf-8")) > MAX_USER_DATA:
-                    return err(400, "bad_request", "cloudInit.userData: exceeds 16 KiB")
-            pip = body.get("publicIp")
-            if (pip is not None and not isinstance(pip, str)) and (
-                not isinstance(pip, dict) or pip.get("addressType") != "V4" or "name" not in pip
-            ):
-                return err(400, "bad_request", "publicIp: an id or {clusterId, name, addressType: V4}")
+            user_data = (body.get("cloudInit") or {}).get("userData")
+            if user_data is not None and len(user_data.encode("utf-8")) > MAX_USER_DATA:
+                return err(400, "bad_request", "cloudInit.userData: exceeds 16 KiB")
             if fake.no_offer:
                 return err(422, "unprocessable_entity", "No suitable offer found")
+            if fake.insufficient_balance:
+                return err(422, "insufficient_balance", "Insufficient balance to create the VM")
+            pip = body.get("publicIp")
             vm = _Vm(
                 id=str(uuid.uuid4()),
                 name=body["name"],
@@ -1216,150 +1379,139 @@ class FakeFluence:
                 had_cloud_init=user_data is not None,
                 public_ip_id=(pip if isinstance(pip, str) else str(uuid.uuid4())) if pip else None,
                 iface_id=str(uuid.uuid4()),
-                boot_disk_id=body["bootDisk"] if isinstance(body["bootDisk"], str) else str(uuid.uuid4()),
+                boot_disk_id=disk if isinstance(disk, str) else str(uuid.uuid4()),
             )
             with fake._lock:
                 fake._vms[vm.id] = vm
             return JSONResponse(vm_json(vm))
 
         async def vm_item(request: Request) -> Response:
-            vm = get_b(request.path_params["vm_id"])
-            if vm is None:
-                return err(404, "not_found", "VM not found")
+            vm = vm_of(request)
+            if isinstance(vm, Response):
+                return vm
             if request.method == "PATCH":
-                body = await fake._body(request)
-                if isinstance(body, dict) and isinstance(body.get("name"), str):
+                body = await body_of(request)
+                if isinstance(body, Response):
+                    return body
+                if body.get("name") is not None:
                     vm.name = body["name"]
             return JSONResponse(vm_json(vm, expand_of(request)))
 
         async def terminate(request: Request) -> Response:
-            vm = get_b(request.path_params["vm_id"])
-            if vm is None:
-                return err(404, "not_found", "VM not found")
-            if vm.status in ("terminating", "terminated"):
+            vm = vm_of(request)
+            if isinstance(vm, Response):
+                return vm
+            if "terminate" not in actions(vm):
                 return err(406, "not_acceptable", "terminate is not allowed in status " + vm.status)
             await fake._end(vm, "terminated")
             return JSONResponse(vm_json(vm))
 
         async def interfaces(request: Request) -> Response:
-            vm = get_b(request.path_params["vm_id"])
-            if vm is None:
-                return err(404, "not_found", "VM not found")
+            vm = vm_of(request)
+            if isinstance(vm, Response):
+                return vm
             return JSONResponse([iface_json(vm)])
 
         async def patch_interface(request: Request) -> Response:
-            vm = get_b(request.path_params["vm_id"])
-            if vm is None:
-                return err(404, "not_found", "VM not found")
-            if request.path_params["iface_id"] != vm.iface_id:
+            vm = vm_of(request)
+            if isinstance(vm, Response):
+                return vm
+            body = await body_of(request)
+            if isinstance(body, Response):
+                return body
+            if request.path_params["interface_id"] != vm.iface_id:
                 return err(404, "not_found", "interface not found")
-            body = await fake._body(request)
-            if not isinstance(body, dict) or "securityGroupId" not in body:
-                return err(400, "bad_request", "securityGroupId: required (null detaches)")
+            if "updateNetworkInterface" not in actions(vm):
+                return err(
+                    406, "not_acceptable", "updateNetworkInterface is not allowed in status " + vm.status
+                )
+            if "securityGroupId" not in body:
+                return JSONResponse(vm_json(vm))  # absent: no change
             sg_id = body["securityGroupId"]
             with fake._lock:
                 if sg_id is not None and sg_id not in fake._security_groups:
                     return err(422, "unprocessable_entity", "securityGroupId: unknown security group")
                 old = fake._security_groups.get(vm.security_group_id or "")
-                if old is not None and vm.id in old["attachedTo"]:
-                    old["attachedTo"].remove(vm.id)
+                if old is not None and vm.iface_id in old["attachedTo"]:
+                    old["attachedTo"].remove(vm.iface_id)
                 vm.security_group_id = sg_id
                 if sg_id is not None:
-                    fake._security_groups[sg_id]["attachedTo"].append(vm.id)
+                    fake._security_groups[sg_id]["attachedTo"].append(vm.iface_id)
             return JSONResponse(vm_json(vm))
 
-        def check_rules(rules: Any, where: str) -> str | None:
-            if not isinstance(rules, dict) or rules.get("type") not in ("allow", "allowAll"):
-                return f"{where}: {{type: allowAll}} or {{type: allow, rules: [...]}}"
-            if rules["type"] == "allow":
-                if not isinstance(rules.get("rules"), list):
-                    return f"{where}.rules: a list"
-                for r in rules["rules"]:
-                    if not isinstance(r, dict) or r.get("type") not in ("ipv4", "ipv6"):
-                        return f"{where}.rules[].type: ipv4 or ipv6"
-                    kind = r.get("protocolKind")
-                    if kind not in ("all", "icmp") and not (
-                        isinstance(kind, dict) and set(kind) <= {"tcp", "udp"} and len(kind) == 1
-                    ):
-                        return f"{where}.rules[].protocolKind: all, icmp, {{tcp: {{ports}}}} or {{udp: {{ports}}}}"
-                    if isinstance(kind, dict):
-                        ports = next(iter(kind.values())).get("ports")
-                        if ports != "all" and not (
-                            isinstance(ports, dict) and ("exact" in ports or "range" in ports)
-                        ):
-                            return f"{where}.rules[].protocolKind ports: all, {{exact}} or {{range}}"
-                    if not isinstance(r.get("remote"), dict):
-                        return f"{where}.rules[].remote: {{address}} or {{securityGroup}}"
-            return None
+        def rules_json(rules: list[dict[str, Any]] | None) -> dict[str, Any]:
+            """The answer's form of a create request's rule array: null/absent allows all."""
+            return {"type": "allowAll"} if rules is None else {"type": "allow", "rules": rules}
 
         async def security_groups(request: Request) -> Response:
             if request.method == "GET":
                 with fake._lock:
-                    return page(request, [dict(g) for g in fake._security_groups.values()])
-            body = await fake._body(request)
-            if not isinstance(body, dict):
-                return err(400, "bad_request", "the body must be a JSON object")
-            for f in ("clusterId", "name", "ingressRules", "egressRules"):
-                if f not in body:
-                    return err(400, "bad_request", f"{f}: required")
-            for f in ("ingressRules", "egressRules"):
-                problem = check_rules(body[f], f)
-                if problem:
-                    return err(400, "bad_request", problem)
+                    return page(request, [group_json(g) for g in fake._security_groups.values()])
+            body = await body_of(request)
+            if isinstance(body, Response):
+                return body
+            if body["clusterId"] != fake.cluster["id"]:
+                return err(422, "unprocessable_entity", "clusterId: unknown cluster")
             doc = {
                 "id": str(uuid.uuid4()),
-                "userId": "00000000-0000-0000-0000-000000000001",
+                "userId": USER_ID,
                 "clusterId": body["clusterId"],
-                "vpcId": str(uuid.uuid4()),
+                "vpcId": vpc_id,
                 "name": body["name"],
                 "status": "ready",
-                "ingressRules": body["ingressRules"],
-                "egressRules": body["egressRules"],
+                "ingressRules": rules_json(body.get("ingressRules")),
+                "egressRules": rules_json(body.get("egressRules")),
                 "attachedTo": [],
                 "createdAt": _now_iso(),
+                "readySince": _now_iso(),
+                "removedAt": None,
             }
             with fake._lock:
                 fake._security_groups[doc["id"]] = doc
-            return JSONResponse(doc)
+            return JSONResponse(group_json(doc))
+
+        def live_ifaces() -> set[str]:
+            return {v.iface_id for v in b_vms() if v.status not in ("terminated", "terminating")}
 
         async def delete_security_groups(request: Request) -> Response:
-            body = await fake._body(request)
-            ids = (body or {}).get("ids") if isinstance(body, dict) else None
-            if not isinstance(ids, list):
-                return err(400, "bad_request", "ids: required")
+            body = await body_of(request)
+            if isinstance(body, Response):
+                return body
             with fake._lock:
-                for i in ids:
+                for i in body["ids"]:
                     sg = fake._security_groups.get(i)
                     if sg is None:
                         return err(404, "not_found", f"security group {i} not found")
-                    live = [v for v in sg["attachedTo"] if get_b(v) and get_b(v).status != "terminated"]  # type: ignore[union-attr]
+                    live = [v for v in sg["attachedTo"] if v in live_ifaces()]
                     if live:
-                        return err(409, "conflict", f"security group {i} is attached to {live}")
-                for i in ids:
-                    fake._security_groups.pop(i, None)
-            return Response(status_code=200)
+                        return err(409, "conflict", f"security group {i} is attached to interfaces {live}")
+                removed = []
+                for i in body["ids"]:
+                    sg = fake._security_groups.pop(i)
+                    removed.append({**group_json(sg), "status": "removed", "removedAt": _now_iso()})
+            return JSONResponse(removed)
 
         async def cost(request: Request) -> Response:
-            body = await fake._body(request)
-            if not isinstance(body, dict) or not isinstance(body.get("resources"), list):
-                return err(400, "bad_request", "resources: required")
+            body = await body_of(request)
+            if isinstance(body, Response):
+                return body
             secs = body.get("secs") or 3600
             items, total = [], 0.0
             for res in body["resources"]:
-                if not isinstance(res, dict) or len(res) != 1:
-                    return err(400, "bad_request", "resources[]: one of {vm}, {storage}, {publicIp}")
                 ((kind, spec),) = res.items()
-                rid = (spec or {}).get("resource_id") or {}
+                rid = spec["resource_id"]
+                if rid["clusterId"] != fake.cluster["id"]:
+                    return err(
+                        422, "unprocessable_entity", f"resources[].{kind}.resource_id.clusterId: unknown"
+                    )
                 if kind == "vm":
-                    if rid.get("vmConfigurationId") not in {c["id"] for c in fake.configurations}:
+                    if rid["vmConfigurationId"] not in {c["id"] for c in fake.configurations}:
                         return err(422, "unprocessable_entity", "vmConfigurationId: unknown")
                     hourly = fake.price_hourly_usd
                 elif kind == "storage":
-                    hourly = 0.0001 * int((spec or {}).get("volume_gb") or 0)
-                elif kind == "publicIp":
-                    hourly = 0.005
+                    hourly = 0.0001 * int(spec["volume_gb"])
                 else:
-                    return err(400, "bad_request", f"resources[]: unknown kind {kind}")
+                    hourly = 0.005
                 per_sec = hourly / 3600
                 total += per_sec
                 items.append({"resource": res, "costPerSec": f"{per_sec:.12f}"})
@@ -1373,10 +1525,8 @@ class FakeFluence:
             )
 
         return [
-            Route("/v1/service/status", service_status, methods=["GET"]),
             Route("/v1/clusters", clusters, methods=["GET"]),
             Route("/v1/configurations/virtual_machines", configurations, methods=["GET"]),
-            Route("/v1/storages/default_images", default_images, methods=["GET"]),
             Route("/v1/ssh_keys", ssh_keys, methods=["GET", "POST"]),
             Route("/v1/ssh_keys/delete", delete_ssh_keys, methods=["POST"]),
             Route("/v1/security_groups", security_groups, methods=["GET", "POST"]),
@@ -1386,7 +1536,7 @@ class FakeFluence:
             Route("/v2/vms/{vm_id}", vm_item, methods=["GET", "PATCH"]),
             Route("/v2/vms/{vm_id}/terminate", terminate, methods=["POST"]),
             Route("/v2/vms/{vm_id}/interfaces", interfaces, methods=["GET"]),
-            Route("/v2/vms/{vm_id}/interfaces/{iface_id}", patch_interface, methods=["PATCH"]),
+            Route("/v2/vms/{vm_id}/interfaces/{interface_id}", patch_interface, methods=["PATCH"]),
         ]
 
     # ---- GPU containers ----------------------------------------------------------------------------------------
@@ -1394,33 +1544,75 @@ class FakeFluence:
         fake = self
 
         def err(status: int, message: str) -> JSONResponse:
-            return JSONResponse({"error": message}, status)
+            """A business error: FastAPI's ``{"detail": "..."}``."""
+            return JSONResponse({"detail": message}, status)
 
-        def inst_json(vm: _Vm) -> dict[str, Any]:
-            g = vm.gpu
-            forwarded = []
-            if vm.status == "ACTIVE":
-                forwarded = [
-                    {
-                        "port": int(e["port"]),
-                        "external_port": g["ports"][int(e["port"])],
-                        "protocol": e.get("protocol"),
-                    }
-                    for e in g["expose"]
-                ]
+        def invalid(loc: list[Any], message: str, value: Any = None) -> JSONResponse:
+            """A validation error: 422 ``{"detail": [{type, loc, msg, input}]}``."""
+            item = {
+                "type": "value_error",
+                "loc": ["body", *loc],
+                "msg": f"Value error, {message}",
+                "input": value,
+            }
+            return JSONResponse({"detail": [item]}, 422)
+
+        def resources() -> dict[str, Any]:
+            plan = fake.gpu_plans[0]["plan"]
+            return {"supply": plan["supply"], "gpu_model": plan["gpu_model"]}
+
+        def inst_item(vm: _Vm) -> dict[str, Any]:
+            """A ``GET /gpu/instances/`` entry (the docs' list shape: no container or network details)."""
             return {
                 "id": vm.id,
                 "name": vm.name,
-                "plan_id": g["plan_id"],
+                "instance_status": vm.status,
+                "resources": resources(),
+                "domain": "127.0.0.1" if vm.status == "ACTIVE" else None,
+                "location": "US",
+                "created_at": vm.gpu["created_at"],
+                "updated_at": _now_iso(),
+            }
+
+        def inst_json(vm: _Vm) -> dict[str, Any]:
+            """``GET /gpu/instances/{id}`` (the docs' detail shape)."""
+            g = vm.gpu
+            network = None  # null unless ACTIVE; ports are strings on the wire
+            if vm.status == "ACTIVE":
+                forwarded = [
+                    {
+                        "port": str(e["port"]),
+                        "external_port": str(g["ports"][int(e["port"])]),
+                        "protocol": e.get("protocol", "tcp"),
+                    }
+                    for e in g["expose"]
+                ]
+                http80 = any(str(e["port"]) == "80" and e.get("protocol") == "http" for e in g["expose"])
+                uri = f"http://127.0.0.1:{g['ports'][80]}" if http80 else None
+                network = {"domain": "127.0.0.1", "forwarded_ports": forwarded, "uri": uri}
+            active = vm.status == "ACTIVE"
+            return {
+                "id": vm.id,
+                "name": vm.name,
                 "instance_status": vm.status,
                 "container_status": g["container_status"],
-                "network": {
-                    "domain": "127.0.0.1" if vm.status == "ACTIVE" else None,
-                    "forwarded_ports": forwarded,
-                    "uri": f"http://127.0.0.1:{g['external_port']}" if vm.status == "ACTIVE" else None,
+                "resources": resources(),
+                "location": "US",
+                "container_info": {
+                    "image": g["image"],
+                    "expose": g["expose"],
+                    "environment": g["environment"],
+                    "startup_command": g["startup_command"],
                 },
-                "pricing": {"hour": fake.gpu_price_hour, "upfront_hours": 3, "currency": "USDC"},
+                "billing": {
+                    "hourly_usage": fake.gpu_price_hour if active else 0,
+                    "total_spendings": fake.gpu_price_hour,
+                    "reserved_amount": fake.gpu_price_hour * 2 if active else 0,
+                    "next_billing_period": _now_iso() if active else None,
+                },
+                "network": network,
                 "created_at": g["created_at"],
+                "updated_at": _now_iso(),
             }
 
         async def plans(request: Request) -> Response:
@@ -1431,42 +1623,51 @@ class FakeFluence:
         async def instances(request: Request) -> Response:
             if request.method == "GET":
                 with fake._lock:
-                    items = [
-                        inst_json(v) for v in fake._vms.values() if v.generation == "GPU" and not v.ended
-                    ]
+                    items = [inst_item(v) for v in fake._vms.values() if v.generation == "GPU"]
                 return JSONResponse(items)
             body = await fake._body(request)
             if not isinstance(body, dict):
-                return err(400, "the body must be a JSON object")
-            if body.get("plan_id") not in {p["plan"]["id"] for p in fake.gpu_plans}:
-                return err(422, "plan_id: unknown plan")
+                return invalid([], "the body must be a JSON object", body)
             name = body.get("name")
-            if not isinstance(name, str) or not _NAME_GPU.match(name):
-                return err(400, "name: [a-z0-9-]{1,25}")
+            if (
+                not isinstance(name, str)
+                or not _NAME_GPU.match(name)
+                or name.startswith("-")
+                or name.endswith("-")
+            ):
+                return invalid(["name"], "1-25 of a-z, 0-9 and '-', not starting or ending with '-'", name)
             cs = body.get("container_settings")
             if not isinstance(cs, dict) or not isinstance(cs.get("image"), str):
-                return err(400, "container_settings.image: required")
+                return invalid(["container_settings", "image"], "Field required")
             expose = cs.get("expose") or []
-            if not isinstance(expose, list) or len(expose) > 10:
-                return err(400, "container_settings.expose: at most 10 ports")
-            for e in expose:
-                if not isinstance(e, dict) or not str(e.get("port", "")).isdigit():
-                    return err(400, "container_settings.expose[].port: a port number (string)")
-                if e.get("protocol") not in ("tcp", "udp", "http"):
-                    return err(400, "container_settings.expose[].protocol: tcp, udp or http")
-                if e.get("protocol") == "http" and str(e["port"]) != "80":
-                    return err(400, "container_settings.expose: only port 80 may use http")
+            if not isinstance(expose, list) or not 1 <= len(expose) <= 10:
+                return invalid(["container_settings", "expose"], "expose 1 to 10 ports", expose)
+            for i, e in enumerate(expose):
+                if not isinstance(e, dict) or not isinstance(e.get("port"), str) or not e["port"].isdigit():
+                    return invalid(
+                        ["container_settings", "expose", i, "port"], "a port number as a string", e
+                    )
+                if not 1 <= int(e["port"]) <= 65535:
+                    return invalid(
+                        ["container_settings", "expose", i, "port"], "Port must be between 1 and 65535"
+                    )
+                if e.get("protocol", "tcp") not in ("tcp", "udp", "http"):
+                    return invalid(["container_settings", "expose", i, "protocol"], "tcp, udp or http")
+                if e.get("protocol") == "http" and e["port"] != "80":
+                    return invalid(
+                        ["container_settings", "expose", i, "protocol"], "only port 80 may use http"
+                    )
             envl = cs.get("environment") or []
             if not isinstance(envl, list) or len(envl) > 64:
-                return err(400, "container_settings.environment: at most 64 variables")
+                return invalid(["container_settings", "environment"], "at most 64 variables")
             creds = cs.get("credentials")
-            if creds and not cs["image"].startswith(("docker.io/", "ghcr.io/")):
-                return err(
-                    400, "container_settings.credentials: private registries must be docker.io or ghcr.io"
-                )
+            if creds and creds.get("host") not in ("docker.io", "ghcr.io"):
+                return invalid(["container_settings", "credentials", "host"], "docker.io or ghcr.io")
             env = {str(e.get("name")): str(e.get("value")) for e in envl if isinstance(e, dict)}
-            if fake.no_offer:
-                return err(422, "No suitable offer found")
+            if body.get("plan_id") not in {p["plan"]["id"] for p in fake.gpu_plans} or fake.no_offer:
+                return err(400, "Plan no longer available")
+            if fake.insufficient_balance:
+                return err(400, "Insufficient balance to deploy instance")
             gateway_port = int(env.get("DEPIN_GATEWAY_PORT", "8787") or 8787)
             external = {int(e["port"]): free_port() for e in expose}
             vm = _Vm(
@@ -1483,6 +1684,9 @@ class FakeFluence:
                     "expose": expose,
                     "container_status": "NOT_STARTED",
                     "gateway_port": gateway_port,
+                    "image": cs["image"],
+                    "environment": envl,
+                    "startup_command": cs.get("startup_command"),
                     "ports": external,
                     "external_port": external.get(gateway_port) or free_port(),
                     "created_at": _now_iso(),
@@ -1497,15 +1701,20 @@ class FakeFluence:
                 vm = fake._vm(instance_id)
             except KeyError:
                 return None
-            return vm if vm.generation == "GPU" and not vm.ended else None
+            return vm if vm.generation == "GPU" else None  # ended ones stay readable, as ENDED
 
         async def instance(request: Request) -> Response:
             vm = get_gpu(request.path_params["instance_id"])
             if vm is None:
                 return err(404, "instance not found")
             if request.method == "DELETE":
+                if vm.status != "ACTIVE":
+                    return err(
+                        400, f"Only instances with ACTIVE status can be terminated (this one is {vm.status})"
+                    )
+                vm.gpu["container_status"] = "NOT_STARTED"
                 await fake._end(vm, "ENDED")
-                return JSONResponse({"instance_id": vm.id, "instance_status": "ENDED"})
+                return Response(status_code=204)
             return JSONResponse(inst_json(vm))
 
         async def logs(request: Request) -> Response:
@@ -1515,11 +1724,13 @@ class FakeFluence:
             try:
                 last = int(request.query_params.get("last", 100))
             except ValueError:
-                return err(400, "last: an integer")
+                return JSONResponse(
+                    {"detail": [{"type": "int_parsing", "loc": ["query", "last"], "msg": "an integer"}]}, 422
+                )
             lines = list(vm.log)
             if vm.gateway is not None:
                 lines += vm.gateway.proc.log_text().splitlines()
-            return JSONResponse({"logs": lines[-last:] if last > 0 else []})
+            return JSONResponse(lines[-last:] if last > 0 else [])  # a JSON array of log lines
 
         return [
             Route("/gpu/plans/", plans, methods=["GET"]),

@@ -23,9 +23,10 @@ Header ``x-api-key``: a wrong key → 401 ``{"detail": …}``; a missing one too
   ``secret_env_keys``); ``GET /deployment/{id}/containers`` → ``{"data": {"total", "workers": [WorkerData]}}``;
 - ``DELETE /deployment/{id}`` → ``{"status": "termination requested", "deployment_id"}`` (unknown → 404).
 
-A deployment boots a real agent (``AgentProcess``) with ``container_config.secret_env_variables
-["DEPIN_AGENT_TOKEN"]`` (entrypoint/args must run ``depin worker serve``): ``deployment requested`` while it
-boots, then ``running`` with the container's ``public_url`` = the agent's URL. Delete stops it (status
+A deployment runs its container's ``entrypoint`` + ``args`` for real (``tests.support.node_image.ScriptAgent``:
+the bootstrap pip-installs this checkout's wheel into a stand-in image and starts ``depin worker serve``) with
+``env_variables`` and ``secret_env_variables`` (``DEPIN_AGENT_TOKEN``); a test's own ``agent_factory`` replaces
+that (``None``: no agents). ``deployment requested`` while it boots, then ``running`` with the container's ``public_url`` = the agent's URL. Delete stops it (status
 ``destroyed``) and frees its GPUs. ``calls`` records every request (method, path, query).
 
 Failure injection: ``no_capacity`` (nothing available, deploy fails), ``never_ready`` (stays ``deployment
@@ -485,7 +486,17 @@ class FakeIonet:
         def failed(why: str) -> None:
             rec["status"] = "failed"
 
-        self.pool.boot(dep_id, token, ready, failed)
+        factory = self.pool.factory
+        if factory is real_agent:  # the container runs its entrypoint + args, as io.net does
+            from tests.support.node_image import ScriptAgent
+
+            argv = [*(cc.get("entrypoint") or []), *(cc.get("args") or [])]
+            node_env = {**(cc.get("env_variables") or {}), **(cc.get("secret_env_variables") or {})}
+
+            def factory(data_dir: Path, tok: str) -> ScriptAgent:
+                return ScriptAgent(data_dir, tok, argv, node_env)
+
+        self.pool.boot(dep_id, token, ready, failed, factory=factory)
 
     async def _list(self, request: Request) -> JSONResponse:
         if (denied := self._auth(request)) is not None:

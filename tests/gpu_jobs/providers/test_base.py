@@ -92,10 +92,12 @@ def test_bootstrap_script_installs_and_serves_without_the_token() -> None:
         script = b.script(background=background)
         assert TOKEN not in script
         assert "pip install" in script and shlex.quote(b.package) in script
-        assert "depin worker serve --host 0.0.0.0 --port 8911" in script
+        assert "HOST=${DEPIN_AGENT_HOST:-0.0.0.0}\nPORT=${DEPIN_AGENT_PORT:-8911}\n" in script
+        assert 'depin worker serve --host "$HOST" --port "$PORT"' in script
         assert "DEPIN_AGENT_TOKEN" in script  # refuses to start without it
     assert b.script().rstrip().splitlines()[-1].startswith("exec depin worker serve")
     assert b.script(background=True).rstrip().splitlines()[-1].startswith("nohup depin worker serve")
+    # tests/bootstrap runs these scripts for real
     assert b.env() == {"DEPIN_AGENT_TOKEN": TOKEN}
     assert TOKEN not in repr(b) and TOKEN not in str(b.model_dump())
 

@@ -171,9 +171,7 @@ def test_cli_script_prints_the_bootstrap_and_writes_a_private_token(tmp_path: Pa
     token = token_file.read_text().strip()
     assert len(token) >= 32 and stat.S_IMODE(token_file.stat().st_mode) == 0o600
     assert token not in r.output
-    assert (
-        r.stdout.startswith("#!/bin/sh") and "exec depin worker serve --host 0.0.0.0 --port 8911" in r.stdout
-    )
+    assert r.stdout.startswith("#!/bin/sh") and "PORT=${DEPIN_AGENT_PORT:-8911}" in r.stdout
     assert "depin-pipeline==0.1.0" in r.stdout
     r = runner.invoke(cli(), ["script", "--token-out", str(token_file)])
     assert (
