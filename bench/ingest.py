@@ -45,7 +45,7 @@ from connectors.dimo.emulator.server import EmulatorProcess
 from connectors.dimo.emulator.state import EmulatorConfig
 from connectors.dimo.settings import DimoSettings
 from connectors.dimo.store import TelemetryStore
-from tests.e2e.dimo_sdk_venv import SdkInstallError, ensure_sdk_python
+from tests.e2e.client_venvs import DIMO_SDK, InstallError
 
 Recorded = list[tuple[str, dict[str, str], bytes]]
 
@@ -196,8 +196,8 @@ def main() -> None:
     args = ap.parse_args()
     signals = [s.strip() for s in args.signals.split(",")] if args.signals else None
     try:  # before any clock: this may build the SDK's venv
-        sdk_python = None if args.no_sdk else ensure_sdk_python()
-    except SdkInstallError as exc:
+        sdk_python = None if args.no_sdk else DIMO_SDK.ensure()
+    except InstallError as exc:
         raise SystemExit(
             f"{exc}\nthe official-SDK mode needs its venv; rerun with --no-sdk to leave it out"
         ) from None

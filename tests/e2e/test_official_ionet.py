@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,54 +20,19 @@ from pydantic import SecretStr
 
 from gpu_jobs.providers import IonetProvider, pick_offer, worker_name
 from gpu_jobs.providers.ionet import CAAS
+from tests.e2e.client_venvs import IONET, obtain
 from tests.fakes.ionet import FakeIonet
 from tests.gpu_jobs.providers.support import JOB_ID, make_bootstrap, make_spec
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
-VENV = REPO / ".venv-ionet"
-PYTHON = VENV / "bin" / "python"
-SDK_VERSION = "0.4.1"
-REQUIREMENT = f"ionet-cloud=={SDK_VERSION}"
 SCRIPT = Path(__file__).with_name("ionet_sdk_script.py")
-UNREACHABLE = (
-    "No matching distribution found",
-    "Could not find a version",
-    "NewConnectionError",
-    "Max retries exceeded",
-    "Temporary failure in name resolution",
-    "Network is unreachable",
-)
-
-
-def _ready() -> bool:
-    check = f"import iocloud, importlib.metadata as m; assert m.version('ionet-cloud') == '{SDK_VERSION}'"
-    return (
-        PYTHON.exists()
-        and subprocess.run([str(PYTHON), "-c", check], capture_output=True, timeout=60).returncode == 0
-    )
 
 
 @pytest.fixture(scope="module")
 def sdk_python() -> Path:
-    """The SDK venv's interpreter, built on first use. An unreachable index skips, except under CI, where any
-    install failure fails."""
-    if _ready():
-        return PYTHON
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True, timeout=120)
-    pip = subprocess.run(
-        [str(PYTHON), "-m", "pip", "install", "-q", "--disable-pip-version-check", REQUIREMENT],
-        capture_output=True,
-        text=True,
-        timeout=480,
-    )
-    log = (pip.stdout + pip.stderr)[-3000:]
-    if pip.returncode != 0 and any(m in log for m in UNREACHABLE) and not os.environ.get("CI"):
-        pytest.skip(f"package index unreachable, cannot install {REQUIREMENT}: {log[-500:]}")
-    if pip.returncode != 0 or not _ready():
-        pytest.fail(f"pip install {REQUIREMENT} into {VENV} failed (delete the venv to rebuild):\n{log}")
-    return PYTHON
+    """The SDK venv's interpreter (built on first use; see ``client_venvs.obtain``)."""
+    return obtain(IONET)
 
 
 class _Node:
@@ -127,7 +91,7 @@ def test_official_sdk_and_adapter_agree_on_the_fake(
         out = _run_sdk(sdk_python, fake, sdk_name, ours.instance_id, tmp_path)
         sdk_calls = fake.calls[calls_before:]
 
-        assert out["version"] == SDK_VERSION
+        assert out["version"] == IONET.version
         # hardware: the SDK parses every inventory row, string ids included, and resolves names
         rows = {(str(h["hardware_id"]), h["location"]) for h in out["hardware"]}
         assert ("203", "United States") in rows and ("7", "Germany") in rows and len(rows) == 7

@@ -8,9 +8,8 @@ CI is set, an SDK that cannot be installed fails the test; without CI an unreach
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,46 +21,33 @@ from connectors.dimo.emulator.server import EmulatorProcess
 from connectors.dimo.emulator.state import EmulatorConfig
 from connectors.dimo.privileges import decode_sacd_permissions
 from connectors.dimo.settings import VEHICLE_NFT_PROD
-from tests.e2e.dimo_sdk_venv import SdkIndexUnreachable, SdkInstallError, ensure_sdk_python
+from tests.e2e.client_venvs import DIMO_SDK, IndexUnreachable, InstallError, obtain
 
 pytestmark = pytest.mark.e2e
 
 SCRIPT = Path(__file__).with_name("sdk_script.py")
 
 
-def obtain_sdk(ensure: Callable[[], Path] = ensure_sdk_python) -> Path:
-    """The SDK venv's interpreter. Failing to install it fails the test when the env var CI is set; without CI
-    an unreachable (or hanging) package index skips, and any other install failure still fails."""
-    try:
-        return ensure()
-    except (SdkIndexUnreachable, subprocess.TimeoutExpired) as exc:
-        if "CI" in os.environ:
-            pytest.fail(f"CI is set, so the official SDK must be installable: {exc}", pytrace=False)
-        pytest.skip(f"official DIMO SDK not installable here (set CI to make this a failure): {exc}")
-    except (SdkInstallError, subprocess.CalledProcessError, OSError) as exc:
-        pytest.fail(f"could not install the official DIMO SDK: {exc}", pytrace=False)
-
-
 def test_sdk_install_failure_fails_under_ci_and_skips_only_without(monkeypatch: pytest.MonkeyPatch) -> None:
     def unreachable() -> Path:
-        raise SdkIndexUnreachable("package index unreachable: Network is unreachable")
+        raise IndexUnreachable("package index unreachable: Network is unreachable")
 
     def hangs() -> Path:
         raise subprocess.TimeoutExpired(["pip", "install"], 480)
 
     def broken() -> Path:
-        raise SdkInstallError("pip install failed: resolver conflict")
+        raise InstallError("pip install failed: resolver conflict")
 
     monkeypatch.setenv("CI", "true")
     for ensure in (unreachable, hangs, broken):
         with pytest.raises(pytest.fail.Exception):
-            obtain_sdk(ensure)
+            obtain(DIMO_SDK, ensure)
     monkeypatch.delenv("CI")
     for ensure in (unreachable, hangs):
         with pytest.raises(pytest.skip.Exception, match="set CI to make this a failure"):
-            obtain_sdk(ensure)
+            obtain(DIMO_SDK, ensure)
     with pytest.raises(pytest.fail.Exception, match="resolver conflict"):
-        obtain_sdk(broken)
+        obtain(DIMO_SDK, broken)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +69,9 @@ def _privileged_ids(emu: EmulatorProcess) -> list[int]:
 
 
 def test_official_sdk_end_to_end(emulator: EmulatorProcess) -> None:
-    sdk_python = obtain_sdk()  # in the test body: an install failure under CI is a FAILED test, not an error
+    sdk_python = obtain(
+        DIMO_SDK
+    )  # in the test body: an install failure under CI is a FAILED test, not an error
     proc = subprocess.run(
         [str(sdk_python), str(SCRIPT), str(emulator.credentials_path)],
         capture_output=True,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,24 +20,14 @@ import pytest
 from pydantic import SecretStr
 
 from gpu_jobs.providers import Bootstrap, VastProvider, pick_offer, worker_name
+from tests.e2e.client_venvs import VASTAI, obtain
 from tests.fakes.vast import FakeVast
 from tests.gpu_jobs.providers.support import JOB_ID, TOKEN, make_spec
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
-VENV = REPO / ".venv-vastai"
-PYTHON = VENV / "bin" / "python"
-CLI = VENV / "bin" / "vastai"
-VERSION = "1.9.1"
-UNREACHABLE = (
-    "No matching distribution found",
-    "Could not find a version",
-    "NewConnectionError",
-    "Max retries exceeded",
-    "Temporary failure in name resolution",
-    "Network is unreachable",
-)
+PYTHON = VASTAI.python
+CLI = VASTAI.bin("vastai")
 
 # Runs in the client's venv: the SDK calls, in the order a rental goes; prints one JSON line.
 SDK_SCRIPT = r"""
@@ -70,33 +59,11 @@ print(json.dumps(out))
 """
 
 
-def _client_ready() -> bool:
-    if not PYTHON.exists() or not CLI.exists():
-        return False
-    check = f"import vastai, importlib.metadata as m; assert m.version('vastai') == '{VERSION}'"
-    return subprocess.run([str(PYTHON), "-c", check], capture_output=True, timeout=120).returncode == 0
-
-
 @pytest.fixture(scope="module")
 def client_venv() -> Path:
-    """The venv with ``vastai`` (built on first use); an unreachable index skips, except under CI."""
-    if _client_ready():
-        return VENV
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True, timeout=120)
-    pip = subprocess.run(
-        [str(PYTHON), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"vastai=={VERSION}"],
-        capture_output=True,
-        text=True,
-        timeout=540,
-    )
-    log = pip.stdout + pip.stderr
-    if pip.returncode != 0 and any(m in log for m in UNREACHABLE) and not os.environ.get("CI"):
-        pytest.skip(f"package index unreachable, cannot install vastai=={VERSION}: {log[-500:]}")
-    if pip.returncode != 0 or not _client_ready():
-        pytest.fail(
-            f"pip install vastai=={VERSION} into {VENV} failed (delete it to rebuild):\n{log[-3000:]}"
-        )
-    return VENV
+    """The venv with ``vastai`` (built on first use; see ``client_venvs.obtain``)."""
+    obtain(VASTAI)
+    return VASTAI.path
 
 
 @pytest.fixture
