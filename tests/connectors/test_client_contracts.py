@@ -17,6 +17,7 @@ from connectors.dimo.client import DimoClient
 from connectors.dimo.emulator.app import create_app
 from connectors.dimo.emulator.fleet import Fleet
 from connectors.dimo.emulator.ratelimit import RateLimiter
+from connectors.dimo.emulator.server import credentials_document
 from connectors.dimo.emulator.simulator import simulate_fleet
 from connectors.dimo.emulator.state import EmulatorState, make_license
 from connectors.dimo.settings import DimoSettings
@@ -27,16 +28,8 @@ Tables = dict[int, pa.Table]
 
 
 def _settings(url: str, fleet: Fleet, **over: Any) -> DimoSettings:
-    lic = fleet.license
     return DimoSettings(
-        client_id=lic.client_id,
-        domain=lic.domain,
-        private_key=lic.private_key,
-        auth_url=url,
-        token_exchange_url=url,
-        identity_url=f"{url}/identity/query",
-        telemetry_url=f"{url}/telemetry/query",
-        **{"max_values_per_request": 2_000, "rate_limit_per_s": 0, **over},
+        **credentials_document(fleet, url), **{"max_values_per_request": 2_000, "rate_limit_per_s": 0, **over}
     )
 
 

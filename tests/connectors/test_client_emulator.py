@@ -14,6 +14,7 @@ import pytest
 from connectors.dimo.client import DimoClient
 from connectors.dimo.emulator.app import create_app
 from connectors.dimo.emulator.fleet import SOURCES, Fleet, Grant, Vehicle
+from connectors.dimo.emulator.server import credentials_document
 from connectors.dimo.emulator.state import EmulatorState, make_license
 from connectors.dimo.schema import telemetry_schema
 from connectors.dimo.settings import DimoSettings
@@ -75,17 +76,7 @@ def emulator():
     fleet = _fleet()
     with LoopbackServer(create_app(EmulatorState(fleet=fleet, public_url="http://127.0.0.1"))) as server:
         url = server.url
-        lic = fleet.license
-        yield DimoSettings(
-            client_id=lic.client_id,
-            domain=lic.domain,
-            private_key=lic.private_key,
-            auth_url=url,
-            token_exchange_url=url,
-            identity_url=f"{url}/identity/query",
-            telemetry_url=f"{url}/telemetry/query",
-            max_values_per_request=2_000,
-        )
+        yield DimoSettings(**credentials_document(fleet, url), max_values_per_request=2_000)
 
 
 async def test_discover_and_fetch_fleet_against_emulator_handlers(emulator, caplog):
