@@ -102,8 +102,7 @@ def test_up_foreground_ctrl_c_stops_everything(tmp_path: Path) -> None:
         # a flow run in flight: the runner starts it in a session of its own, Ctrl-C must still stop it
         run_id = _start_run(doc, "train-and-publish")
         state = _wait_state(doc, run_id, {"RUNNING", "COMPLETED", "FAILED", "CRASHED"})
-        time.sleep(1.5)  # the supervisor notes descendants every second
-        pids = tree(proc.pid)
+        pids = tree(proc.pid)  # read from /proc now; the supervisor notes descendants again when it stops
         services = json.loads((tmp_path / STATE_FILE).read_text())["children"]
         assert len(services) == 4 and {c["pid"] for c in services.values()} <= pids
         if state == "RUNNING":  # supervisor + 4 services + the flow run's process
