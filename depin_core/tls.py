@@ -133,9 +133,11 @@ def fetch_certificate(url: str, expected: str, *, timeout_s: float = 10.0) -> st
     probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     probe.check_hostname = False
     probe.verify_mode = ssl.CERT_NONE  # only to read the certificate; it is trusted below by its hash alone
-    with socket.create_connection((host, port), timeout=timeout_s) as raw:
-        with probe.wrap_socket(raw, server_hostname=host or None) as tls:
-            der = tls.getpeercert(binary_form=True)
+    with (
+        socket.create_connection((host, port), timeout=timeout_s) as raw,
+        probe.wrap_socket(raw, server_hostname=host or None) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
     if der is None or fingerprint(der) != want:
         got = fingerprint(der) if der else "none"
         raise PinMismatch(
