@@ -1,6 +1,8 @@
-"""Dispatch benchmark: AgentRunner vs LocalRunner for a tiny job, and agent blob uploads vs a raw HTTP upload.
+"""Dispatch benchmark: AgentRunner vs LocalRunner for a tiny job, and agent blob uploads vs a raw HTTPS upload.
 
-One run, on loopback:
+One run, on loopback, over TLS as in production: the agent serves HTTPS with a certificate made here and the
+runner pins it; the raw baseline is an HTTPS server with the same certificate and the same uvicorn TLS settings,
+and its client trusts that certificate the same way (``depin_core.tls.client_context``).
 1. a worker agent (``AgentProcess``, a child process) and a tiny training job (the toy family of the tests: a
    4-16-1 MLP, 30 steps on 256 rows). The same spec goes through ``LocalRunner`` and through ``AgentRunner``
    (health check, blob check, submit, polling, artifact download and sha256 verification included), interleaved,
@@ -8,7 +10,7 @@ One run, on loopback:
    agent time − median local time. ``dispatch_overhead_s`` compares the time each side spends outside the
    worker's own run (wall time − the worker's ``timings.total_s``), which the machine's load disturbs less;
 2. blob upload throughput: ``--blob-mb`` MiB of random bytes, a fresh blob each round, through
-   ``AgentRunner.ensure_blob`` (HEAD, a streamed PUT, the agent hashing and verifying it) vs a raw streamed HTTP
+   ``AgentRunner.ensure_blob`` (HEAD, a streamed PUT, the agent hashing and verifying it) vs a raw streamed HTTPS
    PUT of the same bytes (the same httpx client, the same 1 MiB chunks) to a bare Starlette/uvicorn handler in a
    child process that writes the body to disk as it arrives. Best round per side (the least disturbed by other
    work on the machine), the same rule for both; ``upload_ratio`` = agent MB/s ÷ raw MB/s.
@@ -37,8 +39,9 @@ REPO = Path(__file__).resolve().parents[1]
 # ----------------------------------------------------------------------------------------------- bare server
 
 
-def run_bare_server(directory: Path, ready_file: Path) -> None:
-    """The baseline: ``PUT /upload/{name}`` streams the body to ``directory/name``; nothing else."""
+def run_bare_server(directory: Path, ready_file: Path, tls_dir: Path) -> None:
+    """The baseline: ``PUT /upload/{name}`` streams the body to ``directory/name``; nothing else. HTTPS with
+    the certificate in ``tls_dir`` (the agent's), through the same uvicorn TLS settings."""
     import uvicorn
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -59,13 +62,24 @@ def run_bare_server(directory: Path, ready_file: Path) -> None:
     app = Starlette(routes=[Route("/upload/{name}", upload, methods=["PUT"])])
     sock = listen_socket("127.0.0.1", 0)
     sock.listen(128)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
-    atomic_write_bytes(ready_file, json.dumps({"url": f"http://127.0.0.1:{sock.getsockname()[1]}"}).encode())
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        ssl_certfile=str(tls_dir / "tls-cert.pem"),
+        ssl_keyfile=str(tls_dir / "tls-key.pem"),
+    )
+    server = uvicorn.Server(config)
+    atomic_write_bytes(ready_file, json.dumps({"url": f"https://127.0.0.1:{sock.getsockname()[1]}"}).encode())
     server.run(sockets=[sock])
 
 
-def start_bare_server(directory: Path, ready_file: Path) -> tuple[subprocess.Popen[bytes], str]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--bare-server", str(directory), str(ready_file)]
+def start_bare_server(
+    directory: Path, ready_file: Path, tls_dir: Path
+) -> tuple[subprocess.Popen[bytes], str]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--bare-server", str(directory), str(ready_file),
+           str(tls_dir)]  # fmt: skip
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not ready_file.exists():
@@ -84,16 +98,19 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5, help="jobs per side, and upload rounds per side")
     ap.add_argument("--steps", type=int, default=30, help="training steps of the tiny job")
     ap.add_argument("--blob-mb", type=int, default=64, help="MiB per upload round")
-    ap.add_argument("--bare-server", nargs=2, metavar=("DIR", "READY_FILE"), help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--bare-server", nargs=3, metavar=("DIR", "READY_FILE", "TLS_DIR"), help=argparse.SUPPRESS
+    )
     args = ap.parse_args()
     if args.bare_server:
-        run_bare_server(Path(args.bare_server[0]), Path(args.bare_server[1]))
+        run_bare_server(*(Path(a) for a in args.bare_server))
         return
 
     import httpx
     from pydantic import SecretStr
 
     from depin_core.proc import stop_process
+    from depin_core.tls import client_context, make_certificate
     from gpu_jobs.agent.process import AgentProcess
     from gpu_jobs.local import LocalRunner
     from gpu_jobs.remote import AgentRunner, file_chunks
@@ -115,7 +132,10 @@ def main() -> None:
         )
 
     bare_proc = None
-    agent = AgentProcess(work / "agent", token, env=env)
+    tls = make_certificate()  # the node's certificate, pinned by the runner (and served by the baseline too)
+    tls_dir = work / "tls"
+    tls.write(tls_dir)
+    agent = AgentProcess(work / "agent", token, env=env, tls=tls)
     try:
         t = time.perf_counter()
         agent.start()
@@ -126,7 +146,7 @@ def main() -> None:
         metrics = []
         with (
             LocalRunner(work / "local", env=env) as local,
-            AgentRunner(agent.url, token, workdir_root=work / "remote") as remote,
+            AgentRunner(agent.url, token, workdir_root=work / "remote", tls_cert=tls.cert_pem) as remote,
         ):
             for i in range(args.repeat):  # interleaved, so drift hits both alike
                 for runner, times in ((local, local_s), (remote, agent_s)):
@@ -141,11 +161,11 @@ def main() -> None:
 
             bare_dir = work / "bare"
             bare_dir.mkdir()
-            bare_proc, bare_url = start_bare_server(bare_dir, work / "bare-ready.json")
+            bare_proc, bare_url = start_bare_server(bare_dir, work / "bare-ready.json", tls_dir)
             size = args.blob_mb * 2**20
             raw_s: list[float] = []
             blob_s: list[float] = []
-            with httpx.Client(timeout=120) as client:
+            with httpx.Client(timeout=120, verify=client_context(tls.cert_pem)) as client:
                 for i in range(args.repeat):
                     blob = work / f"blob-{i}.bin"
                     with open(blob, "wb") as fh:
@@ -197,6 +217,7 @@ def main() -> None:
         "raw_upload_mb_s": round(raw_mb_s, 1),
         "job_steps": args.steps,
         "repeat": args.repeat,
+        "transport": "https, pinned certificate (both sides)",
     }
     print(json.dumps(out))
 

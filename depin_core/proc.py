@@ -53,9 +53,11 @@ class ServerProcess:
         *,
         headers: dict[str, str] | None = None,
         timeout: float = 2.0,
+        verify: Any = True,
     ) -> None:
         """Start ``cmd`` and wait (``startup_timeout`` in all) until each ``(path, what)`` of ``checks``
-        answers 200 in turn; ``what`` names it in the timeout error. Stops the child on any failure."""
+        answers 200 in turn; ``what`` names it in the timeout error. Stops the child on any failure.
+        ``verify``: httpx's (an ``ssl.SSLContext`` pinning the child's certificate)."""
         self.ready_path.unlink(missing_ok=True)
         self.url, self.ready = "", {}
         with open(self.log_path, "ab") as log:
@@ -65,13 +67,19 @@ class ServerProcess:
         deadline = time.monotonic() + self.startup_timeout
         try:
             for path, what in checks:
-                self._wait_ok(deadline, path, what, headers, timeout)
+                self._wait_ok(deadline, path, what, headers, timeout, verify)
         except BaseException:
             self.stop()
             raise
 
     def _wait_ok(
-        self, deadline: float, path: str, what: str, headers: dict[str, str] | None, timeout: float
+        self,
+        deadline: float,
+        path: str,
+        what: str,
+        headers: dict[str, str] | None,
+        timeout: float,
+        verify: Any = True,
     ) -> None:
         assert self.proc is not None
         last = ""
@@ -85,7 +93,7 @@ class ServerProcess:
                 self.url = self.ready["url"]
             if self.url:
                 try:
-                    r = httpx.get(f"{self.url}{path}", headers=headers, timeout=timeout)
+                    r = httpx.get(f"{self.url}{path}", headers=headers, timeout=timeout, verify=verify)
                     if r.status_code == 200:
                         return
                     last = r.text[:500]

@@ -15,7 +15,7 @@ import hashlib
 import ipaddress
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -171,3 +171,37 @@ def check_url(url: str, field: str = "url") -> str:
             "(plain HTTP is accepted only for loopback addresses)"
         )
     raise ConfigError(f"{field}: {url!r} is not an http(s) URL with a host")
+
+
+ENV_VALUE_LIMIT = 256  # Vast.ai refuses longer env values; io.net and cloud-init take them as they are
+
+
+def to_env(name: str, pem: str, *, limit: int = ENV_VALUE_LIMIT) -> dict[str, str]:
+    """A PEM block as environment variables: its base64 DER on one line (no newlines for a provider's
+    ``-e`` options), in ``name`` when it fits ``limit`` characters, else in ``name_1``, ``name_2``, …"""
+    body = "".join(line.strip() for line in pem.strip().splitlines() if not line.startswith("-----"))
+    if len(body) <= limit:
+        return {name: body}
+    return {f"{name}_{i + 1}": body[at : at + limit] for i, at in enumerate(range(0, len(body), limit))}
+
+
+def from_env(name: str, environ: MutableMapping[str, str], kind: str, *, pop: bool = False) -> str | None:
+    """The PEM block (``kind``: ``CERTIFICATE`` or ``PRIVATE KEY``) that :func:`to_env` wrote into ``environ``
+    (PEM text in ``name`` is accepted too); None when absent. ``pop`` removes the variables (a key must not
+    reach child processes)."""
+
+    def take(key: str) -> str | None:
+        return environ.pop(key, None) if pop else environ.get(key)
+
+    value = (take(name) or "").strip()
+    parts, i = [], 1
+    while (part := take(f"{name}_{i}")) is not None:
+        parts.append(part.strip())
+        i += 1
+    value = value or "".join(parts)
+    if not value:
+        return None
+    if value.startswith("-----BEGIN"):
+        return value.replace("\\n", "\n").strip() + "\n"
+    lines = [value[i : i + 64] for i in range(0, len(value), 64)]
+    return f"-----BEGIN {kind}-----\n" + "\n".join(lines) + f"\n-----END {kind}-----\n"

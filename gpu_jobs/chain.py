@@ -26,6 +26,9 @@ How failures move along the chain (one ``job_id`` for the whole run; every attem
   re-scoring of a random sample of vehicles for inference) before they are moved into place. A result that does
   not verify is recorded as ``FAILED(verify)``, its runner/node is blocked for the rest of the run, and the next
   entry runs the job.
+- with any untrusted entry, the run's inputs are minimised and pseudonymised first (:mod:`gpu_jobs.minimise`:
+  the family's columns only, no location, keyed-hash vehicle ids), scores are mapped back to the real ids after
+  verification, and an untrusted runner is asked to delete the job's data (``purge``) once its results are here.
 
 The whole run is bounded by ``max_total_s``; a runner that cannot be reached fails within its connect timeout.
 """
@@ -48,12 +51,13 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from depin_core.errors import ConfigError, DepinError, TransientError
 from gpu_jobs.runner import JobNotFinished, JobStatus
-from gpu_jobs.spec import FailureKind, JobResult, JobSpec, JobState, Outputs
+from gpu_jobs.spec import FailureKind, JobKind, JobResult, JobSpec, JobState, Outputs
 
 LogSink = Callable[[str], None]
 StatusSink = Callable[[str, JobStatus], None]  # (chain entry, status)
 
 AGENT_TOKEN_ENV = "DEPIN_AGENT_TOKEN"
+AGENT_FINGERPRINT_ENV = "DEPIN_AGENT_TLS_FINGERPRINT"  # pins an agent:URL that is not registered
 PROVIDER_KEYS = {"vast": "DEPIN_VAST_API_KEY", "ionet": "DEPIN_IONET_API_KEY"}
 PROVIDERS = ("vast", "ionet", "gpunet", "manual")
 DEFAULT_NODES_FILE = Path(".depin/workers.json")
@@ -220,6 +224,7 @@ def run_chain(
     poll_s: float = 0.2,
     stall_s: float = 60.0,
     attempt_grace_s: float = 300.0,
+    pseudonym_key: Path | str | None = None,
 ) -> ChainResult:
     """Run ``spec`` on the first entry of ``entries`` that completes it (see the module doc).
 
@@ -227,8 +232,10 @@ def run_chain(
     ``verify``: True → :func:`gpu_jobs.verify.verify_result` for untrusted runners; False → no verification;
     a callable → that verifier. ``max_total_s`` bounds the whole run (default: no bound beyond each attempt's
     ``limits.max_wall_s`` + ``attempt_grace_s``). ``stall_s``: how long a runner may stay unanswerable while
-    the job runs before the attempt counts as lost. Returns the final result, never raises for job failures;
-    ``ConfigError`` for entries that cannot work.
+    the job runs before the attempt counts as lost. With an untrusted entry the whole run uses minimised
+    inputs (:mod:`gpu_jobs.minimise`; ``pseudonym_key``, default ``<jobs_dir>/../keys/pseudonym.key``) and
+    scored outputs are mapped back to the real ``token_id``s after verification. Returns the final result,
+    never raises for job failures; ``ConfigError`` for entries that cannot work.
     """
     if not entries:
         raise ConfigError("runners: the chain is empty; give at least one runner, e.g. local")
@@ -239,6 +246,14 @@ def run_chain(
     factory = factory or DefaultRunnerFactory(root)
     for e in parsed:
         factory.check(e)
+    prepared = None
+    # with an untrusted entry, the whole run (one spec_hash) uses minimised, pseudonymised inputs
+    if any(not e.trusted for e in parsed):
+        from gpu_jobs.minimise import Pseudonyms, prepare
+
+        key = Path(pseudonym_key) if pseudonym_key else root.parent / "keys" / "pseudonym.key"
+        prepared = prepare(spec, root / "chain" / f"data-{secrets.token_hex(4)}", Pseudonyms.from_file(key))
+        spec = prepared.spec
     if verify is True:
         from gpu_jobs.verify import verify_result
 
@@ -259,11 +274,27 @@ def run_chain(
         attempt_grace_s=attempt_grace_s,
         job_id=new_job_id(spec),
     )
+    if prepared is not None:  # the lineage from the user's data to what the runners (and the artifact) see
+        for i, (raw, sent) in enumerate(zip(prepared.original.inputs, spec.inputs, strict=True)):
+            if raw.sha256 != sent.sha256:
+                run.log(
+                    f"input {i} ({raw.role}) minimised for untrusted runners: sha256 {raw.sha256[:16]}… → "
+                    f"{sent.sha256[:16]}… (vehicle ids pseudonymised; columns left here: "
+                    f"{sorted({c for cols in prepared.dropped.values() for c in cols}) or 'none'})"
+                )
     try:
-        return _run_entries(run, parsed, max_total_s)
+        out = _run_entries(run, parsed, max_total_s)
+        if prepared is not None and out.result.state == JobState.SUCCEEDED and spec.kind == JobKind.INFER:
+            from gpu_jobs.minimise import restore_outputs
+
+            restored = restore_outputs(out.result.artifacts, prepared)  # pseudonyms → token_ids, locally
+            out = out.model_copy(update={"result": out.result.model_copy(update={"artifacts": restored})})
+        return out
     finally:  # the chain's checkpoint copies: the runners that used them hold their own
         for jid in {a.job_id for a in run.attempts}:
             shutil.rmtree(run.work / jid, ignore_errors=True)
+        if prepared is not None:
+            prepared.cleanup()
 
 
 def _run_entries(run: _Run, parsed: list[Entry], max_total_s: float | None) -> ChainResult:
@@ -332,13 +363,16 @@ def _attempt(run: _Run, entry: Entry) -> JobResult:
             if not entry.trusted:
                 staging = Path(att_spec.outputs.dir)
             run.log(f"attempt {n}: {entry.text}" + (f" on {lease.node}" if lease.node else ""))
-            jid = run.job_id
+            jid, submitted = run.job_id, False
             try:
                 jid = rec["job_id"] = _submit(lease.runner, att_spec, run.job_id)
+                submitted = True
                 rec["node"] = rec.get("node") or getattr(lease.runner, "node", None)
                 result = _wait(run, entry, lease.runner, att_spec, jid)
             finally:
                 _harvest(run, lease.runner, jid, n)
+                if submitted and not entry.trusted:
+                    _purge(run, entry, lease.runner, jid)
     except _Blocked as e:
         result = _failed(run, FailureKind.INFRA, str(e))
     except ConfigError:
@@ -514,6 +548,18 @@ def _harvest(run: _Run, runner: Any, job_id: str, attempt: int) -> None:
     run.resume, run.resume_step = dest.resolve(), step
 
 
+def _purge(run: _Run, entry: Entry, runner: Any, job_id: str) -> None:
+    """Have an untrusted runner delete the job's data (inputs, checkpoints, outputs) once its results are here."""
+    purge = getattr(runner, "purge", None)
+    if not callable(purge):
+        return
+    try:
+        removed = purge(job_id)
+        run.log(f"{entry.text}: removed {len(removed)} item(s) of job {job_id} from the node")
+    except DepinError as e:  # still running (a lost job) or unreachable: the node is destroyed or distrusted
+        run.log(f"{entry.text}: could not remove job {job_id}'s data from the node: {_short(str(e))}")
+
+
 def _verify(run: _Run, result: JobResult, staging: Path) -> Verification:
     assert run.verifier is not None
     spec = run.spec.model_copy(update={"outputs": Outputs(dir=str(staging))})
@@ -553,6 +599,10 @@ class DefaultRunnerFactory:
     """Real runners for the chain entries: ``LocalRunner`` under ``jobs_dir``, ``AgentRunner`` for agents and
     registered nodes, marketplace providers (``gpu_jobs.providers``) for ``vast``/``ionet``/``gpunet``.
 
+    Every agent is reached over HTTPS with its certificate pinned: a registered node's (``depin worker register
+    --fingerprint``), a rented node's (made here per node), or for an ``agent:URL`` not registered the
+    fingerprint in ``DEPIN_AGENT_TLS_FINGERPRINT``; plain ``http://`` only to loopback.
+
     ``env`` (default ``os.environ``) supplies ``DEPIN_AGENT_TOKEN``, ``DEPIN_VAST_API_KEY``,
     ``DEPIN_IONET_API_KEY`` and the base-URL overrides ``DEPIN_VAST_URL``, ``DEPIN_IONET_URL``. ``providers``
     injects provider objects by name (tests); ``local_env`` is passed to the local worker processes.
@@ -589,6 +639,7 @@ class DefaultRunnerFactory:
     def check(self, entry: Entry) -> None:
         if entry.kind == "agent":
             self._agent_token(entry)
+            self._check_agent_url(entry)
         elif entry.kind == "node":
             self._node(entry)
         elif entry.kind == "provider" and entry.arg not in self.providers:
@@ -608,11 +659,13 @@ class DefaultRunnerFactory:
         elif entry.kind == "agent":
             assert entry.arg is not None
             token = self._agent_token(entry)
-            with self._agent(entry, entry.arg, token) as runner:
+            cert, fp = self._agent_pin(entry)
+            with self._agent(entry, entry.arg, token, tls_cert=cert, tls_fingerprint=fp) as runner:
                 yield Lease(runner, node=getattr(runner, "node", None), block_key=("agent", entry.arg))
         elif entry.kind == "node":
             node = self._node(entry)
-            with self._agent(entry, node.url, _secret(node.token)) as runner:
+            pin = {"tls_cert": node.tls_cert, "tls_fingerprint": node.tls_fingerprint}
+            with self._agent(entry, node.url, _secret(node.token), **pin) as runner:
                 yield Lease(
                     runner, node=node.name, usd_per_hour=node.usd_per_hour, block_key=("agent", node.url)
                 )
@@ -621,22 +674,57 @@ class DefaultRunnerFactory:
                 yield lease
 
     # --- internals -------------------------------------------------------------------------------------------
-    def _agent(self, entry: Entry, url: str, token: SecretStr) -> Any:
+    def _agent(
+        self,
+        entry: Entry,
+        url: str,
+        token: SecretStr,
+        *,
+        tls_cert: str | None = None,
+        tls_fingerprint: str | None = None,
+    ) -> Any:
         from gpu_jobs.remote import AgentRunner
 
-        return AgentRunner(
-            url,
-            token,
-            workdir_root=self.jobs_dir / "remote",
-            name=entry.text,
-            heartbeat_timeout_s=self.heartbeat_timeout_s,
-            connect_timeout_s=self.connect_timeout_s,
-        )
+        try:
+            return AgentRunner(
+                url,
+                token,
+                workdir_root=self.jobs_dir / "remote",
+                name=entry.text,
+                heartbeat_timeout_s=self.heartbeat_timeout_s,
+                connect_timeout_s=self.connect_timeout_s,
+                tls_cert=tls_cert,
+                tls_fingerprint=tls_fingerprint,
+            )
+        except ConfigError as e:
+            raise ConfigError(f"runner {entry.text!r}: {e}") from e
+
+    def _agent_pin(self, entry: Entry) -> tuple[str | None, str | None]:
+        """``(certificate, fingerprint)`` pinning an ``agent:URL``: its registered node's, else
+        ``DEPIN_AGENT_TLS_FINGERPRINT``."""
+        assert entry.arg is not None
+        node = self._nodes().by_url(entry.arg) if self.nodes_file.is_file() else None
+        if node is not None:
+            return node.tls_cert, node.tls_fingerprint
+        return None, self.env.get(AGENT_FINGERPRINT_ENV) or None
 
     def _nodes(self) -> Any:
         from gpu_jobs.providers.manual import ManualProvider
 
         return ManualProvider(self.nodes_file)
+
+    def _check_agent_url(self, entry: Entry) -> None:
+        """Before any connection: plain http only to loopback; an https agent needs a pin."""
+        from depin_core.tls import check_url
+
+        assert entry.arg is not None
+        check_url(entry.arg, f"runner {entry.text!r}")
+        cert, fp = self._agent_pin(entry)
+        if entry.arg.startswith("https://") and not (cert or fp):
+            raise ConfigError(
+                f"runner {entry.text!r}: no pinned certificate for this agent; register it (depin worker "
+                f"register NAME --url … --fingerprint …) or set {AGENT_FINGERPRINT_ENV}"
+            )
 
     def _agent_token(self, entry: Entry) -> SecretStr:
         assert entry.arg is not None
@@ -683,7 +771,7 @@ class DefaultRunnerFactory:
         try:
             worker = provider.launch(offer, Bootstrap(**boot), name=name)
             worker = provider.wait_ready(worker, timeout_s=self.provision_timeout_s)
-            with self._agent(entry, worker.url, worker.token) as runner:
+            with self._agent(entry, worker.url, worker.token, tls_cert=worker.tls_cert) as runner:
                 yield Lease(
                     runner,
                     node=offer.host or worker.instance_id,

@@ -1,4 +1,10 @@
-"""``AgentRunner``: a ``JobRunner`` that runs jobs on a worker agent (``gpu_jobs.agent``) over HTTP.
+"""``AgentRunner``: a ``JobRunner`` that runs jobs on a worker agent (``gpu_jobs.agent``) over HTTPS.
+
+Transport: ``https://`` with the node's certificate pinned (``tls_cert``, or ``tls_fingerprint`` whose
+certificate is read once and kept only if its sha256 matches); the runner trusts that certificate and no other,
+so a man in the middle fails the TLS handshake before the token or any data is sent, and is reported as a
+permanent ``PinMismatch`` (never retried). Plain ``http://`` is accepted only to loopback addresses
+(``ConfigError`` before any connection otherwise).
 
 The agent runs the job with its own ``LocalRunner`` (the same worker code); this side ships the inputs, watches
 the job and brings the results home:
@@ -36,6 +42,7 @@ import os
 import re
 import secrets
 import shutil
+import ssl
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
@@ -48,6 +55,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import SecretStr
 
+from depin_core import tls as tlslib
 from depin_core.errors import ConfigError, PermanentError, TransientError
 from depin_core.fs import atomic_write_bytes
 from depin_core.http import TRANSIENT_STATUSES, backoff_delay, check_base_url, retry_after_of
@@ -142,7 +150,8 @@ class AgentRunner:
     ``workdir_root`` holds this side's per-job state: ``<job_id>/spec.json``, the checkpoint mirror
     ``<job_id>/checkpoints/`` and ``<job_id>/result.json``. ``node`` overrides the node name recorded in
     attempts (default: the agent's ``/v1/health`` ``node``). ``on_log`` receives the job's log lines while the
-    poller runs. ``transport`` is for tests.
+    poller runs. ``tls_cert`` (PEM) or ``tls_fingerprint`` (sha256) pins an ``https://`` agent's certificate
+    (one of them is required for https). ``transport`` is for tests.
     """
 
     def __init__(
@@ -160,8 +169,10 @@ class AgentRunner:
         retry_budget_s: float = 30.0,
         on_log: Callable[[str], None] | None = None,
         transport: httpx.BaseTransport | None = None,
+        tls_cert: str | None = None,
+        tls_fingerprint: str | None = None,
     ) -> None:
-        base = check_base_url(url, "agent URL")
+        base = tlslib.check_url(check_base_url(url, "agent URL"), "agent URL")
         if not isinstance(token, SecretStr):
             raise ConfigError("token must be a pydantic SecretStr (keeps it out of logs and reprs)")
         if not token.get_secret_value():
@@ -181,9 +192,11 @@ class AgentRunner:
         self.retry_budget_s = retry_budget_s
         self.on_log = on_log
         self._token = token
-        self._client = httpx.Client(
-            base_url=base, timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s), transport=transport
-        )
+        self._pin = _pin_of(base, tls_cert, tls_fingerprint)
+        self._timeouts = httpx.Timeout(timeout_s, connect=connect_timeout_s)
+        self._transport = transport
+        self._client_obj: httpx.Client | None = None
+        self._client_lock = threading.Lock()
         probe = min(heartbeat_timeout_s, timeout_s)
         self._poll_timeout = httpx.Timeout(probe, connect=min(connect_timeout_s, probe))
         self._jobs: dict[str, _Job] = {}
@@ -193,6 +206,46 @@ class AgentRunner:
 
     def __repr__(self) -> str:
         return f"AgentRunner({self.url!r}, name={self.name!r}, token=set)"
+
+    @property
+    def _client(self) -> httpx.Client:
+        """The HTTP client, made on first use: a pin given as a fingerprint is resolved to the certificate
+        then (one TLS handshake, no request), so a runner can be built before its node answers."""
+        with self._client_lock:
+            if self._client_obj is None:
+                verify: Any = True
+                if self._pin is not None:
+                    cert, fp = self._pin
+                    if cert is None:
+                        cert = self._fetch_pinned(fp)
+                        self._pin = (cert, fp)
+                    verify = tlslib.client_context(cert)
+                self._client_obj = httpx.Client(
+                    base_url=self.url, timeout=self._timeouts, transport=self._transport, verify=verify
+                )
+            return self._client_obj
+
+    def _fetch_pinned(self, fp: str) -> str:
+        try:
+            return tlslib.fetch_certificate(self.url, fp, timeout_s=self.connect_timeout_s)
+        except tlslib.PinMismatch as exc:
+            raise tlslib.PinMismatch(f"agent {self.name} at {self.url}: {exc}; no data was sent") from None
+        except (OSError, ValueError) as exc:
+            raise TransientError(
+                f"cannot reach the agent at {self.url} to check its certificate ({type(exc).__name__}: {exc});"
+                " is the agent running there? (depin worker serve)"
+            ) from None
+
+    def _pin_failed(self, exc: Exception) -> tlslib.PinMismatch | None:
+        """A ``PinMismatch`` naming this node when ``exc`` is a failed certificate check, else None."""
+        if not _is_cert_error(exc):
+            return None
+        fp = self._pin[1] if self._pin is not None else "none"
+        return tlslib.PinMismatch(
+            f"agent {self.name} at {self.url} presented a TLS certificate other than the pinned one (sha256 "
+            f"{fp}): another machine or a man in the middle; nothing was sent. Check the node; if it was set "
+            "up again, pin its new certificate (depin worker register NAME --url … --fingerprint …)"
+        )
 
     # --- JobRunner -------------------------------------------------------------------------------------------
     def submit(self, spec: JobSpec, *, job_id: str | None = None, attempt: int = 1) -> str:
@@ -319,6 +372,24 @@ class AgentRunner:
             return
         self._request("POST", f"/v1/jobs/{job_id}/cancel", ok=(200, 202), job_id=job_id)
 
+    def purge(self, job_id: str) -> list[str]:
+        """Ask the agent to delete everything of the finished job (``DELETE /v1/jobs/{id}/data``: inputs and the
+        blobs only it used, checkpoints, outputs, log); what it removed. ``AgentRefused`` (409) while the job runs,
+        ``PermanentError`` when the agent says something of it remains."""
+        if not _JOB_ID.match(job_id):
+            raise ConfigError(f"job_id {job_id!r} must look like '<12 hex>-<8 hex>'")
+        with self._lock:
+            job = self._jobs.get(job_id)
+        # one try for a node we lost (it is destroyed or distrusted anyway), a short retry budget otherwise
+        budget = 0.0 if job is not None and job.lost else min(self.retry_budget_s, self.connect_timeout_s)
+        r = self._request("DELETE", f"/v1/jobs/{job_id}/data", ok=(200,), budget_s=budget, job_id=job_id)
+        body = r.json()
+        if body.get("remaining"):
+            raise PermanentError(
+                f"the agent at {self.url} could not delete {body['remaining']} of job {job_id}"
+            )
+        return [str(r) for r in body.get("removed") or []]
+
     def checkpoint_dir(self, job_id: str) -> Path | None:
         """The local mirror of the job's newest checkpoint pair, or None when none was mirrored."""
         d = self.root / job_id
@@ -425,7 +496,8 @@ class AgentRunner:
         for job in jobs:
             with contextlib.suppress(Exception):
                 self._request("POST", f"/v1/jobs/{job.job_id}/cancel", ok=(200, 202, 404), budget_s=0)
-        self._client.close()
+        if self._client_obj is not None:
+            self._client_obj.close()
 
     def __enter__(self) -> AgentRunner:
         return self
@@ -446,6 +518,8 @@ class AgentRunner:
         try:
             r = self._client.request(method, path, headers=headers, **kwargs)
         except httpx.TransportError as exc:
+            if (mismatch := self._pin_failed(exc)) is not None:
+                raise mismatch from None
             return f"cannot reach the agent ({type(exc).__name__}: {exc})", None
         if r.status_code in ok:
             return r
@@ -543,6 +617,8 @@ class AgentRunner:
                     else:
                         self._raise_refused("GET", path, r, job_id if "/artifacts/" not in path else None)
             except httpx.TransportError as exc:
+                if (mismatch := self._pin_failed(exc)) is not None:
+                    raise mismatch from None
                 problem, retry_after = f"cannot reach the agent ({type(exc).__name__}: {exc})", None
             finally:
                 tmp.unlink(missing_ok=True)  # gone after a successful replace
@@ -873,6 +949,36 @@ class AgentRunner:
             )
         files = sorted(p for p in d.iterdir() if p.is_file() and _CKPT_FILE.match(p.name))
         return [({"name": p.name, "sha256": sha256_file(p)}, p) for p in files]
+
+
+def _pin_of(base: str, cert: str | None, fp: str | None) -> tuple[str | None, str] | None:
+    """``(certificate PEM or None, fingerprint)`` pinning an https ``base``; None for loopback http.
+    ``ConfigError`` when an https agent has no pin, or the two given disagree."""
+    if not base.startswith("https://"):
+        return None
+    if cert:
+        got = tlslib.fingerprint(cert)
+        if fp and tlslib.normalise_fingerprint(fp, "tls_fingerprint") != got:
+            raise ConfigError(f"agent {base}: tls_cert's sha256 is {got}, not the tls_fingerprint given")
+        return cert, got
+    if fp:
+        return None, tlslib.normalise_fingerprint(fp, "tls_fingerprint")
+    raise ConfigError(
+        f"agent URL {base}: no pinned certificate; give the node's certificate or its sha256 fingerprint "
+        "(`depin worker serve --json` prints tls_fingerprint; depin worker register NAME --url … --fingerprint …)"
+    )
+
+
+def _is_cert_error(exc: BaseException) -> bool:
+    """Whether a transport error (or what caused it) is a failed certificate verification."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _int_header(r: httpx.Response, name: str) -> int:

@@ -105,11 +105,13 @@ def _start_services(
 ) -> tuple[Any, Any, Any, str]:
     """Emulator, worker agent, gateway and Prefect server, started side by side: (emulator, agent, gateway,
     Prefect API URL). The agent's token is a fresh one in ``DEPIN_AGENT_TOKEN`` (how the runner chain finds
-    the token of an ``agent:<url>`` entry); it is never printed."""
+    the token of an ``agent:<url>`` entry); it is never printed. The agent serves HTTPS with a certificate made
+    here, pinned by its fingerprint in ``DEPIN_AGENT_TLS_FINGERPRINT``."""
     from connectors.dimo.emulator.server import EmulatorProcess
     from connectors.dimo.emulator.state import EmulatorConfig
+    from depin_core.tls import make_certificate
     from gpu_jobs.agent.process import AgentProcess
-    from gpu_jobs.chain import AGENT_TOKEN_ENV
+    from gpu_jobs.chain import AGENT_FINGERPRINT_ENV, AGENT_TOKEN_ENV
     from gpu_jobs.providers import new_agent_token
     from pipelines._serve_cmd import serve_settings
     from serving.server import GatewayProcess
@@ -125,7 +127,9 @@ def _start_services(
     gw = GatewayProcess(settings)
     token = new_agent_token()
     os.environ[AGENT_TOKEN_ENV] = token.get_secret_value()
-    agent = AgentProcess(out / "agent", token)
+    tls = make_certificate()
+    os.environ[AGENT_FINGERPRINT_ENV] = tls.fingerprint
+    agent = AgentProcess(out / "agent", token, tls=tls)
     errors: list[BaseException] = []
 
     def start(proc: Any) -> None:

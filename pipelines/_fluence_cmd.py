@@ -114,6 +114,20 @@ def fluence_gateway_url(fluence_target: str | None = None, state_dir: Path | Non
     return dep.url if dep is not None else None
 
 
+def fluence_pin_for(url: str, state_dir: Path | None = None) -> str | None:
+    """The pinned certificate (PEM) of the recorded Fluence gateway serving at ``url``, or None. Reads no
+    API."""
+    from serving.fluence.state import StateStore
+
+    store = StateStore(fluence_settings(state_dir=state_dir).state_dir)
+    if not store.path.exists():
+        return None
+    for target, dep in store.load().deployments.items():
+        if dep.url == url and dep.tls_fingerprint:
+            return store.tls_cert(target)
+    return None
+
+
 def run_fluence_publish(
     *,
     model: Path,
@@ -166,6 +180,8 @@ def status(
             ready,
             f", {price}",
         )
+        if d["tls_fingerprint"]:
+            say(f"  TLS certificate sha256 {d['tls_fingerprint']} ({d['tls_cert_file']})")
         for p in d["published"]:
             say(f"  {p['name']}@{p['version']} (published {p['published_at']})")
     for u in doc["untracked"]:
@@ -204,6 +220,7 @@ __all__ = [
     "TARGET",
     "down",
     "fluence_gateway_url",
+    "fluence_pin_for",
     "fluence_settings",
     "make_fluence_publisher",
     "open_fluence_gateway",

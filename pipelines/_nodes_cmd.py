@@ -78,10 +78,17 @@ def _health_row(manual: ManualProvider, node: Any) -> dict[str, Any]:
 
 def register(
     name: Annotated[str, typer.Argument(help="node name: 1-63 of a-z, 0-9, '.', '_', '-'")],
-    url: Annotated[str, typer.Option(help="the agent's base URL, e.g. http://203.0.113.7:8900")],
+    url: Annotated[str, typer.Option(help="the agent's base URL, e.g. https://203.0.113.7:8900")],
     token_file: Annotated[
         Path, typer.Option(help="file holding the agent's token (DEPIN_AGENT_TOKEN there)")
     ],
+    fingerprint: Annotated[
+        str | None,
+        typer.Option(
+            help="sha256 of the agent's TLS certificate (tls_fingerprint of `depin worker serve --json`); "
+            "required for https"
+        ),
+    ] = None,
     gpu: Annotated[str | None, typer.Option(help="what the node has, e.g. 'RTX 4090' (informative)")] = None,
     usd_per_hour: Annotated[
         float, typer.Option(help="what the node costs per hour (for offer choice)")
@@ -93,17 +100,30 @@ def register(
     token = read_token_file(token_file)
     with ManualProvider(nodes_file) as manual:
         try:  # validate and probe the node before saving it
-            candidate = Node(name=name, url=url, token=token, gpu=gpu, usd_per_hour=usd_per_hour)
+            candidate = Node(
+                name=name,
+                url=url,
+                token=token,
+                gpu=gpu,
+                usd_per_hour=usd_per_hour,
+                tls_fingerprint=fingerprint,
+            )
         except ValidationError as exc:
             err = exc.errors()[0]
             field = ".".join(str(p) for p in err["loc"]) or "node"
+            if field in ("node", "tls_fingerprint"):  # the checks across fields: the pin, or http to a remote
+                field = "fingerprint" if "fingerprint" in err["msg"] else "url"
             raise ConfigError(f"register {name}: --{field.replace('_', '-')}: {err['msg']}") from None
         row = _health_row(manual, candidate)
         if row["problem"] and "refused the token" in row["problem"]:
             raise ConfigError(
                 f"{url} refused the token in {token_file}: use the token the agent was started with"
             )
-        manual.register(name, url, token, gpu=gpu, usd_per_hour=usd_per_hour)
+        if row["problem"] and "pinned" in row["problem"]:
+            raise ConfigError(f"register {name}: --fingerprint: {row['problem']}; nothing was registered")
+        manual.register(
+            name, url, token, gpu=gpu, usd_per_hour=usd_per_hour, tls_fingerprint=candidate.tls_fingerprint
+        )
     state = "healthy" if row["healthy"] else f"not answering now ({row['problem']})"
     say("registered node ", (name, "bold"), f" at {row['url']}: {state}; nodes file {nodes_file}")
     if as_json:
@@ -115,7 +135,10 @@ def nodes(nodes_file: NodesFileOpt = DEFAULT_NODES_FILE, as_json: JsonOpt = Fals
     with ManualProvider(nodes_file) as manual:
         rows = [_health_row(manual, n) for n in manual.list()]
     if not rows:
-        say(f"no nodes registered in {nodes_file} (depin worker register NAME --url … --token-file …)")
+        say(
+            f"no nodes registered in {nodes_file} "
+            "(depin worker register NAME --url … --token-file … --fingerprint …)"
+        )
     for row in rows:
         gpus = (
             ", ".join(f"{g.get('name')} {g.get('memory_gb')} GB" for g in row.get("gpus") or []) or "no GPU"
@@ -241,7 +264,7 @@ def script(
     """Print the bootstrap script that turns a rented GPU node (GPUnet, any SSH host) into a worker.
 
     Run it there with the token in the environment (DEPIN_AGENT_TOKEN=... sh bootstrap.sh), then
-    `depin worker register NAME --url http://HOST:PORT --token-file FILE` here."""
+    `depin worker register NAME --url https://HOST:PORT --token-file FILE --fingerprint SHA256` here."""
     text = bootstrap_script(package=package, port=port, data_dir=data_dir, background=background)
     if token_out is not None:
         token_out.parent.mkdir(parents=True, exist_ok=True)

@@ -114,17 +114,27 @@ def _announce(ready_file: Path, stop: threading.Event, settings: GatewaySettings
     """Wait until the gateway answers /healthz, then tell the user where it is (stderr, and --json stdout)."""
     import httpx
 
+    from depin_core.tls import client_context, fingerprint
+
+    verify: Any = True
+    pin = None
+    if settings.tls_cert_file is not None:
+        pem = Path(settings.tls_cert_file).read_text()
+        pin = fingerprint(pem.split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n")
+        verify = client_context(pem)
     while not stop.is_set():
         if ready_file.exists():
             doc = json.loads(ready_file.read_text())
             url = doc["url"]
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                if httpx.get(f"{url}/healthz", timeout=2, verify=verify).status_code == 200:
                     say(
                         ("depin gateway", "bold green"),
                         f" on {url} (registry {settings.registry_dir}); "
                         f"invoke: POST {url}/v1/functions/<name>/invoke; Ctrl-C stops",
                     )
+                    if pin:
+                        say(f"TLS certificate sha256 {pin} (clients pin it: depin invoke --tls-cert FILE)")
                     if as_json:
                         emit_json(
                             {
@@ -135,6 +145,7 @@ def _announce(ready_file: Path, stop: threading.Event, settings: GatewaySettings
                                 "registry": str(settings.registry_dir),
                                 "admin_keys_file": str(settings.admin_keys_file or ""),
                                 "trusted_publishers": settings.trusted_publishers,
+                                "tls_fingerprint": pin,
                             }
                         )
                     return
@@ -210,8 +221,10 @@ def run_publish(
     max_batch_size: int,
     fluence_target: str | None = None,
     max_usd_per_day: float | None = None,
+    tls_cert: Path | None = None,
 ) -> dict[str, Any]:
-    """Build, sign and publish ``model`` as function ``name``; returns the ``depin publish --json`` object."""
+    """Build, sign and publish ``model`` as function ``name``; returns the ``depin publish --json`` object.
+    ``tls_cert``: the gateway's certificate to pin (a recorded Fluence gateway's is pinned by itself)."""
     from serving.bundle import load_publisher_account
     from serving.publish import GatewayPublisher, LocalPublisher
 
@@ -237,7 +250,8 @@ def run_publish(
             "http(s)://…"
         )
     key = read_admin_key(admin_key_file, registry_dir)
-    with GatewayPublisher(target, key, account, max_batch_size=max_batch_size) as remote:
+    pin = gateway_pin(target.rstrip("/"), tls_cert)
+    with GatewayPublisher(target, key, account, max_batch_size=max_batch_size, tls_cert_pem=pin) as remote:
         return remote.publish(model, name, alias=alias).to_json()
 
 
@@ -269,13 +283,47 @@ def parse_data(data: str) -> list[Any]:
     raise ConfigError('--data must be a row object, a non-empty list of rows, or {"inputs": [...]}')
 
 
-def run_invoke(*, ref: str, data: str, target: str | None, request_id: str | None) -> dict[str, Any]:
-    """Invoke ``ref`` (name, name@alias, name@version) on the gateway; returns the response document."""
+def gateway_pin(url: str, tls_cert: Path | None) -> str | None:
+    """The certificate (PEM) to pin for ``url``: ``--tls-cert``, else the one recorded for a Fluence gateway
+    at that URL (``depin publish --target fluence``), else None (system CAs for https)."""
+    if tls_cert is not None:
+        try:
+            return tls_cert.read_text()
+        except OSError as exc:
+            raise ConfigError(
+                f"--tls-cert {tls_cert}: cannot read it ({exc.strerror}); fix the path"
+            ) from None
+    from pipelines._fluence_cmd import fluence_pin_for
+
+    return fluence_pin_for(url)
+
+
+def run_invoke(
+    *,
+    ref: str,
+    data: str,
+    target: str | None,
+    request_id: str | None,
+    tls_cert: Path | None = None,
+) -> dict[str, Any]:
+    """Invoke ``ref`` (name, name@alias, name@version) on the gateway; returns the response document.
+    ``target`` ``fluence`` is the recorded Fluence gateway (``DEPIN_FLUENCE_TARGET``); its certificate is
+    pinned, as is the one of any recorded Fluence gateway URL, or ``tls_cert``."""
     from serving.client import GatewayClient
 
     url = target or os.environ.get(GATEWAY_URL_ENV) or DEFAULT_URL
+    if url == "fluence":
+        from pipelines._fluence_cmd import fluence_gateway_url
+
+        url = fluence_gateway_url() or ""
+        if not url:
+            raise ConfigError(
+                "--target fluence: no Fluence gateway recorded (DEPIN_FLUENCE_STATE_DIR, DEPIN_FLUENCE_TARGET); "
+                "publish one with `depin publish --target fluence`"
+            )
+    pin = gateway_pin(url.rstrip("/"), tls_cert)
     rows = parse_data(data)
-    with GatewayClient(url, retries=3, timeout=60) as client:
+    with GatewayClient(url, retries=3, timeout=60, tls_cert_pem=pin) as client:
         t0 = time.perf_counter()
         doc, _ = client.invoke(ref, rows, request_id=request_id)
         doc["latency_ms"] = round((time.perf_counter() - t0) * 1e3, 3)

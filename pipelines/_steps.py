@@ -491,10 +491,13 @@ def smoke_invoke(params: PublishParams, name: str, version: str) -> tuple[int, l
         example = list(bundle.manifest.example)
         outputs = predictor(bundle)(example)
     else:
+        from pipelines._serve_cmd import gateway_pin
         from serving.bundle import parse_manifest
         from serving.client import GatewayClient
 
-        with GatewayClient(gateway_url(params), retries=5, timeout=60) as client:
+        url = gateway_url(params)
+        pin = gateway_pin(url, None) if params.target == "fluence" else None  # the VM's pinned certificate
+        with GatewayClient(url, retries=5, timeout=60, tls_cert_pem=pin) as client:
             example = list(parse_manifest(client.manifest_bytes(name, version)).example)
             doc, _ = client.invoke(f"{name}@{version}", example)
             if doc.get("version") != version:

@@ -1,7 +1,10 @@
 """``depin worker serve``: run the worker agent on this node (a rented GPU box or a lab server).
 
 The admin token comes from ``--token-file`` or ``$DEPIN_AGENT_TOKEN`` (≥ 16 characters; the agent keeps only
-its sha256). Bind ``--host 0.0.0.0`` to serve other machines; the default is loopback only.
+its sha256). Bind ``--host 0.0.0.0`` to serve other machines; the default is loopback only. It serves HTTPS:
+``--tls-cert/--tls-key`` (or the PEM text in ``$DEPIN_AGENT_TLS_CERT``/``$DEPIN_AGENT_TLS_KEY``), else a
+self-signed certificate kept in the data dir; ``--json`` prints its ``tls_fingerprint`` for
+``depin worker register --fingerprint``. Plain HTTP only with ``--insecure-http``.
 
 The lead wires ``serve`` into ``pipelines/cli.py`` as ``worker_app.command("serve")(serve)`` on a ``worker``
 sub-app; it is a plain typer-compatible function, so this module creates no Typer app itself.
@@ -35,17 +38,32 @@ def serve(
     max_blob_gb: Annotated[
         float, typer.Option(help="largest blob (dataset shard, checkpoint) accepted, GiB")
     ] = 20.0,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(help="certificate PEM file (default: $DEPIN_AGENT_TLS_CERT, else self-signed)"),
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option(help="its private key PEM file (default: $DEPIN_AGENT_TLS_KEY)")
+    ] = None,
+    insecure_http: Annotated[
+        bool, typer.Option("--insecure-http", help="serve plain HTTP (clients accept it only on loopback)")
+    ] = False,
     as_json: Annotated[
-        bool, typer.Option("--json", help="print one JSON line (url, port, …) on stdout once listening")
+        bool,
+        typer.Option(
+            "--json", help="print one JSON line (url, port, tls_fingerprint, …) on stdout once listening"
+        ),
     ] = False,
 ) -> None:
-    """Run the worker agent (HTTP API for blobs and jobs) until Ctrl-C / SIGTERM."""
+    """Run the worker agent (HTTPS API for blobs and jobs) until Ctrl-C / SIGTERM."""
     from gpu_jobs.agent._auth import TOKEN_ENV, read_admin_token
     from gpu_jobs.agent.app import AgentSettings
+    from gpu_jobs.agent.server import resolve_tls
     from gpu_jobs.agent.server import serve as serve_agent
 
     token = read_admin_token(token_file)
     os.environ.pop(TOKEN_ENV, None)  # job workers inherit the environment: never the admin token
+    tls = resolve_tls(data_dir, tls_cert, tls_key, insecure_http=insecure_http)
     settings = AgentSettings(
         data_dir=data_dir, max_parallel=max_parallel, max_blob_bytes=int(max_blob_gb * 2**30)
     )
@@ -53,11 +71,11 @@ def serve(
     def announce(doc: dict[str, Any]) -> None:
         say(
             ("depin worker agent", "bold green"),
-            f" on {doc['url']} (data {settings.data_dir}); register it with `depin worker register`; "
-            "Ctrl-C stops",
+            f" on {doc['url']} (data {settings.data_dir}); certificate sha256 {doc['tls_fingerprint']}; "
+            "register it with `depin worker register --url … --fingerprint …`; Ctrl-C stops",
         )
         if as_json:
             emit_json({**doc, "data_dir": str(settings.data_dir.resolve())})
 
     with contextlib.suppress(KeyboardInterrupt):
-        serve_agent(settings, token, host=host, port=port, ready_file=ready_file, on_ready=announce)
+        serve_agent(settings, token, host=host, port=port, ready_file=ready_file, on_ready=announce, tls=tls)

@@ -292,6 +292,9 @@ def publish(
         ),
     ] = None,
     max_batch_size: Annotated[int, typer.Option(help="most rows per request and per batch")] = 1024,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="--target https://…: the gateway's certificate (PEM) to pin")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Sign a model as a versioned function bundle and publish it (verified upload, then the alias moves)."""
@@ -307,6 +310,7 @@ def publish(
         max_batch_size=max_batch_size,
         fluence_target=fluence_target,
         max_usd_per_day=max_usd_per_day,
+        tls_cert=tls_cert,
     )
     moved = ", ".join(result["moved"]) or "none (version already present)"
     say(
@@ -323,15 +327,25 @@ def invoke(
     ref: Annotated[str, typer.Argument(help="function: name, name@alias or name@version")],
     data: Annotated[str, typer.Option(help='a JSON row, a list of rows, {"inputs": [...]}, or @file.json')],
     target: Annotated[
-        str | None, typer.Option(help="gateway URL (default: DEPIN_GATEWAY_URL, else http://127.0.0.1:8787)")
+        str | None,
+        typer.Option(
+            help="gateway URL, or 'fluence' (the recorded Fluence gateway) (default: DEPIN_GATEWAY_URL, else "
+            "http://127.0.0.1:8787)"
+        ),
     ] = None,
     request_id: Annotated[str | None, typer.Option(help="X-Request-Id (keys sticky weighted splits)")] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            help="the gateway's certificate (PEM) to pin; a Fluence gateway's is pinned from .depin/fluence"
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Call a served function with input rows and print its output rows."""
     from pipelines._serve_cmd import run_invoke
 
-    doc = run_invoke(ref=ref, data=data, target=target, request_id=request_id)
+    doc = run_invoke(ref=ref, data=data, target=target, request_id=request_id, tls_cert=tls_cert)
     say(f"{doc['function']}@{doc['version']} in {doc['latency_ms']:.1f} ms:")
     if as_json:
         emit_json(doc)

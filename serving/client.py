@@ -11,6 +11,7 @@ goes into the ``X-API-Key`` header and nowhere else (never into a message, a log
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
@@ -21,6 +22,7 @@ from pydantic import SecretStr
 
 from depin_core.errors import ConfigError, PermanentError, TransientError
 from depin_core.http import NOT_SENT, TRANSIENT_STATUSES, backoff_delay, check_base_url, retry_after_of
+from depin_core.tls import PinMismatch, check_url, client_context, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,16 @@ def _fix(status: int, code: str, field: str | None) -> str:
     return "see the message"
 
 
+def cert_refused(exc: BaseException) -> bool:
+    """Whether a connect error is a certificate verification failure (not a network problem: no retry)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _error_of(r: httpx.Response) -> tuple[str, str, str | None]:
     """(code, message, field) of an error response (any body shape)."""
     try:
@@ -79,6 +91,10 @@ def _error_of(r: httpx.Response) -> tuple[str, str, str | None]:
 
 class GatewayClient:
     """A client of one gateway (``base_url``, e.g. ``http://127.0.0.1:8787``).
+
+    ``tls_cert_pem``: the gateway's certificate, pinned (the only one trusted; ``https://`` needed). With an
+    admin key or a pin, a plain-HTTP URL to a non-loopback host is refused before any connection. A
+    certificate other than the trusted one raises :class:`depin_core.tls.PinMismatch` (never retried).
 
     ``retries`` extra attempts after the first for transient failures, waiting ``backoff_s × 2^attempt``
     (or the server's ``Retry-After``), jittered ±20 %, at most ``max_backoff_s``. ``transport`` and ``sleep``
@@ -96,17 +112,24 @@ class GatewayClient:
         max_backoff_s: float = 10.0,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        tls_cert_pem: str | None = None,
     ) -> None:
         url = check_base_url(base_url, "gateway URL")
         if admin_key is not None and not isinstance(admin_key, SecretStr):
             raise ConfigError("admin_key must be a pydantic SecretStr (keeps it out of logs and reprs)")
+        if admin_key is not None or tls_cert_pem is not None:
+            check_url(url, "gateway URL")  # the admin key never crosses a network in clear
+        if tls_cert_pem is not None and not url.startswith("https://"):
+            raise ConfigError(f"gateway URL {url}: a pinned certificate was given, so use https://")
+        self.tls_fingerprint = fingerprint(tls_cert_pem) if tls_cert_pem is not None else None
         self.base_url = url
         self._admin_key = admin_key
         self.retries = retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self._sleep = sleep
-        self._client = httpx.Client(base_url=url, timeout=timeout, transport=transport)
+        verify: ssl.SSLContext | bool = client_context(tls_cert_pem) if tls_cert_pem is not None else True
+        self._client = httpx.Client(base_url=url, timeout=timeout, transport=transport, verify=verify)
 
     def __repr__(self) -> str:
         return f"GatewayClient({self.base_url!r}, admin_key={'set' if self._admin_key else 'unset'})"
@@ -146,6 +169,10 @@ class GatewayClient:
             last = attempt == self.retries
             try:
                 r = self._client.request(method, path, headers=headers, **kwargs)
+            except httpx.ConnectError as exc:
+                if cert_refused(exc):  # nothing was sent: the handshake failed before the request
+                    raise self._pin_error(exc) from None
+                problem, retry_after = f"cannot connect ({type(exc).__name__}: {exc})", None
             except NOT_SENT as exc:
                 problem, retry_after = f"cannot connect ({type(exc).__name__}: {exc})", None
             except httpx.TransportError as exc:  # the request may have reached the server
@@ -181,6 +208,18 @@ class GatewayClient:
             log.info("%s: %s; retrying in %.2fs", where, problem, delay)
             self._sleep(delay)
         raise AssertionError("unreachable")
+
+    def _pin_error(self, exc: Exception) -> PinMismatch:
+        if self.tls_fingerprint is None:
+            return PinMismatch(
+                f"{self.base_url}: the gateway's TLS certificate is not trusted ({exc}); pass its certificate "
+                "(--tls-cert FILE) or give it a CA-signed certificate"
+            )
+        return PinMismatch(
+            f"{self.base_url}: the server presented a TLS certificate other than the pinned one (sha256 "
+            f"{self.tls_fingerprint}) — another machine or a man in the middle; nothing was sent. Check the "
+            "address; if the gateway VM was recreated, run `depin fluence down` and publish again"
+        )
 
     # ---- API ---------------------------------------------------------------------------------------------
     def invoke(

@@ -15,6 +15,7 @@ import gc
 import json
 import logging
 import os
+import ssl
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import uvicorn
 from depin_core.fs import atomic_write_bytes
 from depin_core.net import listen_socket, url_host
 from depin_core.proc import ServerProcess
+from depin_core.tls import client_context
 from serving.gateway import Gateway
 from serving.settings import GatewaySettings
 
@@ -34,7 +36,8 @@ def serve(
     gateway: Gateway | None = None,
 ) -> None:
     """Serve the gateway until interrupted. Binds first (``ConfigError`` naming the port if it cannot), then
-    writes ``{"url", "host", "port", "pid"}`` to ``ready_file`` if given. Models load in the background: poll
+    writes ``{"url", "host", "port", "pid"}`` to ``ready_file`` if given (``https://`` when
+    ``tls_cert_file``/``tls_key_file`` are set). Models load in the background: poll
     ``/readyz``."""
     import prometheus_client
 
@@ -43,7 +46,10 @@ def serve(
     gateway = gateway or Gateway(settings)  # validates trusted publishers / keys before binding
     sock = listen_socket(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
-    url = f"http://{url_host(host)}:{port}"
+    url = f"{settings.scheme}://{url_host(host)}:{port}"
+    tls: dict[str, str] = {}
+    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+        tls = {"ssl_certfile": str(settings.tls_cert_file), "ssl_keyfile": str(settings.tls_key_file)}
     config = uvicorn.Config(
         gateway.app,
         log_level=settings.log_level,
@@ -51,6 +57,7 @@ def serve(
         lifespan="on",
         timeout_keep_alive=30,
         backlog=2048,
+        **tls,  # type: ignore[arg-type]
     )
     server = uvicorn.Server(config)
     # The imports (torch, numpy, pydantic…) leave ~10⁶ long-lived objects; frozen, the collector never walks
@@ -113,7 +120,11 @@ class GatewayProcess(ServerProcess):
         if self.cpu is not None:
             cmd = ["taskset", "-c", str(self.cpu), *cmd]
         paths = ["/healthz", "/readyz"] if self.wait_ready else ["/healthz"]
-        self._launch(cmd, self.env or {}, [(path, f"gateway {path} not OK") for path in paths])
+        verify: ssl.SSLContext | bool = True
+        if self.settings.tls_cert_file is not None:  # its own health checks pin its certificate
+            verify = client_context(Path(self.settings.tls_cert_file).read_text())
+        checks = [(path, f"gateway {path} not OK") for path in paths]
+        self._launch(cmd, self.env or {}, checks, verify=verify)
         return self
 
 

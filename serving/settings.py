@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from depin_core.errors import ConfigError
@@ -102,6 +102,13 @@ class GatewaySettings(BaseSettings):
     torch_threads: int | None = Field(
         None, ge=1, description="torch CPU threads (default: DEPIN_TORCH_THREADS, else 1)"
     )
+    tls_cert_file: Path | None = Field(
+        None,
+        description="PEM certificate (chain) to serve HTTPS with; needs tls_key_file (default: plain HTTP)",
+    )
+    tls_key_file: Path | None = Field(
+        None, description="PEM private key of tls_cert_file (keep it mode 0600)"
+    )
     log_level: str = Field("warning", description="uvicorn log level")
     access_log: bool = Field(False, description="log every request (costs throughput)")
 
@@ -145,6 +152,25 @@ class GatewaySettings(BaseSettings):
         if not value:
             raise ConfigError("DEPIN_GATEWAY_HOST (host) is empty; use 127.0.0.1 (default) or 0.0.0.0")
         return value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> GatewaySettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError(
+                "DEPIN_GATEWAY_TLS_CERT_FILE and DEPIN_GATEWAY_TLS_KEY_FILE go together: set both (HTTPS) or "
+                "neither (plain HTTP)"
+            )
+        for field, path in (("TLS_CERT_FILE", self.tls_cert_file), ("TLS_KEY_FILE", self.tls_key_file)):
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(
+                    f"DEPIN_GATEWAY_{field} ({field.lower()}) {path}: no such file; fix the path"
+                )
+        return self
+
+    @property
+    def scheme(self) -> str:
+        """``https`` when a certificate is configured, else ``http``."""
+        return "https" if self.tls_cert_file is not None else "http"
 
     def trusted(self) -> frozenset[str] | None:
         """The publisher addresses a Registry should accept (None = any signature, if allowed).

@@ -147,6 +147,7 @@ class Agent:
                 Route("/v1/jobs/{job_id}/artifacts/{path:path}", self.job_artifact, methods=["GET"]),
                 Route("/v1/jobs/{job_id}/checkpoints/{name}", self.job_checkpoint, methods=["GET"]),
                 Route("/v1/jobs/{job_id}/cancel", self.job_cancel, methods=["POST"]),
+                Route("/v1/jobs/{job_id}/data", self.job_purge, methods=["DELETE"]),
             ],
             exception_handlers={
                 ApiError: self._api_error,
@@ -489,6 +490,59 @@ class Agent:
         job_id, _ = self._job_dir(request)
         self.runner.cancel(job_id)
         return _json({"state": self.runner.status(job_id).state}, 202)
+
+    async def job_purge(self, request: Request) -> Response:
+        """``DELETE /v1/jobs/{id}/data``: remove every file of a finished job (inputs, checkpoints, outputs, log,
+        and the blobs no other job uses); idempotent. Answers what was removed and what of the job remains."""
+        job_id = request.path_params["job_id"]
+        if not JOB_ID_RE.match(job_id):
+            raise ApiError(
+                400, f"job id {job_id!r} is malformed (12 + 8 lowercase hex digits)", field="job_id"
+            )
+        self._auth(request, job_id)
+        if (self.jobs_root / job_id / SPEC).is_file() and not self.runner.status(job_id).state.terminal:
+            raise ApiError(409, f"job {job_id} is still running; cancel it first", field="job_id")
+        removed, remaining = await run_in_threadpool(self._purge, job_id)
+        return _json({"job_id": job_id, "removed": removed, "remaining": remaining})
+
+    def _purge(self, job_id: str) -> tuple[list[str], list[str]]:
+        with self._submit_lock:
+            mine = self._job_blobs(job_id)
+            others: set[str] = set()
+            for d in self.jobs_root.iterdir() if self.jobs_root.is_dir() else []:
+                if d.name != job_id and JOB_ID_RE.match(d.name):
+                    others |= self._job_blobs(d.name)
+            paths = [
+                self.jobs_root / job_id,
+                self.data_dir / "staging" / job_id,
+                self.data_dir / "out" / job_id,
+                self.data_dir / "manifests" / f"{job_id}.json",
+            ]
+            removed = [p.relative_to(self.data_dir).as_posix() for p in paths if p.exists()]
+            for p in paths:
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink(missing_ok=True)
+            for sha in sorted(mine - others):
+                if self.blobs.path(sha).exists():
+                    self.blobs.path(sha).unlink()
+                    removed.append(f"blobs/{sha}")
+            remaining = [p.relative_to(self.data_dir).as_posix() for p in paths if p.exists()]
+        log.info("job %s: removed %d item(s) of its data", job_id, len(removed))
+        return removed, remaining
+
+    def _job_blobs(self, job_id: str) -> set[str]:
+        """The blobs a job's submit request names (inputs and resume checkpoints)."""
+        shas: set[str] = set()
+        for path in (self.data_dir / "staging" / job_id / "submit.json", self.jobs_root / job_id / SPEC):
+            with contextlib.suppress(OSError, ValueError):
+                doc = json.loads(path.read_bytes())
+                spec = doc.get("spec", doc)
+                for ref in spec.get("inputs") or []:
+                    shas |= {f["sha256"] for f in ref.get("files") or []} or {ref["sha256"]}
+                shas |= {r["sha256"] for r in doc.get("resume") or []}
+        return {s for s in shas if SHA256_RE.match(s)}
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------

@@ -1,7 +1,11 @@
 """``AgentProcess``: the worker agent in a child process on a free loopback port (tests, benchmarks, fakes).
 
 >>> with AgentProcess(tmp / "agent", token) as agent:
-...     httpx.get(f"{agent.url}/v1/health", headers={"Authorization": f"Bearer {token}"})
+...     httpx.get(f"{agent.url}/v1/health", headers=..., verify=client_context(agent.tls_cert))
+
+It serves HTTPS with ``tls`` (a ``NodeCertificate`` handed over as a provider would, through
+``$DEPIN_AGENT_TLS_CERT/_KEY``; such variables in ``env`` do the same), else with the self-signed certificate kept in its data dir (made here first,
+so ``tls_cert`` is known before it starts); ``insecure_http=True`` serves plain HTTP.
 
 ``stop()`` is a graceful SIGTERM (the agent cancels its jobs and waits for their workers; SIGKILL after
 ``stop_timeout``); ``kill()`` simulates a lost node: SIGKILL to the agent and to every job worker's process group
@@ -13,13 +17,16 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import ssl
 import sys
 from pathlib import Path
 
 from pydantic import SecretStr
 
+from depin_core import tls as tlslib
 from depin_core.proc import ServerProcess
 from gpu_jobs.agent._auth import TOKEN_ENV
+from gpu_jobs.agent.server import TLS_CERT_ENV, TLS_DIR, TLS_KEY_ENV
 
 
 class AgentProcess(ServerProcess):
@@ -37,6 +44,8 @@ class AgentProcess(ServerProcess):
         max_blob_bytes: int | None = None,
         startup_timeout: float = 120.0,
         stop_timeout: float = 20.0,
+        tls: tlslib.NodeCertificate | None = None,
+        insecure_http: bool = False,
     ) -> None:
         super().__init__("agent", startup_timeout=startup_timeout, stop_timeout=stop_timeout)
         self.data_dir = Path(data_dir)
@@ -45,6 +54,32 @@ class AgentProcess(ServerProcess):
         self.env = dict(env or {})
         self.max_parallel = max_parallel
         self.max_blob_bytes = max_blob_bytes
+        self.insecure_http = insecure_http
+        self._tls = tls
+
+    @property
+    def tls_cert(self) -> str | None:
+        """The PEM certificate the agent serves (the client's pin); None for plain HTTP."""
+        if self.insecure_http:
+            return None
+        if self._tls is None:
+            cert = tlslib.from_env(TLS_CERT_ENV, dict(self.env), "CERTIFICATE")
+            key = tlslib.from_env(TLS_KEY_ENV, dict(self.env), "PRIVATE KEY")
+            given = tlslib.NodeCertificate(cert, key) if cert and key else None  # as a provider hands it over
+            self._tls = given or tlslib.load_or_make(self.data_dir / TLS_DIR)
+        return self._tls.cert_pem
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """httpx's ``verify`` for this agent: a context trusting only its certificate (True for plain HTTP)."""
+        cert = self.tls_cert
+        return tlslib.client_context(cert) if cert else True
+
+    @property
+    def fingerprint(self) -> str | None:
+        """sha256 of :attr:`tls_cert` (what ``depin worker serve --json`` prints); None for plain HTTP."""
+        cert = self.tls_cert
+        return tlslib.fingerprint(cert) if cert else None
 
     def __repr__(self) -> str:
         return f"AgentProcess(url={self.url!r}, data_dir={str(self.data_dir)!r}, pid={self.pid})"
@@ -63,12 +98,19 @@ class AgentProcess(ServerProcess):
         if self.max_blob_bytes is not None:
             cmd += ["--max-blob-gb", repr(self.max_blob_bytes / 2**30)]
         token = self._token.get_secret_value()
+        env = {**self.env, TOKEN_ENV: token}
+        cert = self.tls_cert
+        if cert is None:
+            cmd.append("--insecure-http")
+        elif self._tls is not None:
+            env.update({TLS_CERT_ENV: self._tls.cert_pem, TLS_KEY_ENV: self._tls.key_pem})
         self._launch(
             cmd,
-            {**self.env, TOKEN_ENV: token},
+            env,
             [("/v1/health", "agent not healthy")],
             headers={"Authorization": f"Bearer {token}"},
             timeout=5,
+            verify=self.verify,
         )
         return self
 

@@ -251,6 +251,8 @@ class AnomalyFamily:
     """``"anomaly"``: flags anomalous telemetry windows per vehicle type."""
 
     name = "anomaly"
+    # the telemetry columns it reads (gpu_jobs.minimise sends a remote node nothing else; no location)
+    columns = (*F.KEYS, *F.SIGNALS)
 
     def train(self, ctx: JobContext) -> TrainOutput:
         hp = _hparams(ctx)

@@ -239,6 +239,8 @@ class RangeFamily:
     """``"range"``: EV consumption (kWh/100 km) and remaining range."""
 
     name = "range"
+    # the telemetry columns it reads (gpu_jobs.minimise sends a remote node nothing else; no location)
+    columns = (*F.KEYS, *F.SIGNALS)
 
     def train(self, ctx: JobContext) -> TrainOutput:
         hp = _hparams(ctx)

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
+from depin_core import tls as tlslib
 from depin_core.errors import ConfigError, PermanentError, TransientError
 from depin_core.http import NOT_SENT, TRANSIENT_STATUSES, backoff_delay, check_base_url, retry_after_of
 
@@ -168,21 +169,44 @@ class HealthCheck:
     """``GET {url}/v1/health`` of a worker agent with its token; ``check`` → the health document or None."""
 
     def __init__(self, *, timeout: float = 5.0, transport: httpx.BaseTransport | None = None) -> None:
+        self._timeout, self._transport = timeout, transport
         self._client = httpx.Client(timeout=timeout, transport=transport, follow_redirects=False)
+        self._pinned: dict[str, httpx.Client] = {}  # by certificate PEM
         self.last_problem = ""
 
-    def check(self, url: str, token: SecretStr) -> dict[str, Any] | None:
-        """The agent's health JSON, or None (``last_problem`` says why). A refused token raises
-        ``PermanentError``: waiting longer will not help."""
+    def _client_for(self, url: str, tls_cert: str | None) -> httpx.Client:
+        if not url.startswith("https://"):
+            return self._client
+        if not tls_cert:
+            raise PermanentError(f"agent at {url}: no pinned certificate to check it against")
+        if tls_cert not in self._pinned:
+            self._pinned[tls_cert] = httpx.Client(
+                timeout=self._timeout,
+                transport=self._transport,
+                follow_redirects=False,
+                verify=tlslib.client_context(tls_cert),
+            )
+        return self._pinned[tls_cert]
+
+    def check(self, url: str, token: SecretStr, tls_cert: str | None = None) -> dict[str, Any] | None:
+        """The agent's health JSON, or None (``last_problem`` says why); an ``https`` URL must present
+        ``tls_cert`` (the pin). A refused token, a certificate other than the pinned one, or plain HTTP to a
+        remote host raise ``PermanentError``/``ConfigError``: waiting longer will not help."""
         if not url:
             self.last_problem = "no URL yet"
             return None
+        tlslib.check_url(url, "agent URL")
         try:
-            r = self._client.get(
+            r = self._client_for(url, tls_cert).get(
                 f"{url.rstrip('/')}/v1/health",
                 headers={"Authorization": f"Bearer {token.get_secret_value()}"},
             )
         except httpx.HTTPError as exc:
+            if "CERTIFICATE_VERIFY_FAILED" in repr(exc) or "CERTIFICATE_VERIFY_FAILED" in repr(exc.__cause__):
+                raise tlslib.PinMismatch(
+                    f"agent at {url} presented a TLS certificate other than the one made for it: another "
+                    "machine or a man in the middle; destroy the instance and launch the next attempt"
+                ) from None
             self.last_problem = f"{type(exc).__name__}"
             return None
         if r.status_code in (401, 403):
@@ -202,3 +226,5 @@ class HealthCheck:
 
     def close(self) -> None:
         self._client.close()
+        for client in self._pinned.values():
+            client.close()

@@ -80,7 +80,7 @@ class MarketProvider:
         while True:
             url, last = probe()
             if url is not None:
-                if self._health.check(url, worker.token) is not None:
+                if self._health.check(url, worker.token, worker.tls_cert) is not None:
                     return worker.model_copy(update={"url": url})
                 last = f"running, agent at {url}: {self._health.last_problem}"
             if time.monotonic() >= deadline:

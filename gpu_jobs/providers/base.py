@@ -26,13 +26,16 @@ import shlex
 from collections.abc import Collection, Iterable
 from typing import Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from depin_core import tls as tlslib
 from depin_core.errors import ConfigError, TransientError
 from gpu_jobs.spec import JobSpec
 
 NAME_PREFIX = "depin-"
 TOKEN_ENV = "DEPIN_AGENT_TOKEN"  # the agent's admin token, passed to the node as a (secret) env variable
+TLS_CERT_ENV = "DEPIN_AGENT_TLS_CERT"  # the node's certificate (PEM), made and pinned by the client
+TLS_KEY_ENV = "DEPIN_AGENT_TLS_KEY"  # its private key (PEM), passed as a secret env variable
 DEFAULT_AGENT_PORT = 8900
 DEFAULT_IMAGE = "pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime"
 DEFAULT_DATA_DIR = "/var/lib/depin/agent"
@@ -104,6 +107,7 @@ class Worker(_Model):
     url: str = ""
     token: SecretStr
     offer: Offer
+    tls_cert: str | None = None  # the certificate the node serves (PEM): the runner's pin
 
 
 class Instance(_Model):
@@ -120,8 +124,10 @@ class Instance(_Model):
 class Bootstrap(_Model):
     """How a stock PyTorch/CUDA image becomes a worker: ``pip install`` the project, run the agent.
 
-    The token reaches the node only through the provider's (secret) environment variables
-    (``DEPIN_AGENT_TOKEN``): it is never part of the script, the image or the command line.
+    The token, and the TLS certificate and key made for this node (fresh per bootstrap unless given), reach
+    the node only through the provider's (secret) environment variables (``DEPIN_AGENT_TOKEN``,
+    ``DEPIN_AGENT_TLS_CERT``, ``DEPIN_AGENT_TLS_KEY``): never the script, the image or the command line. The
+    client pins ``tls_cert``.
     """
 
     package: str = "depin-pipeline"  # a pip requirement: name, git URL, wheel URL, …
@@ -130,6 +136,17 @@ class Bootstrap(_Model):
     image: str = DEFAULT_IMAGE
     data_dir: str = DEFAULT_DATA_DIR
     disk_gb: float = Field(32.0, gt=0)
+    tls_cert: str | None = None
+    tls_key: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _node_certificate(self) -> Bootstrap:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together (or neither: a fresh certificate is made)")
+        if self.tls_cert is None:
+            made = tlslib.make_certificate()
+            self.tls_cert, self.tls_key = made.cert_pem, SecretStr(made.key_pem)
+        return self
 
     @field_validator("token")
     @classmethod
@@ -147,7 +164,12 @@ class Bootstrap(_Model):
 
     def env(self) -> dict[str, str]:
         """The environment the node needs (secret: send it as the provider's secret env variables)."""
-        return {TOKEN_ENV: self.token.get_secret_value()}
+        assert self.tls_cert is not None and self.tls_key is not None  # made by the validator
+        return {
+            TOKEN_ENV: self.token.get_secret_value(),
+            **tlslib.to_env(TLS_CERT_ENV, self.tls_cert),  # one line, split to fit Vast's 256 characters
+            **tlslib.to_env(TLS_KEY_ENV, self.tls_key.get_secret_value()),
+        }
 
     def script(self, *, background: bool = False) -> str:
         """POSIX sh: install the package and start the agent (see :func:`bootstrap_script`)."""
@@ -189,6 +211,9 @@ def bootstrap_script(
         'mkdir -p "$DATA"',
         "PY=$(command -v python3 || command -v python)",
         f'"$PY" -m pip install --no-cache-dir --disable-pip-version-check {shlex.quote(package)}',
+        # what was installed, in the node's log (the package may be a name, a pin or a wheel URL)
+        '"$PY" -m pip show --disable-pip-version-check depin-pipeline'
+        " | sed -n -e 's/^Name: /installed: /p' -e 's/^Version: /version: /p'",
     ]
     serve = 'depin worker serve --host "$HOST" --port "$PORT" --data-dir "$DATA"'
     if background:

@@ -362,6 +362,7 @@ class IonetProvider(MarketProvider):
                 name=name,
                 token=bootstrap.token,
                 offer=offer,
+                tls_cert=bootstrap.tls_cert,
             )
         hw, gpus, hours = _parse_offer_id(offer.offer_id)
         body = {
@@ -391,7 +392,12 @@ class IonetProvider(MarketProvider):
             raise TransientError(f"ionet: deploy answered without a deployment_id ({str(doc)[:200]})")
         log.info("ionet: deployed offer %s as %s (deployment %s)", offer.offer_id, name, dep_id)
         return Worker(
-            provider=self.name, instance_id=str(dep_id), name=name, token=bootstrap.token, offer=offer
+            provider=self.name,
+            instance_id=str(dep_id),
+            name=name,
+            token=bootstrap.token,
+            offer=offer,
+            tls_cert=bootstrap.tls_cert,
         )
 
     def deployment(self, deployment_id: str) -> dict[str, Any] | None:

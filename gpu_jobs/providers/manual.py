@@ -2,7 +2,9 @@
 
 GPUnet has no documented compute API (see the README), so a GPUnet node is rented by hand, bootstrapped with
 the script of :class:`~gpu_jobs.providers.base.Bootstrap`, and registered here with its URL and token
-(``depin worker register NAME --url … --token-file …``). The registry is one JSON file, ``.depin/workers.json``
+(``depin worker register NAME --url https://… --token-file … --fingerprint …``): the node's TLS certificate is
+pinned (its PEM, read once and kept when its sha256 is the fingerprint given; plain ``http://`` only for
+loopback). The registry is one JSON file, ``.depin/workers.json``
 by default, mode 0600 (it holds the agents' tokens), written atomically.
 
 As a provider ("manual", or "gpunet"): offers are the registered nodes whose ``/v1/health`` answers with their
@@ -22,8 +24,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from depin_core import tls as tlslib
 from depin_core.errors import ConfigError, PermanentError, TransientError
 from depin_core.fs import atomic_write_bytes
 from gpu_jobs.providers._http import HealthCheck
@@ -47,6 +58,31 @@ class Node(BaseModel):
     gpu: str | None = None  # what the operator says it has (the health check reports what it really has)
     usd_per_hour: float = Field(0.0, ge=0)
     registered_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    tls_fingerprint: str | None = None  # sha256 of the node's certificate (the pin)
+    tls_cert: str | None = None  # the certificate itself, once read (its sha256 is tls_fingerprint)
+
+    @model_validator(mode="after")
+    def _pinned(self) -> Node:
+        try:
+            tlslib.check_url(self.url, "url")
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix("url: ")) from None
+        if self.tls_fingerprint is not None:
+            try:
+                self.tls_fingerprint = tlslib.normalise_fingerprint(self.tls_fingerprint)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        if self.tls_cert is not None:
+            got = tlslib.fingerprint(self.tls_cert)
+            if self.tls_fingerprint not in (None, got):
+                raise ValueError(f"tls_cert's sha256 is {got}, not tls_fingerprint {self.tls_fingerprint}")
+            self.tls_fingerprint = got
+        if self.url.startswith("https://") and self.tls_fingerprint is None:
+            raise ValueError(
+                "an https node needs its certificate pinned: --fingerprint (the tls_fingerprint that "
+                "`depin worker serve --json` prints)"
+            )
+        return self
 
     @field_validator("name")
     @classmethod
@@ -92,6 +128,7 @@ class ManualProvider:
         self.name = name
         self.poll_s = poll_s
         self._health = HealthCheck(timeout=health_timeout_s, transport=transport)
+        self._timeout = health_timeout_s
 
     def __repr__(self) -> str:
         return f"ManualProvider({str(self.nodes_file)!r}, name={self.name!r})"
@@ -126,17 +163,37 @@ class ManualProvider:
         os.chmod(self.nodes_file, 0o600)  # mkstemp already made it 0600; say so explicitly
 
     def register(
-        self, name: str, url: str, token: SecretStr, *, gpu: str | None = None, usd_per_hour: float = 0.0
+        self,
+        name: str,
+        url: str,
+        token: SecretStr,
+        *,
+        gpu: str | None = None,
+        usd_per_hour: float = 0.0,
+        tls_fingerprint: str | None = None,
+        tls_cert: str | None = None,
     ) -> Node:
-        """Add (or replace) node ``name``. ``ConfigError`` naming the field when a value is invalid."""
+        """Add (or replace) node ``name``, pinning its certificate (``tls_cert``, or ``tls_fingerprint``: the
+        certificate is read now when the node answers; ``PinMismatch`` when it presents another one).
+        ``ConfigError`` naming the field when a value is invalid."""
         if not isinstance(token, SecretStr):
             raise ConfigError("token must be a pydantic SecretStr (keeps it out of logs and reprs)")
         try:
-            node = Node(name=name, url=url, token=token, gpu=gpu, usd_per_hour=usd_per_hour)
+            node = Node(
+                name=name,
+                url=url,
+                token=token,
+                gpu=gpu,
+                usd_per_hour=usd_per_hour,
+                tls_fingerprint=tls_fingerprint,
+                tls_cert=tls_cert,
+            )
         except ValidationError as exc:
             err = exc.errors()[0]
             field = ".".join(str(p) for p in err["loc"]) or "node"
             raise ConfigError(f"{field}: {err['msg']}") from None
+        if node.tls_cert is None and node.tls_fingerprint is not None:
+            node = node.model_copy(update={"tls_cert": self._certificate(node)})
         nodes = self._load()
         nodes[name] = node
         self._save(nodes)
@@ -169,10 +226,26 @@ class ManualProvider:
         self._save(nodes)
         return True
 
+    def _certificate(self, node: Node) -> str | None:
+        """The node's pinned certificate: stored, or read now and kept only if its sha256 is the node's
+        fingerprint (``PinMismatch`` otherwise); None when the node cannot be reached now (or is http)."""
+        if node.tls_cert is not None or node.tls_fingerprint is None:
+            return node.tls_cert
+        try:
+            return tlslib.fetch_certificate(node.url, node.tls_fingerprint, timeout_s=self._timeout)
+        except tlslib.PinMismatch as exc:
+            raise tlslib.PinMismatch(f"node {node.name}: {exc}") from None
+        except (OSError, ValueError) as exc:
+            self._health.last_problem = f"cannot read its certificate ({type(exc).__name__})"
+            return None
+
     def health(self, node: Node) -> dict[str, Any] | None:
-        """The node's ``/v1/health`` document, or None when it does not answer. A refused token raises
-        ``PermanentError``."""
-        return self._health.check(node.url, node.token)
+        """The node's ``/v1/health`` document, or None when it does not answer. A refused token, or a
+        certificate other than the pinned one, raises ``PermanentError``."""
+        cert = self._certificate(node)
+        if node.tls_fingerprint is not None and cert is None:
+            return None
+        return self._health.check(node.url, node.token, cert)
 
     @property
     def last_problem(self) -> str:
@@ -213,14 +286,20 @@ class ManualProvider:
         """The registered node of ``offer`` as a worker (with the node's own token)."""
         node = self.get(offer.offer_id)
         return Worker(
-            provider=self.name, instance_id=node.name, name=name, url=node.url, token=node.token, offer=offer
+            provider=self.name,
+            instance_id=node.name,
+            name=name,
+            url=node.url,
+            token=node.token,
+            offer=offer,
+            tls_cert=self._certificate(node),
         )
 
     def wait_ready(self, worker: Worker, *, timeout_s: float) -> Worker:
         """Wait until the node's agent answers ``/v1/health``; ``TransientError`` after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         while True:
-            if self._health.check(worker.url, worker.token) is not None:
+            if self._health.check(worker.url, worker.token, worker.tls_cert) is not None:
                 return worker
             if time.monotonic() >= deadline:
                 raise TransientError(

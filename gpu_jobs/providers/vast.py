@@ -89,8 +89,8 @@ def _label_is(rows: list[dict[str, Any]], filters: dict[str, Any]) -> list[dict[
     return rows if wanted is None else [r for r in rows if r.get("label") in wanted]
 
 
-def agent_url(row: dict[str, Any], port: int) -> str | None:
-    """``http://<public_ipaddr>:<host port mapped to port/tcp>`` of an instance row, when both are known."""
+def agent_url(row: dict[str, Any], port: int, scheme: str = "https") -> str | None:
+    """``https://<public_ipaddr>:<host port mapped to port/tcp>`` of an instance row, when both are known."""
     ip = str(row.get("public_ipaddr") or "").strip()
     ports = row.get("ports") or {}
     if isinstance(ports, str):  # some API versions serialise the mapping as a JSON string
@@ -102,7 +102,7 @@ def agent_url(row: dict[str, Any], port: int) -> str | None:
     if not ip or not binding:
         return None
     host_port = binding[0].get("HostPort") if isinstance(binding, list) and binding else None
-    return f"http://{ip}:{int(host_port)}" if host_port else None
+    return f"{scheme}://{ip}:{int(host_port)}" if host_port else None
 
 
 class VastProvider(MarketProvider):
@@ -254,6 +254,7 @@ class VastProvider(MarketProvider):
                 url=agent_url(existing, bootstrap.port) or "",
                 token=bootstrap.token,
                 offer=offer,
+                tls_cert=bootstrap.tls_cert,
             )
         body = {  # the official client's create_instance body, with its defaults for what we leave unset
             "client_id": "me",
@@ -296,7 +297,14 @@ class VastProvider(MarketProvider):
         iid = str(doc["new_contract"])
         self._ports[iid] = bootstrap.port
         log.info("vast: rented offer %s as instance %s (%s)", offer.offer_id, iid, name)
-        return Worker(provider=self.name, instance_id=iid, name=name, token=bootstrap.token, offer=offer)
+        return Worker(
+            provider=self.name,
+            instance_id=iid,
+            name=name,
+            token=bootstrap.token,
+            offer=offer,
+            tls_cert=bootstrap.tls_cert,
+        )
 
     def _refused(self, offer: Offer, r: httpx.Response, bootstrap: Bootstrap) -> NoReturn:
         """Raise what a refused ``PUT /asks/`` means (see the module doc); Vast's message is kept."""
@@ -341,7 +349,7 @@ class VastProvider(MarketProvider):
                 raise TransientError(f"{what} failed: {last}")
             if status != "running":
                 return None, last
-            url = agent_url(row, port)
+            url = agent_url(row, port, "https" if worker.tls_cert else "http")
             return url, last if url else f"running, but port {port}/tcp is not mapped yet"
 
         return self._poll_until_healthy(worker, probe, what=what, timeout_s=timeout_s)

@@ -17,7 +17,9 @@ The format (shared with the fake Fluence API in ``tests/fakes/fluence.py``, whic
   ``PYTHON_REQUEST`` (else uv installs one), ``uv pip install <package>`` into it, and a systemd unit
   ``depin-gateway.service`` (``EnvironmentFile=/etc/depin/gateway.env``, ``ExecStart=… depin serve``,
   ``Restart=always``). It is idempotent (re-running it updates the settings and restarts the unit);
-- ``cloud_init`` is ``#cloud-config`` YAML: ``write_files`` (the env file, 0600, and the script at
+- the gateway serves HTTPS with a certificate the publisher made for this VM (and pins):
+  ``/etc/depin/tls-cert.pem`` and ``/etc/depin/tls-key.pem`` (0600, owned by the ``depin`` service user);
+- ``cloud_init`` is ``#cloud-config`` YAML: ``write_files`` (the env file, 0600, the TLS files, and the script at
   ``/usr/local/bin/depin-bootstrap``, 0755) and ``runcmd: [[/usr/local/bin/depin-bootstrap]]``; at most
   16 KiB (Fluence's cap on ``cloudInit.userData``);
 - over SSH (generation A has no user data) the script goes on the stdin of ``sh -s`` (``sudo -n sh -s`` when
@@ -37,12 +39,16 @@ from pathlib import Path
 from typing import Any
 
 from depin_core.errors import ConfigError, PermanentError, TransientError
+from depin_core.tls import NodeCertificate
 
 ENV_PATH = "/etc/depin/gateway.env"
+TLS_CERT_PATH = "/etc/depin/tls-cert.pem"  # the gateway's certificate (the client pins it)
+TLS_KEY_PATH = "/etc/depin/tls-key.pem"  # its private key: 0600, owned by the depin service user
 SCRIPT_PATH = "/usr/local/bin/depin-bootstrap"
 REGISTRY_DIR = "/var/lib/depin/registry"
 VENV_DIR = "/opt/depin/venv"
 UV_DIR = "/opt/depin/uv"  # a venv holding uv (pip install uv), when the image has no uv
+UV_VERSION = "0.13.9"  # the uv the bootstrap pip-installs (pinned; tests/support/vm.py fetches the same)
 PYTHON_REQUEST = ">=3.11,<3.14"  # requires-python; the image's python3 when it fits (Debian 12, Ubuntu 24.04)
 UNIT = "depin-gateway.service"
 HEREDOC = "DEPIN_ENV"
@@ -67,10 +73,12 @@ def gateway_env(
     admin_key_hash: str,
     trusted_publishers: Sequence[str],
     extra: Mapping[str, str] | None = None,
+    tls: bool = True,
 ) -> dict[str, str]:
     """The gateway's settings on the VM (``DEPIN_GATEWAY_*``): listen on 0.0.0.0:``port``, accept bundles
-    signed by ``trusted_publishers``, admin API for the key whose sha256 is ``admin_key_hash``. ``extra``:
-    further ``DEPIN_GATEWAY_*`` settings (e.g. ``DEPIN_GATEWAY_MAX_WAIT_MS``)."""
+    signed by ``trusted_publishers``, admin API for the key whose sha256 is ``admin_key_hash``, HTTPS with the
+    certificate at ``TLS_CERT_PATH`` / ``TLS_KEY_PATH`` (``tls``). ``extra``: further ``DEPIN_GATEWAY_*``
+    settings (e.g. ``DEPIN_GATEWAY_MAX_WAIT_MS``)."""
     if not 1 <= port <= 65535 or port == 22:
         raise ConfigError(f"gateway port {port}: use 1-65535 except 22 (SSH) — e.g. 8787")
     if not re.fullmatch(r"[0-9a-f]{64}", admin_key_hash):
@@ -84,6 +92,9 @@ def gateway_env(
         "DEPIN_GATEWAY_TRUSTED_PUBLISHERS": ",".join(trusted_publishers),
         "DEPIN_GATEWAY_REGISTRY_DIR": REGISTRY_DIR,
     }
+    if tls:
+        env["DEPIN_GATEWAY_TLS_CERT_FILE"] = TLS_CERT_PATH
+        env["DEPIN_GATEWAY_TLS_KEY_FILE"] = TLS_KEY_PATH
     for key, value in (extra or {}).items():
         if not key.startswith("DEPIN_GATEWAY_"):
             raise ConfigError(f"gateway setting {key!r}: only DEPIN_GATEWAY_* settings go to the VM")
@@ -135,14 +146,33 @@ def _check_package(package: str, what: str = "package") -> str:
     return package
 
 
+def _tls_heredocs(tls: NodeCertificate | None) -> str:
+    if tls is None:
+        return ""
+    for pem in (tls.cert_pem, tls.key_pem):
+        if "DEPIN_TLS" in pem or not pem.startswith("-----BEGIN "):
+            raise ConfigError("the gateway's TLS certificate/key must be PEM text")
+    cert, key = tls.cert_pem.rstrip("\n") + "\n", tls.key_pem.rstrip("\n") + "\n"
+    return (
+        f"cat > {TLS_CERT_PATH} <<'DEPIN_TLS_CERT'\n{cert}DEPIN_TLS_CERT\n"
+        f"cat > {TLS_KEY_PATH} <<'DEPIN_TLS_KEY'\n{key}DEPIN_TLS_KEY\n"
+    )
+
+
 def bootstrap_script(
-    env: Mapping[str, str], package: str, *, torch_index: str | None = CPU_TORCH_INDEX
+    env: Mapping[str, str],
+    package: str,
+    *,
+    torch_index: str | None = CPU_TORCH_INDEX,
+    tls: NodeCertificate | None = None,
 ) -> str:
     """The POSIX sh script that turns a fresh Debian/Ubuntu VM (run as root) into the gateway: env file,
     uv (``pip install uv`` into ``/opt/depin/uv`` unless the image has one), a venv of a Python
     ``>=3.11,<3.14`` (the image's when it fits, else one uv installs), ``uv pip install package`` (torch from
     ``torch_index``, CPU wheels by default), a ``depin`` system user and the ``depin-gateway`` systemd unit,
-    started. Safe to run again."""
+    started. ``tls``: the gateway's certificate and key, written by the script itself (SSH, generation A:
+    the script is never stored); cloud-init writes them with ``write_files`` instead (the script file is
+    world-readable). Either way the script gives the key (0600) to the ``depin`` user. Safe to run again."""
     package = _check_package(package)
     index = ""
     if torch_index:
@@ -156,7 +186,7 @@ mkdir -p /etc/depin
 cat > {ENV_PATH} <<'{HEREDOC}'
 {body}{HEREDOC}
 chmod 600 {ENV_PATH}
-umask 022
+{_tls_heredocs(tls)}umask 022
 export DEBIAN_FRONTEND=noninteractive
 mkdir -p /opt/depin
 # uv from PyPI, installed by pip into a venv of its own (no downloaded installer piped into sh)
@@ -168,7 +198,7 @@ if [ -z "$UV" ]; then
       rm -rf {UV_DIR}
       python3 -m venv {UV_DIR}
     fi
-    {UV_DIR}/bin/python -m pip install -q --disable-pip-version-check uv
+    {UV_DIR}/bin/python -m pip install -q --disable-pip-version-check 'uv=={UV_VERSION}'
   fi
   UV={UV_DIR}/bin/uv
 fi
@@ -176,9 +206,17 @@ fi
 export UV_PYTHON_INSTALL_DIR=/opt/depin/python
 [ -x {VENV_DIR}/bin/python ] || "$UV" venv --python '{PYTHON_REQUEST}' {VENV_DIR}
 "$UV" pip install --python {VENV_DIR}/bin/python{index} '{package}'
+echo "depin gateway: installed with $("$UV" --version)"
+"$UV" pip show --python {VENV_DIR}/bin/python depin-pipeline | sed -n -e 's/^Name: /  package: /p' -e 's/^Version: /  version: /p'
 id depin >/dev/null 2>&1 || useradd --system --home-dir /var/lib/depin --shell /usr/sbin/nologin depin
 mkdir -p {REGISTRY_DIR}
 chown -R depin:depin /var/lib/depin
+if [ -f {TLS_KEY_PATH} ]; then  # the service user reads its TLS key; nobody else does
+  chmod 755 /etc/depin  # made under umask 077 above: the service user must reach its files in it
+  chown depin:depin {TLS_KEY_PATH} {TLS_CERT_PATH}
+  chmod 600 {TLS_KEY_PATH}
+  chmod 644 {TLS_CERT_PATH}
+fi
 cat > /etc/systemd/system/{UNIT} <<'DEPIN_UNIT'
 [Unit]
 Description=depin function gateway
@@ -222,11 +260,28 @@ def _block(text: str) -> str:
     return f"|2{keep}\n{body}"
 
 
-def cloud_init(env: Mapping[str, str], package: str, *, torch_index: str | None = CPU_TORCH_INDEX) -> str:
-    """``#cloud-config`` user data that writes the env file (0600) and the bootstrap script (0755) and runs
-    the script once. ``ConfigError`` if it exceeds Fluence's 16 KiB cap."""
+def cloud_init(
+    env: Mapping[str, str],
+    package: str,
+    *,
+    torch_index: str | None = CPU_TORCH_INDEX,
+    tls: NodeCertificate | None = None,
+) -> str:
+    """``#cloud-config`` user data that writes the env file (0600), the gateway's TLS certificate and key
+    (``tls``; the key 0600, handed to the ``depin`` user by the script) and the bootstrap script (0755) and
+    runs the script once. ``ConfigError`` if it exceeds Fluence's 16 KiB cap."""
     script = bootstrap_script(env, package, torch_index=torch_index)
     content = render_env(env)
+    tls_files = ""
+    if tls is not None:
+        _tls_heredocs(tls)  # checks the PEM
+        for path, pem, mode in ((TLS_CERT_PATH, tls.cert_pem, "0644"), (TLS_KEY_PATH, tls.key_pem, "0600")):
+            tls_files += (
+                f"  - path: {path}\n"
+                "    owner: root:root\n"
+                f"    permissions: '{mode}'\n"
+                f"    content: {_block(pem.rstrip(chr(10)) + chr(10))}"
+            )
     text = (
         "#cloud-config\n"
         "# depin function gateway (generated by depin publish --target fluence)\n"
@@ -235,6 +290,7 @@ def cloud_init(env: Mapping[str, str], package: str, *, torch_index: str | None 
         "    owner: root:root\n"
         "    permissions: '0600'\n"
         f"    content: {_block(content)}"
+        f"{tls_files}"
         f"  - path: {SCRIPT_PATH}\n"
         "    owner: root:root\n"
         "    permissions: '0755'\n"
@@ -450,6 +506,8 @@ __all__ = [
     "MAX_USER_DATA",
     "REGISTRY_DIR",
     "SCRIPT_PATH",
+    "TLS_CERT_PATH",
+    "TLS_KEY_PATH",
     "SshResult",
     "bootstrap_script",
     "check_env",

@@ -20,6 +20,12 @@
 5. **Publish** through ``serving.publish.GatewayPublisher`` with the target's admin key (verified upload, then
    the alias moves) and record the version in the state file (``serving.fluence.state``).
 
+**TLS, pinned**: per VM a self-signed certificate and key are made here (``depin_core.tls``) and handed to
+the VM in its bootstrap (cloud-init ``write_files`` / the SSH script); the gateway serves HTTPS with them, and
+every connection to it (readiness, uploads, alias moves, ``depin invoke``) trusts exactly that certificate
+(``<target>.tls-cert.pem`` in the state directory; the key file beside it is deleted once the gateway is
+ready). A plain-HTTP non-loopback URL is refused before connecting.
+
 The gateway's admin key is generated here; only its sha256 goes to the VM. The key is kept in a 0600 file
 beside the state, never printed. ``status()`` and ``down()`` back ``depin fluence status|down``.
 """
@@ -39,8 +45,17 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from depin_core.errors import ConfigError, DepinError, PermanentError, TransientError
+from depin_core.tls import (
+    NodeCertificate,
+    PinMismatch,
+    check_url,
+    client_context,
+    fingerprint,
+    make_certificate,
+)
 from serving._auth import new_admin_key
 from serving.bundle import DEFAULT_MAX_BATCH_SIZE, valid_name
+from serving.client import cert_refused
 from serving.fluence import bootstrap as boot
 from serving.fluence._client import DEFAULT_BASE_URL, FluenceClient, FluenceRefused, FluenceUnavailable
 from serving.fluence.state import DEFAULT_STATE_DIR, Deployment, PublishedVersion, StateStore, valid_target
@@ -249,7 +264,9 @@ class _GenA:
             return dep
         _, username = self.image()
         env = self.p.gateway_env(dep)
-        script = boot.bootstrap_script(env, self.p.settings.package, torch_index=self.p.settings.torch_index)
+        script = boot.bootstrap_script(
+            env, self.p.settings.package, torch_index=self.p.settings.torch_index, tls=self.p.tls_pair(dep)
+        )
         dep = self.p.record(dep, status="bootstrapping")
         result = boot.ssh_bootstrap(
             vm.ip or "",
@@ -349,7 +366,9 @@ class _GenB:
         image_url = self.image_url()
         key = self.api.ensure_ssh_key(f"depin-{dep.target}", public_key)
         s = self.p.settings
-        user_data = boot.cloud_init(self.p.gateway_env(dep), s.package, torch_index=s.torch_index)
+        user_data = boot.cloud_init(
+            self.p.gateway_env(dep), s.package, torch_index=s.torch_index, tls=self.p.tls_pair(dep)
+        )
         vm = self.api.create_vm(
             cluster_id=cluster_id,
             name=dep.vm_name,
@@ -515,8 +534,35 @@ class FluencePublisher:
 
     def gateway_env(self, dep: Deployment) -> dict[str, str]:
         return boot.gateway_env(
-            port=dep.port, admin_key_hash=dep.admin_key_hash, trusted_publishers=[self.account.address]
+            port=dep.port,
+            admin_key_hash=dep.admin_key_hash,
+            trusted_publishers=[self.account.address],
+            tls=True,
         )
+
+    def tls_pair(self, dep: Deployment) -> NodeCertificate:
+        """The certificate and key made for ``dep``'s VM (they go to it in the bootstrap)."""
+        pair = self.store.tls_pair(dep.target)
+        if pair is None or pair.fingerprint != dep.tls_fingerprint:
+            raise ConfigError(
+                f"the TLS certificate/key of Fluence target {dep.target!r} are missing from {self.store.root} "
+                f"or do not match the state; run `depin fluence down --fluence-target {dep.target}` and "
+                "publish again (a new gateway VM with a new certificate)"
+            )
+        return pair
+
+    def pinned_cert(self, dep: Deployment) -> str:
+        """``dep``'s gateway certificate (PEM): the only one its connections trust. ``ConfigError`` when the
+        deployment has none (made before TLS) or the file does not match the recorded fingerprint."""
+        pem = self.store.tls_cert(dep.target)
+        if dep.tls_fingerprint is None or pem is None or fingerprint(pem) != dep.tls_fingerprint:
+            raise ConfigError(
+                f"Fluence target {dep.target!r} has no pinned TLS certificate in {self.store.root} "
+                f"({self.store.tls_cert_path(dep.target).name}) matching the state (a gateway deployed "
+                f"without TLS, or the file was lost); run `depin fluence down --fluence-target {dep.target}` "
+                "and publish again — the admin key is never sent to a gateway in clear"
+            )
+        return pem
 
     def admin_key(self) -> SecretStr:
         key = self.store.admin_key(self.name)
@@ -581,6 +627,7 @@ class FluencePublisher:
                 )
             vm = next((v for v in usable if v.id == dep.vm_id), usable[0])
             self.admin_key()  # the key must be here before anything is reused
+            self.pinned_cert(dep)  # and the certificate it pins
             if dep.vm_id != vm.id:  # adopted after a crash between create and record
                 dep = self.record(dep, vm_id=vm.id)
             return self._bring_up(dep, created=False)
@@ -604,8 +651,10 @@ class FluencePublisher:
         raw, digest = new_admin_key()  # a new VM, a new key (only its sha256 goes to the VM)
         self.store.write_admin_key(self.name, SecretStr(raw))
         del raw
+        cert = make_certificate((self.vm_name, "localhost"), ("127.0.0.1",))  # pinned; SANs for a local proxy
+        self.store.write_tls(self.name, cert)
         dep = self.record(
-            self._new_record(digest),
+            self._new_record(digest).model_copy(update={"tls_fingerprint": cert.fingerprint}),
             usd_per_day=quote.usd_per_day,
             usd_per_hour=quote.usd_per_hour,
             status="creating",
@@ -632,6 +681,7 @@ class FluencePublisher:
             dep = self.record(dep, public_ip=vm.ip, usd_per_hour=dep.usd_per_hour or vm.usd_per_hour)
             dep = self.backend.prepare(dep, vm)
             self._wait_ready(dep, created=created)
+            self.store.tls_key_path(self.name).unlink(missing_ok=True)  # the VM has it; no copy stays here
             return self.record(dep, status="ready")
         except BaseException as exc:
             if created or isinstance(exc, VmFailed):
@@ -685,9 +735,11 @@ class FluencePublisher:
     def _wait_ready(self, dep: Deployment, *, created: bool) -> None:
         url = dep.url
         assert url is not None
+        check_url(url, "gateway URL")
+        verify = client_context(self.pinned_cert(dep))
         deadline = time.monotonic() + self.settings.ready_timeout_s
         last = ""
-        with httpx.Client(timeout=httpx.Timeout(5.0, connect=5.0)) as http:
+        with httpx.Client(timeout=httpx.Timeout(5.0, connect=5.0), verify=verify) as http:
             while True:
                 try:
                     r = http.get(f"{url}/readyz")
@@ -696,6 +748,13 @@ class FluencePublisher:
                     last = f"{r.status_code} {r.text[:200]}"
                 except httpx.HTTPError as exc:
                     last = type(exc).__name__
+                    if cert_refused(exc):  # a VM still booting does not answer TLS at all: no retry
+                        raise PinMismatch(
+                            f"{url} presented a TLS certificate other than the pinned one (sha256 "
+                            f"{dep.tls_fingerprint}): another machine or a man in the middle; nothing was "
+                            f"sent. Check the address; `depin fluence down --fluence-target {self.name}` and "
+                            "publish again for a fresh VM and certificate"
+                        ) from None
                 if time.monotonic() >= deadline:
                     what = (
                         "it was deleted (no orphan) — check DEPIN_FLUENCE_PACKAGE is installable on the VM and "
@@ -723,7 +782,7 @@ class FluencePublisher:
             self.admin_key(),
             self.account,
             max_batch_size=self.max_batch_size,
-            **self.gateway_options,
+            **{**self.gateway_options, "tls_cert_pem": self.pinned_cert(dep)},
         )
 
     def publish(self, model_dir: Path | str, name: str, *, alias: str | None = None) -> PublishResult:
@@ -752,10 +811,14 @@ class FluencePublisher:
             if dep.vm_id:
                 known_ids.add(dep.vm_id)
             ready = False
-            url = f"http://{live.ip}:{dep.port}" if live is not None and live.ip else dep.url
-            if url and live is not None and live.running:
+            if live is not None and live.ip:
+                dep = dep.model_copy(update={"public_ip": live.ip})
+            url = dep.url
+            pem = self.store.tls_cert(target)
+            if url and pem and live is not None and live.running and url.startswith("https://"):
                 try:
-                    ready = httpx.get(f"{url}/readyz", timeout=5).status_code == 200
+                    r = httpx.get(f"{url}/readyz", timeout=5, verify=client_context(pem))
+                    ready = r.status_code == 200
                 except httpx.HTTPError:
                     ready = False
             out.append(
@@ -769,6 +832,8 @@ class FluencePublisher:
                     "public_ip": live.ip if live is not None else dep.public_ip,
                     "port": dep.port,
                     "url": url,
+                    "tls_fingerprint": dep.tls_fingerprint,
+                    "tls_cert_file": str(self.store.tls_cert_path(target)) if pem else None,
                     "ready": ready,
                     "usd_per_hour": dep.usd_per_hour,
                     "usd_per_day": dep.usd_per_day,

@@ -3,8 +3,9 @@
 One :class:`Deployment` per target (a gateway VM): its Fluence id and name, API generation, address, ports,
 price, the sha256 of its admin key and the versions published to it. The admin key itself is in a separate
 file ``<target>.admin.key`` (mode 0600) beside the state; it is never printed, logged or put in the state
-JSON. Both files are written atomically (temp file + rename) with mode 0600, under an exclusive lock
-(``state.lock``) so two publishes on one machine do not lose each other's records.
+JSON. The gateway's TLS certificate (pinned by every connection to it) and key are ``<target>.tls-cert.pem``
+and ``<target>.tls-key.pem`` (0600). The files are written atomically (temp file + rename) with mode 0600,
+under an exclusive lock (``state.lock``) so two publishes on one machine do not lose each other's records.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from depin_core.errors import ConfigError
 from depin_core.fs import atomic_write_bytes
+from depin_core.tls import NodeCertificate
 
 DEFAULT_STATE_DIR = Path(".depin/fluence")
 STATE_FILE = "state.json"
@@ -67,6 +69,7 @@ class Deployment(BaseModel):
     ssh_host_key: str | None = None  # gen A: the VM's SSH host key seen at bootstrap (pinned afterwards)
     security_group_id: str | None = None  # gen B
     admin_key_hash: str
+    tls_fingerprint: str | None = None  # sha256 of the gateway's pinned certificate (<target>.tls-cert.pem)
     usd_per_hour: float | None = None
     usd_per_day: float | None = None
     status: str = "creating"  # creating | bootstrapping | ready | failed
@@ -77,11 +80,11 @@ class Deployment(BaseModel):
 
     @property
     def url(self) -> str | None:
-        """The gateway's base URL, once the VM has an address."""
+        """The gateway's base URL, once the VM has an address (``https://`` when it has a certificate)."""
         if not self.public_ip:
             return None
         host = f"[{self.public_ip}]" if ":" in self.public_ip else self.public_ip
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls_fingerprint else 'http'}://{host}:{self.port}"
 
 
 class FluenceState(BaseModel):
@@ -153,10 +156,11 @@ class StateStore:
         return deployment
 
     def remove(self, target: str) -> None:
-        """Forget ``target`` and delete its admin key file."""
+        """Forget ``target`` and delete its admin key and TLS files."""
         with self.locked() as state:
             state.deployments.pop(target, None)
-        self.key_path(target).unlink(missing_ok=True)
+        for path in (self.key_path(target), self.tls_cert_path(target), self.tls_key_path(target)):
+            path.unlink(missing_ok=True)
 
     def add_published(self, target: str, item: PublishedVersion) -> None:
         """Append a published version to ``target``'s record (a re-publish of a version replaces it)."""
@@ -192,6 +196,35 @@ class StateStore:
             raise ConfigError(f"admin key file {path} is readable by others (mode {mode:o}); chmod 600 it")
         key = path.read_text().strip()
         return SecretStr(key) if key else None
+
+    # ---- the gateway's TLS certificate (pinned) and key (until the VM has it) ------------------------
+    def tls_cert_path(self, target: str) -> Path:
+        return self.root / f"{valid_target(target)}.tls-cert.pem"
+
+    def tls_key_path(self, target: str) -> Path:
+        return self.root / f"{valid_target(target)}.tls-key.pem"
+
+    def write_tls(self, target: str, cert: NodeCertificate) -> None:
+        """Store ``target``'s gateway certificate (the pin) and its private key (mode 0600, atomic)."""
+        self._ensure_dir()
+        atomic_write_bytes(self.tls_key_path(target), cert.key_pem.encode())  # mkstemp: 0600
+        atomic_write_bytes(self.tls_cert_path(target), cert.cert_pem.encode())
+        os.chmod(self.tls_cert_path(target), 0o600)
+
+    def tls_cert(self, target: str) -> str | None:
+        """``target``'s pinned gateway certificate (PEM), or None when it has none."""
+        path = self.tls_cert_path(target)
+        return path.read_text() if path.exists() else None
+
+    def tls_pair(self, target: str) -> NodeCertificate | None:
+        """``target``'s certificate and key (for the VM's bootstrap), or None when either is missing."""
+        cert, key = self.tls_cert_path(target), self.tls_key_path(target)
+        if not (cert.exists() and key.exists()):
+            return None
+        mode = key.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise ConfigError(f"TLS key file {key} is readable by others (mode {mode:o}); chmod 600 it")
+        return NodeCertificate(cert.read_text(), key.read_text())
 
 
 __all__ = [

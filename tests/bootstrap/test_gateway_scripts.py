@@ -18,6 +18,7 @@ import yaml
 from eth_account.signers.local import LocalAccount
 
 from depin_core.net import free_port
+from depin_core.tls import client_context, make_certificate
 from serving.fluence import FluenceClient
 from serving.fluence import bootstrap as boot
 from serving.fluence.publisher import FluencePublisher, FluenceSettings
@@ -59,7 +60,9 @@ def schema_check(path: Path) -> subprocess.CompletedProcess[str]:
 def test_the_user_data_passes_cloud_inits_schema(tmp_path: Path, wheel_req: str) -> None:
     for package in (wheel_req, "depin-pipeline==0.1.0"):
         path = tmp_path / "user-data"
-        path.write_text(boot.cloud_init(gateway_env(8787), package))
+        user_data = boot.cloud_init(gateway_env(8787), package, tls=make_certificate(("depin-gw-x",), ()))
+        assert len(user_data.encode()) <= boot.MAX_USER_DATA
+        path.write_text(user_data)
         r = schema_check(path)
         assert r.returncode == 0 and "Valid cloud-config" in r.stdout, r.stdout + r.stderr
     doc = yaml.safe_load(path.read_text())
@@ -73,7 +76,7 @@ def _gateway_pid(vm: vms.Vm) -> int:
     return int((vm.state / f"{boot.UNIT}.pid").read_text())
 
 
-def _check_the_vm(vm: vms.Vm, env: dict[str, str], url: str, admin_key: str) -> None:
+def _check_the_vm(vm: vms.Vm, env: dict[str, str], url: str, admin_key: str, pem: str) -> None:
     env_file = vm.file(boot.ENV_PATH)
     assert env_file.stat().st_mode & 0o777 == 0o600 and boot.parse_env(env_file.read_text()) == env
     assert env["DEPIN_GATEWAY_HOST"] == "0.0.0.0" and admin_key not in env_file.read_text()
@@ -85,11 +88,18 @@ def _check_the_vm(vm: vms.Vm, env: dict[str, str], url: str, admin_key: str) -> 
     assert f"Uid:\t{uid}\t" in status  # the unit's User=
     assert (vm.state / "systemctl.log").read_text().split()[-2:] == ["restart", boot.UNIT]
     assert (vm.file(boot.VENV_DIR) / "bin" / "depin").exists()
-    assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
+    printed = vm.log_path.read_text(errors="replace")  # the bootstrap says what it installed, uv pinned
+    assert f"installed with uv {boot.UV_VERSION}" in printed and "  package: depin-pipeline" in printed
+    # the gateway serves HTTPS with the certificate it was handed; its key is the service user's alone
+    cert, key = vm.file(boot.TLS_CERT_PATH), vm.file(boot.TLS_KEY_PATH)
+    assert cert.read_text() == pem and key.stat().st_mode & 0o777 == 0o600 and key.stat().st_uid == uid
+    assert url.startswith("https://")
+    pinned = client_context(pem)
+    assert httpx.get(f"{url}/readyz", timeout=10, verify=pinned).status_code == 200
     # the admin API takes the key whose sha256 the env file holds, and no other
     alias = f"{url}/v1/functions/nothing/aliases/prod"
-    assert httpx.put(alias, json={"version": "1"}, timeout=10).status_code == 401
-    r = httpx.put(alias, json={"version": "1"}, headers={"X-API-Key": admin_key}, timeout=10)
+    assert httpx.put(alias, json={"version": "1"}, timeout=10, verify=pinned).status_code == 401
+    r = httpx.put(alias, json={"version": "1"}, headers={"X-API-Key": admin_key}, timeout=10, verify=pinned)
     assert r.status_code not in (401, 403), r.text
 
 
@@ -123,7 +133,8 @@ def test_publish_boots_the_vm_from_its_bootstrap(
     machine = fake._vm(snap["id"]).gateway.machine  # the stand-in VM the bootstrap ran on
     env = snap["env"]
     admin_key = StateStore(settings.state_dir).admin_key("boot").get_secret_value()  # type: ignore[union-attr]
-    _check_the_vm(machine, env, result.target, admin_key)
+    pem = StateStore(settings.state_dir).tls_cert("boot") or ""
+    _check_the_vm(machine, env, result.target, admin_key, pem)
     if fake.generation == "B":  # the user data as the publisher sent it: cloud-init's schema, the script
         r = schema_check(machine.root / "user-data")
         assert r.returncode == 0 and "Valid cloud-config" in r.stdout, r.stdout + r.stderr
@@ -137,8 +148,13 @@ def test_publish_boots_the_vm_from_its_bootstrap(
     )
 
     # the published function is served by the gateway the bootstrap installed
-    rows = httpx.get(f"{result.target}/v1/functions/range", timeout=10).json()["manifest"]["example"]
-    r = httpx.post(f"{result.target}/v1/functions/range@prod/invoke", json={"inputs": rows}, timeout=120)
+    pinned = client_context(pem)
+    rows = httpx.get(f"{result.target}/v1/functions/range", timeout=10, verify=pinned).json()["manifest"][
+        "example"
+    ]
+    r = httpx.post(
+        f"{result.target}/v1/functions/range@prod/invoke", json={"inputs": rows}, timeout=120, verify=pinned
+    )
     assert r.status_code == 200 and len(r.json()["outputs"]) == len(rows), r.text
 
     if fake.generation == "A":  # idempotent: run again with a new setting; the unit restarts with it
@@ -147,8 +163,8 @@ def test_publish_boots_the_vm_from_its_bootstrap(
         again = machine.run(["sh", "-s"], stdin=boot.bootstrap_script(env2, wheel_req).encode())
         assert again.wait(timeout=600) == 0, machine.log()
         assert _gateway_pid(machine) != old_pid
-        machine.wait_ready(result.target)
-        _check_the_vm(machine, env2, result.target, admin_key)
+        machine.wait_ready(result.target, verify=pinned)
+        _check_the_vm(machine, env2, result.target, admin_key, pem)
     pid = _gateway_pid(machine)
     fake.stop()
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()

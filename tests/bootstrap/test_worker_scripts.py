@@ -1,7 +1,8 @@
 """The worker bootstraps, run for real: the Vast on-start script and the io.net entrypoint + args (each as the
 provider sends it, run by the fake when it launches the instance) and ``depin worker script``. Each pip-installs
 this checkout's wheel (file:// URL) into a stand-in PyTorch image (``tests.support.node_image``) with its own
-HOME, and the agent it starts must answer ``/v1/health`` with its token."""
+HOME, and the agent it starts must answer ``/v1/health`` with its token, over HTTPS with the certificate the
+client made for the node and pinned (a rented node), or its own self-signed one (``depin worker script``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from depin_core import tls
 from depin_core.errors import TransientError
 from gpu_jobs.providers import Bootstrap, pick_offer, worker_name
 from gpu_jobs.providers.ionet import IonetProvider
@@ -51,6 +53,8 @@ def assert_installed_from_the_wheel(machine: Machine) -> None:
     assert json.loads((dist / "direct_url.json").read_text())["url"].startswith("file://")
     assert (site / "gpu_jobs" / "agent").is_dir() and (machine.bin / "depin").exists()
     assert "Successfully installed depin-pipeline" in machine.log()
+    # what the bootstrap printed it installed
+    assert "installed: depin-pipeline\nversion: " in machine.log_path.read_text()
 
 
 def test_every_generated_script_is_valid_sh(wheel_req: str) -> None:
@@ -90,9 +94,10 @@ def test_depin_worker_script_runs_the_agent(tmp_path: Path, wheel_req: str) -> N
     path.write_text(script)
     machine.run(["sh", str(path)], {"DEPIN_AGENT_TOKEN": TOKEN}, unset=("DEPIN_AGENT_PORT",))
     try:
-        health = machine.wait_health(TOKEN)
+        health = machine.wait_health(TOKEN)  # over HTTPS, pinned to the certificate kept in its data dir
         assert health["jobs_running"] == 0 and "torch" in health
-        assert httpx.get(f"{machine.url}/v1/health", timeout=10).status_code == 401
+        assert machine.url.startswith("https://") and machine.verify is not None
+        assert httpx.get(f"{machine.url}/v1/health", timeout=10, verify=machine.verify).status_code == 401
         assert machine.proc is not None and machine.proc.poll() is None  # exec: the agent is the process
         assert_installed_from_the_wheel(machine)
         print(f"\n[bootstrap timing] depin worker script: agent ready {machine.ready_s:.1f} s after start")
@@ -108,17 +113,20 @@ def test_vast_instance_runs_its_on_start_script(tmp_path: Path, wheel_req: str) 
         VastProvider(SecretStr(fake.api_key), fake.base_url, poll_s=0.05) as vast,
     ):
         offer = pick_offer(vast, make_spec(), max_usd_per_hour=1.0)
-        worker = vast.launch(
-            offer, Bootstrap(token=SecretStr(TOKEN), package=wheel_req), name=worker_name(JOB_ID, 1)
-        )
+        bootstrap = Bootstrap(token=SecretStr(TOKEN), package=wheel_req)
+        worker = vast.launch(offer, bootstrap, name=worker_name(JOB_ID, 1))
         try:
             ready = vast.wait_ready(worker, timeout_s=300)
-            assert httpx.get(f"{ready.url}/v1/health", headers=AUTH, timeout=10).status_code == 200
-            assert httpx.get(f"{ready.url}/v1/health", timeout=10).status_code == 401
+            assert ready.url.startswith("https://") and ready.tls_cert
+            pinned = tls.client_context(ready.tls_cert)  # the node serves the certificate made for it
+            assert httpx.get(f"{ready.url}/v1/health", headers=AUTH, verify=pinned).status_code == 200
+            assert httpx.get(f"{ready.url}/v1/health", timeout=10, verify=pinned).status_code == 401
             agent = fake.pool.agent(worker.instance_id)
             assert isinstance(agent, ScriptAgent) and agent.machine is not None
             row = fake.instances[int(worker.instance_id)]
             assert agent.argv == ["/bin/sh", "-c", row["onstart"]] and TOKEN not in row["onstart"]
+            key = bootstrap.env()["DEPIN_AGENT_TLS_KEY"]  # the node's private key: env only, never logged
+            assert key not in row["onstart"] and key not in agent.machine.log()
             # an on-start script must return: it did (exit 0) while the agent it started keeps running
             assert agent.machine.proc is not None and agent.machine.proc.poll() == 0
             assert agent.proc is not None and agent.proc.poll() is None
@@ -128,7 +136,7 @@ def test_vast_instance_runs_its_on_start_script(tmp_path: Path, wheel_req: str) 
             vast.destroy(worker)
         assert agent.proc.poll() is not None  # destroy stopped the backgrounded agent too
         with pytest.raises(httpx.HTTPError):
-            httpx.get(f"{ready.url}/v1/health", headers=AUTH, timeout=5)
+            httpx.get(f"{ready.url}/v1/health", headers=AUTH, timeout=5, verify=pinned)
 
 
 @pytest.mark.e2e
@@ -142,7 +150,9 @@ def test_ionet_container_runs_its_entrypoint_and_args(tmp_path: Path, wheel_req:
         worker = ionet.launch(offer, bootstrap, name=worker_name(JOB_ID, 1))
         try:
             ready = ionet.wait_ready(worker, timeout_s=300)
-            assert httpx.get(f"{ready.url}/v1/health", headers=AUTH, timeout=10).status_code == 200
+            assert ready.url.startswith("https://") and ready.tls_cert == bootstrap.tls_cert
+            pinned = tls.client_context(bootstrap.tls_cert or "")
+            assert httpx.get(f"{ready.url}/v1/health", headers=AUTH, verify=pinned).status_code == 200
             agent = fake.pool.agent(worker.instance_id)
             assert isinstance(agent, ScriptAgent) and agent.machine is not None
             cc = fake.deploy_bodies[-1]["container_config"]

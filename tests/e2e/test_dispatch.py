@@ -22,7 +22,7 @@ from gpu_jobs.runner import JobStatus
 from gpu_jobs.spec import DatasetRef, FailureKind, JobSpec, JobState
 from pipelines._jobs_cmd import run_score, run_train
 from tests.gpu_jobs.models.fleet_data import FleetData
-from tests.gpu_jobs.support import ENV, TOKEN, train_spec
+from tests.gpu_jobs.support import AGENT_TLS, ENV, TOKEN, train_spec
 from tests.gpu_jobs.toy_family import EVAL_IMPORT_PATH, LIE_ENV, EvalToy
 from tests.serving.fixtures import RANGE_HP
 
@@ -36,7 +36,10 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, AgentP
     honest metrics."""
     root = tmp_path_factory.mktemp("nodes")
     env = {"slow": {"TOY_PAUSE_AT_STEP": "10"}, "evil": {}, "liar": {LIE_ENV: "1"}}
-    procs = {name: AgentProcess(root / name, TOKEN, env={**ENV, **extra}) for name, extra in env.items()}
+    procs = {
+        name: AgentProcess(root / name, TOKEN, env={**ENV, **extra}, tls=AGENT_TLS)
+        for name, extra in env.items()
+    }  # HTTPS with one certificate, pinned by its fingerprint (DEPIN_AGENT_TLS_FINGERPRINT)
     try:
         with ThreadPoolExecutor(len(procs)) as pool:
             list(pool.map(AgentProcess.start, procs.values()))
@@ -64,7 +67,7 @@ class Factory(DefaultRunnerFactory):
     def __init__(self, tmp: Path) -> None:
         super().__init__(
             tmp / "jobs",
-            env={"DEPIN_AGENT_TOKEN": TOKEN},
+            env={"DEPIN_AGENT_TOKEN": TOKEN, "DEPIN_AGENT_TLS_FINGERPRINT": AGENT_TLS.fingerprint},
             nodes_file=tmp / "workers.json",
             local_env=ENV,
             heartbeat_timeout_s=300.0,
@@ -168,6 +171,7 @@ def test_a_real_range_model_trained_and_scored_through_an_agent_is_verified_loca
     tmp_path: Path, serving_fleet: FleetData, good: AgentProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("DEPIN_AGENT_TOKEN", TOKEN)
+    monkeypatch.setenv("DEPIN_AGENT_TLS_FINGERPRINT", str(good.fingerprint))  # pins the agent's certificate
     model = tmp_path / "range-model"
     doc = run_train(
         dataset=serving_fleet.telemetry, model="range", out=model, runners=[f"agent:{good.url}"],

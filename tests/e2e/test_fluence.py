@@ -29,7 +29,9 @@ from typer.testing import CliRunner
 
 from depin_core.errors import ConfigError, TransientError
 from depin_core.net import free_port
+from depin_core.tls import client_context, fingerprint, make_certificate
 from pipelines._fluence_cmd import open_fluence_gateway, run_fluence_publish
+from pipelines._serve_cmd import run_invoke
 from serving.fluence import FluenceClient, FluenceUnavailable, NoOffer
 from serving.fluence import bootstrap as boot
 from serving.fluence.publisher import VM_PREFIX, FluencePublisher, FluenceSettings, VmFailed
@@ -67,6 +69,23 @@ def test_cloud_init_is_yaml_carrying_the_env_and_the_script() -> None:
     assert env["DEPIN_GATEWAY_HOST"] == "0.0.0.0" and env["DEPIN_GATEWAY_REGISTRY_DIR"] == boot.REGISTRY_DIR
 
 
+def test_the_tls_files_go_to_the_vm_and_the_key_never_into_a_stored_script() -> None:
+    env, cert = env_for(), make_certificate(("depin-gw-t1",), ())
+    assert env["DEPIN_GATEWAY_TLS_CERT_FILE"] == boot.TLS_CERT_PATH
+    assert env["DEPIN_GATEWAY_TLS_KEY_FILE"] == boot.TLS_KEY_PATH
+    user_data = boot.cloud_init(env, "depin-pipeline==0.1.0", tls=cert)
+    assert len(user_data.encode()) <= boot.MAX_USER_DATA
+    files = {f["path"]: f for f in yaml.safe_load(user_data)["write_files"]}
+    assert files[boot.TLS_CERT_PATH]["content"] == cert.cert_pem
+    assert files[boot.TLS_KEY_PATH]["content"] == cert.key_pem
+    assert files[boot.TLS_KEY_PATH]["permissions"] == "0600"
+    stored = files[boot.SCRIPT_PATH]["content"]  # 0755 on the VM: must not hold the key
+    assert cert.key_pem not in stored and f"chown depin:depin {boot.TLS_KEY_PATH}" in stored
+    over_ssh = boot.bootstrap_script(env, "depin-pipeline==0.1.0", tls=cert)  # generation A: stdin only
+    assert f"cat > {boot.TLS_KEY_PATH} <<'DEPIN_TLS_KEY'\n{cert.key_pem}DEPIN_TLS_KEY\n" in over_ssh
+    assert over_ssh.index(boot.TLS_KEY_PATH) < over_ssh.index("umask 022")  # written under umask 077
+
+
 def test_bootstrap_refuses_unsafe_values_and_oversized_user_data() -> None:
     with pytest.raises(ConfigError, match="admin_key_hash"):
         boot.gateway_env(port=8787, admin_key_hash="dgk_not-a-hash", trusted_publishers=["0x" + "1" * 40])
@@ -99,8 +118,17 @@ def test_state_files_are_private_and_hold_no_key(tmp_path: Path) -> None:
     os.chmod(store.key_path("t1"), 0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
         store.admin_key("t1")
+    cert = make_certificate(("depin-gw-t1",), ())
+    store.write_tls("t1", cert)
+    for path in (store.tls_cert_path("t1"), store.tls_key_path("t1")):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert store.tls_cert("t1") == cert.cert_pem and store.tls_pair("t1") == cert
+    os.chmod(store.tls_key_path("t1"), 0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        store.tls_pair("t1")
     store.remove("t1")
     assert store.get("t1") is None and not store.key_path("t1").exists()
+    assert not store.tls_cert_path("t1").exists() and not store.tls_key_path("t1").exists()
 
 
 # ------------------------------------------------------------------------------------------------- fixtures
@@ -187,7 +215,7 @@ def test_publish_invoke_reuse_status_down(
         quote = pub.quote()
         assert 0 < quote.usd_per_day <= settings.max_usd_per_day
         result = pub.publish(range_artifact, "range", alias="prod")
-    url = f"http://127.0.0.1:{port}"
+    url = f"https://127.0.0.1:{port}"  # HTTPS with the certificate made for this VM, pinned
     assert result.target == url and result.created and result.publisher == publisher.address
     assert result.aliases["prod"] == {result.version: 1.0} and "prod" in result.moved
 
@@ -196,6 +224,15 @@ def test_publish_invoke_reuse_status_down(
     assert vm["name"] == VM_PREFIX + "t1" and vm["gateway_alive"]
     store = StateStore(settings.state_dir)
     key = store.admin_key("t1").get_secret_value()  # type: ignore[union-attr]
+    pem = store.tls_cert("t1")
+    assert pem is not None and not store.tls_key_path("t1").exists()  # only the VM keeps the key
+    pinned = client_context(pem)
+    assert vm["env"]["DEPIN_GATEWAY_TLS_CERT_FILE"] == boot.TLS_CERT_PATH
+    assert vm["env"]["DEPIN_GATEWAY_TLS_KEY_FILE"] == boot.TLS_KEY_PATH
+    sent = fake._vm(vm["id"]).tls_files  # what the bootstrap handed the VM: this certificate and its key
+    assert sent[boot.TLS_CERT_PATH] == pem and "PRIVATE KEY" in sent[boot.TLS_KEY_PATH]
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):  # not a public CA's
+        httpx.get(f"{url}/healthz", timeout=10)
     assert vm["env"]["DEPIN_GATEWAY_ADMIN_KEY_HASHES"] == hashlib.sha256(key.encode()).hexdigest()
     assert vm["env"]["DEPIN_GATEWAY_TRUSTED_PUBLISHERS"] == publisher.address
     assert vm["env"]["DEPIN_GATEWAY_PORT"] == str(port)
@@ -212,12 +249,17 @@ def test_publish_invoke_reuse_status_down(
     dep = store.get("t1")
     assert dep is not None and dep.vm_id == vm["id"] and dep.generation == fake.generation
     assert dep.url == url and dep.status == "ready" and dep.usd_per_day == pytest.approx(quote.usd_per_day)
+    assert dep.tls_fingerprint == fingerprint(pem)
     assert [(p.name, p.version) for p in dep.published] == [("range", result.version)]
     assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
 
     # invoke the function through the returned URL
-    rows = httpx.get(f"{result.target}/v1/functions/range", timeout=10).json()["manifest"]["example"]
-    r = httpx.post(f"{result.target}/v1/functions/range@prod/invoke", json={"inputs": rows}, timeout=60)
+    rows = httpx.get(f"{result.target}/v1/functions/range", timeout=10, verify=pinned).json()["manifest"][
+        "example"
+    ]
+    r = httpx.post(
+        f"{result.target}/v1/functions/range@prod/invoke", json={"inputs": rows}, timeout=60, verify=pinned
+    )
     assert r.status_code == 200, r.text
     assert r.json()["version"] == result.version and len(r.json()["outputs"]) == len(rows)
 
@@ -235,11 +277,23 @@ def test_publish_invoke_reuse_status_down(
         assert gateway.target == url
         assert gateway.client.function("range")["aliases"]["canary"] == {result.version: 1.0}
     assert len(fake.vms()) == 1
+    from pipelines._steps import smoke_invoke
+    from pipelines.params import PublishParams
 
-    # depin fluence status: the state + the live API
+    n, outputs = smoke_invoke(PublishParams(target="fluence"), "range", result.version)  # pinned too
+    assert n == len(outputs) > 0
+
+    # depin invoke against the deployment pins its certificate (from the state directory)
+    doc = run_invoke(ref="range@prod", data=json.dumps(rows), target=url, request_id=None)
+    assert doc["version"] == result.version and len(doc["outputs"]) == len(rows)
+    doc = run_invoke(ref="range@canary", data=json.dumps(rows[:1]), target="fluence", request_id=None)
+    assert doc["version"] == result.version and len(doc["outputs"]) == 1
+
+    # depin fluence status: the state + the live API, the served URL and the certificate's fingerprint
     shown = cli(fake, settings, "status")
     (d,) = shown["deployments"]
     assert d["vm_id"] == vm["id"] and d["ready"] and d["url"] == url and not shown["untracked"]
+    assert d["tls_fingerprint"] == fingerprint(pem)
     assert d["vm_status"] in ("Active", "launched") and d["published"][0]["version"] == result.version
     assert key not in json.dumps(shown)
 
@@ -249,8 +303,9 @@ def test_publish_invoke_reuse_status_down(
     after = fake.vm(vm["id"])
     assert after["ended"] and not after["gateway_alive"] and fake.live_gateways() == 0
     assert store.get("t1") is None and not store.key_path("t1").exists()
+    assert not store.tls_cert_path("t1").exists() and not store.tls_key_path("t1").exists()
     with pytest.raises(httpx.TransportError):
-        httpx.get(f"{url}/healthz", timeout=2)
+        httpx.get(f"{url}/healthz", timeout=2, verify=pinned)
     if fake.generation == "B":  # its security group went with it
         assert after["security_group"] is None
     assert cli(fake, settings, "status")["deployments"] == []
@@ -353,7 +408,8 @@ def test_lost_create_answer_is_reconciled_by_name(
         (vm,) = live_vms(fake)
         assert vm["id"] != old.id and fake.vm(old.id)["ended"]
         assert StateStore(settings.state_dir).get("t1").vm_id == vm["id"]  # type: ignore[union-attr]
-        assert httpx.get(f"{result.target}/readyz", timeout=5).status_code == 200
+        pinned = client_context(StateStore(settings.state_dir).tls_cert("t1") or "")
+        assert httpx.get(f"{result.target}/readyz", timeout=5, verify=pinned).status_code == 200
         with publisher_for(fake, publisher, settings) as pub:
             pub.down()
         assert_nothing_left(fake, settings)

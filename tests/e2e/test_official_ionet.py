@@ -85,7 +85,8 @@ def test_official_sdk_and_adapter_agree_on_the_fake(
     with IonetProvider(SecretStr(fake.api_key), fake.base_url, poll_s=0.05) as ionet:
         spec = make_spec(gpu_count=1, min_vram_gb=24, max_wall_s=3600)  # + 30 min margin → 2 prepaid hours
         offer = pick_offer(ionet, spec)
-        ours = ionet.launch(offer, make_bootstrap(), name=worker_name(JOB_ID, 1))
+        boot = make_bootstrap()  # token + this node's TLS certificate and key, all secret env
+        ours = ionet.launch(offer, boot, name=worker_name(JOB_ID, 1))
         sdk_name = worker_name(JOB_ID, 2)
         calls_before = len(fake.calls)
         out = _run_sdk(sdk_python, fake, sdk_name, ours.instance_id, tmp_path)
@@ -132,7 +133,7 @@ def test_official_sdk_and_adapter_agree_on_the_fake(
         # show: the SDK reads what the adapter deployed
         theirs = out["adapter_deployment"]
         assert theirs["hardware_id"] == "203" and theirs["gpus_per_container"] == 8
-        assert theirs["secret_env_keys"] == ["DEPIN_AGENT_TOKEN"] and theirs["traffic_port"] == 8900
+        assert sorted(theirs["secret_env_keys"]) == sorted(boot.env()) and theirs["traffic_port"] == 8900
         assert theirs["image_url"] == make_bootstrap().image and theirs["paid"] > 0
 
         # delete, and the two refusals the adapter classifies, as the SDK maps them

@@ -38,7 +38,7 @@ from vastai import VastAI
 a = json.load(open(sys.argv[1]))
 sdk = VastAI(api_key=a["key"], server_url=a["server"], retry=1)
 out = {}
-env = f"-e DEPIN_AGENT_TOKEN={a['token']} -p 8900:8900"
+env = " ".join(f"-e {k}={v}" for k, v in a["env"].items()) + " -p 8900:8900"
 rent = dict(image=a["image"], disk=a["disk"], env=env, label=a["name"], onstart_cmd=a["script"],
             ssh=True, direct=True, cancel_unavail=True)
 offers = sdk.search_offers(query="num_gpus>=1 gpu_ram>=24", order="dph_total", limit=10)
@@ -102,7 +102,7 @@ def _vastai(fake: FakeVast, env: dict[str, str], *argv: str) -> subprocess.Compl
 
 def _rent_argv(boot: Bootstrap, name: str) -> list[str]:
     """``create instance`` options for the rental our adapter makes (ssh + direct: the on-start script runs)."""
-    env = f"-e DEPIN_AGENT_TOKEN={boot.token.get_secret_value()} -p {boot.port}:{boot.port}"
+    env = " ".join(f"-e {k}={v}" for k, v in boot.env().items()) + f" -p {boot.port}:{boot.port}"
     return ["--image", boot.image, "--disk", f"{boot.disk_gb:g}", "--label", name, "--ssh", "--direct",
             "--cancel-unavail", "--env", env, "--onstart-cmd", boot.script(background=True)]  # fmt: skip
 
@@ -125,7 +125,7 @@ def test_official_sdk_rents_lists_and_destroys_like_our_adapter(
         args = {
             "key": fake.api_key,
             "server": fake.server_url,
-            "token": TOKEN,
+            "env": boot.env(),  # the token and this node's TLS certificate and key
             "image": boot.image,
             "disk": boot.disk_gb,
             "script": boot.script(background=True),

@@ -27,6 +27,7 @@ from eth_account.signers.local import LocalAccount
 from pydantic import SecretStr
 
 from depin_core.errors import TransientError
+from depin_core.tls import client_context, make_certificate
 from serving._auth import hash_api_key, new_admin_key
 from serving.bundle import load_publisher_account, recover_publisher
 from serving.client import GatewayClient, GatewayRefused
@@ -77,6 +78,7 @@ class DepinServe:
     proc: subprocess.Popen[str] | None = None
     info: dict[str, Any] = field(default_factory=dict)
     stderr_path: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> DepinServe:
         self.stderr_path = self.cwd / f"serve-{time.monotonic_ns()}.err"
@@ -87,7 +89,7 @@ class DepinServe:
                 stdout=subprocess.PIPE,
                 stderr=err,
                 text=True,
-                env=clean_env(DEPIN_GATEWAY_POLL_INTERVAL_S="0.1"),
+                env=clean_env(DEPIN_GATEWAY_POLL_INTERVAL_S="0.1", **self.env),
             )
         line = self._read_line(deadline=time.monotonic() + 120)
         self.info = json.loads(line)
@@ -240,6 +242,32 @@ def test_serve_publish_invoke_cli(range_artifact: Path, tmp_path: Path) -> None:
         r = wait_for(served_by(again.url, rows), "the restarted gateway to serve range@prod")
         assert r.json()["version"] == v1
     assert first_log.count(key) == 1
+
+
+def test_serve_over_https_with_a_pinned_certificate(range_artifact: Path, tmp_path: Path) -> None:
+    cert = make_certificate()
+    cert_file, key_file = cert.write(tmp_path / "tls")
+    tls_env = {"DEPIN_GATEWAY_TLS_CERT_FILE": str(cert_file), "DEPIN_GATEWAY_TLS_KEY_FILE": str(key_file)}
+    registry = tmp_path / "registry"
+    with DepinServe(tmp_path, registry, env=tls_env) as server:
+        assert server.url.startswith("https://127.0.0.1:")
+        assert server.info["tls_fingerprint"] == cert.fingerprint
+        publish = ["publish", "--model", str(range_artifact), "--name", "range", "--alias", "prod"]
+        where = ["--target", server.url, "--registry", str(registry), "--json"]
+        unpinned = depin(*publish, *where, cwd=tmp_path)  # a self-signed certificate: not trusted by default
+        assert unpinned.returncode != 0 and "not trusted" in unpinned.stderr, unpinned.stderr
+        done = last_json(depin(*publish, *where, "--tls-cert", str(cert_file), cwd=tmp_path))
+        assert done["target"] == server.url and done["moved"] == ["latest", "prod"]
+        rows = httpx.get(f"{server.url}/v1/functions/range", verify=client_context(cert.cert_pem)).json()[
+            "manifest"
+        ]["example"]
+        invoked = last_json(
+            depin(
+                "invoke", "range@prod", "--data", json.dumps(rows), "--target", server.url,
+                "--tls-cert", str(cert_file), "--json", cwd=tmp_path,
+            )
+        )  # fmt: skip
+        assert invoked["version"] == done["version"] and len(invoked["outputs"]) == len(rows)
 
 
 def served_by(url: str, rows: list[dict[str, Any]]) -> Any:

@@ -77,6 +77,21 @@ def real_agent(data_dir: Path, token: str) -> Agent:
     return AgentProcess(data_dir, token)
 
 
+def with_node_env(factory: AgentFactory, env: dict[str, str]) -> AgentFactory:
+    """``factory`` whose agents also get the node's TLS variables from the provider's ``env`` (the certificate
+    and key the client made and pinned), as the bootstrap would pass them to ``depin worker serve``."""
+    tls_env = {k: v for k, v in env.items() if k.startswith("DEPIN_AGENT_TLS_")}
+
+    def make(data_dir: Path, token: str) -> Agent:
+        agent = factory(data_dir, token)
+        extra = getattr(agent, "env", None)
+        if isinstance(extra, dict):
+            extra.update(tls_env)
+        return agent
+
+    return make
+
+
 class AgentPool:
     """The machines behind a fake: ``boot(key, token, on_ready, on_fail)`` starts an agent in a background
     thread (like a node pulling its image and running the bootstrap), then calls ``on_ready(url)``;

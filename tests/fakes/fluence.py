@@ -62,6 +62,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from depin_core.net import free_port, listen_socket
+from depin_core.tls import client_context
 from serving.server import GatewayProcess
 from serving.settings import GatewaySettings
 from tests.fakes.fluence_wire import body_problem, uuid_problem
@@ -70,6 +71,11 @@ ENV_PATH = "/etc/depin/gateway.env"
 _PUBLIC = frozenset({"/v1/service/status", "/v1/storages/default_images"})
 MAX_USER_DATA = 16 * 1024
 _HEREDOC = re.compile(r"^cat > /etc/depin/gateway\.env <<'DEPIN_ENV'\n(.*?)^DEPIN_ENV$", re.M | re.S)
+TLS_CERT_PATH, TLS_KEY_PATH = "/etc/depin/tls-cert.pem", "/etc/depin/tls-key.pem"
+_TLS_HEREDOC = {
+    path: re.compile(r"^cat > " + re.escape(path) + r" <<'(DEPIN_TLS_\w+)'\n(.*?)^\1$", re.M | re.S)
+    for path in (TLS_CERT_PATH, TLS_KEY_PATH)
+}
 _ENV_LINE = re.compile(r"^([A-Z_][A-Z0-9_]*)=(.*)$")
 _NAME_A = re.compile(r"^[A-Za-z0-9-]{1,63}$")
 _NAME_GPU = re.compile(r"^[a-z0-9-]{1,25}$")
@@ -158,6 +164,7 @@ class _VmGateway:
 
     port: int
     machine: Any = None  # tests.support.vm.Vm
+    tls_cert: str | None = None  # the certificate the bootstrap was given: HTTPS, pinned
     error: str | None = None
     ready: bool = False
     thread: threading.Thread | None = None
@@ -168,7 +175,7 @@ class _VmGateway:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls_cert else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def alive(self) -> bool:
@@ -180,7 +187,8 @@ class _VmGateway:
     def watch(self, timeout_s: float) -> None:
         def run() -> None:
             try:
-                self.machine.wait_ready(self.base_url, timeout_s=timeout_s)
+                verify = client_context(self.tls_cert) if self.tls_cert else True
+                self.machine.wait_ready(self.base_url, timeout_s=timeout_s, verify=verify)
                 self.ready = True
             except Exception as exc:
                 self.error = f"gateway did not start: {str(exc)[-1500:]}"
@@ -226,6 +234,7 @@ class _Vm:
     gpu: dict[str, Any] = field(default_factory=dict)
     # gateway
     env: dict[str, str] | None = None
+    tls_files: dict[str, str] = field(default_factory=dict)  # what the bootstrap wrote: path → PEM
     gateway: _Gateway | None = None
     gateway_error: str | None = None
     ended: bool = False
@@ -542,6 +551,8 @@ class FakeFluence:
             raise yaml.YAMLError("the document is not a mapping")
         env = None
         for entry in doc.get("write_files") or []:
+            if isinstance(entry, dict) and entry.get("path") in _TLS_HEREDOC:
+                vm.tls_files[entry["path"]] = str(entry.get("content") or "")
             if isinstance(entry, dict) and entry.get("path") == ENV_PATH:
                 try:
                     env = parse_env_lines(str(entry.get("content") or ""))
@@ -557,11 +568,23 @@ class FakeFluence:
         return env
 
     # ---- internals: gateways ---------------------------------------------------------------------------------
-    def _settings(self, env: dict[str, str], registry: Path, port: int | None) -> GatewaySettings:
+    def _settings(
+        self, env: dict[str, str], registry: Path, port: int | None, vm: _Vm | None = None
+    ) -> GatewaySettings:
         kwargs: dict[str, Any] = {}
         for key, value in env.items():
             if key.startswith("DEPIN_GATEWAY_"):
                 kwargs[key.removeprefix("DEPIN_GATEWAY_").lower()] = value
+        for key in ("tls_cert_file", "tls_key_file"):  # the files the bootstrap wrote, in the VM's own dir
+            if key in kwargs:
+                path = kwargs[key]
+                if vm is None or path not in vm.tls_files:
+                    raise ValueError(f"DEPIN_GATEWAY_{key.upper()} {path}: the bootstrap wrote no such file")
+                local = Path(self._tmp.name) / f"tls-{vm.id}" / Path(path).name
+                local.parent.mkdir(exist_ok=True, mode=0o700)
+                local.write_text(vm.tls_files[path])
+                local.chmod(0o600)
+                kwargs[key] = str(local)
         kwargs["host"] = "127.0.0.1"  # the VM would bind 0.0.0.0; the fake stays on loopback
         kwargs["registry_dir"] = str(registry)
         if port is not None:
@@ -576,7 +599,7 @@ class FakeFluence:
         self._stop_gateway(vm)
         registry = tempfile.TemporaryDirectory(prefix=f"registry-{vm.id[:10]}-", dir=self._tmp.name)
         try:
-            settings = self._settings(env, Path(registry.name), port)
+            settings = self._settings(env, Path(registry.name), port, vm)
         except Exception as exc:
             registry.cleanup()
             with self._lock:
@@ -615,7 +638,9 @@ class FakeFluence:
         from tests.support import vm as vms
 
         self._stop_gateway(vm)
-        gw = _VmGateway(port=int(env.get("DEPIN_GATEWAY_PORT") or 0))
+        gw = _VmGateway(
+            port=int(env.get("DEPIN_GATEWAY_PORT") or 0), tls_cert=vm.tls_files.get(TLS_CERT_PATH)
+        )
         why = vms.unavailable()
         if why is None:
             gw.machine = vms.Vm(Path(tempfile.mkdtemp(prefix=f"vm-{vm.id[:10]}-", dir=self._tmp.name)))
@@ -733,6 +758,9 @@ class FakeFluence:
                     process.exit(1)
                     return
                 vm.env = env
+                for path, pattern in _TLS_HEREDOC.items():
+                    if found := pattern.search(script):
+                        vm.tls_files[path] = found.group(2)
                 vm.log.append("ssh: bootstrap script received")
                 if vm.fate == "ok" and self.run_bootstrap:  # the script runs as root on the VM, for real
                     code, output = await asyncio.to_thread(self._boot_vm, vm, env, script=script)

@@ -49,7 +49,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from tests.fakes import AgentFactory, AgentPool, ServerThread, real_agent
+from tests.fakes import AgentFactory, AgentPool, ServerThread, real_agent, with_node_env
 
 CAAS = "/enterprise/v1/io-cloud/caas"
 
@@ -487,11 +487,13 @@ class FakeIonet:
             rec["status"] = "failed"
 
         factory = self.pool.factory
+        node_env = {**(cc.get("env_variables") or {}), **(cc.get("secret_env_variables") or {})}
+        if factory is not None and factory is not real_agent:
+            factory = with_node_env(factory, node_env)
         if factory is real_agent:  # the container runs its entrypoint + args, as io.net does
             from tests.support.node_image import ScriptAgent
 
             argv = [*(cc.get("entrypoint") or []), *(cc.get("args") or [])]
-            node_env = {**(cc.get("env_variables") or {}), **(cc.get("secret_env_variables") or {})}
 
             def factory(data_dir: Path, tok: str) -> ScriptAgent:
                 return ScriptAgent(data_dir, tok, argv, node_env)

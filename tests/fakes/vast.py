@@ -54,7 +54,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from tests.fakes import AgentFactory, AgentPool, ServerThread, real_agent
+from tests.fakes import AgentFactory, AgentPool, ServerThread, real_agent, with_node_env
 
 # Field names as the official client's Offer (vastai/data/offer.py): reliability (not reliability2),
 # verification, score, duration (seconds the machine may still be rented), hosting_type.
@@ -458,10 +458,11 @@ class FakeVast:
             row.update(actual_status="exited", status_msg=why)
 
         factory = self.pool.factory
+        node_env = {k: v for k, v in env.items() if not k.startswith("-")}
+        if factory is not None and factory is not real_agent:
+            factory = with_node_env(factory, node_env)
         if factory is real_agent:  # the instance runs the on-start script it was given, as Vast does
             from tests.support.node_image import ScriptAgent
-
-            node_env = {k: v for k, v in env.items() if not k.startswith("-")}
 
             def factory(data_dir: Path, tok: str) -> ScriptAgent:
                 return ScriptAgent(data_dir, tok, ["/bin/sh", "-c", onstart], node_env)

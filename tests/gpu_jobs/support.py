@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from depin_core.tls import make_certificate
 from gpu_jobs.agent.process import AgentProcess
 from gpu_jobs.spec import DatasetRef, JobSpec
 from tests.gpu_jobs.toy_family import IMPORT_PATH, write_toy_dataset
@@ -20,6 +21,7 @@ from tests.gpu_jobs.toy_family import IMPORT_PATH, write_toy_dataset
 REPO = Path(__file__).resolve().parents[2]
 ENV = {"PYTHONPATH": str(REPO)}  # worker processes import the toy family from the repository
 TOKEN = "gpu-jobs-test-" + secrets.token_hex(12)  # the worker_agent's token
+AGENT_TLS = make_certificate()  # the certificate the test agents serve (HTTPS), pinned by their clients
 
 
 @pytest.fixture(scope="session")
@@ -30,8 +32,10 @@ def toy_dataset(tmp_path_factory: pytest.TempPathFactory) -> DatasetRef:
 
 @pytest.fixture(scope="session")
 def worker_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
-    """An honest worker agent on loopback (token ``TOKEN``, two jobs at a time) shared by the session."""
-    with AgentProcess(tmp_path_factory.mktemp("agent"), TOKEN, env=ENV, max_parallel=2) as proc:
+    """An honest worker agent on loopback (token ``TOKEN``, two jobs at a time, HTTPS with ``AGENT_TLS``)
+    shared by the session."""
+    agent = AgentProcess(tmp_path_factory.mktemp("agent"), TOKEN, env=ENV, max_parallel=2, tls=AGENT_TLS)
+    with agent as proc:
         yield proc
 
 

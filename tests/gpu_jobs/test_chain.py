@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from depin_core.errors import ConfigError, PermanentError, TransientError
+from depin_core.tls import make_certificate
 from gpu_jobs.artifacts import load_artifact, write_artifact
 from gpu_jobs.chain import (
     DefaultRunnerFactory,
@@ -165,13 +166,23 @@ def test_default_factory_checks_tokens_and_keys_before_running(tmp_path: Path) -
 
     from gpu_jobs.providers.manual import ManualProvider
 
+    cert = make_certificate()
     ManualProvider(tmp_path / "workers.json").register(
-        "gpu-1", "http://10.0.0.7:8900", SecretStr("n" * 32), usd_per_hour=0.5
+        "gpu-1", "https://10.0.0.7:8900", SecretStr("n" * 32), usd_per_hour=0.5, tls_cert=cert.cert_pem
     )
     f.check(parse_entry("node:gpu-1"))
-    assert f._agent_token(parse_entry("agent:http://10.0.0.7:8900/")).get_secret_value() == "n" * 32
+    f.check(parse_entry("agent:https://10.0.0.7:8900/"))  # registered: token and certificate pinned
+    assert f._agent_token(parse_entry("agent:https://10.0.0.7:8900/")).get_secret_value() == "n" * 32
+    assert f._agent_pin(parse_entry("agent:https://10.0.0.7:8900")) == (cert.cert_pem, cert.fingerprint)
     f = DefaultRunnerFactory(tmp_path, env={"DEPIN_AGENT_TOKEN": "t" * 32, "DEPIN_VAST_API_KEY": "k"})
     f.check(parse_entry("agent:http://127.0.0.1:9"))
+    # before any connection: plain HTTP to a remote host, and an https agent nobody pinned
+    with pytest.raises(ConfigError, match="plain HTTP to a remote machine"):
+        f.check(parse_entry("agent:http://10.0.0.8:8900"))
+    with pytest.raises(ConfigError, match="DEPIN_AGENT_TLS_FINGERPRINT"):
+        f.check(parse_entry("agent:https://10.0.0.8:8900"))
+    pinned = {"DEPIN_AGENT_TOKEN": "t" * 32, "DEPIN_AGENT_TLS_FINGERPRINT": cert.fingerprint}
+    DefaultRunnerFactory(tmp_path, env=pinned).check(parse_entry("agent:https://10.0.0.8:8900"))
     f.check(parse_entry("vast"))
     f.check(parse_entry("local"))
 

@@ -6,6 +6,8 @@ import contextlib
 import logging
 import os
 import signal
+import socket
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ from pydantic import SecretStr
 
 from depin_core.errors import ConfigError, PermanentError, TransientError
 from depin_core.net import free_port
+from depin_core.tls import PinMismatch
 from gpu_jobs.agent.process import AgentProcess
 from gpu_jobs.artifacts import MANIFEST, WEIGHTS, load_artifact
 from gpu_jobs.checkpoint import FileCheckpointer
@@ -26,6 +29,7 @@ from gpu_jobs.runner import JobRunner
 from gpu_jobs.spec import DatasetRef, FailureKind, JobResult, JobState, sha256_file
 from tests.gpu_jobs.support import ENV, TOKEN, infer_spec, toy_data, train_spec, wait_for
 from tests.gpu_jobs.toy_family import write_toy_dataset
+from tests.support.tls_proxy import MitmProxy
 
 pytestmark = pytest.mark.e2e
 
@@ -34,8 +38,8 @@ class Recorder(httpx.HTTPTransport):
     """A real transport that records (method, path, headers) of every request; ``corrupt`` flips the first
     byte of the answer for paths ending with it."""
 
-    def __init__(self, corrupt: str | None = None) -> None:
-        super().__init__()
+    def __init__(self, corrupt: str | None = None, *, verify: ssl.SSLContext | bool = True) -> None:
+        super().__init__(verify=verify)  # a transport carries its own TLS settings: the agent's pin
         self.calls: list[tuple[str, str, dict[str, str]]] = []
         self.corrupt = corrupt
 
@@ -99,11 +103,13 @@ def test_agent_job_equals_local_job(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     want = reference.train
-    rec = Recorder()
+    rec = Recorder(verify=agent.verify)
     lines: list[str] = []
     spec = train_spec(data, tmp_path / "agent-model")  # a checkpoint every 10 steps
     data_blob = f"/v1/blobs/{data.files[0].sha256}"
-    with _runner(agent.url, tmp_path / "remote", transport=rec, on_log=lines.append) as runner:
+    with _runner(
+        agent.url, tmp_path / "remote", tls_cert=agent.tls_cert, transport=rec, on_log=lines.append
+    ) as runner:
         assert isinstance(runner, JobRunner)
         job_id = runner.submit(spec)
         res = runner.result(job_id, timeout=120)
@@ -155,7 +161,9 @@ def test_agent_job_equals_local_job(
 def test_auth_reachability_and_blob_uploads(tmp_path: Path, agent: AgentProcess) -> None:
     spec = train_spec(DatasetRef.from_path(write_toy_dataset(tmp_path / "d.parquet")), tmp_path / "m")
 
-    wrong = AgentRunner(agent.url, SecretStr("not-the-token-0123456789"), workdir_root=tmp_path / "w")
+    wrong = AgentRunner(
+        agent.url, SecretStr("not-the-token-0123456789"), workdir_root=tmp_path / "w", tls_cert=agent.tls_cert
+    )
     with wrong, pytest.raises(AgentAuthError) as auth:
         wrong.submit(spec)
     assert isinstance(auth.value, PermanentError) and auth.value.status == 401
@@ -179,10 +187,11 @@ def test_auth_reachability_and_blob_uploads(tmp_path: Path, agent: AgentProcess)
         f"{agent.url}/v1/blobs/{sha}",
         content=blob.read_bytes()[:half],
         headers={**auth_header, "Upload-Offset": "0", "Upload-Length": str(size)},
+        verify=agent.verify,
     )
     assert r.status_code == 202 and r.headers["upload-offset"] == str(half)
-    rec = Recorder()
-    with _runner(agent.url, tmp_path / "w2", transport=rec) as runner:
+    rec = Recorder(verify=agent.verify)
+    with _runner(agent.url, tmp_path / "w2", tls_cert=agent.tls_cert, transport=rec) as runner:
         assert runner.ensure_blob(blob, sha) is True
         puts = [h for m, p, h in rec.calls if m == "PUT"]
         assert [(h["upload-offset"], h["content-length"]) for h in puts] == [(str(half), str(size - half))]
@@ -195,24 +204,24 @@ def test_auth_reachability_and_blob_uploads(tmp_path: Path, agent: AgentProcess)
             runner.ensure_blob(other, "0" * 64)
         with pytest.raises(ConfigError, match="is missing"):
             runner.ensure_blob(tmp_path / "nope.bin", "1" * 64)
-    head = httpx.head(f"{agent.url}/v1/blobs/{sha}", headers=auth_header)
+    head = httpx.head(f"{agent.url}/v1/blobs/{sha}", headers=auth_header, verify=agent.verify)
     assert head.status_code == 200 and head.headers["content-length"] == str(size)
 
 
 def test_tampered_artifacts_fail_verification(tmp_path: Path, data: DatasetRef, agent: AgentProcess) -> None:
     spec = train_spec(data, tmp_path / "tampered", every=0)
-    with _runner(agent.url, tmp_path / "remote") as runner:
+    with _runner(agent.url, tmp_path / "remote", tls_cert=agent.tls_cert) as runner:
         job_id = runner.submit(spec)
         wait_for("the job to finish", lambda: runner.status(job_id).state.terminal)
         assert runner.status(job_id).state == JobState.SUCCEEDED
 
         # bytes corrupted on the way: another client of the same job (its id and spec: the agent's finished job,
         # not a new one) downloads weights that do not match the manifest
-        rec = Recorder(corrupt=WEIGHTS)
+        rec = Recorder(corrupt=WEIGHTS, verify=agent.verify)
         moved = spec.model_copy(
             update={"outputs": spec.outputs.model_copy(update={"dir": str(tmp_path / "in-transit")})}
         )
-        with _runner(agent.url, tmp_path / "remote2", transport=rec) as other:
+        with _runner(agent.url, tmp_path / "remote2", tls_cert=agent.tls_cert, transport=rec) as other:
             assert other.submit(moved, job_id=job_id) == job_id
             res = other.result(job_id, timeout=120)
         assert (res.state, res.failure) == (JobState.FAILED, FailureKind.VERIFY), res.error
@@ -240,7 +249,14 @@ def test_killed_agent_is_lost_and_the_job_resumes_elsewhere(
     node_a = _start_agent(tmp_path / "agent-a", env={"TOY_PAUSE_AT_STEP": "20"})
     try:
         # a heartbeat timeout no loaded machine reaches while the node lives; shortened once it is killed
-        with _runner(node_a.url, tmp_path / "remote-a", name="a", heartbeat_timeout_s=300.0, poll_s=0.1) as a:
+        with _runner(
+            node_a.url,
+            tmp_path / "remote-a",
+            tls_cert=node_a.tls_cert,
+            name="a",
+            heartbeat_timeout_s=300.0,
+            poll_s=0.1,
+        ) as a:
             job_id = a.submit(spec)
             wait_for(
                 "the step-20 checkpoint to be mirrored",
@@ -263,7 +279,9 @@ def test_killed_agent_is_lost_and_the_job_resumes_elsewhere(
     resumed = spec.model_copy(
         update={"checkpoint": spec.checkpoint.model_copy(update={"resume_from": str(ckpt_dir)})}
     )
-    with _runner(agent.url, tmp_path / "remote-b", name="b") as b:  # another node: the module's agent
+    with _runner(
+        agent.url, tmp_path / "remote-b", tls_cert=agent.tls_cert, name="b"
+    ) as b:  # another node: the module's agent
         assert b.submit(resumed, job_id=job_id, attempt=2) == job_id
         res = b.result(job_id, timeout=120)
         text = b.logs(job_id)[0]
@@ -275,7 +293,9 @@ def test_killed_agent_is_lost_and_the_job_resumes_elsewhere(
 
 def test_stalled_worker_is_lost(tmp_path: Path, data: DatasetRef, agent: AgentProcess) -> None:
     # a heartbeat timeout no loaded machine reaches while the worker lives; shortened once it is stopped
-    with _runner(agent.url, tmp_path / "remote", heartbeat_timeout_s=300.0, poll_s=0.1) as runner:
+    with _runner(
+        agent.url, tmp_path / "remote", tls_cert=agent.tls_cert, heartbeat_timeout_s=300.0, poll_s=0.1
+    ) as runner:
         job_id = runner.submit(train_spec(data, tmp_path / "model", sleep_s=0.2))
         wait_for("the job to run", lambda: runner.status(job_id).step >= 1)
         workers = agent.worker_pids()
@@ -294,7 +314,69 @@ def test_stalled_worker_is_lost(tmp_path: Path, data: DatasetRef, agent: AgentPr
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
             # the agent still runs the job the runner gave up on: end it (the agent is shared by the module)
-            httpx.post(f"{agent.url}/v1/jobs/{job_id}/cancel", headers={"Authorization": f"Bearer {TOKEN}"})
+            httpx.post(
+                f"{agent.url}/v1/jobs/{job_id}/cancel",
+                headers={"Authorization": f"Bearer {TOKEN}"},
+                verify=agent.verify,
+            )
     assert "heartbeat has not moved" in (st.message or "") and st.step >= 1
     assert (res.state, res.failure) == (JobState.FAILED, FailureKind.INFRA)
     assert (res.error or "").startswith("heartbeat lost")
+
+
+# ---- transport security --------------------------------------------------------------------------------------
+def test_a_man_in_the_middle_is_refused_and_gets_no_job_data(tmp_path: Path, agent: AgentProcess) -> None:
+    spec = train_spec(DatasetRef.from_path(write_toy_dataset(tmp_path / "d.parquet", seed=7)), tmp_path / "m")
+    assert isinstance(agent.verify, ssl.SSLContext)
+    with MitmProxy(agent.url, agent.verify, tmp_path / "mitm") as proxy:
+        # control: a client that trusted the proxy's certificate would talk to the agent through it
+        with _runner(proxy.url, tmp_path / "fooled", tls_cert=proxy.cert.cert_pem) as fooled:
+            assert fooled.health()["jobs_running"] >= 0
+        assert proxy.received, "the proxy relays"
+        seen, proxy.received[:] = proxy.connections, b""
+
+        runner = _runner(proxy.url, tmp_path / "w", name="node-x", tls_cert=agent.tls_cert)
+        with runner, pytest.raises(PinMismatch) as refused:
+            runner.submit(spec)
+        assert isinstance(refused.value, PermanentError)
+        message = str(refused.value)
+        assert "node-x" in message and proxy.url in message and "man in the middle" in message
+        assert "--fingerprint" in message and TOKEN not in message
+        assert proxy.connections == seen + 1  # refused at once: not retried into success
+        assert bytes(proxy.received) == b""  # no token, no blob, no spec crossed it
+
+        # pinned by fingerprint: the certificate is read once and kept only if it matches
+        runner = _runner(proxy.url, tmp_path / "fp", tls_fingerprint=agent.fingerprint)
+        with runner, pytest.raises(PinMismatch, match="not the pinned"):
+            runner.health()
+        assert bytes(proxy.received) == b""
+    with _runner(agent.url, tmp_path / "fp-ok", tls_fingerprint=agent.fingerprint) as runner:
+        assert runner.health()["jobs_running"] >= 0
+
+
+def test_plain_http_to_a_remote_host_is_refused_before_any_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+    port = listener.getsockname()[1]
+    looked_up: list[str] = []
+    real = socket.getaddrinfo
+
+    def resolve(host: object, *args: object, **kw: object) -> object:  # "agent.example" is this listener
+        looked_up.append(str(host))
+        return real("127.0.0.1" if host == "agent.example" else host, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    with listener:
+        with pytest.raises(ConfigError, match="plain HTTP to a remote machine"):
+            _runner(f"http://agent.example:{port}", tmp_path / "w")
+        with pytest.raises(ConfigError, match="no pinned certificate"):
+            _runner(f"https://agent.example:{port}", tmp_path / "w")
+        assert looked_up == []
+        # control: the name does lead to the listener, so a client that tried would have been seen there
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.get(f"http://agent.example:{port}/", timeout=0.5)
+        conn, _ = listener.accept()
+        conn.close()
+    assert looked_up == ["agent.example"]

@@ -372,9 +372,12 @@ async def test_hot_swap_under_load_drops_nothing(
         workers = [asyncio.create_task(hammer()) for _ in range(8)]
         await until(lambda: len(statuses) > 50, "load")
         await asyncio.to_thread(reg.add, v2.path)  # another writer (a LocalPublisher): picked up by polling
-        await until(
-            lambda: gw.runtime.get_loaded("range-fn", v2.version) is not None, "v2 loaded by the poller"
-        )
+
+        def v2_served() -> bool:  # in the routing table the admin API checks (it loads v2 before the move)
+            route = gw.runtime.route("range-fn")
+            return route is not None and v2.version in route.info.versions
+
+        await until(v2_served, "v2 picked up by the poller")
         r = await client.put(
             "/v1/functions/range-fn/aliases/prod", json={"version": v2.version}, headers=ADMIN
         )

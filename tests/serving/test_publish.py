@@ -22,7 +22,7 @@ from serving.publish import GatewayPublisher, LocalPublisher, Publisher, Publish
 from serving.registry import Registry
 
 KEY = SecretStr("dgk_test-admin-key-never-shown")
-URL = "http://gateway.test"
+URL = "https://gateway.test"  # the admin key goes to a remote gateway over HTTPS only
 
 
 # ----------------------------------------------------------------------------------------------------- local

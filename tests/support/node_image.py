@@ -25,6 +25,7 @@ import contextlib
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import sysconfig
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import httpx
 
+from depin_core import tls
 from depin_core.net import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -167,7 +169,8 @@ class Machine:
         self.data_dir = self.root / "agent-data"
         self.log_path = self.root / "bootstrap.log"
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"https://127.0.0.1:{self.port}"  # the agent serves HTTPS by default
+        self.tls_cert: str | None = None  # the certificate handed to the node (else its own, in its data dir)
         self.bin = (image or node_image()).new_python(self.root / "python")
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
@@ -198,6 +201,7 @@ class Machine:
         """Start ``argv`` in a new process group, output to ``log_path``; ``unset``: variables of
         :meth:`env` to leave out (e.g. ``DEPIN_AGENT_PORT``, to run the script's own default)."""
         full = {k: v for k, v in self.env(env).items() if k not in unset}
+        self.tls_cert = tls.from_env("DEPIN_AGENT_TLS_CERT", dict(full), "CERTIFICATE")
         with open(self.log_path, "ab") as log:
             self.started_at = time.monotonic()
             self.proc = subprocess.Popen(
@@ -218,17 +222,30 @@ class Machine:
             text += "\n--- agent.log ---\n" + agent_log.read_text(errors="replace")
         return text[-4000:]
 
+    @property
+    def verify(self) -> ssl.SSLContext | None:
+        """A client context pinning the node's certificate: the one handed to it, else the self-signed one
+        its agent keeps in its data dir (None until that exists)."""
+        cert = self.tls_cert
+        own = self.data_dir / "tls" / "tls-cert.pem"
+        if cert is None and own.exists():
+            cert = own.read_text()
+        return tls.client_context(cert) if cert else None
+
     def wait_health(self, token: str, *, timeout_s: float = 240.0) -> dict[str, object]:
-        """Poll ``GET /v1/health`` with the token until it answers 200 (its JSON). ``RuntimeError`` with the
-        log's tail when the script failed (non-zero exit) or on timeout."""
+        """Poll ``GET /v1/health`` over pinned HTTPS with the token until it answers 200 (its JSON).
+        ``RuntimeError`` with the log's tail when the script failed (non-zero exit) or on timeout."""
         deadline = time.monotonic() + timeout_s
         headers = {"Authorization": f"Bearer {token}"}
         while time.monotonic() < deadline:
             code = self.proc.poll() if self.proc else None
             if code not in (None, 0):
                 raise RuntimeError(f"the bootstrap exited {code}:\n{self.log()}")
+            verify = self.verify
             with contextlib.suppress(httpx.HTTPError):
-                r = httpx.get(f"{self.url}/v1/health", headers=headers, timeout=2.0)
+                if verify is None:
+                    raise httpx.ConnectError("no certificate yet")
+                r = httpx.get(f"{self.url}/v1/health", headers=headers, timeout=2.0, verify=verify)
                 if r.status_code == 200:
                     self.ready_s = time.monotonic() - self.started_at
                     return r.json()

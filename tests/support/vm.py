@@ -42,9 +42,11 @@ import tempfile
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import httpx
 
+from serving.fluence.bootstrap import UV_VERSION
 from tests.support import node_image
 from tests.support.node_image import REPO, kill_group
 
@@ -241,7 +243,7 @@ def _make_wheelhouse() -> Path:
         raise RuntimeError(f"the dev venv's torch is {torch}, not a CPU build: refusing to fetch torch")
     tmp = Path(tempfile.mkdtemp(prefix=".venv-wheelhouse-", dir=REPO))
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    (tmp / "requirements.txt").write_text("\n".join([*deps, "uv"]) + "\n")
+    (tmp / "requirements.txt").write_text("\n".join([*deps, f"uv=={UV_VERSION}"]) + "\n")
     (tmp / "constraints.txt").write_text(f"torch=={torch}\n")
     cmd = [vm_python(), "-m", "pip", "download", "-q", "--disable-pip-version-check", "-d", str(tmp)]
     cmd += ["-r", str(tmp / "requirements.txt"), "-c", str(tmp / "constraints.txt")]
@@ -407,9 +409,9 @@ class Vm:
             text += f"\n--- {extra.name} ---\n" + extra.read_text(errors="replace")[-3000:]
         return text[-6000:]
 
-    def wait_ready(self, url: str, *, timeout_s: float = 600.0) -> None:
-        """Poll ``{url}/readyz`` until 200; ``RuntimeError`` with the logs when a bootstrap exited non-zero or
-        on timeout."""
+    def wait_ready(self, url: str, *, timeout_s: float = 600.0, verify: Any = True) -> None:
+        """Poll ``{url}/readyz`` until 200 (``verify``: httpx's, e.g. an SSLContext pinning the gateway's
+        certificate); ``RuntimeError`` with the logs when a bootstrap exited non-zero or on timeout."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for proc in self.procs:
@@ -417,7 +419,7 @@ class Vm:
                 if code not in (None, 0):
                     raise RuntimeError(f"the bootstrap exited {code}:\n{self.log()}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
+                if httpx.get(f"{url}/readyz", timeout=2.0, verify=verify).status_code == 200:
                     self.ready_s = time.monotonic() - self.started_at
                     return
             time.sleep(0.2)

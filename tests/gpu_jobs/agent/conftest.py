@@ -20,7 +20,7 @@ def agent(worker_agent: AgentProcess) -> AgentProcess:
 
 @pytest.fixture()
 def client(agent: AgentProcess) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=agent.url, headers=auth(), timeout=30) as c:
+    with httpx.Client(base_url=agent.url, verify=agent.verify, headers=auth(), timeout=30) as c:
         yield c
 
 

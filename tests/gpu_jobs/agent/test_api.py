@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import ssl
 import time
 from pathlib import Path
 
@@ -82,12 +83,14 @@ def test_blob_headers_are_checked(client: httpx.Client) -> None:
 
 def _dropped_put(agent: AgentProcess, sha: str, total: int, part: bytes) -> None:
     """Send the PUT's headers and the first bytes of its body, then drop the connection."""
-    host, port = agent.url.removeprefix("http://").rsplit(":", 1)
+    host, port = agent.url.split("://", 1)[1].rsplit(":", 1)
     head = (
         f"PUT /v1/blobs/{sha} HTTP/1.1\r\nHost: {host}\r\nAuthorization: {auth()['Authorization']}\r\n"
         f"Upload-Offset: 0\r\nUpload-Length: {total}\r\nContent-Length: {total}\r\n\r\n"
     )
-    with socket.create_connection((host, int(port))) as sock:
+    ctx = agent.verify
+    assert isinstance(ctx, ssl.SSLContext)
+    with socket.create_connection((host, int(port))) as raw, ctx.wrap_socket(raw) as sock:
         sock.sendall(head.encode() + part)
 
 
@@ -247,7 +250,7 @@ def test_requests_without_a_valid_token_are_refused(agent: AgentProcess) -> None
               ("POST", "/v1/jobs"), ("GET", "/v1/jobs/0123456789ab-01234567"), ("POST", "/v1/tokens")]  # fmt: skip
     for headers in ({}, auth("wrong-token-0123456789"), {"Authorization": "Basic abc"}):
         for method, path in routes:
-            r = httpx.request(method, agent.url + path, headers=headers, timeout=10)
+            r = httpx.request(method, agent.url + path, headers=headers, timeout=10, verify=agent.verify)
             assert r.status_code == 401, (method, path, headers, r.text)
             if method != "HEAD":
                 assert "error" in r.json() and "wrong-token" not in r.text
@@ -263,7 +266,7 @@ def test_job_tokens_are_scoped_and_expire(
     assert r.status_code == 201, r.text
     minted = r.json()
     assert minted["job_id"] == job_id and minted["expires_at"] and minted["token"] != job_id
-    job = httpx.Client(base_url=agent.url, headers=auth(minted["token"]), timeout=30)
+    job = httpx.Client(base_url=agent.url, verify=agent.verify, headers=auth(minted["token"]), timeout=30)
     with job:
         assert job.get("/v1/health").status_code == 200
         upload_inputs(job, spec)
@@ -283,7 +286,9 @@ def test_job_tokens_are_scoped_and_expire(
 
     short = client.post("/v1/tokens", json={"job_id": job_id, "ttl_s": 0.5}).json()
     time.sleep(1.0)
-    r = httpx.get(f"{agent.url}/v1/jobs/{job_id}", headers=auth(short["token"]), timeout=10)
+    r = httpx.get(
+        f"{agent.url}/v1/jobs/{job_id}", headers=auth(short["token"]), timeout=10, verify=agent.verify
+    )
     assert r.status_code == 401 and "expired" in r.json()["error"]
     assert client.post("/v1/tokens", json={"job_id": job_id, "ttl_s": 0}).status_code == 422
     assert client.post("/v1/tokens", json={"job_id": "nope", "ttl_s": 5}).status_code == 422

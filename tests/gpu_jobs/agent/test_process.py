@@ -47,7 +47,7 @@ def _wait_gone(pids: list[int], timeout: float = 30.0) -> list[int]:
 
 def _start_paused_job(agent: AgentProcess, data: DatasetRef, tmp_path: Path) -> tuple[httpx.Client, str]:
     """Submit a train job that pauses after step 3 (TOY_PAUSE_AT_STEP); return once it got there."""
-    client = httpx.Client(base_url=agent.url, headers=auth(), timeout=30)
+    client = httpx.Client(base_url=agent.url, verify=agent.verify, headers=auth(), timeout=30)
     spec = train_spec(data, tmp_path / "m", steps=10)
     job_id = new_job_id(spec)
     upload_inputs(client, spec)
@@ -72,10 +72,10 @@ def test_a_lost_agent_leaves_no_workers_and_a_restart_reports_the_interrupted_jo
         agent.kill()
         assert _wait_gone([agent_pid, *workers]) == []
         with pytest.raises(httpx.ConnectError):
-            httpx.get(f"{agent.url}/v1/health", headers=auth(), timeout=5)
+            httpx.get(f"{agent.url}/v1/health", headers=auth(), timeout=5, verify=agent.verify)
 
         agent.start()  # same data directory: the interrupted job is reported, not left RUNNING
-        with httpx.Client(base_url=agent.url, headers=auth(), timeout=30) as client:
+        with httpx.Client(base_url=agent.url, verify=agent.verify, headers=auth(), timeout=30) as client:
             doc = wait_job(client, killed_id, terminal, timeout=30)
             assert doc["status"]["state"] == "FAILED", doc
             result = client.get(f"/v1/jobs/{killed_id}/result").json()["result"]

@@ -7,6 +7,7 @@ import shlex
 import pytest
 from pydantic import SecretStr, ValidationError
 
+from depin_core import tls
 from depin_core.errors import ConfigError
 from gpu_jobs.providers import (
     Bootstrap,
@@ -22,6 +23,8 @@ from gpu_jobs.providers import (
 )
 from gpu_jobs.providers.ionet import vram_of
 from tests.gpu_jobs.providers.support import JOB_ID, TOKEN, make_bootstrap, make_spec
+
+TLS_ENV = ("DEPIN_AGENT_TLS_CERT", "DEPIN_AGENT_TLS_KEY")
 
 
 def offer(oid: str, usd: float, *, gpus: int = 1, vram: float = 24.0, host: str | None = None, **kw) -> Offer:
@@ -98,7 +101,16 @@ def test_bootstrap_script_installs_and_serves_without_the_token() -> None:
     assert b.script().rstrip().splitlines()[-1].startswith("exec depin worker serve")
     assert b.script(background=True).rstrip().splitlines()[-1].startswith("nohup depin worker serve")
     # tests/bootstrap runs these scripts for real
-    assert b.env() == {"DEPIN_AGENT_TOKEN": TOKEN}
+    # a fresh certificate and key per node, handed over with the token (secret env), never in the script
+    env = b.env()
+    assert env.pop("DEPIN_AGENT_TOKEN") == TOKEN and all(k.startswith(TLS_ENV) for k in env)
+    assert all(len(v) <= 256 and "\n" not in v for v in env.values())  # Vast's limit; one line each
+    assert tls.from_env(TLS_ENV[0], env, "CERTIFICATE") == b.tls_cert
+    assert tls.from_env(TLS_ENV[1], env, "PRIVATE KEY") == (b.tls_key.get_secret_value() if b.tls_key else "")
+    assert not any(v in b.script() for v in env.values())
+    assert "PRIVATE KEY" not in repr(b) and "PRIVATE KEY" not in str(b.model_dump())
+    other = Bootstrap(token=SecretStr(TOKEN))
+    assert tls.fingerprint(other.tls_cert or "") != tls.fingerprint(b.tls_cert or "")
     assert TOKEN not in repr(b) and TOKEN not in str(b.model_dump())
 
 

@@ -13,6 +13,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from depin_core import tls
 from depin_core.errors import PermanentError, TransientError
 from gpu_jobs.providers import IonetProvider, NoCapacity, choose_offer, pick_offer, reap, worker_name
 from gpu_jobs.providers._http import ApiError
@@ -92,11 +93,12 @@ def test_deploy_sends_what_spec_and_sdk_both_accept_and_is_idempotent_by_name(
 ) -> None:
     offer = pick_offer(ionet, make_spec(gpu_count=1, min_vram_gb=24, max_wall_s=3600))
     name = worker_name(JOB_ID, 1)
-    first = ionet.launch(offer, make_bootstrap(), name=name)
+    boot = make_bootstrap()
+    first = ionet.launch(offer, boot, name=name)
     second = ionet.launch(offer, make_bootstrap(), name=name)
     assert first.instance_id == second.instance_id and api.launches == 1
+    assert first.tls_cert == boot.tls_cert  # the runner pins the certificate made for this node
     (body,) = api.deploy_bodies
-    boot = make_bootstrap()
     assert body == {
         "resource_private_name": name,
         "duration_hours": 1,
@@ -107,15 +109,14 @@ def test_deploy_sends_what_spec_and_sdk_both_accept_and_is_idempotent_by_name(
             "entrypoint": ["/bin/sh", "-c"],
             "args": [boot.script()],
             "env_variables": {"DEPIN_AGENT_PORT": "8900"},
-            "secret_env_variables": {"DEPIN_AGENT_TOKEN": TOKEN},
+            "secret_env_variables": boot.env(),  # the token, the node's certificate and its key
             "traffic_port": 8900,
         },
         "registry_config": {"image_url": boot.image},
     }  # no location_ids (io.net places it), no payment_source / on_incomplete_booking (not in the spec)
     details = ionet.deployment(first.instance_id)
-    assert details["container_config"]["secret_env_keys"] == ["DEPIN_AGENT_TOKEN"] and TOKEN not in str(
-        details
-    )
+    assert details["container_config"]["secret_env_keys"] == sorted(boot.env()) and TOKEN not in str(details)
+    assert "DEPIN_AGENT_TOKEN" in boot.env() and boot.env()["DEPIN_AGENT_TLS_KEY"] not in str(details)
     assert details["locations"][0]["name"] == "United States" and details["gpus_per_container"] == 8
     assert [i.name for i in ionet.instances()] == [name]
     ionet.destroy(first)
@@ -259,7 +260,11 @@ def test_quote_deploy_ready_destroy_with_a_real_agent(tmp_path: Path) -> None:
         worker = ionet.launch(offer, make_bootstrap(), name=worker_name(JOB_ID, 1))
         try:
             ready = ionet.wait_ready(worker, timeout_s=120)
-            r = httpx.get(f"{ready.url}/v1/health", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+            assert ready.url.startswith("https://") and ready.tls_cert
+            pinned = tls.client_context(ready.tls_cert)
+            r = httpx.get(
+                f"{ready.url}/v1/health", headers={"Authorization": f"Bearer {TOKEN}"}, verify=pinned
+            )
             assert r.status_code == 200 and "gpus" in r.json()
             agent = fake.pool.agent(worker.instance_id)
             assert agent is not None and agent.proc.poll() is None

@@ -13,7 +13,9 @@ import typer
 from pydantic import SecretStr
 from typer.testing import CliRunner
 
+from depin_core import tls
 from depin_core.errors import ConfigError, TransientError
+from depin_core.tls import PinMismatch
 from gpu_jobs.agent.process import AgentProcess
 from gpu_jobs.providers import ManualProvider, pick_offer, worker_name
 from pipelines import _nodes_cmd
@@ -47,17 +49,33 @@ def last_json(output: str) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
+FP = "ab" * 32
+CERT = tls.make_certificate()
+
+
 def test_register_list_remove_in_a_0600_file(nodes_file: Path) -> None:
     manual = ManualProvider(nodes_file)
-    manual.register("lab-a", "http://10.0.0.5:8900/", SecretStr(TOKEN), gpu="RTX 4090", usd_per_hour=0.3)
-    manual.register("gpunet-1", "https://node.example:8900", SecretStr(OTHER_TOKEN))
+    lab = "https://10.0.0.5:8900/"  # the certificate given: no connection made
+    manual.register("lab-a", lab, SecretStr(TOKEN), gpu="RTX 4090", usd_per_hour=0.3, tls_cert=CERT.cert_pem)
+    manual.register("gpunet-1", "http://127.0.0.1:8900", SecretStr(OTHER_TOKEN))  # loopback: http allowed
     assert stat.S_IMODE(nodes_file.stat().st_mode) == 0o600
     assert [n.name for n in manual.list()] == ["gpunet-1", "lab-a"]
-    assert manual.get("lab-a").url == "http://10.0.0.5:8900"  # trailing slash dropped
-    assert manual.by_url("http://10.0.0.5:8900/").name == "lab-a"
+    assert manual.get("lab-a").url == "https://10.0.0.5:8900"  # trailing slash dropped
+    assert (
+        manual.get("lab-a").tls_fingerprint == CERT.fingerprint
+        and manual.get("lab-a").tls_cert == CERT.cert_pem
+    )
+    assert manual.by_url("https://10.0.0.5:8900/").name == "lab-a"
     # re-registering replaces, the file stays 0600, reprs never show tokens
-    manual.register("lab-a", "http://10.0.0.6:8900", SecretStr(TOKEN))
-    assert manual.get("lab-a").url == "http://10.0.0.6:8900"
+    fp = CERT.fingerprint.upper()
+    manual.register(
+        "lab-a", "https://10.0.0.6:8900", SecretStr(TOKEN), tls_fingerprint=fp, tls_cert=CERT.cert_pem
+    )
+    with pytest.raises(ConfigError, match="not tls_fingerprint"):
+        manual.register(
+            "lab-a", "https://10.0.0.6:8900", SecretStr(TOKEN), tls_fingerprint=FP, tls_cert=CERT.cert_pem
+        )
+    assert manual.get("lab-a").url == "https://10.0.0.6:8900"
     assert stat.S_IMODE(nodes_file.stat().st_mode) == 0o600
     assert TOKEN not in repr(manual.list()) and OTHER_TOKEN not in str(manual.get("gpunet-1"))
     assert manual.remove("lab-a") is True and manual.remove("lab-a") is False
@@ -70,8 +88,14 @@ def test_register_rejects_bad_values_naming_the_field(nodes_file: Path) -> None:
         manual.register("Bad Name!", "http://10.0.0.5:8900", SecretStr(TOKEN))
     with pytest.raises(ConfigError, match="url"):
         manual.register("ok", "ftp://10.0.0.5", SecretStr(TOKEN))
+    with pytest.raises(ConfigError, match="plain HTTP to a remote machine"):
+        manual.register("ok", "http://10.0.0.5:8900", SecretStr(TOKEN))
+    with pytest.raises(ConfigError, match="--fingerprint"):
+        manual.register("ok", "https://10.0.0.5:8900", SecretStr(TOKEN))
+    with pytest.raises(ConfigError, match="64 hex digits"):
+        manual.register("ok", "https://10.0.0.5:8900", SecretStr(TOKEN), tls_fingerprint="abc")
     with pytest.raises(ConfigError, match="token"):
-        manual.register("ok", "http://10.0.0.5:8900", SecretStr("short"))
+        manual.register("ok", "http://127.0.0.1:8900", SecretStr("short"))
     with pytest.raises(ConfigError, match="not registered"):
         manual.get("ghost")
     assert not nodes_file.exists()
@@ -87,15 +111,21 @@ def test_unreachable_nodes_give_no_offers(nodes_file: Path) -> None:
 @pytest.mark.e2e
 def test_healthy_node_is_an_offer_and_a_worker(nodes_file: Path, agent: AgentProcess) -> None:
     manual = ManualProvider(nodes_file, name="gpunet", poll_s=0.05)
-    manual.register("lab", agent.url, SecretStr(TOKEN), gpu="cpu box", usd_per_hour=0.05)
-    manual.register("wrong-token", agent.url, SecretStr(OTHER_TOKEN))
+    fp = agent.fingerprint
+    manual.register("lab", agent.url, SecretStr(TOKEN), gpu="cpu box", usd_per_hour=0.05, tls_fingerprint=fp)
+    assert manual.get("lab").tls_cert == agent.tls_cert  # read once at registration, kept in the file
+    manual.register("wrong-token", agent.url, SecretStr(OTHER_TOKEN), tls_cert=agent.tls_cert)
     manual.register("down", "http://127.0.0.1:9", SecretStr(TOKEN))
+    with pytest.raises(PinMismatch, match="not the pinned"):
+        manual.register("impostor", agent.url, SecretStr(TOKEN), tls_fingerprint="cd" * 32)
+    assert "impostor" not in [n.name for n in manual.list()]
     offers = manual.quote(make_spec(gpu_count=0))
     assert [o.offer_id for o in offers] == ["lab"]
     assert offers[0].provider == "gpunet" and offers[0].usd_per_hour == 0.05
     offer = pick_offer(manual, make_spec(gpu_count=0))
     worker = manual.launch(offer, make_bootstrap(), name=worker_name(JOB_ID, 1))
     assert worker.url == agent.url and worker.token.get_secret_value() == TOKEN
+    assert worker.tls_cert == agent.tls_cert
     assert manual.wait_ready(worker, timeout_s=10) == worker
     manual.destroy(worker)  # nothing rented: the node keeps running
     assert agent.proc.poll() is None
@@ -113,13 +143,28 @@ def test_cli_register_nodes_remove(tmp_path: Path, nodes_file: Path, agent: Agen
     runner = CliRunner()
     app = cli()
     common = ["--nodes-file", str(nodes_file), "--json"]
+    pin = ["--fingerprint", str(agent.fingerprint)]
     r = runner.invoke(app, ["register", "lab", "--url", agent.url, "--token-file", str(token_file), *common])
+    assert isinstance(r.exception, ConfigError) and "--fingerprint" in str(r.exception)  # https needs a pin
+    args = ["register", "lab", "--url", agent.url, "--token-file", str(token_file), *pin, *common]
+    r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     doc = last_json(r.stdout)
     assert doc["registered"] == "lab" and doc["healthy"] is True
     assert stat.S_IMODE(nodes_file.stat().st_mode) == 0o600
-    r = runner.invoke(app, ["register", "bad", "--url", agent.url, "--token-file", str(bad_file), *common])
+    saved = json.loads(nodes_file.read_text())["nodes"][0]
+    assert saved["tls_fingerprint"] == agent.fingerprint and saved["tls_cert"] == agent.tls_cert
+    args = ["register", "bad", "--url", agent.url, "--token-file", str(bad_file), *pin, *common]
+    r = runner.invoke(app, args)
     assert isinstance(r.exception, ConfigError) and "refused the token" in str(r.exception)
+    wrong = ["--fingerprint", "cd" * 32]
+    args = ["register", "mitm", "--url", agent.url, "--token-file", str(token_file), *wrong, *common]
+    r = runner.invoke(app, args)
+    assert isinstance(r.exception, ConfigError) and "--fingerprint" in str(r.exception)
+    assert "not the pinned" in str(r.exception) and TOKEN not in r.output
+    args = ["register", "remote", "--url", "http://10.0.0.5:8900", "--token-file", str(token_file), *common]
+    r = runner.invoke(app, args)
+    assert isinstance(r.exception, ConfigError) and "--url" in str(r.exception)
     r = runner.invoke(app, ["nodes", *common])
     assert r.exit_code == 0, r.output
     (row,) = last_json(r.stdout)["nodes"]

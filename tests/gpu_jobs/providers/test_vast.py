@@ -14,6 +14,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from depin_core import tls
 from depin_core.errors import ConfigError, PermanentError, TransientError
 from gpu_jobs.providers import NoCapacity, VastProvider, choose_offer, pick_offer, reap, worker_name
 from gpu_jobs.providers.base import Bootstrap
@@ -336,10 +337,12 @@ def test_quote_launch_ready_destroy_with_a_real_agent(tmp_path: Path) -> None:
         try:
             assert worker.url == ""
             ready = vast.wait_ready(worker, timeout_s=120)
-            assert ready.url.startswith("http://127.0.0.1:")
-            r = httpx.get(f"{ready.url}/v1/health", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+            assert ready.url.startswith("https://127.0.0.1:") and ready.tls_cert
+            pinned = tls.client_context(ready.tls_cert)  # the certificate made for this node, sent in its env
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            r = httpx.get(f"{ready.url}/v1/health", headers=auth, timeout=10, verify=pinned)
             assert r.status_code == 200 and "gpus" in r.json()
-            assert httpx.get(f"{ready.url}/v1/health", timeout=10).status_code == 401
+            assert httpx.get(f"{ready.url}/v1/health", timeout=10, verify=pinned).status_code == 401
             agent = fake.pool.agent(worker.instance_id)
             assert agent is not None and agent.proc.poll() is None
             assert [(i.name, i.status, i.url) for i in vast.instances()] == [
@@ -350,4 +353,4 @@ def test_quote_launch_ready_destroy_with_a_real_agent(tmp_path: Path) -> None:
         assert agent.proc.poll() is not None  # the machine is gone with its agent
         assert fake.instances == {}
         with pytest.raises(httpx.HTTPError):
-            httpx.get(f"{ready.url}/v1/health", timeout=2)
+            httpx.get(f"{ready.url}/v1/health", timeout=2, verify=pinned)
