@@ -147,6 +147,19 @@ def fetch_certificate(url: str, expected: str, *, timeout_s: float = 10.0) -> st
     return ssl.DER_cert_to_PEM_cert(der)
 
 
+def is_certificate_refusal(exc: BaseException) -> bool:
+    """Whether ``exc``, or what caused it (an httpx ``ConnectError`` wraps the ``ssl`` error), is a failed
+    certificate verification: the server is not the pinned one. Not a network problem: never retried."""
+    seen: BaseException | None = exc
+    visited: set[int] = set()
+    while seen is not None and id(seen) not in visited:
+        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
+            return True
+        visited.add(id(seen))
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` is a loopback name or address (plain HTTP is allowed only there)."""
     if host == "localhost":

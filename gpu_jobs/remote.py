@@ -42,7 +42,6 @@ import os
 import re
 import secrets
 import shutil
-import ssl
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
@@ -238,7 +237,7 @@ class AgentRunner:
 
     def _pin_failed(self, exc: Exception) -> tlslib.PinMismatch | None:
         """A ``PinMismatch`` naming this node when ``exc`` is a failed certificate check, else None."""
-        if not _is_cert_error(exc):
+        if not tlslib.is_certificate_refusal(exc):
             return None
         fp = self._pin[1] if self._pin is not None else "none"
         return tlslib.PinMismatch(
@@ -967,18 +966,6 @@ def _pin_of(base: str, cert: str | None, fp: str | None) -> tuple[str | None, st
         f"agent URL {base}: no pinned certificate; give the node's certificate or its sha256 fingerprint "
         "(`depin worker serve --json` prints tls_fingerprint; depin worker register NAME --url … --fingerprint …)"
     )
-
-
-def _is_cert_error(exc: BaseException) -> bool:
-    """Whether a transport error (or what caused it) is a failed certificate verification."""
-    seen: BaseException | None = exc
-    for _ in range(8):
-        if seen is None:
-            return False
-        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def _int_header(r: httpx.Response, name: str) -> int:

@@ -22,7 +22,7 @@ from pydantic import SecretStr
 
 from depin_core.errors import ConfigError, PermanentError, TransientError
 from depin_core.http import NOT_SENT, TRANSIENT_STATUSES, backoff_delay, check_base_url, retry_after_of
-from depin_core.tls import PinMismatch, check_url, client_context, fingerprint
+from depin_core.tls import PinMismatch, check_url, client_context, fingerprint, is_certificate_refusal
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +68,6 @@ def _fix(status: int, code: str, field: str | None) -> str:
     if status >= 500:
         return "see the gateway's log"
     return "see the message"
-
-
-def cert_refused(exc: BaseException) -> bool:
-    """Whether a connect error is a certificate verification failure (not a network problem: no retry)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def _error_of(r: httpx.Response) -> tuple[str, str, str | None]:
@@ -170,7 +160,7 @@ class GatewayClient:
             try:
                 r = self._client.request(method, path, headers=headers, **kwargs)
             except httpx.ConnectError as exc:
-                if cert_refused(exc):  # nothing was sent: the handshake failed before the request
+                if is_certificate_refusal(exc):  # nothing was sent: the handshake failed before the request
                     raise self._pin_error(exc) from None
                 problem, retry_after = f"cannot connect ({type(exc).__name__}: {exc})", None
             except NOT_SENT as exc:

@@ -202,7 +202,7 @@ class HealthCheck:
                 headers={"Authorization": f"Bearer {token.get_secret_value()}"},
             )
         except httpx.HTTPError as exc:
-            if "CERTIFICATE_VERIFY_FAILED" in repr(exc) or "CERTIFICATE_VERIFY_FAILED" in repr(exc.__cause__):
+            if tlslib.is_certificate_refusal(exc):
                 raise tlslib.PinMismatch(
                     f"agent at {url} presented a TLS certificate other than the one made for it: another "
                     "machine or a man in the middle; destroy the instance and launch the next attempt"

@@ -51,11 +51,11 @@ from depin_core.tls import (
     check_url,
     client_context,
     fingerprint,
+    is_certificate_refusal,
     make_certificate,
 )
 from serving._auth import new_admin_key
 from serving.bundle import DEFAULT_MAX_BATCH_SIZE, valid_name
-from serving.client import cert_refused
 from serving.fluence import bootstrap as boot
 from serving.fluence._client import DEFAULT_BASE_URL, FluenceClient, FluenceRefused, FluenceUnavailable
 from serving.fluence.state import DEFAULT_STATE_DIR, Deployment, PublishedVersion, StateStore, valid_target
@@ -748,7 +748,7 @@ class FluencePublisher:
                     last = f"{r.status_code} {r.text[:200]}"
                 except httpx.HTTPError as exc:
                     last = type(exc).__name__
-                    if cert_refused(exc):  # a VM still booting does not answer TLS at all: no retry
+                    if is_certificate_refusal(exc):  # a VM still booting does not answer TLS at all: no retry
                         raise PinMismatch(
                             f"{url} presented a TLS certificate other than the pinned one (sha256 "
                             f"{dep.tls_fingerprint}): another machine or a man in the middle; nothing was "

@@ -23,6 +23,7 @@ from depin_core.tls import (
     client_context,
     fetch_certificate,
     fingerprint,
+    is_certificate_refusal,
     load_or_make,
     make_certificate,
     normalise_fingerprint,
@@ -58,8 +59,12 @@ def test_the_pinned_certificate_is_accepted_and_any_other_refused(tmp_path: Path
         mine = load_or_make(tmp_path / "node")
         assert httpx.get(url, verify=client_context(mine.cert_pem)).text == "ok"
         other = make_certificate()  # what a man in the middle would present, for the same names
-        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED") as refused:
             httpx.get(url, verify=client_context(other.cert_pem))
+        assert is_certificate_refusal(refused.value)
+        with pytest.raises(httpx.ConnectError) as unreachable:  # a network problem is not a refusal
+            httpx.get(f"https://127.0.0.1:{free_port()}", verify=client_context(mine.cert_pem))
+        assert not is_certificate_refusal(unreachable.value)
         # known only by its fingerprint: the certificate is read and kept when (and only when) the hash matches
         pem = fetch_certificate(url, mine.fingerprint.upper())
         assert fingerprint(pem) == mine.fingerprint
