@@ -177,19 +177,18 @@ def _minimise(
         return table
     if vehicles is not None:
         table = table.filter(pc.is_in(table[TOKEN], value_set=pa.array(sorted(vehicles), table[TOKEN].type)))
-    raw = table[TOKEN].to_pylist()
+    # one keyed hash per vehicle, not per row; rows take their vehicle's pseudonym (null stays null)
+    ids = table[TOKEN].unique().drop_null()
     fake = []
-    for t in raw:
-        if t is None:
-            fake.append(None)
-            continue
+    for t in ids.to_pylist():
         p = pseudonyms.of(t)
         if prep.reverse.setdefault(p, int(t)) != int(t):
             raise ConfigError(
                 f"pseudonym collision for token_id {t}; delete the pseudonym key file and rerun"
             )
         fake.append(p)
-    table = table.set_column(table.column_names.index(TOKEN), TOKEN, pa.array(fake, pa.int64()))
+    column = pa.array(fake, pa.int64()).take(pc.index_in(table[TOKEN], value_set=ids))
+    table = table.set_column(table.column_names.index(TOKEN), TOKEN, column)
     order = [(TOKEN, "ascending")] + (
         [("timestamp", "ascending")] if "timestamp" in table.column_names else []
     )
