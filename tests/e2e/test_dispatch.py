@@ -98,11 +98,22 @@ def test_a_node_lost_mid_training_resumes_from_its_checkpoint_on_the_next_agent(
     killed: list[int] = []
     f = factory(tmp_path)
 
+    def mirrored(entry: str, job_id: str, step: int) -> bool:
+        """Whether the runner's local mirror holds the checkpoint of ``step`` (the marker is written last)."""
+        d = f.runners[entry].checkpoint_dir(job_id)  # type: ignore[attr-defined]
+        return d is not None and (d / f"ckpt-{step:09d}.json").is_file()
+
     def on_status(entry: str, st: JobStatus) -> None:
-        # the slow node saved (and we mirrored) step 10, then pauses: lose the node there. Only now, with the
-        # node surely gone, does its runner's heartbeat timeout shrink: the loss is noticed at once, while a
-        # slow but live node (a loaded machine) was never taken for a lost one before.
-        if entry == f"agent:{slow.url}" and (st.checkpoint_step or 0) >= 10 and not killed:
+        # the slow node saved step 10 and pauses there; once our mirror holds it (the mirror runs beside the
+        # status polls, so wait for it, not for the node's word), lose the node. Only now, with the node surely
+        # gone, does its runner's heartbeat timeout shrink: the loss is noticed at once, while a slow but live
+        # node (a loaded machine) was never taken for a lost one before.
+        if (
+            entry == f"agent:{slow.url}"
+            and (st.checkpoint_step or 0) >= 10
+            and not killed
+            and mirrored(entry, st.job_id, 10)
+        ):
             killed.append(st.checkpoint_step or 0)
             slow.kill()
             f.runners[entry].heartbeat_timeout_s = 0.5  # type: ignore[attr-defined]
