@@ -305,10 +305,12 @@ def run_invoke(
     target: str | None,
     request_id: str | None,
     tls_cert: Path | None = None,
+    insecure_http: bool = False,
 ) -> dict[str, Any]:
     """Invoke ``ref`` (name, name@alias, name@version) on the gateway; returns the response document.
     ``target`` ``fluence`` is the recorded Fluence gateway (``DEPIN_FLUENCE_TARGET``); its certificate is
-    pinned, as is the one of any recorded Fluence gateway URL, or ``tls_cert``."""
+    pinned, as is the one of any recorded Fluence gateway URL, or ``tls_cert``. ``insecure_http``: accept a
+    plain-HTTP gateway on another machine (the rows cross the network in clear)."""
     from serving.client import GatewayClient
 
     url = target or os.environ.get(GATEWAY_URL_ENV) or DEFAULT_URL
@@ -323,7 +325,7 @@ def run_invoke(
             )
     pin = gateway_pin(url.rstrip("/"), tls_cert)
     rows = parse_data(data)
-    with GatewayClient(url, retries=3, timeout=60, tls_cert_pem=pin) as client:
+    with GatewayClient(url, retries=3, timeout=60, tls_cert_pem=pin, insecure_http=insecure_http) as client:
         t0 = time.perf_counter()
         doc, _ = client.invoke(ref, rows, request_id=request_id)
         doc["latency_ms"] = round((time.perf_counter() - t0) * 1e3, 3)

@@ -452,10 +452,13 @@ def open_publisher(params: PublishParams) -> Iterator[Any]:
         ) as pub:
             yield pub
         return
-    from pipelines._serve_cmd import read_admin_key
+    from pipelines._serve_cmd import gateway_pin, read_admin_key
 
     key = read_admin_key(params.admin_key_file, registry_dir(params.registry))
-    with GatewayPublisher(params.target, key, account, max_batch_size=params.max_batch_size) as pub:
+    pin = gateway_pin(params.target, params.tls_cert)
+    with GatewayPublisher(
+        params.target, key, account, max_batch_size=params.max_batch_size, tls_cert_pem=pin
+    ) as pub:
         yield pub
 
 
@@ -496,7 +499,7 @@ def smoke_invoke(params: PublishParams, name: str, version: str) -> tuple[int, l
         from serving.client import GatewayClient
 
         url = gateway_url(params)
-        pin = gateway_pin(url, None) if params.target == "fluence" else None  # the VM's pinned certificate
+        pin = gateway_pin(url, params.tls_cert)  # or a recorded Fluence VM's certificate
         with GatewayClient(url, retries=5, timeout=60, tls_cert_pem=pin) as client:
             example = list(parse_manifest(client.manifest_bytes(name, version)).example)
             doc, _ = client.invoke(f"{name}@{version}", example)

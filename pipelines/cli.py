@@ -340,12 +340,26 @@ def invoke(
             help="the gateway's certificate (PEM) to pin; a Fluence gateway's is pinned from .depin/fluence"
         ),
     ] = None,
+    insecure_http: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-http",
+            help="allow a plain-HTTP gateway on another machine (the rows cross the network in clear)",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Call a served function with input rows and print its output rows."""
     from pipelines._serve_cmd import run_invoke
 
-    doc = run_invoke(ref=ref, data=data, target=target, request_id=request_id, tls_cert=tls_cert)
+    doc = run_invoke(
+        ref=ref,
+        data=data,
+        target=target,
+        request_id=request_id,
+        tls_cert=tls_cert,
+        insecure_http=insecure_http,
+    )
     say(f"{doc['function']}@{doc['version']} in {doc['latency_ms']:.1f} ms:")
     if as_json:
         emit_json(doc)

@@ -107,6 +107,11 @@ class PublishParams(_Params):
         "else http://127.0.0.1:8787)",
     )
     admin_key_file: Path | None = Field(None, description="admin key of a gateway target")
+    tls_cert: Path | None = Field(
+        None,
+        description="certificate (PEM) of a gateway target to pin; a recorded Fluence gateway's is pinned "
+        "by itself",
+    )
     max_batch_size: int = Field(1024, ge=1, le=1_000_000)
 
     @field_validator("name")

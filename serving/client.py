@@ -82,9 +82,9 @@ def _error_of(r: httpx.Response) -> tuple[str, str, str | None]:
 class GatewayClient:
     """A client of one gateway (``base_url``, e.g. ``http://127.0.0.1:8787``).
 
-    ``tls_cert_pem``: the gateway's certificate, pinned (the only one trusted; ``https://`` needed). With an
-    admin key or a pin, a plain-HTTP URL to a non-loopback host is refused before any connection. A
-    certificate other than the trusted one raises :class:`depin_core.tls.PinMismatch` (never retried).
+    ``tls_cert_pem``: the gateway's certificate, pinned (the only one trusted; ``https://`` needed). A
+    plain-HTTP URL to a non-loopback host is refused before any connection, unless ``insecure_http`` (public
+    calls only: never with an admin key or a pin). A certificate other than the trusted one raises :class:`depin_core.tls.PinMismatch` (never retried).
 
     ``retries`` extra attempts after the first for transient failures, waiting ``backoff_s × 2^attempt``
     (or the server's ``Retry-After``), jittered ±20 %, at most ``max_backoff_s``. ``transport`` and ``sleep``
@@ -103,12 +103,15 @@ class GatewayClient:
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
         tls_cert_pem: str | None = None,
+        insecure_http: bool = False,
     ) -> None:
         url = check_base_url(base_url, "gateway URL")
         if admin_key is not None and not isinstance(admin_key, SecretStr):
             raise ConfigError("admin_key must be a pydantic SecretStr (keeps it out of logs and reprs)")
-        if admin_key is not None or tls_cert_pem is not None:
-            check_url(url, "gateway URL")  # the admin key never crosses a network in clear
+        if admin_key is not None or tls_cert_pem is not None or not insecure_http:
+            # vehicle rows and the admin key never cross a network in clear; ``insecure_http`` lets public
+            # calls (no admin key) reach a remote plain-HTTP gateway the user chose to trust
+            check_url(url, "gateway URL")
         if tls_cert_pem is not None and not url.startswith("https://"):
             raise ConfigError(f"gateway URL {url}: a pinned certificate was given, so use https://")
         self.tls_fingerprint = fingerprint(tls_cert_pem) if tls_cert_pem is not None else None

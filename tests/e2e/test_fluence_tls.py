@@ -104,7 +104,9 @@ def test_a_man_in_the_middle_is_refused_and_never_sees_the_admin_key(
 
 def test_plain_http_to_a_remote_gateway_is_refused_before_connecting(publisher: LocalAccount) -> None:
     sent: list[httpx.Request] = []
-    transport = httpx.MockTransport(lambda req: sent.append(req) or httpx.Response(200, json={}))
+    transport = httpx.MockTransport(
+        lambda req: sent.append(req) or httpx.Response(200, json={"functions": []})
+    )
     key = SecretStr("dgk_never-sent-in-clear")
     for url in ("http://203.0.113.7:8787", "http://gateway.example.org"):
         with pytest.raises(ConfigError, match="plain HTTP to a remote machine"):
@@ -113,7 +115,16 @@ def test_plain_http_to_a_remote_gateway_is_refused_before_connecting(publisher: 
             GatewayPublisher(url, key, publisher, transport=transport)
         with pytest.raises(ConfigError, match="use https://"):
             GatewayClient(url, tls_cert_pem=make_certificate().cert_pem, transport=transport)
+        with pytest.raises(
+            ConfigError, match="plain HTTP to a remote machine"
+        ):  # public calls carry rows too
+            GatewayClient(url, transport=transport)
+        with pytest.raises(ConfigError, match="plain HTTP to a remote machine"):  # never the admin key
+            GatewayClient(url, admin_key=key, transport=transport, insecure_http=True)
     assert sent == []
+    with GatewayClient("http://gateway.example.org", transport=transport, insecure_http=True) as public:
+        public.functions()  # the user's explicit choice, for calls without the admin key
+    assert [str(r.url) for r in sent] == ["http://gateway.example.org/v1/functions"]
     # loopback may stay plain HTTP (`depin serve` on 127.0.0.1)
     GatewayClient("http://127.0.0.1:8787", admin_key=key, transport=transport).close()
 

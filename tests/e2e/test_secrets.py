@@ -1,9 +1,16 @@
-"""Secrets stay where they belong, end to end with real processes on loopback and the CLI as a user runs it:
-DIMO emulator → ``depin ingest`` → ``depin train`` on a worker agent (TLS, pinned) → ``depin publish`` to a
-gateway (HTTPS, pinned, admin key) → ``depin invoke``. With known values for the DIMO private key, the agent
-token, the gateway admin key and the publisher's signing key, every CLI output, the agent's and the gateway's
-logs and every file the run left (datasets, model, bundle, registry, state, the agent's data directory) are
-searched: no hit outside the files meant to hold them, and those are mode 0600."""
+"""Secrets stay where they belong, end to end with real processes on loopback, twice:
+
+- the CLI as a user runs it: DIMO emulator → ``depin ingest`` → ``depin train`` on a worker agent (TLS,
+  pinned) → ``depin publish`` to a gateway (HTTPS, pinned, admin key) → ``depin invoke``;
+- the ``train_and_publish`` flow as Prefect runs it: the same stages, training on a machine rented from the
+  Vast.ai fake (after io.net had no capacity), so the provider API keys and the per-node token and TLS key the
+  client made are in play too.
+
+With known values for every secret (DIMO private key, agent tokens, node TLS key, admin key, provider API keys,
+publisher signing key), every CLI output, the console, the agents' and the gateway's logs, the Prefect logs,
+artifacts, flow-run parameters and stored results, the Prefect database and every file the run left (datasets,
+model, bundle, registry, state, the agents' data directories) are searched: no hit outside the files meant to
+hold them, and those are mode 0600."""
 
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -21,8 +29,10 @@ import pytest
 
 from connectors.dimo.emulator.server import EmulatorProcess
 from connectors.dimo.emulator.state import EmulatorConfig
+from depin_core import tls as tlslib
 from depin_core.tls import client_context, make_certificate
 from gpu_jobs.agent.process import AgentProcess
+from gpu_jobs.providers import base
 from serving._auth import hash_api_key
 from serving.bundle import load_publisher_account
 from serving.server import GatewayProcess
@@ -49,6 +59,22 @@ def _run(*args: str, cwd: Path, env: dict[str, str], outputs: list[str]) -> dict
 
 def _hits(text: str, found: dict[str, str]) -> list[str]:
     return [name for name, value in found.items() if value in text]
+
+
+def _scan(roots: list[Path], found: dict[str, str], holders: set[Path]) -> int:
+    """Every file under ``roots`` holds none of ``found``'s values, except ``holders`` (which must be 0600);
+    returns how many files were searched."""
+    scanned = 0
+    for root in roots:
+        for f in (p for p in root.rglob("*") if p.is_file()):
+            if f in holders:
+                assert stat.S_IMODE(f.stat().st_mode) == 0o600, f"{f} holds a secret but is not 0600"
+                continue
+            scanned += 1
+            data = f.read_bytes()
+            leaked = [name for name, value in found.items() if value.encode() in data]
+            assert not leaked, f"{leaked} found in {f}"
+    return scanned
 
 
 def test_no_secret_leaves_the_files_meant_to_hold_it(tmp_path: Path) -> None:
@@ -129,14 +155,159 @@ def test_no_secret_leaves_the_files_meant_to_hold_it(tmp_path: Path) -> None:
         (gateway_log, "gateway log"),
     ]:
         assert not _hits(text, found), f"{_hits(text, found)} in the {where}"
-    scanned = 0
-    for root in (work, tmp_path / "agent", tmp_path / "registry"):
-        for f in (p for p in root.rglob("*") if p.is_file()):
-            if f in holders:
-                assert stat.S_IMODE(f.stat().st_mode) == 0o600, f"{f} holds a secret but is not 0600"
-                continue
-            scanned += 1
-            data = f.read_bytes()
-            leaked = [name for name, value in found.items() if value.encode() in data]
-            assert not leaked, f"{leaked} found in {f.relative_to(tmp_path)}"
+    scanned = _scan([work, tmp_path / "agent", tmp_path / "registry"], found, holders)
     assert scanned > 20  # datasets, the model, the bundle, the registry, the job's state
+
+
+# ------------------------------------------------------------------------------------------- the Prefect flow
+
+
+@pytest.fixture(scope="module")
+def prefect_backend() -> Iterator[None]:
+    """The session's one Prefect test server (started here if no other test started it)."""
+    from tests.flows.harness import prefect_session
+
+    with prefect_session():
+        yield
+
+
+def _prefect_records() -> tuple[list[str], list[str], list[str]]:
+    """Every log message, artifact and flow run (parameters, state message) the Prefect server holds."""
+    from prefect.client.orchestration import get_client
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)  # the run's last log batches reach the server before we read
+    with get_client(sync_client=True) as client:
+        logs = [log.message for log in client.read_logs()]
+        artifacts = [json.dumps(a.model_dump(mode="json")) for a in client.read_artifacts()]
+        runs = [json.dumps(r.model_dump(mode="json")) for r in client.read_flow_runs()]
+    return logs, artifacts, runs
+
+
+def _prefect_files() -> list[Path]:
+    """Where the Prefect server keeps its state: PREFECT_HOME (results, local storage) and the database."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    db_url = settings.server.database.connection_url.get_secret_value()  # type: ignore[union-attr]
+    db = Path(db_url.split(":///", 1)[1])
+    assert db.is_file(), db_url
+    return [Path(settings.home), db.parent]
+
+
+def test_no_secret_leaves_a_prefect_run_on_a_rented_machine(
+    prefect_backend: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from pipelines import train_and_publish
+    from pipelines.params import (
+        DEFAULT_EMULATOR_CREDENTIALS,
+        IngestParams,
+        PublishParams,
+        TrainAndPublishParams,
+        TrainParams,
+    )
+    from tests.fakes.ionet import FakeIonet
+    from tests.fakes.vast import FakeVast
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for var in list(os.environ):
+        if var.startswith("DEPIN_"):
+            monkeypatch.delenv(var)
+    vast_key, ionet_key = "vast-secret-" + secrets.token_hex(16), "ionet-secret-" + secrets.token_hex(16)
+    admin_key = "admin-secret-" + secrets.token_hex(16)
+    holders: set[Path] = set()
+    node_logs: list[str] = []
+
+    class Node(AgentProcess):
+        """A rented machine's agent (the TLS material the client made reaches it through the provider's env);
+        its log is kept for the search."""
+
+        def close(self) -> None:
+            self.stop()
+            node_logs.append(self.log_text())
+            super().close()
+
+    key_file = work / "admin.key"
+    key_file.write_text(admin_key + "\n")
+    key_file.chmod(0o600)
+    holders.add(key_file)
+    cert = make_certificate()
+    cert_file, tls_key = cert.write(tmp_path / "tls")
+    publisher = load_publisher_account(
+        key_file=work / ".depin/keys/publisher.key"
+    )  # what the flow signs with
+    holders.add(work / ".depin/keys/publisher.key")
+    settings = GatewaySettings(
+        registry_dir=tmp_path / "registry",
+        trusted_publishers=[publisher.address],
+        admin_key_hashes=[hash_api_key(admin_key)],
+        poll_interval_s=0.1,
+        tls_cert_file=cert_file,
+        tls_key_file=tls_key,
+    )
+    with (
+        EmulatorProcess(EmulatorConfig(**FLEET, end=FLEET_END)) as emu,  # type: ignore[arg-type]
+        FakeVast(tmp_path / "vast", api_key=vast_key, agent_factory=lambda d, t: Node(d, t, env=ENV)) as vast,
+        FakeIonet(tmp_path / "ionet", api_key=ionet_key, agent_factory=None) as ionet,
+        GatewayProcess(settings) as gw,
+    ):
+        ionet.no_capacity = True  # asked first (its key in use), then Vast.ai rents the machine
+        DEFAULT_EMULATOR_CREDENTIALS.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(emu.credentials_path, DEFAULT_EMULATOR_CREDENTIALS)
+        DEFAULT_EMULATOR_CREDENTIALS.chmod(0o600)
+        holders.add(work / DEFAULT_EMULATOR_CREDENTIALS)
+        dimo_key = json.loads(DEFAULT_EMULATOR_CREDENTIALS.read_text())["private_key"]
+        for var, value in {
+            "DEPIN_VAST_API_KEY": vast_key, "DEPIN_VAST_URL": vast.base_url,
+            "DEPIN_IONET_API_KEY": ionet_key, "DEPIN_IONET_URL": ionet.base_url,
+        }.items():  # fmt: skip
+            monkeypatch.setenv(var, value)
+        result = train_and_publish(
+            TrainAndPublishParams(
+                ingest=IngestParams(since=SINCE, until=UNTIL, signals=SIGNALS, rate_limit_per_s=0),
+                train=TrainParams(hyperparameters=RANGE_HP, runners=["ionet", "vast"]),
+                publish=PublishParams(target=gw.base_url, admin_key_file=key_file, tls_cert=cert_file),
+            )
+        )
+        gateway_log = gw.log_text()
+    assert result.function_url.startswith(gw.base_url) and result.function_version
+    asked, rented = result.train.attempts  # type: ignore[union-attr]
+    assert (
+        asked["runner"] == "ionet" and "no offer" in asked["reason"] and ionet.calls
+    )  # its key was accepted
+    assert rented["runner"] == "vast" and vast.launches == 1 and vast.destroyed
+    (ask,) = vast.asks
+    node_env: dict[str, str] = ask["env"]
+    node_tls_key = tlslib.from_env(base.TLS_KEY_ENV, dict(node_env), "PRIVATE KEY")
+    assert node_tls_key is not None
+
+    found = {
+        "dimo private key": dimo_key, "admin key": admin_key, "publisher key": publisher.key.hex()[2:],
+        "vast api key": vast_key, "ionet api key": ionet_key, "node token": node_env[base.TOKEN_ENV],
+    }  # fmt: skip
+    # the node's private key: each line of its base64 body (64 characters), and each provider env chunk
+    key_lines = [ln for ln in node_tls_key.splitlines() if not ln.startswith("-----")]
+    found |= {f"node TLS key line {i}": ln for i, ln in enumerate(key_lines) if len(ln) >= 32}
+    found |= {k: v for k, v in node_env.items() if k.startswith(base.TLS_KEY_ENV)}
+    assert all(len(v) >= 16 for v in found.values())
+
+    logs, artifacts, runs = _prefect_records()
+    assert any("vast" in m for m in logs) and any("train-and-publish" in a for a in artifacts)
+    console = capfd.readouterr()
+    assert "Finished in state Completed" in console.out + console.err  # the run's console logging is here
+    for texts, where in [
+        (logs, "Prefect log"), (artifacts, "Prefect artifact"), (runs, "Prefect flow run"),
+        ([console.out, console.err], "console"), (node_logs, "rented node's agent log"), ([gateway_log], "gateway log"),
+    ]:  # fmt: skip
+        assert texts
+        for text in texts:
+            assert not _hits(text, found), f"{_hits(text, found)} in a {where}: {text[:300]}"
+    node_key_files = list(
+        (tmp_path / "vast").rglob("tls/tls-key.pem")
+    )  # the key the node's agent serves with
+    assert len(node_key_files) == 1
+    holders |= set(node_key_files)
+    scanned = _scan([work, tmp_path / "vast", tmp_path / "registry", *_prefect_files()], found, holders)
+    assert scanned > 20
