@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from depin_core.errors import ConfigError, DepinError, TransientError
 from gpu_jobs.runner import JobNotFinished, JobStatus
-from gpu_jobs.spec import FailureKind, JobKind, JobResult, JobSpec, JobState, Outputs
+from gpu_jobs.spec import FailureKind, JobResult, JobSpec, JobState, Outputs
 
 LogSink = Callable[[str], None]
 StatusSink = Callable[[str, JobStatus], None]  # (chain entry, status)
@@ -234,7 +234,8 @@ def run_chain(
     ``limits.max_wall_s`` + ``attempt_grace_s``). ``stall_s``: how long a runner may stay unanswerable while
     the job runs before the attempt counts as lost. With an untrusted entry the whole run uses minimised
     inputs (:mod:`gpu_jobs.minimise`; ``pseudonym_key``, default ``<jobs_dir>/../keys/pseudonym.key``) and
-    scored outputs are mapped back to the real ``token_id``s after verification. Returns the final result,
+    scored outputs and a trained model's vehicle lists are mapped back to the real ``token_id``s after
+    verification. Returns the final result,
     never raises for job failures; ``ConfigError`` for entries that cannot work.
     """
     if not entries:
@@ -284,7 +285,7 @@ def run_chain(
                 )
     try:
         out = _run_entries(run, parsed, max_total_s)
-        if prepared is not None and out.result.state == JobState.SUCCEEDED and spec.kind == JobKind.INFER:
+        if prepared is not None and out.result.state == JobState.SUCCEEDED:
             from gpu_jobs.minimise import restore_outputs
 
             restored = restore_outputs(out.result.artifacts, prepared)  # pseudonyms → token_ids, locally

@@ -6,16 +6,21 @@
   that declares none keeps every column but the location ones. Location columns (``latitude``, ``longitude``)
   never leave unless the family's ``columns`` names them.
 - **vehicles**: ground-truth files keep only the rows of the vehicles in the job's telemetry.
-- **identifiers**: every ``token_id`` is replaced by its pseudonym, a keyed hash (HMAC-SHA256, first 63 bits as
-  an int64, so the telemetry schema is unchanged) under a key that never leaves this machine (``Pseudonyms``,
-  a 0600 key file). The copies are re-sorted by ``(token_id, timestamp)``, the order the families expect.
+- **identifiers**: every ``token_id`` is replaced by a pseudonym drawn from keyed hashes (HMAC-SHA256, first 63
+  bits as an int64, so the telemetry schema is unchanged) under a key that never leaves this machine
+  (``Pseudonyms``, a 0600 key file). Within a job the pseudonyms keep the order of the real ids (the k-th
+  smallest id gets the k-th smallest hash of the job's vehicles), so the families' seeded vehicle split holds
+  out the same vehicles as on a trusted runner, and per-vehicle parameters line up with the sorted real ids.
+  What a node learns is that order, nothing of the ids themselves. The copies are re-sorted by
+  ``(token_id, timestamp)``, the order the families expect.
 - **model inputs** (infer): the artifact's ``train_vehicles`` / ``heldout_vehicles`` are pseudonymised too and
   its manifest updated, so a locally trained model does not carry raw identifiers to the node.
 
 Files that need no change are not copied (their digests stay, so ``spec_hash`` only changes when the data does).
 The prepared spec is what the whole run uses — the node, the local hold-out evaluation and re-scoring (on our own
 copy, so verification is unaffected) and the artifact's lineage (its dataset hashes are the minimised copies').
-:func:`restore_outputs` maps the pseudonyms in a scored output back to the real ``token_id``s, locally.
+:func:`restore_outputs` maps the pseudonyms back to the real ``token_id``s, locally: in a scored output, and in a
+trained artifact's vehicle lists (its manifest updated), once the result is verified.
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -72,9 +79,19 @@ class Pseudonyms:
         return cls(key)
 
     def of(self, token_id: int) -> int:
-        """The pseudonym of ``token_id``: a positive int64."""
+        """The keyed hash of ``token_id``: a positive int64."""
         digest = hmac.new(self._key, f"token_id:{int(token_id)}".encode(), hashlib.sha256).digest()
         return int.from_bytes(digest[:8], "big") >> 1
+
+    def mapping(self, token_ids: Iterable[int]) -> dict[int, int]:
+        """token_id → pseudonym for one job's vehicles: their keyed hashes, assigned in the ids' order."""
+        real = sorted({int(t) for t in token_ids})
+        fakes = sorted(self.of(t) for t in real)
+        if len(set(fakes)) != len(fakes):
+            raise ConfigError(
+                "pseudonym collision between two vehicles; delete the pseudonym key file and rerun"
+            )
+        return dict(zip(real, fakes, strict=True))
 
 
 @dataclass
@@ -84,6 +101,7 @@ class Prepared:
     spec: JobSpec
     root: Path
     original: JobSpec
+    forward: dict[int, int] = field(default_factory=dict)  # token_id → pseudonym
     reverse: dict[int, int] = field(default_factory=dict)
     dropped: dict[str, list[str]] = field(default_factory=dict)  # input file → columns left behind
 
@@ -114,19 +132,24 @@ def prepare(spec: JobSpec, root: Path | str, pseudonyms: Pseudonyms) -> Prepared
         if ref.role == "telemetry":
             for f in _files(ref):
                 if TOKEN in pq.ParquetFile(f).schema_arrow.names:
-                    vehicles.update(pq.read_table(f, columns=[TOKEN])[TOKEN].to_pylist())
+                    vehicles.update(
+                        pc.unique(pq.read_table(f, columns=[TOKEN])[TOKEN]).drop_null().to_pylist()
+                    )
+    listed = {t for ref in spec.inputs if ref.role == "model" for t in _vehicle_lists(Path(ref.path))[1]}
+    prep.forward = pseudonyms.mapping(vehicles | listed)
+    prep.reverse = {p: t for t, p in prep.forward.items()}
     inputs: list[DatasetRef] = []
     for i, ref in enumerate(spec.inputs):
         dest = root / str(i)
         if ref.role == "model":
-            inputs.append(_model_copy(ref, dest, pseudonyms))
+            inputs.append(_model_copy(ref, dest, prep.forward))
             continue
         changed = False
         for f in _files(ref):
             rel = Path(f.name) if not ref.files else f.relative_to(ref.path)
             keep = wanted if ref.role == "telemetry" else None
             gt = vehicles if ref.role == "ground_truth" else None
-            table = _minimise(pq.read_table(f), keep, gt, pseudonyms, prep, str(f))
+            table = _minimise(pq.read_table(f), keep, gt, prep, str(f))
             if table is None:
                 _link(f, dest / rel)
                 continue
@@ -158,7 +181,6 @@ def _minimise(
     table: pa.Table,
     keep: frozenset[str] | None,
     vehicles: set[int] | None,
-    pseudonyms: Pseudonyms,
     prep: Prepared,
     label: str,
 ) -> pa.Table | None:
@@ -177,16 +199,9 @@ def _minimise(
         return table
     if vehicles is not None:
         table = table.filter(pc.is_in(table[TOKEN], value_set=pa.array(sorted(vehicles), table[TOKEN].type)))
-    # one keyed hash per vehicle, not per row; rows take their vehicle's pseudonym (null stays null)
+    # one lookup per vehicle, not per row; rows take their vehicle's pseudonym (null stays null)
     ids = table[TOKEN].unique().drop_null()
-    fake = []
-    for t in ids.to_pylist():
-        p = pseudonyms.of(t)
-        if prep.reverse.setdefault(p, int(t)) != int(t):
-            raise ConfigError(
-                f"pseudonym collision for token_id {t}; delete the pseudonym key file and rerun"
-            )
-        fake.append(p)
+    fake = [prep.forward[int(t)] for t in ids.to_pylist()]  # (ground truth: only the job's vehicles are left)
     column = pa.array(fake, pa.int64()).take(pc.index_in(table[TOKEN], value_set=ids))
     table = table.set_column(table.column_names.index(TOKEN), TOKEN, column)
     order = [(TOKEN, "ascending")] + (
@@ -195,32 +210,63 @@ def _minimise(
     return table.sort_by(order)
 
 
-def _model_copy(ref: DatasetRef, dest: Path, pseudonyms: Pseudonyms) -> DatasetRef:
-    """A copy of the model artifact with its vehicle lists pseudonymised (manifest updated)."""
-    src = Path(ref.path)
-    config = json.loads((src / "model.json").read_bytes()) if (src / "model.json").is_file() else {}
-    lists = [k for k in ("train_vehicles", "heldout_vehicles") if isinstance(config.get(k), list)]
-    if not lists or not ref.files:
-        return ref
-    shutil.copytree(src, dest)
-    for k in lists:
-        config[k] = sorted(pseudonyms.of(t) for t in config[k])
-    atomic_write_bytes(dest / "model.json", json.dumps(config, indent=2, sort_keys=True).encode() + b"\n")
-    manifest_path = dest / "manifest.json"
+VEHICLE_LISTS = ("train_vehicles", "heldout_vehicles")  # where a model artifact's model.json names vehicles
+
+
+def _vehicle_lists(model_dir: Path) -> tuple[dict[str, Any], set[int]]:
+    """(model.json of ``model_dir`` or {}, every token_id its vehicle lists name)."""
+    path = model_dir / "model.json"
+    config = json.loads(path.read_bytes()) if path.is_file() else {}
+    ids = {int(t) for k in VEHICLE_LISTS if isinstance(config.get(k), list) for t in config[k]}
+    return config, ids
+
+
+def _rewrite_vehicle_lists(model_dir: Path, config: dict[str, Any], mapping: dict[int, int]) -> None:
+    """Map ``config``'s vehicle lists through ``mapping`` into ``model_dir/model.json``; the manifest's
+    sha256 of model.json follows. ``ConfigError`` for an id the mapping lacks."""
+    for k in (k for k in VEHICLE_LISTS if isinstance(config.get(k), list)):
+        unknown = sorted({int(t) for t in config[k]} - set(mapping))
+        if unknown:
+            raise ConfigError(f"model {model_dir}: {k} {unknown[:3]} are not the job's vehicles")
+        config[k] = sorted(mapping[int(t)] for t in config[k])
+    atomic_write_bytes(
+        model_dir / "model.json", json.dumps(config, indent=2, sort_keys=True).encode() + b"\n"
+    )
+    manifest_path = model_dir / "manifest.json"
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_bytes())
         if isinstance(manifest.get("files"), dict) and "model.json" in manifest["files"]:
-            manifest["files"]["model.json"] = sha256_file(dest / "model.json")
+            manifest["files"]["model.json"] = sha256_file(model_dir / "model.json")
             atomic_write_bytes(manifest_path, json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n")
+
+
+def _model_copy(ref: DatasetRef, dest: Path, forward: dict[int, int]) -> DatasetRef:
+    """A copy of the model artifact with its vehicle lists pseudonymised (manifest updated)."""
+    src = Path(ref.path)
+    config, ids = _vehicle_lists(src)
+    if not ids or not ref.files:
+        return ref
+    shutil.copytree(src, dest)
+    _rewrite_vehicle_lists(dest, config, forward)
     return DatasetRef.from_path(dest, role="model")
 
 
 def restore_outputs(artifacts: dict[str, str], prep: Prepared) -> dict[str, str]:
-    """Map the pseudonyms in every Parquet output with a ``token_id`` column back to the real ids (in place);
-    the artifacts with their new sha256s. A pseudonym this run did not make is an error (the node invented it)."""
+    """Map the pseudonyms back to the real ids (in place) in every Parquet output with a ``token_id`` column
+    and in a model artifact's vehicle lists (``model.json``, with its manifest); the artifacts with their new
+    sha256s. A pseudonym this run did not make is an error (the node invented it)."""
     out: dict[str, str] = {}
+    for path in artifacts:
+        p = Path(path)
+        if p.name == "model.json" and p.is_file():
+            config, ids = _vehicle_lists(p.parent)
+            if ids:
+                _rewrite_vehicle_lists(p.parent, config, prep.reverse)
     for path, sha in artifacts.items():
         p = Path(path)
+        if p.name in ("model.json", "manifest.json") and p.is_file():
+            out[path] = sha256_file(p)
+            continue
         if p.suffix != ".parquet" or not p.is_file() or TOKEN not in pq.ParquetFile(p).schema_arrow.names:
             out[path] = sha
             continue

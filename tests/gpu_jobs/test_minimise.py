@@ -61,7 +61,12 @@ def test_only_the_familys_columns_and_the_jobs_vehicles_leave_under_pseudonyms(t
     assert not set(ids) & set(RAW) and sorted(prep.reverse[i] for i in ids) == sorted(RAW)
     assert ids == sorted(ids)  # re-sorted by (pseudonym, timestamp), as the families read it
     f = pq.read_table(Path(truth.path) / "faults.parquet")
-    assert f["token_id"].to_pylist() == [keys.of(101)]  # vehicle 999 is not in the job: left behind
+    assert f["token_id"].to_pylist() == [prep.forward[101]]  # vehicle 999 is not in the job: left behind
+    # the pseudonyms are the vehicles' keyed hashes, handed out in the order of the real ids
+    assert sorted(prep.forward.values()) == sorted(keys.of(t) for t in set(RAW))
+    assert list(prep.forward) == sorted(set(RAW)) and list(prep.forward.values()) == sorted(
+        prep.forward.values()
+    )
     assert stat.S_IMODE((tmp_path / "keys" / "pseudonym.key").stat().st_mode) == 0o600
     # the same key gives the same pseudonyms (verification and later runs agree); another key does not
     again = Pseudonyms.from_file(tmp_path / "keys" / "pseudonym.key")
@@ -91,7 +96,7 @@ def test_scores_map_back_to_the_real_vehicles_and_invented_ones_are_refused(tmp_
     keys = Pseudonyms(b"k" * 32)
     prep = prepare(_spec(tmp_path), tmp_path / "prep", keys)
     out = tmp_path / "scores.parquet"
-    pq.write_table(pa.table({"token_id": [keys.of(303), keys.of(101)], "score": [0.3, 0.1]}), out)
+    pq.write_table(pa.table({"token_id": [prep.forward[303], prep.forward[101]], "score": [0.3, 0.1]}), out)
     arts = restore_outputs({str(out): "old"}, prep)
     back = pq.read_table(out)
     assert back["token_id"].to_pylist() == [101, 303] and back["score"].to_pylist() == [0.1, 0.3]
@@ -117,4 +122,28 @@ def test_a_model_sent_for_scoring_lists_no_raw_vehicle_and_still_loads(
     model = Path(prep.spec.inputs[1].path)
     raw = json.loads((range_artifact / "model.json").read_bytes())["train_vehicles"]
     sent = load_artifact(model).model_config["train_vehicles"]
-    assert sorted(sent) == sorted(keys.of(t) for t in raw) and not set(sent) & set(raw)
+    assert sorted(sent) == sorted(prep.forward[t] for t in raw) and not set(sent) & set(raw)
+    # a model that comes back (trained on pseudonyms) names the real vehicles again, and still loads
+    files = {str(f): "stale" for f in model.iterdir()}
+    restored = restore_outputs(files, prep)
+    back = load_artifact(model, expected_manifest_sha256=restored[str(model / "manifest.json")])
+    assert back.model_config["train_vehicles"] == sorted(raw)
+    assert all(v != "stale" for k, v in restored.items() if k.endswith(("model.json", "manifest.json")))
+
+
+def test_the_seeded_split_holds_out_the_same_vehicles_under_pseudonyms(tmp_path: Path) -> None:
+    from gpu_jobs.models.features import split_vehicles
+
+    real = [1000 + 7 * i for i in range(40)]
+    forward = Pseudonyms(b"k" * 32).mapping(real)
+    for seed in range(5):
+        train, held = split_vehicles(real, holdout=0.2, seed=seed)
+        p_train, p_held = split_vehicles(list(forward.values()), holdout=0.2, seed=seed)
+        assert [forward[t] for t in held] == p_held.tolist() and [
+            forward[t] for t in train
+        ] == p_train.tolist()
+    # plain keyed hashes (no order kept) would hold out other vehicles: the check can fail
+    keys = Pseudonyms(b"k" * 32)
+    hashed = {keys.of(t): t for t in real}
+    _, h = split_vehicles(list(hashed), holdout=0.2, seed=0)
+    assert sorted(hashed[p] for p in h) != split_vehicles(real, holdout=0.2, seed=0)[1].tolist()
