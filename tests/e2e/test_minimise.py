@@ -118,7 +118,10 @@ def test_a_node_gets_only_minimised_pseudonymous_data_and_keeps_nothing(
     )  # fmt: skip
     assert doc["state"] == "SUCCEEDED" and doc["attempts"][0]["verified"] is True
     trained = json.loads((model / "model.json").read_bytes())  # back home, the model names the real vehicles
-    assert trained["heldout_vehicles"] and set(trained["train_vehicles"] + trained["heldout_vehicles"]) <= raw_ids
+    assert (
+        trained["heldout_vehicles"]
+        and set(trained["train_vehicles"] + trained["heldout_vehicles"]) <= raw_ids
+    )
 
     scores = tmp_path / "scores.parquet"
     scored = run_score(
