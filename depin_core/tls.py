@@ -59,7 +59,7 @@ class NodeCertificate:
 
 
 def make_certificate(
-    names: Sequence[str] = ("localhost",), addresses: Sequence[str] = ("127.0.0.1",), *, days: int = 825
+    names: Sequence[str] = ("localhost",), addresses: Sequence[str] = ("127.0.0.1",), *, days: float = 825
 ) -> NodeCertificate:
     """A fresh P-256 key and a self-signed server certificate for ``names`` / ``addresses`` (SANs)."""
     key = ec.generate_private_key(ec.SECP256R1())
@@ -114,6 +114,18 @@ def normalise_fingerprint(value: str, field: str = "fingerprint") -> str:
     return hexdigits
 
 
+def agreed_fingerprint(cert_pem: str | None, fp: str | None, field: str = "tls_fingerprint") -> str | None:
+    """The pin given as a certificate, a fingerprint or both: the certificate's sha256 (``ConfigError`` when the
+    fingerprint given is another), else the fingerprint normalised, else None."""
+    given = normalise_fingerprint(fp, field) if fp else None
+    if cert_pem:
+        got = fingerprint(cert_pem)
+        if given not in (None, got):
+            raise ConfigError(f"tls_cert's sha256 is {got}, not the {field} given ({given})")
+        return got
+    return given
+
+
 def client_context(cert_pem: str) -> ssl.SSLContext:
     """An SSL context that trusts exactly ``cert_pem`` (TLS ≥ 1.2, no hostname check, no system CAs)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -158,6 +170,37 @@ def is_certificate_refusal(exc: BaseException) -> bool:
         visited.add(id(seen))
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def _verify_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    seen: BaseException | None = exc
+    visited: set[int] = set()
+    while seen is not None and id(seen) not in visited:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen
+        visited.add(id(seen))
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+_VALIDITY = {9: "is not valid yet (check this machine's clock)", 10: "has expired"}  # OpenSSL verify codes
+
+
+def pin_refused(exc: BaseException, who: str, pinned: str | None, fix: str) -> PinMismatch:
+    """The error for a refused handshake with ``who`` (``is_certificate_refusal(exc)``): the pinned certificate
+    out of its validity period (expired, or not valid yet), else another certificate (another machine, or a man
+    in the middle). ``pinned``: its sha256; ``fix``: what to do, in the caller's words."""
+    err = _verify_error(exc)
+    problem = _VALIDITY.get(getattr(err, "verify_code", 0))
+    if problem is not None:
+        return PinMismatch(
+            f"{who}: the pinned TLS certificate (sha256 {pinned}) {problem}; nothing was sent. It is the "
+            f"right machine with a certificate out of date: {fix}"
+        )
+    return PinMismatch(
+        f"{who} presented a TLS certificate other than the pinned one (sha256 {pinned}): another machine or a "
+        f"man in the middle; nothing was sent. {fix}"
+    )
 
 
 def is_loopback(host: str) -> bool:

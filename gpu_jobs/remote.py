@@ -239,11 +239,12 @@ class AgentRunner:
         """A ``PinMismatch`` naming this node when ``exc`` is a failed certificate check, else None."""
         if not tlslib.is_certificate_refusal(exc):
             return None
-        fp = self._pin[1] if self._pin is not None else "none"
-        return tlslib.PinMismatch(
-            f"agent {self.name} at {self.url} presented a TLS certificate other than the pinned one (sha256 "
-            f"{fp}): another machine or a man in the middle; nothing was sent. Check the node; if it was set "
-            "up again, pin its new certificate (depin worker register NAME --url … --fingerprint …)"
+        return tlslib.pin_refused(
+            exc,
+            f"agent {self.name} at {self.url}",
+            self._pin[1] if self._pin is not None else None,
+            "Check the node; if it was set up again (or has a new certificate), pin its new certificate "
+            "(depin worker register NAME --url … --fingerprint …)",
         )
 
     # --- JobRunner -------------------------------------------------------------------------------------------
@@ -955,13 +956,12 @@ def _pin_of(base: str, cert: str | None, fp: str | None) -> tuple[str | None, st
     ``ConfigError`` when an https agent has no pin, or the two given disagree."""
     if not base.startswith("https://"):
         return None
-    if cert:
-        got = tlslib.fingerprint(cert)
-        if fp and tlslib.normalise_fingerprint(fp, "tls_fingerprint") != got:
-            raise ConfigError(f"agent {base}: tls_cert's sha256 is {got}, not the tls_fingerprint given")
-        return cert, got
-    if fp:
-        return None, tlslib.normalise_fingerprint(fp, "tls_fingerprint")
+    try:
+        agreed = tlslib.agreed_fingerprint(cert, fp)
+    except ConfigError as exc:
+        raise ConfigError(f"agent {base}: {exc}") from None
+    if agreed is not None:
+        return cert or None, agreed
     raise ConfigError(
         f"agent URL {base}: no pinned certificate; give the node's certificate or its sha256 fingerprint "
         "(`depin worker serve --json` prints tls_fingerprint; depin worker register NAME --url … --fingerprint …)"

@@ -22,7 +22,14 @@ from pydantic import SecretStr
 
 from depin_core.errors import ConfigError, PermanentError, TransientError
 from depin_core.http import NOT_SENT, TRANSIENT_STATUSES, backoff_delay, check_base_url, retry_after_of
-from depin_core.tls import PinMismatch, check_url, client_context, fingerprint, is_certificate_refusal
+from depin_core.tls import (
+    PinMismatch,
+    check_url,
+    client_context,
+    fingerprint,
+    is_certificate_refusal,
+    pin_refused,
+)
 
 log = logging.getLogger(__name__)
 
@@ -208,10 +215,11 @@ class GatewayClient:
                 f"{self.base_url}: the gateway's TLS certificate is not trusted ({exc}); pass its certificate "
                 "(--tls-cert FILE) or give it a CA-signed certificate"
             )
-        return PinMismatch(
-            f"{self.base_url}: the server presented a TLS certificate other than the pinned one (sha256 "
-            f"{self.tls_fingerprint}) — another machine or a man in the middle; nothing was sent. Check the "
-            "address; if the gateway VM was recreated, run `depin fluence down` and publish again"
+        return pin_refused(
+            exc,
+            f"{self.base_url}: the server",
+            self.tls_fingerprint,
+            "Check the address; if the gateway VM was recreated, run `depin fluence down` and publish again",
         )
 
     # ---- API ---------------------------------------------------------------------------------------------

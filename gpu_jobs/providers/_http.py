@@ -203,9 +203,9 @@ class HealthCheck:
             )
         except httpx.HTTPError as exc:
             if tlslib.is_certificate_refusal(exc):
-                raise tlslib.PinMismatch(
-                    f"agent at {url} presented a TLS certificate other than the one made for it: another "
-                    "machine or a man in the middle; destroy the instance and launch the next attempt"
+                pinned = tlslib.fingerprint(tls_cert) if tls_cert else None
+                raise tlslib.pin_refused(
+                    exc, f"agent at {url}", pinned, "destroy the instance and launch the next attempt"
                 ) from None
             self.last_problem = f"{type(exc).__name__}"
             return None

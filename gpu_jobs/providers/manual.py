@@ -67,16 +67,10 @@ class Node(BaseModel):
             tlslib.check_url(self.url, "url")
         except ConfigError as exc:
             raise ValueError(str(exc).removeprefix("url: ")) from None
-        if self.tls_fingerprint is not None:
-            try:
-                self.tls_fingerprint = tlslib.normalise_fingerprint(self.tls_fingerprint)
-            except ConfigError as exc:
-                raise ValueError(str(exc)) from None
-        if self.tls_cert is not None:
-            got = tlslib.fingerprint(self.tls_cert)
-            if self.tls_fingerprint not in (None, got):
-                raise ValueError(f"tls_cert's sha256 is {got}, not tls_fingerprint {self.tls_fingerprint}")
-            self.tls_fingerprint = got
+        try:
+            self.tls_fingerprint = tlslib.agreed_fingerprint(self.tls_cert, self.tls_fingerprint)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
         if self.url.startswith("https://") and self.tls_fingerprint is None:
             raise ValueError(
                 "an https node needs its certificate pinned: --fingerprint (the tls_fingerprint that "

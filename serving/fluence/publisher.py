@@ -47,12 +47,12 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from depin_core.errors import ConfigError, DepinError, PermanentError, TransientError
 from depin_core.tls import (
     NodeCertificate,
-    PinMismatch,
     check_url,
     client_context,
     fingerprint,
     is_certificate_refusal,
     make_certificate,
+    pin_refused,
 )
 from serving._auth import new_admin_key
 from serving.bundle import DEFAULT_MAX_BATCH_SIZE, valid_name
@@ -749,11 +749,12 @@ class FluencePublisher:
                 except httpx.HTTPError as exc:
                     last = type(exc).__name__
                     if is_certificate_refusal(exc):  # a VM still booting does not answer TLS at all: no retry
-                        raise PinMismatch(
-                            f"{url} presented a TLS certificate other than the pinned one (sha256 "
-                            f"{dep.tls_fingerprint}): another machine or a man in the middle; nothing was "
-                            f"sent. Check the address; `depin fluence down --fluence-target {self.name}` and "
-                            "publish again for a fresh VM and certificate"
+                        raise pin_refused(
+                            exc,
+                            url,
+                            dep.tls_fingerprint,
+                            f"Check the address; `depin fluence down --fluence-target {self.name}` and publish "
+                            "again for a fresh VM and certificate",
                         ) from None
                 if time.monotonic() >= deadline:
                     what = (

@@ -19,6 +19,7 @@ from depin_core.errors import ConfigError
 from depin_core.net import free_port
 from depin_core.tls import (
     PinMismatch,
+    agreed_fingerprint,
     check_url,
     client_context,
     fetch_certificate,
@@ -27,6 +28,7 @@ from depin_core.tls import (
     load_or_make,
     make_certificate,
     normalise_fingerprint,
+    pin_refused,
 )
 
 
@@ -93,3 +95,33 @@ def test_fingerprints_in_the_usual_spellings() -> None:
     assert normalise_fingerprint(colons) == normalise_fingerprint(f"sha256:{fp}") == fp
     with pytest.raises(ConfigError, match="tls_fingerprint"):
         normalise_fingerprint("abc", field="tls_fingerprint")
+
+
+def test_a_pin_given_as_certificate_and_fingerprint_must_agree() -> None:
+    cert, other = make_certificate(), make_certificate()
+    assert agreed_fingerprint(cert.cert_pem, cert.fingerprint.upper()) == cert.fingerprint
+    assert agreed_fingerprint(cert.cert_pem, None) == agreed_fingerprint(None, f"sha256:{cert.fingerprint}")
+    assert agreed_fingerprint(None, None) is None
+    with pytest.raises(ConfigError, match=f"sha256 is {cert.fingerprint}, not the tls_fingerprint given"):
+        agreed_fingerprint(cert.cert_pem, other.fingerprint)
+
+
+def test_an_expired_pinned_certificate_is_told_apart_from_another_one(tmp_path: Path) -> None:
+    expired = make_certificate(days=-0.001)  # ran out 86 s ago
+    expired.write(tmp_path / "node")
+    with https_server(tmp_path, tmp_path / "node") as url:
+        with pytest.raises(httpx.ConnectError) as refused:
+            httpx.get(url, verify=client_context(expired.cert_pem))
+        assert is_certificate_refusal(refused.value)
+        message = str(
+            pin_refused(refused.value, "agent node-x", expired.fingerprint, "pin its new certificate")
+        )
+        assert message.startswith(
+            f"agent node-x: the pinned TLS certificate (sha256 {expired.fingerprint}) has "
+        )
+        assert "expired" in message and "man in the middle" not in message
+        other = make_certificate()  # a valid certificate that is not the pinned one
+        with pytest.raises(httpx.ConnectError) as mitm:
+            httpx.get(url, verify=client_context(other.cert_pem))
+        message = str(pin_refused(mitm.value, "agent node-x", other.fingerprint, "pin its new certificate"))
+        assert "other than the pinned one" in message and "man in the middle" in message

@@ -71,7 +71,7 @@ def test_register_list_remove_in_a_0600_file(nodes_file: Path) -> None:
     manual.register(
         "lab-a", "https://10.0.0.6:8900", SecretStr(TOKEN), tls_fingerprint=fp, tls_cert=CERT.cert_pem
     )
-    with pytest.raises(ConfigError, match="not tls_fingerprint"):
+    with pytest.raises(ConfigError, match="not the tls_fingerprint given"):
         manual.register(
             "lab-a", "https://10.0.0.6:8900", SecretStr(TOKEN), tls_fingerprint=FP, tls_cert=CERT.cert_pem
         )
