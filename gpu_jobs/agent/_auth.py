@@ -1,7 +1,7 @@
 """The agent's bearer tokens: one admin token (kept only as its sha256) and per-job tokens minted by the admin.
 
 A job token grants the blob routes, ``POST /v1/jobs`` for its job id and every ``/v1/jobs/{its id}/…`` route;
-it expires after its ``ttl_s``. Only sha256 digests are kept (in memory and in ``tokens.json``, mode 0600),
+it expires after its ``ttl_s``, and is revoked when the job's data is deleted. Only sha256 digests are kept (in memory and in ``tokens.json``, mode 0600),
 and every comparison is ``hmac.compare_digest`` over all stored digests.
 """
 
@@ -83,6 +83,7 @@ class _JobToken:
     digest: str
     job_id: str
     expires_at: float  # unix time
+    revoked: bool = False  # the job's data was deleted
 
 
 class TokenStore:
@@ -99,14 +100,20 @@ class TokenStore:
             return []
         try:
             rows = json.loads(self._path.read_bytes())
-            return [_JobToken(r["digest"], r["job_id"], float(r["expires_at"])) for r in rows]
+            return [
+                _JobToken(r["digest"], r["job_id"], float(r["expires_at"]), bool(r.get("revoked")))
+                for r in rows
+            ]
         except (OSError, ValueError, KeyError, TypeError):
             return []  # a damaged file only loses the job tokens; the admin can mint new ones
 
     def _save(self) -> None:
         if self._path is None:
             return
-        rows = [{"digest": t.digest, "job_id": t.job_id, "expires_at": t.expires_at} for t in self._jobs]
+        rows = [
+            {"digest": t.digest, "job_id": t.job_id, "expires_at": t.expires_at, "revoked": t.revoked}
+            for t in self._jobs
+        ]
         atomic_write_bytes(self._path, json.dumps(rows).encode())
         os.chmod(self._path, 0o600)
 
@@ -120,6 +127,18 @@ class TokenStore:
             self._jobs.append(_JobToken(token_digest(token), job_id, expires))
             self._save()
         return token, expires
+
+    def revoke(self, job_id: str) -> int:
+        """Revoke every token of ``job_id`` (its data is gone); how many were live."""
+        with self._lock:
+            live = [t for t in self._jobs if t.job_id == job_id and not t.revoked]
+            if live:
+                self._jobs = [
+                    _JobToken(t.digest, t.job_id, t.expires_at, True) if t.job_id == job_id else t
+                    for t in self._jobs
+                ]
+                self._save()
+        return len(live)
 
     def check(self, authorization: str | None) -> Principal:
         """The caller behind an ``Authorization: Bearer …`` header, or ``AuthError(401)``."""
@@ -138,6 +157,10 @@ class TokenStore:
             return Principal(admin=True)
         if match is None:
             raise AuthError(401, "invalid token; use the agent's token (DEPIN_AGENT_TOKEN) or a job token")
+        if match.revoked:
+            raise AuthError(
+                401, f"the job token for {match.job_id} was revoked: the job's data was deleted on this agent"
+            )
         if match.expires_at <= time.time():
             raise AuthError(
                 401, f"the job token for {match.job_id} has expired; mint a new one (POST /v1/tokens)"

@@ -493,7 +493,7 @@ class Agent:
 
     async def job_purge(self, request: Request) -> Response:
         """``DELETE /v1/jobs/{id}/data``: remove every file of a finished job (inputs, checkpoints, outputs, log,
-        and the blobs no other job uses); idempotent. Answers what was removed and what of the job remains."""
+        and the blobs no other job uses) and revoke its job tokens; idempotent. Answers what was removed and what of the job remains."""
         job_id = request.path_params["job_id"]
         if not JOB_ID_RE.match(job_id):
             raise ApiError(
@@ -529,7 +529,10 @@ class Agent:
                     self.blobs.path(sha).unlink()
                     removed.append(f"blobs/{sha}")
             remaining = [p.relative_to(self.data_dir).as_posix() for p in paths if p.exists()]
-        log.info("job %s: removed %d item(s) of its data", job_id, len(removed))
+            revoked = self.tokens.revoke(job_id)  # nothing left to reach with them
+        log.info(
+            "job %s: removed %d item(s) of its data, revoked %d job token(s)", job_id, len(removed), revoked
+        )
         return removed, remaining
 
     def _job_blobs(self, job_id: str) -> set[str]:

@@ -1,6 +1,6 @@
 """``DELETE /v1/jobs/{id}/data`` through ``AgentRunner.purge`` on a real agent: a finished job's inputs,
-checkpoints, outputs and log go (a blob another job still uses stays until that job goes too), a second call
-removes nothing, a running job is refused (409), and a wrong token is refused."""
+checkpoints, outputs and log go (a blob another job still uses stays until that job goes too), its job tokens
+are revoked, a second call removes nothing, a running job is refused (409), and a wrong token is refused."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from pydantic import SecretStr
 
@@ -46,11 +47,19 @@ def test_a_finished_jobs_data_is_removed_and_a_shared_blob_only_with_its_last_jo
         for job in (a, b):
             assert runner.result(job, timeout=300).state == JobState.SUCCEEDED
         assert _job_files(agent.data_dir, a) and (agent.data_dir / blob).is_file()
+        minted = httpx.post(
+            f"{agent.url}/v1/tokens", json={"job_id": a}, headers={"Authorization": f"Bearer {TOKEN}"},
+            verify=agent.verify,
+        ).json()  # fmt: skip
+        job_auth = {"Authorization": f"Bearer {minted['token']}"}
+        assert httpx.get(f"{agent.url}/v1/jobs/{a}", headers=job_auth, verify=agent.verify).status_code == 200
 
         removed = runner.purge(a)
         assert f"jobs/{a}" in removed and f"out/{a}" in removed and blob not in removed
         assert _job_files(agent.data_dir, a) == [] and (agent.data_dir / blob).is_file()
         assert runner.purge(a) == []  # idempotent
+        refused = httpx.get(f"{agent.url}/v1/jobs/{a}", headers=job_auth, verify=agent.verify)
+        assert refused.status_code == 401 and "revoked" in refused.text  # the job's token went with its data
 
         assert blob in runner.purge(b)
         assert _job_files(agent.data_dir) == []
