@@ -137,21 +137,38 @@ class ManualProvider:
         self.close()
 
     # ---- the registry ----------------------------------------------------------------------------------------
-    def _load(self) -> dict[str, Node]:
+    def _rows(self) -> dict[str, Any]:
+        """The file's node entries by name, as stored (not validated: register and remove may mend it)."""
         if not self.nodes_file.exists():
             return {}
         try:
             doc = json.loads(self.nodes_file.read_text())
-            nodes = [Node.model_validate(n) for n in doc.get("nodes", [])]
-        except (OSError, ValueError, AttributeError, ValidationError) as exc:
+            rows = doc.get("nodes", [])
+            if not isinstance(rows, list):
+                raise ValueError("nodes is not a list")
+            return {str(row.get("name", "?")): row for row in rows}
+        except (OSError, ValueError, AttributeError) as exc:
             raise ConfigError(
                 f"nodes file {self.nodes_file}: unreadable ({type(exc).__name__}); fix or remove it and "
                 "register the nodes again"
             ) from None
-        return {n.name: n for n in nodes}
 
-    def _save(self, nodes: dict[str, Node]) -> None:
-        doc = {"nodes": [nodes[k].to_file() for k in sorted(nodes)]}
+    def _load(self) -> dict[str, Node]:
+        nodes: dict[str, Node] = {}
+        for name, row in self._rows().items():
+            try:
+                nodes[name] = Node.model_validate(row)
+            except ValidationError as exc:  # e.g. an entry from before pinning: plain HTTP, no fingerprint
+                why = exc.errors()[0]["msg"].removeprefix("Value error, ")
+                raise ConfigError(
+                    f"nodes file {self.nodes_file}: node {name!r}: {why}; register it again "
+                    f"(depin worker register {name} --url https://… --fingerprint …) or remove it "
+                    f"(depin worker remove {name})"
+                ) from None
+        return nodes
+
+    def _save(self, rows: dict[str, Any]) -> None:
+        doc = {"nodes": [rows[k] for k in sorted(rows)]}
         self.nodes_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         atomic_write_bytes(self.nodes_file, (json.dumps(doc, indent=2) + "\n").encode())
         os.chmod(self.nodes_file, 0o600)  # mkstemp already made it 0600; say so explicitly
@@ -188,9 +205,9 @@ class ManualProvider:
             raise ConfigError(f"{field}: {err['msg']}") from None
         if node.tls_cert is None and node.tls_fingerprint is not None:
             node = node.model_copy(update={"tls_cert": self._certificate(node)})
-        nodes = self._load()
-        nodes[name] = node
-        self._save(nodes)
+        rows = self._rows()  # another entry that no longer validates stays as it is
+        rows[name] = node.to_file()
+        self._save(rows)
         return node
 
     def list(self) -> list[Node]:
@@ -214,10 +231,10 @@ class ManualProvider:
 
     def remove(self, name: str) -> bool:
         """Forget node ``name``; False when it was not registered."""
-        nodes = self._load()
-        if nodes.pop(name, None) is None:
+        rows = self._rows()  # works for an entry that no longer validates, too
+        if rows.pop(name, None) is None:
             return False
-        self._save(nodes)
+        self._save(rows)
         return True
 
     def _certificate(self, node: Node) -> str | None:

@@ -101,6 +101,22 @@ def test_register_rejects_bad_values_naming_the_field(nodes_file: Path) -> None:
     assert not nodes_file.exists()
 
 
+def test_an_entry_from_before_pinning_is_named_and_can_be_registered_again(nodes_file: Path) -> None:
+    old = {"name": "lab-b", "url": "http://10.0.0.7:8900", "token": TOKEN, "usd_per_hour": 0.0}
+    nodes_file.parent.mkdir(parents=True, exist_ok=True)
+    nodes_file.write_text(json.dumps({"nodes": [old]}))
+    manual = ManualProvider(nodes_file)
+    with pytest.raises(ConfigError) as refused:
+        manual.list()
+    message = str(refused.value)
+    assert "node 'lab-b'" in message and "plain HTTP to a remote machine" in message
+    assert "depin worker register lab-b --url https://" in message and TOKEN not in message
+    manual.register("lab-b", "https://10.0.0.7:8900", SecretStr(TOKEN), tls_cert=CERT.cert_pem)
+    assert manual.get("lab-b").tls_fingerprint == CERT.fingerprint
+    nodes_file.write_text(json.dumps({"nodes": [old]}))
+    assert manual.remove("lab-b") is True and manual.list() == []
+
+
 def test_unreachable_nodes_give_no_offers(nodes_file: Path) -> None:
     manual = ManualProvider(nodes_file, health_timeout_s=1, poll_s=0.05)
     manual.register("down", "http://127.0.0.1:9", SecretStr(TOKEN))
