@@ -276,8 +276,10 @@ def run_chain(
         job_id=new_job_id(spec),
     )
     if prepared is not None:  # the lineage from the user's data to what the runners (and the artifact) see
-        for i, (raw, sent) in enumerate(zip(prepared.original.inputs, spec.inputs, strict=True)):
-            if raw.sha256 != sent.sha256:
+        for i, (raw, sent) in enumerate(zip(prepared.original.inputs, prepared.sent, strict=True)):
+            if sent is None:
+                run.log(f"input {i} ({raw.role}) kept here: {spec.model.family} reads no {raw.role}")
+            elif raw.sha256 != sent.sha256:
                 run.log(
                     f"input {i} ({raw.role}) minimised for untrusted runners: sha256 {raw.sha256[:16]}… → "
                     f"{sent.sha256[:16]}… (vehicle ids pseudonymised; columns left here: "

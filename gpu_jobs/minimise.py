@@ -5,7 +5,8 @@
 - **columns**: a telemetry file keeps only the columns its model family declares (``family.columns``); a family
   that declares none keeps every column but the location ones. Location columns (``latitude``, ``longitude``)
   never leave unless the family's ``columns`` names them.
-- **vehicles**: ground-truth files keep only the rows of the vehicles in the job's telemetry.
+- **vehicles**: ground-truth files keep only the rows of the vehicles in the job's telemetry, and stay here
+  altogether when the family declares it reads none (``family.uses_ground_truth = False``).
 - **identifiers**: every ``token_id`` is replaced by a pseudonym drawn from keyed hashes (HMAC-SHA256, first 63
   bits as an int64, so the telemetry schema is unchanged) under a key that never leaves this machine
   (``Pseudonyms``, a 0600 key file). Within a job the pseudonyms keep the order of the real ids (the k-th
@@ -101,6 +102,9 @@ class Prepared:
     spec: JobSpec
     root: Path
     original: JobSpec
+    sent: list[DatasetRef | None] = field(
+        default_factory=list
+    )  # per original input: its copy, None: kept here
     forward: dict[int, int] = field(default_factory=dict)  # token_id → pseudonym
     reverse: dict[int, int] = field(default_factory=dict)
     dropped: dict[str, list[str]] = field(default_factory=dict)  # input file → columns left behind
@@ -109,16 +113,27 @@ class Prepared:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def family_columns(family: str) -> frozenset[str] | None:
-    """The telemetry columns the family declares it needs (``family.columns``), or None when it declares none."""
+def _family(family: str) -> object | None:
     from gpu_jobs.registry import load_family
     from gpu_jobs.spec import JobError
 
     try:
-        cols = getattr(load_family(family), "columns", None)
-    except JobError:  # the worker reports an unknown family as the job's failure; keep all but location here
+        return load_family(family)
+    except (
+        JobError
+    ):  # the worker reports an unknown family as the job's failure; minimise by the defaults here
         return None
+
+
+def family_columns(family: str) -> frozenset[str] | None:
+    """The telemetry columns the family declares it needs (``family.columns``), or None when it declares none."""
+    cols = getattr(_family(family), "columns", None)
     return None if cols is None else frozenset(cols)
+
+
+def family_uses_ground_truth(family: str) -> bool:
+    """Whether the family reads ground-truth inputs (``family.uses_ground_truth``; undeclared: it may)."""
+    return bool(getattr(_family(family), "uses_ground_truth", True))
 
 
 def prepare(spec: JobSpec, root: Path | str, pseudonyms: Pseudonyms) -> Prepared:
@@ -138,11 +153,14 @@ def prepare(spec: JobSpec, root: Path | str, pseudonyms: Pseudonyms) -> Prepared
     listed = {t for ref in spec.inputs if ref.role == "model" for t in _vehicle_lists(Path(ref.path))[1]}
     prep.forward = pseudonyms.mapping(vehicles | listed)
     prep.reverse = {p: t for t, p in prep.forward.items()}
-    inputs: list[DatasetRef] = []
+    uses_truth = family_uses_ground_truth(spec.model.family)
     for i, ref in enumerate(spec.inputs):
         dest = root / str(i)
+        if ref.role == "ground_truth" and not uses_truth:
+            prep.sent.append(None)
+            continue
         if ref.role == "model":
-            inputs.append(_model_copy(ref, dest, prep.forward))
+            prep.sent.append(_model_copy(ref, dest, prep.forward))
             continue
         changed = False
         for f in _files(ref):
@@ -157,11 +175,13 @@ def prepare(spec: JobSpec, root: Path | str, pseudonyms: Pseudonyms) -> Prepared
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(table, dest / rel)
         if not changed:
-            inputs.append(ref)
+            prep.sent.append(ref)
             shutil.rmtree(dest, ignore_errors=True)
             continue
-        inputs.append(DatasetRef.from_path(dest if ref.files else dest / Path(ref.path).name, role=ref.role))
-    prep.spec = spec.model_copy(update={"inputs": inputs})
+        prep.sent.append(
+            DatasetRef.from_path(dest if ref.files else dest / Path(ref.path).name, role=ref.role)
+        )
+    prep.spec = spec.model_copy(update={"inputs": [r for r in prep.sent if r is not None]})
     return prep
 
 

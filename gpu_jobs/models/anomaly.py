@@ -253,6 +253,7 @@ class AnomalyFamily:
     name = "anomaly"
     # the telemetry columns it reads (gpu_jobs.minimise sends a remote node nothing else; no location)
     columns = (*F.KEYS, *F.SIGNALS)
+    uses_ground_truth = True  # recall / false-positive rate against the injected faults
 
     def train(self, ctx: JobContext) -> TrainOutput:
         hp = _hparams(ctx)

@@ -241,6 +241,7 @@ class RangeFamily:
     name = "range"
     # the telemetry columns it reads (gpu_jobs.minimise sends a remote node nothing else; no location)
     columns = (*F.KEYS, *F.SIGNALS)
+    uses_ground_truth = False  # evaluated on measured consumption: a fault list given with it stays here
 
     def train(self, ctx: JobContext) -> TrainOutput:
         hp = _hparams(ctx)

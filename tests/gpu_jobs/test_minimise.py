@@ -51,7 +51,7 @@ def _spec(root: Path, family: str = "range") -> JobSpec:
 
 def test_only_the_familys_columns_and_the_jobs_vehicles_leave_under_pseudonyms(tmp_path: Path) -> None:
     keys = Pseudonyms.from_file(tmp_path / "keys" / "pseudonym.key")
-    orig = _spec(tmp_path)
+    orig = _spec(tmp_path, "anomaly")  # evaluated against the fault list: it gets the job's part of it
     prep = prepare(orig, tmp_path / "prep", keys)
     tel, truth = prep.spec.inputs
     assert Path(tel.path).is_relative_to(tmp_path / "prep") and tel.sha256 != orig.inputs[0].sha256
@@ -72,6 +72,12 @@ def test_only_the_familys_columns_and_the_jobs_vehicles_leave_under_pseudonyms(t
     again = Pseudonyms.from_file(tmp_path / "keys" / "pseudonym.key")
     assert again.of(101) == keys.of(101) != Pseudonyms(b"x" * 32).of(101)
     assert "key" not in repr(keys).replace("key=set", "")
+
+
+def test_ground_truth_stays_here_for_a_family_that_reads_none(tmp_path: Path) -> None:
+    prep = prepare(_spec(tmp_path, "range"), tmp_path / "prep", Pseudonyms(b"k" * 32))
+    assert [r.role for r in prep.spec.inputs] == ["telemetry"] and prep.sent[1] is None
+    assert not list((tmp_path / "prep").rglob("faults.parquet"))
 
 
 def test_a_family_without_a_declaration_keeps_its_columns_but_never_the_location(tmp_path: Path) -> None:
