@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -100,7 +101,7 @@ async def discover_vehicles(
                 "POST",
                 url,
                 what=what,
-                parse=lambda r, w=what: _page(r, w, client_id),
+                parse=functools.partial(_page, what=what, client_id=client_id),
                 json={"query": query, "variables": {"lic": client_id, "after": after}},
             )
         except DimoQueryError as exc:

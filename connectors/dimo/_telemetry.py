@@ -232,7 +232,7 @@ def _page_schemas(signals: tuple[str, ...]) -> tuple[dict[str, pl.DataType], pa.
             row[alias(i)] = pl.Utf8() if sig.gql_type == "String" else pl.Float64()
         fields.extend(signal_fields(name))
     # ``errors`` is read with the page: no separate scan of the body for error documents.
-    read = {
+    read: dict[str, pl.DataType] = {
         "errors": pl.List(pl.Struct({"message": pl.Utf8()})),
         "data": pl.Struct({"signals": pl.List(pl.Struct(row))}),
     }
@@ -357,12 +357,12 @@ async def fetch_unit(
         if n <= 1:
             raise DimoTransientError(f"{exc} (already one bucket per request)") from None
         planner.max_values = min(planner.max_values, max(1, (n // 2) * value_columns(chunk)))
-        mid = start + interval * (n // 2)
-        parts = await asyncio.gather(
-            fetch_unit(fetch, planner, chunk, start, mid, interval),
-            fetch_unit(fetch, planner, chunk, mid, end, interval),
+        middle = start + interval * (n // 2)
+        halves = await asyncio.gather(
+            fetch_unit(fetch, planner, chunk, start, middle, interval),
+            fetch_unit(fetch, planner, chunk, middle, end, interval),
         )
-        return pa.concat_tables(parts)
+        return pa.concat_tables(halves)
 
 
 async def fetch_range(

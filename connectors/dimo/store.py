@@ -73,7 +73,7 @@ class StoreState(BaseModel):
     # False while a schema change is being rolled out: some partition files may still lack new columns.
     uniform: bool = True
 
-    def schema(self) -> pa.Schema | None:
+    def table_schema(self) -> pa.Schema | None:
         """The dataset's Arrow schema; None until the first table is written (watermarks may come first)."""
         if not self.arrow_schema:
             return None
@@ -259,7 +259,7 @@ class TelemetryStore:
     def schema(self) -> pa.Schema | None:
         """The dataset's unified Arrow schema, or None before the first write."""
         state = self._load_state()
-        return state.schema() if state else None
+        return state.table_schema() if state else None
 
     def set_watermarks(self, watermarks: Mapping[int, datetime]) -> None:
         """Advance watermarks without rows (a window that is complete but empty); never moves one back."""
@@ -305,7 +305,7 @@ class TelemetryStore:
                 f"table has schema {schema_id!r} but the dataset at {self.root} holds "
                 f"{state.schema_id if state else SCHEMA_ID!r}; write it to another --out directory"
             )
-        if state is None or state.schema() is None:
+        if state is None or state.table_schema() is None:
             return
         interval = _meta(table.schema, b"depin.interval")
         if interval != state.interval:
@@ -339,12 +339,13 @@ class TelemetryStore:
         with self._locked():
             state = self._load_state()
             self._check_compatible(state, table)
-            current = state.schema() if state else None
+            current = state.table_schema() if state else None
             schema = self._merged_schema(current, table)
             if current is None or not schema.equals(current, check_metadata=True):
                 # Record new columns before any file has them, so readers always know every column.
                 state = self._state_with_schema(state, schema).model_copy(update={"uniform": False})
                 self._save_state(state)
+            assert state is not None  # it had a schema already, or was just given one
             self._remove_temp_files()
 
             data = conform_table(table, schema)
@@ -423,7 +424,7 @@ class TelemetryStore:
         range are not opened; other filters are pushed down to Parquet row-group statistics.
         """
         state = self._load_state()
-        schema = state.schema() if state else None
+        schema = state.table_schema() if state else None
         if schema is None:
             return pa.schema(list(KEY_FIELDS)).empty_table()
         if columns is not None:

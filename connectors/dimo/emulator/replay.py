@@ -16,6 +16,7 @@ import math
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -199,9 +200,9 @@ def replay_fleet(license: DeveloperLicense, path: Path) -> Fleet:
     path = Path(path)
     df = _normalize(_read_table(path), path)
     series = long_to_series(df)
-    start = df["ts"].min()
-    end = df["ts"].max() + timedelta(seconds=1)
-    assert isinstance(start, datetime) and isinstance(end, datetime)
+    start, last = df["ts"].min(), df["ts"].max()
+    assert isinstance(start, datetime) and isinstance(last, datetime)
+    end = last + timedelta(seconds=1)
     taken: set[str] = set()
     vehicles: dict[int, Vehicle] = {}
     for token_id, s in series.items():
@@ -271,7 +272,7 @@ def fleet_to_long(fleet: Fleet) -> pl.DataFrame:
                 .with_columns(pl.lit(None, dtype=pl.Float64).alias("value"))
                 .drop_nulls("value_str")
             )
-    schema = {
+    schema: dict[str, Any] = {
         "token_id": pl.Int64,
         "signal": pl.Utf8,
         "ts": pl.Datetime("us", "UTC"),

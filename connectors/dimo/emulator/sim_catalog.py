@@ -6,6 +6,7 @@ import hashlib
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -247,7 +248,7 @@ def draw_params(
     city = city or CITIES[int(rng.integers(len(CITIES)))]
     center = Place(city.lat, city.lon)
     home = offset_place(rng, center, 0.5, 15.0)
-    common = dict(
+    common: dict[str, Any] = dict(
         token_id=token_id,
         powertrain=powertrain,
         city=city,
@@ -297,17 +298,23 @@ def draw_params(
             batt_heat_per_kw=float(rng.uniform(0.25, 0.4)),
             soh_rate_per_year=float(rate_per_year),
         )
-    m = ICE_MODELS[int(rng.integers(len(ICE_MODELS)))]
-    year = int(rng.integers(m.years[0], min(m.years[1], end.year) + 1))
+    ice = ICE_MODELS[int(rng.integers(len(ICE_MODELS)))]
+    year = int(rng.integers(ice.years[0], min(ice.years[1], end.year) + 1))
     energy = EnergyParams(
-        base=float(m.base * rng.lognormal(0.0, 0.07)),
-        aero=float(m.aero * rng.uniform(0.85, 1.15)),
+        base=float(ice.base * rng.lognormal(0.0, 0.07)),
+        aero=float(ice.aero * rng.uniform(0.85, 1.15)),
         cold=float(rng.uniform(0.01, 0.03)),
-        mass_kg=float(m.mass_kg + rng.uniform(60, 200)),
+        mass_kg=float(ice.mass_kg + rng.uniform(60, 200)),
         idle_l_per_h=float(rng.uniform(0.6, 1.1)),
     )
     return VehicleParams(
-        **common, make=m.make, model=m.model, year=year, energy=energy, tank_l=m.tank_l, engine_kw=m.engine_kw
+        **common,
+        make=ice.make,
+        model=ice.model,
+        year=year,
+        energy=energy,
+        tank_l=ice.tank_l,
+        engine_kw=ice.engine_kw,
     )
 
 
@@ -411,7 +418,7 @@ TRUTH_VEHICLE_SCHEMA = {
     "tank_l": pl.Float64,
     "harsh_brake_prob": pl.Float64,
 }
-TRUTH_FAULT_SCHEMA = {
+TRUTH_FAULT_SCHEMA: dict[str, Any] = {
     "token_id": pl.Int64,
     "fault": pl.Utf8,
     "signal": pl.Utf8,

@@ -13,6 +13,7 @@ import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -58,7 +59,7 @@ ENGINE_LOAD = "obdEngineLoad"
 FUEL = "powertrainFuelSystemRelativeLevel"
 COOLANT = "powertrainCombustionEngineECT"
 
-EVENT_SCHEMA = {
+EVENT_SCHEMA: dict[str, Any] = {
     "ts": pl.Datetime("us", "UTC"),
     "name": pl.Utf8,
     "source": pl.Utf8,
@@ -224,7 +225,7 @@ class VehicleSim:
             BATTERY_TEMP: batt + self.rng.normal(0.0, 0.1, n),
             IS_CHARGING: (charging_kw > 0).astype(float),
             CHARGING_POWER: charging_kw,
-            SOH: soh_at(self.p, ts.astype(float), *self.soh_window),
+            SOH: np.asarray(soh_at(self.p, ts.astype(float), *self.soh_window)),
             GROSS_CAPACITY: np.full(n, self.p.battery_gross_kwh),
         }
 

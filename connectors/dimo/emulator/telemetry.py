@@ -68,7 +68,7 @@ def _error(message: str, path: list[Any], code: str) -> dict[str, Any]:
 
 
 def _run_signals(
-    ctx: Ctx, key: str, nodes: list[FieldNode], fragments: Any, variables: dict[str, Any]
+    ctx: Ctx, key: str, nodes: list[FieldNode], fragments: Any, variables: Any
 ) -> tuple[Any, list[dict[str, Any]]]:
     schema = telemetry_schema()
     assert schema.query_type is not None

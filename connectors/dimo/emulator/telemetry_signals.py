@@ -65,8 +65,9 @@ class Window:
     source: str | None
 
 
-def included(node: FieldNode, variables: dict[str, Any]) -> bool:
-    """Apply ``@skip`` / ``@include`` to a field node."""
+def included(node: FieldNode, variables: Any) -> bool:
+    """Apply ``@skip`` / ``@include`` to a field node. ``variables``: graphql-core's coerced variables (a dict
+    in 3.2, ``VariableValues`` in 3.3: we take both)."""
     skip = get_directive_values(GraphQLSkipDirective, node, variables)
     if skip and skip.get("if"):
         return False
@@ -112,7 +113,7 @@ def plan_columns(
     schema: GraphQLSchema,
     nodes: list[FieldNode],
     fragments: dict[str, FragmentDefinitionNode],
-    variables: dict[str, Any],
+    variables: Any,
 ) -> list[OutColumn]:
     """Turn the ``signals`` selection sets (one or more nodes with the same response key) into columns."""
     agg_type = schema.type_map["SignalAggregations"]
