@@ -31,9 +31,10 @@ bench: $(VENV)/.dev  ## benchmarks (print ratios against baselines measured in t
 	$(PY) bench/pipeline.py
 	$(PY) bench/dispatch.py
 
-lint: $(VENV)/.dev
+lint: $(VENV)/.dev  ## ruff (lint + format) and mypy over the packages
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) .venv-dimo-sdk .depin .pytest_cache

@@ -60,7 +60,8 @@ def run_bare_server(model_dir: Path, ready_file: Path) -> None:
     from depin_core.fs import atomic_write_bytes
     from depin_core.net import listen_socket
     from gpu_jobs.device import cpu_threads
-    from gpu_jobs.models.online import InvalidInput, load_predictor
+    from gpu_jobs.errors import InvalidInput
+    from gpu_jobs.models.online import load_predictor
 
     torch.set_num_threads(
         cpu_threads()

@@ -1,8 +1,11 @@
-"""Pieces the HTTP clients share (gateway, Fluence, providers, worker agent): the retry policy's parts."""
+"""Pieces the HTTP clients share (gateway, Fluence, providers, worker agent, DIMO): base URLs, the statuses
+that are worth a retry and a server's ``Retry-After``. The retry policy itself is ``depin_core.retry``."""
 
 from __future__ import annotations
 
-import random
+import email.utils
+import time
+from datetime import UTC
 
 import httpx
 
@@ -20,16 +23,24 @@ def check_base_url(url: str, what: str) -> str:
     return base
 
 
-def retry_after_of(r: httpx.Response) -> float | None:
-    """The response's ``Retry-After`` in seconds (None when absent or not a number)."""
-    raw = r.headers.get("retry-after")
-    try:
-        return max(0.0, float(raw)) if raw is not None else None
-    except ValueError:
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """``Retry-After`` as seconds: delta-seconds or an HTTP date; None when absent or unparseable."""
+    if not value:
         return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # "-0000" parses naive; HTTP dates are UTC, not the machine's local time
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def backoff_delay(attempt: int, retry_after: float | None, *, base_s: float, cap_s: float) -> float:
-    """``retry_after`` or ``base_s × 2^attempt``, at most ``cap_s``, jittered ±20 %."""
-    base = retry_after if retry_after is not None else base_s * 2**attempt
-    return min(cap_s, base) * random.uniform(0.8, 1.2)
+def retry_after_of(r: httpx.Response) -> float | None:
+    """The response's ``Retry-After`` in seconds (None when absent or unparseable)."""
+    return parse_retry_after(r.headers.get("retry-after"))

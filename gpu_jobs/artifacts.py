@@ -26,16 +26,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from depin_core.errors import ConfigError, PermanentError
+from depin_core.errors import ConfigError
 from depin_core.fs import atomic_write_bytes
+from gpu_jobs.errors import ArtifactIntegrityError
 from gpu_jobs.spec import DeviceInfo, JobSpec
 
 FORMAT = "depin-model/1"
 WEIGHTS, MODEL, METRICS, MANIFEST = "weights.safetensors", "model.json", "metrics.json", "manifest.json"
-
-
-class ArtifactIntegrityError(PermanentError):
-    """A model artifact failed verification (missing, unexpected or modified file); the message names it."""
 
 
 @dataclass

@@ -50,8 +50,17 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from depin_core.errors import ConfigError, DepinError, TransientError
-from gpu_jobs.runner import JobNotFinished, JobStatus
-from gpu_jobs.spec import FailureKind, JobResult, JobSpec, JobState, Outputs
+from depin_core.tls import check_url
+from gpu_jobs.errors import FailureKind, JobNotFinished
+from gpu_jobs.local import LocalRunner
+from gpu_jobs.minimise import Pseudonyms, prepare, restore_outputs
+from gpu_jobs.providers import Bootstrap, make_provider, new_agent_token, pick_offer, worker_name
+from gpu_jobs.providers.base import Provider
+from gpu_jobs.providers.manual import ManualProvider, Node
+from gpu_jobs.remote import AgentRunner
+from gpu_jobs.runner import JobRunner, JobStatus
+from gpu_jobs.spec import JobResult, JobSpec, JobState, Outputs
+from gpu_jobs.verify import Verification, Verifier, verify_result
 
 LogSink = Callable[[str], None]
 StatusSink = Callable[[str, JobStatus], None]  # (chain entry, status)
@@ -140,25 +149,23 @@ class ChainResult(BaseModel):
         return self.result.state == JobState.SUCCEEDED
 
 
-@dataclass
-class Verification:
-    """What :func:`gpu_jobs.verify.verify_result` found: ``ok`` and a one-line ``detail``."""
-
-    ok: bool
-    detail: str
-
-
-Verifier = Callable[[JobSpec, JobResult], Verification]
-
-
 # ------------------------------------------------------------------------------------------------- leases
+
+
+class ChainRunner(JobRunner, Protocol):
+    """A ``JobRunner`` that takes the chain's job id. The chain also uses ``checkpoint_dir(job_id)`` (to resume
+    elsewhere) and ``purge(job_id)`` (untrusted runners) where a runner has them."""
+
+    def submit(self, spec: JobSpec, *, job_id: str | None = None) -> str:
+        """Queue the job under ``job_id`` (a new id when None) and return the id."""
+        ...
 
 
 @dataclass
 class Lease:
     """A runner ready to take the job, and what the chain needs to know about where it runs."""
 
-    runner: Any  # a JobRunner with submit(spec, job_id=…) and checkpoint_dir(job_id)
+    runner: ChainRunner
     node: str | None = None
     usd_per_hour: float | None = None
     block_key: tuple[str, str] | None = None  # (runner/provider, host): blocked after a failed verification
@@ -250,14 +257,10 @@ def run_chain(
     prepared = None
     # with an untrusted entry, the whole run (one spec_hash) uses minimised, pseudonymised inputs
     if any(not e.trusted for e in parsed):
-        from gpu_jobs.minimise import Pseudonyms, prepare
-
         key = Path(pseudonym_key) if pseudonym_key else root.parent / "keys" / "pseudonym.key"
         prepared = prepare(spec, root / "chain" / f"data-{secrets.token_hex(4)}", Pseudonyms.from_file(key))
         spec = prepared.spec
     if verify is True:
-        from gpu_jobs.verify import verify_result
-
         verifier: Verifier | None = verify_result
     else:
         verifier = verify or None
@@ -288,8 +291,6 @@ def run_chain(
     try:
         out = _run_entries(run, parsed, max_total_s)
         if prepared is not None and out.result.state == JobState.SUCCEEDED:
-            from gpu_jobs.minimise import restore_outputs
-
             restored = restore_outputs(out.result.artifacts, prepared)  # pseudonyms → token_ids, locally
             out = out.model_copy(update={"result": out.result.model_copy(update={"artifacts": restored})})
         return out
@@ -464,7 +465,7 @@ def _attempt_spec(run: _Run, entry: Entry) -> JobSpec:
     return spec.model_copy(update=update) if update else spec
 
 
-def _submit(runner: Any, spec: JobSpec, job_id: str) -> str:
+def _submit(runner: ChainRunner, spec: JobSpec, job_id: str) -> str:
     """Submit under the chain's job id; the id the runner answers with."""
     got = str(runner.submit(spec, job_id=job_id))
     if got != job_id:
@@ -474,7 +475,7 @@ def _submit(runner: Any, spec: JobSpec, job_id: str) -> str:
     return got
 
 
-def _wait(run: _Run, entry: Entry, runner: Any, spec: JobSpec, job_id: str) -> JobResult:
+def _wait(run: _Run, entry: Entry, runner: ChainRunner, spec: JobSpec, job_id: str) -> JobResult:
     """Poll until terminal, streaming log lines to ``on_log``; cancel on the chain's deadline."""
     offset = 0
     limit = time.monotonic() + spec.limits.max_wall_s + run.attempt_grace_s
@@ -531,7 +532,7 @@ def newest_checkpoint(directory: Path | None) -> int | None:
     return max(steps) if steps else None
 
 
-def _harvest(run: _Run, runner: Any, job_id: str, attempt: int) -> None:
+def _harvest(run: _Run, runner: ChainRunner, job_id: str, attempt: int) -> None:
     """Copy the runner's newest checkpoint pair (if newer than the one we hold) into the chain's work dir."""
     get = getattr(runner, "checkpoint_dir", None)
     try:
@@ -551,7 +552,7 @@ def _harvest(run: _Run, runner: Any, job_id: str, attempt: int) -> None:
     run.resume, run.resume_step = dest.resolve(), step
 
 
-def _purge(run: _Run, entry: Entry, runner: Any, job_id: str) -> None:
+def _purge(run: _Run, entry: Entry, runner: ChainRunner, job_id: str) -> None:
     """Have an untrusted runner delete the job's data (inputs, checkpoints, outputs) once its results are here."""
     purge = getattr(runner, "purge", None)
     if not callable(purge):
@@ -617,7 +618,7 @@ class DefaultRunnerFactory:
         *,
         env: Mapping[str, str] | None = None,
         nodes_file: Path | str | None = None,
-        providers: Mapping[str, Any] | None = None,
+        providers: Mapping[str, Provider] | None = None,
         local_env: Mapping[str, str] | None = None,
         max_usd_per_hour: float | None = None,
         provision_timeout_s: float = 600.0,
@@ -655,8 +656,6 @@ class DefaultRunnerFactory:
         self, entry: Entry, *, spec: JobSpec, job_id: str, attempt: int, blocked: set[tuple[str, str]]
     ) -> Iterator[Lease]:
         if entry.kind == "local":
-            from gpu_jobs.local import LocalRunner
-
             with LocalRunner(self.jobs_dir, env=self.local_env) as runner:
                 yield Lease(runner, node=_hostname())
         elif entry.kind == "agent":
@@ -685,9 +684,7 @@ class DefaultRunnerFactory:
         *,
         tls_cert: str | None = None,
         tls_fingerprint: str | None = None,
-    ) -> Any:
-        from gpu_jobs.remote import AgentRunner
-
+    ) -> AgentRunner:
         try:
             return AgentRunner(
                 url,
@@ -711,15 +708,11 @@ class DefaultRunnerFactory:
             return node.tls_cert, node.tls_fingerprint
         return None, self.env.get(AGENT_FINGERPRINT_ENV) or None
 
-    def _nodes(self) -> Any:
-        from gpu_jobs.providers.manual import ManualProvider
-
+    def _nodes(self) -> ManualProvider:
         return ManualProvider(self.nodes_file)
 
     def _check_agent_url(self, entry: Entry) -> None:
         """Before any connection: plain http only to loopback; an https agent needs a pin."""
-        from depin_core.tls import check_url
-
         assert entry.arg is not None
         check_url(entry.arg, f"runner {entry.text!r}")
         cert, fp = self._agent_pin(entry)
@@ -742,18 +735,16 @@ class DefaultRunnerFactory:
             )
         return SecretStr(token)
 
-    def _node(self, entry: Entry) -> Any:
+    def _node(self, entry: Entry) -> Node:
         assert entry.arg is not None
         try:
             return self._nodes().get(entry.arg)
         except ConfigError as e:
             raise ConfigError(f"runner {entry.text!r}: {e} (nodes file {self.nodes_file})") from e
 
-    def _provider(self, name: str) -> Any:
+    def _provider(self, name: str) -> Provider:
         if name in self.providers:
             return self.providers[name]
-        from gpu_jobs.providers import make_provider
-
         return make_provider(name, nodes_file=self.nodes_file, env=self.env, poll_s=self.provider_poll_s)
 
     @contextlib.contextmanager
@@ -761,8 +752,6 @@ class DefaultRunnerFactory:
         self, entry: Entry, *, spec: JobSpec, job_id: str, attempt: int, blocked: set[tuple[str, str]]
     ) -> Iterator[Lease]:
         """quote → cheapest fitting offer → launch → wait_ready → AgentRunner; destroy in ``finally``, always."""
-        from gpu_jobs.providers import Bootstrap, new_agent_token, pick_offer, worker_name
-
         assert entry.arg is not None
         provider = self._provider(entry.arg)
         offer = pick_offer(provider, spec, max_usd_per_hour=self.max_usd_per_hour, blocked=blocked)
@@ -788,7 +777,7 @@ class DefaultRunnerFactory:
                 _destroy_by_name(provider, name)
 
 
-def _destroy_by_name(provider: Any, name: str) -> None:
+def _destroy_by_name(provider: Provider, name: str) -> None:
     """After a failed launch: destroy whatever instance carries our name (launch may have half-succeeded)."""
     with contextlib.suppress(Exception):
         for inst in provider.instances():

@@ -159,7 +159,9 @@ def capture_rng() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "numpy": {
             "kind": np_kind,
-            "keys": np_keys.astype(np.int64),  # uint32 → int64: safetensors/torch handle it everywhere
+            "keys": np.asarray(np_keys).astype(
+                np.int64
+            ),  # uint32 → int64: safetensors/torch handle it everywhere
             "pos": int(np_pos),
             "has_gauss": int(np_has_gauss),
             "gauss": float(np_gauss),

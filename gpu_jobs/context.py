@@ -16,6 +16,8 @@ from typing import Any, Protocol
 
 import torch
 
+from gpu_jobs.spec import JobSpec
+
 
 class Checkpointer(Protocol):
     """Saves and restores training state (tensors → safetensors, the rest → JSON; no pickle)."""
@@ -38,7 +40,7 @@ class Checkpointer(Protocol):
 class JobContext:
     """What a model family gets from the worker."""
 
-    spec: Any  # gpu_jobs.spec.JobSpec
+    spec: JobSpec
     workdir: Path
     device: torch.device
     checkpointer: Checkpointer

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from gpu_jobs.spec import DeviceInfo, FailureKind, JobError, Resources
+from gpu_jobs.errors import FailureKind, JobError
+from gpu_jobs.spec import DeviceInfo, Resources
 
 DEFAULT_CPU_THREADS = 1
 THREADS_ENV = "DEPIN_TORCH_THREADS"

@@ -26,14 +26,13 @@ from pathlib import Path
 
 from depin_core.errors import ConfigError
 from depin_core.fs import atomic_write_bytes
+from gpu_jobs.errors import JobNotFinished, JobNotFound
 from gpu_jobs.runner import (
     CHECKPOINTS,
     LOG,
     RESULT,
     SPEC,
     STATUS,
-    JobNotFinished,
-    JobNotFound,
     JobStatus,
     now,
     read_attempts,

@@ -44,6 +44,9 @@ import pyarrow.parquet as pq
 from connectors.dimo.schema import LOCATION_COLUMNS
 from depin_core.errors import ConfigError
 from depin_core.fs import atomic_write_bytes
+from gpu_jobs.context import ModelFamily
+from gpu_jobs.errors import JobError
+from gpu_jobs.registry import load_family
 from gpu_jobs.spec import DatasetRef, JobSpec, sha256_file
 
 TOKEN = "token_id"
@@ -113,10 +116,7 @@ class Prepared:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _family(family: str) -> object | None:
-    from gpu_jobs.registry import load_family
-    from gpu_jobs.spec import JobError
-
+def _family(family: str) -> ModelFamily | None:
     try:
         return load_family(family)
     except (

@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 from gpu_jobs.context import ModelFamily
-from gpu_jobs.spec import FailureKind, JobError
+from gpu_jobs.errors import FailureKind, JobError
 
 FAMILIES: dict[str, str] = {
     "range": "gpu_jobs.models.range:RangeFamily",

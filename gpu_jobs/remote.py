@@ -47,6 +47,7 @@ import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
@@ -57,8 +58,10 @@ from pydantic import SecretStr
 from depin_core import tls as tlslib
 from depin_core.errors import ConfigError, PermanentError, TransientError
 from depin_core.fs import atomic_write_bytes
-from depin_core.http import TRANSIENT_STATUSES, backoff_delay, check_base_url, retry_after_of
-from gpu_jobs.runner import JobNotFinished, JobNotFound, JobStatus, now
+from depin_core.http import TRANSIENT_STATUSES, check_base_url
+from depin_core.retry import Failures, Outcome, Retryable, RetryPolicy
+from gpu_jobs.errors import AgentAuthError, AgentRefused, JobNotFinished, JobNotFound
+from gpu_jobs.runner import JobStatus, now
 from gpu_jobs.spec import AttemptRecord, FailureKind, JobResult, JobSpec, JobState, sha256_file
 
 log = logging.getLogger(__name__)
@@ -68,20 +71,12 @@ TOKEN_FIX = "wrong token for agent URL; check DEPIN_AGENT_TOKEN / depin worker r
 ACTIVE = frozenset({JobState.STAGING, JobState.RUNNING, JobState.UPLOADING})
 _JOB_ID = re.compile(r"^[0-9a-f]{12}-[0-9a-f]{8}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# every 5xx of the agent (or a proxy before it) is worth a retry: its requests are idempotent (a job id, a blob hash)
+RETRY_POLICY = RetryPolicy(
+    max_retries=None, base_s=0.1, max_s=5.0, statuses=TRANSIENT_STATUSES | set(range(500, 600))
+)
 _CKPT_FILE = re.compile(r"^ckpt-(\d{9})\.(json|safetensors)$")
 _SPEC, _RESULT, _CHECKPOINTS = "spec.json", "result.json", "checkpoints"
-
-
-class AgentRefused(PermanentError):
-    """The agent refused a request for good; ``status`` and ``field`` come from its answer."""
-
-    def __init__(self, message: str, *, status: int, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.field = status, field
-
-
-class AgentAuthError(AgentRefused):
-    """401/403: the token is wrong, expired or scoped to another job."""
 
 
 class _Mismatch(Exception):
@@ -97,7 +92,8 @@ def file_chunks(path: Path, offset: int = 0, chunk: int = CHUNK) -> Iterator[byt
 
 
 def _error_of(r: httpx.Response) -> tuple[str, str | None]:
-    """(message, field) of an agent error answer ``{"error": str, "field": str}`` (any body shape)."""
+    """(message, field) of an agent error answer ``{"error": {"code", "message", "field"?}}`` (any body
+    shape)."""
     try:
         body = r.json()
     except ValueError:
@@ -105,9 +101,9 @@ def _error_of(r: httpx.Response) -> tuple[str, str | None]:
     if not isinstance(body, dict):
         return str(body)[:300], None
     err = body.get("error")
-    if isinstance(err, dict):  # tolerate the gateway's nested shape
+    if isinstance(err, dict):
         return str(err.get("message") or err.get("code") or ""), err.get("field")
-    return str(err or body)[:500], body.get("field")
+    return str(err or body)[:500], None
 
 
 def _safe_relpath(rel: str) -> PurePosixPath | None:
@@ -141,6 +137,31 @@ class _Job:
     @property
     def active(self) -> bool:
         return self.result is None and self.lost is None and not (self.status and self.status.state.terminal)
+
+
+class _Failures(Failures):
+    """The runner's words for the failures its retry policy stops on."""
+
+    def __init__(self, runner: AgentRunner, method: str, path: str, job_id: str | None = None) -> None:
+        super().__init__(f"{method} {runner.url}{path}")
+        self.runner, self.method, self.path, self.job_id = runner, method, path, job_id
+
+    def problem(self, outcome: Outcome) -> str:
+        if isinstance(outcome, httpx.Response):
+            return f"{outcome.status_code}: {_error_of(outcome)[0]}"
+        return f"cannot reach the agent ({type(outcome).__name__}: {outcome})"
+
+    def refused(self, r: httpx.Response) -> PermanentError:
+        return self.runner._refused(self.method, self.path, r, self.job_id)
+
+    def certificate(self, exc: httpx.TransportError) -> Exception:
+        return self.runner._pin_failed(exc) or super().certificate(exc)
+
+    def gave_up(self, problem: str, attempts: int, retry_after: float | None) -> TransientError:
+        hint = "is the agent running there? (depin worker serve)" if "reach" in problem else "retry later"
+        return TransientError(
+            f"{self.where}: {problem}; gave up after {attempts} attempt(s) — {hint}", retry_after=retry_after
+        )
 
 
 class AgentRunner:
@@ -416,8 +437,8 @@ class AgentRunner:
         if not _SHA256.match(sha256):
             raise ConfigError(f"blob sha256 {sha256!r} must be 64 lowercase hex digits")
         where = f"PUT {self.url}/v1/blobs/{sha256[:12]}…"
-        deadline = time.monotonic() + self.retry_budget_s
-        sent, restarted, attempt, conflicts = False, False, 0, 0
+        tries = RETRY_POLICY.attempts(self.retry_budget_s)
+        sent, restarted, conflicts = False, False, 0
         while True:
             head = self._request("HEAD", f"/v1/blobs/{sha256}", ok=(200, 404))
             if head.status_code == 200:
@@ -442,48 +463,50 @@ class AgentRunner:
                 "Content-Length": str(size - offset),
                 "Content-Type": "application/octet-stream",
             }
-            outcome = self._send_once(
-                "PUT",
-                f"/v1/blobs/{sha256}",
-                ok=(200, 201, 202, 409, 422),
-                headers=headers,
-                content=file_chunks(path, offset),
-            )
-            if isinstance(outcome, httpx.Response) and outcome.status_code == 202:
-                # the body ended early and the agent kept what arrived: resume from HEAD's Upload-Offset
-                outcome = (
-                    f"upload incomplete at {_int_header(outcome, 'upload-offset')} of {size} bytes",
-                    None,
+            try:
+                r = RETRY_POLICY.attempt(
+                    partial(
+                        self._call,
+                        "PUT",
+                        f"/v1/blobs/{sha256}",
+                        headers=headers,
+                        content=file_chunks(path, offset),
+                    ),
+                    _Failures(self, "PUT", f"/v1/blobs/{sha256}"),
+                    ok=(200, 201, 202, 409, 422),
                 )
-            if isinstance(outcome, httpx.Response):
-                sent = True
-                if outcome.status_code in (200, 201):
-                    return True
-                if outcome.status_code == 409 and conflicts < 5:  # another upload moved the partial on
-                    conflicts += 1
-                    time.sleep(self._delay(conflicts, None))
-                    continue
-                if outcome.status_code == 409:
+                if r.status_code == 202:
+                    # the body ended early and the agent kept what arrived: resume from HEAD's Upload-Offset
+                    raise Retryable(f"upload incomplete at {_int_header(r, 'upload-offset')} of {size} bytes")
+            except Retryable as exc:
+                delay = tries.next_delay(exc.retry_after)
+                if delay is None:
                     raise TransientError(
-                        f"{where}: the agent keeps answering 409 (a concurrent upload?); retry later"
-                    )
-                if offset > 0 and not restarted:  # 422: a bad partial from elsewhere, now deleted: once more
-                    restarted = True
-                    continue
-                raise ConfigError(
-                    f"{path}: its bytes do not match sha256 {sha256} ({_error_of(outcome)[0]}); the file changed "
-                    "after the spec was made — rebuild the spec (DatasetRef.from_path) or restore the file"
-                )
-            problem, retry_after = outcome
-            delay = self._delay(attempt, retry_after)
-            if time.monotonic() + delay > deadline:
+                        f"{where}: {exc.problem}; gave up after {tries.failures} attempts — is the agent still "
+                        "running?",
+                        retry_after=exc.retry_after,
+                    ) from None
+                log.info("%s: %s; resuming in %.2fs", where, exc.problem, delay)
+                time.sleep(delay)
+                continue
+            sent = True
+            if r.status_code in (200, 201):
+                return True
+            if r.status_code == 409 and conflicts < 5:  # another upload moved the partial on
+                conflicts += 1
+                time.sleep(RETRY_POLICY.delay(conflicts + 1))
+                continue
+            if r.status_code == 409:
                 raise TransientError(
-                    f"{where}: {problem}; gave up after {attempt + 1} attempts — is the agent still running?",
-                    retry_after=retry_after,
+                    f"{where}: the agent keeps answering 409 (a concurrent upload?); retry later"
                 )
-            log.info("%s: %s; resuming in %.2fs", where, problem, delay)
-            time.sleep(delay)
-            attempt += 1
+            if offset > 0 and not restarted:  # 422: a bad partial from elsewhere, now deleted: once more
+                restarted = True
+                continue
+            raise ConfigError(
+                f"{path}: its bytes do not match sha256 {sha256} ({_error_of(r)[0]}); the file changed "
+                "after the spec was made — rebuild the spec (DatasetRef.from_path) or restore the file"
+            )
 
     # --- lifecycle -------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -506,38 +529,22 @@ class AgentRunner:
         self.close()
 
     # --- HTTP ------------------------------------------------------------------------------------------------
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        return backoff_delay(attempt, retry_after, base_s=0.1, cap_s=5.0)
-
-    def _send_once(
-        self, method: str, path: str, *, ok: Collection[int], job_id: str | None = None, **kwargs: Any
-    ) -> httpx.Response | tuple[str, float | None]:
-        """One request: the response if its status is in ``ok``; (problem, retry_after) for a transient
-        failure; raises ``AgentAuthError`` / ``JobNotFound`` / ``AgentRefused`` for permanent ones."""
+    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One request to the agent with the token (no retries)."""
         headers = {**kwargs.pop("headers", {}), "Authorization": f"Bearer {self._token.get_secret_value()}"}
-        try:
-            r = self._client.request(method, path, headers=headers, **kwargs)
-        except httpx.TransportError as exc:
-            if (mismatch := self._pin_failed(exc)) is not None:
-                raise mismatch from None
-            return f"cannot reach the agent ({type(exc).__name__}: {exc})", None
-        if r.status_code in ok:
-            return r
-        if r.status_code in TRANSIENT_STATUSES or r.status_code >= 500:
-            return f"{r.status_code}: {_error_of(r)[0]}", retry_after_of(r)
-        self._raise_refused(method, path, r, job_id)
-        raise AssertionError("unreachable")
+        return self._client.request(method, path, headers=headers, **kwargs)
 
-    def _raise_refused(self, method: str, path: str, r: httpx.Response, job_id: str | None) -> None:
+    def _refused(self, method: str, path: str, r: httpx.Response, job_id: str | None) -> PermanentError:
+        """The permanent error for the agent's refusal ``r``."""
         message, fld = _error_of(r)
         where = f"{method} {self.url}{path}"
         if r.status_code in (401, 403):
-            raise AgentAuthError(
+            return AgentAuthError(
                 f"{where} refused ({r.status_code}: {message}); {TOKEN_FIX}", status=r.status_code
             )
         if r.status_code == 404 and job_id is not None:
-            raise JobNotFound(f"the agent at {self.url} has no job {job_id}; use an id returned by submit()")
-        raise AgentRefused(
+            return JobNotFound(f"the agent at {self.url} has no job {job_id}; use an id returned by submit()")
+        return AgentRefused(
             f"{where} refused ({r.status_code}{', field ' + fld if fld else ''}): {message}",
             status=r.status_code,
             field=fld,
@@ -553,28 +560,13 @@ class AgentRunner:
         job_id: str | None = None,
         **kwargs: Any,
     ) -> httpx.Response:
-        """``_send_once`` with retries of transient failures for ``budget_s`` (default ``retry_budget_s``)."""
-        deadline = time.monotonic() + (self.retry_budget_s if budget_s is None else budget_s)
-        attempt = 0
-        while True:
-            outcome = self._send_once(method, path, ok=ok, job_id=job_id, **kwargs)
-            if isinstance(outcome, httpx.Response):
-                return outcome
-            problem, retry_after = outcome
-            delay = self._delay(attempt, retry_after)
-            if time.monotonic() + delay > deadline:
-                hint = (
-                    "is the agent running there? (depin worker serve)"
-                    if "reach" in problem
-                    else "retry later"
-                )
-                raise TransientError(
-                    f"{method} {self.url}{path}: {problem}; gave up after {attempt + 1} attempt(s) — {hint}",
-                    retry_after=retry_after,
-                )
-            log.debug("%s %s: %s; retrying in %.2fs", method, path, problem, delay)
-            time.sleep(delay)
-            attempt += 1
+        """One request with retries of transient failures for ``budget_s`` (default ``retry_budget_s``)."""
+        return RETRY_POLICY.send(
+            lambda: self._call(method, path, **kwargs),
+            _Failures(self, method, path, job_id),
+            ok=ok,
+            budget_s=self.retry_budget_s if budget_s is None else budget_s,
+        )
 
     def _download(
         self,
@@ -588,47 +580,37 @@ class AgentRunner:
     ) -> None:
         """Stream ``GET path`` into ``dest`` (via a temp file beside it), checking size and sha256
         (``_Mismatch``); transient failures are retried within ``retry_budget_s``."""
-        deadline = time.monotonic() + (self.retry_budget_s if budget_s is None else budget_s)
         tmp = dest.with_name(f".{dest.name}.part")
         headers = {"Authorization": f"Bearer {self._token.get_secret_value()}"}
-        attempt = 0
-        while True:
+
+        def fetch() -> httpx.Response:
             try:
                 with self._client.stream("GET", path, headers=headers) as r:
-                    if r.status_code == 200:
-                        h, n = hashlib.sha256(), 0
-                        with open(tmp, "wb") as fh:
-                            for chunk in r.iter_bytes(CHUNK):
-                                h.update(chunk)
-                                fh.write(chunk)
-                                n += len(chunk)
-                        got = h.hexdigest()
-                        if got != sha256 or (size is not None and n != size):
-                            tmp.unlink(missing_ok=True)
-                            raise _Mismatch(
-                                f"{dest.name}: got {n} bytes with sha256 {got}, expected {size} bytes "
-                                f"with sha256 {sha256}"
-                            )
-                        os.replace(tmp, dest)
-                        return
-                    r.read()
-                    if r.status_code in TRANSIENT_STATUSES or r.status_code >= 500:
-                        problem, retry_after = f"{r.status_code}: {_error_of(r)[0]}", retry_after_of(r)
-                    else:
-                        self._raise_refused("GET", path, r, job_id if "/artifacts/" not in path else None)
-            except httpx.TransportError as exc:
-                if (mismatch := self._pin_failed(exc)) is not None:
-                    raise mismatch from None
-                problem, retry_after = f"cannot reach the agent ({type(exc).__name__}: {exc})", None
+                    if r.status_code != 200:
+                        r.read()
+                        return r
+                    h, n = hashlib.sha256(), 0
+                    with open(tmp, "wb") as fh:
+                        for chunk in r.iter_bytes(CHUNK):
+                            h.update(chunk)
+                            fh.write(chunk)
+                            n += len(chunk)
+                got = h.hexdigest()
+                if got != sha256 or (size is not None and n != size):
+                    raise _Mismatch(
+                        f"{dest.name}: got {n} bytes with sha256 {got}, expected {size} bytes with sha256 {sha256}"
+                    )
+                os.replace(tmp, dest)
+                return r
             finally:
                 tmp.unlink(missing_ok=True)  # gone after a successful replace
-            delay = self._delay(attempt, retry_after)
-            if time.monotonic() + delay > deadline:
-                raise TransientError(
-                    f"GET {self.url}{path}: {problem}; gave up after {attempt + 1} attempt(s)"
-                )
-            time.sleep(delay)
-            attempt += 1
+
+        RETRY_POLICY.send(
+            fetch,
+            _Failures(self, "GET", path, job_id if "/artifacts/" not in path else None),
+            ok=(200,),
+            budget_s=self.retry_budget_s if budget_s is None else budget_s,
+        )
 
     # --- jobs ------------------------------------------------------------------------------------------------
     def _job(self, job_id: str) -> _Job:
@@ -976,9 +958,10 @@ def _int_header(r: httpx.Response, name: str) -> int:
 
 
 def _missing_of(r: httpx.Response) -> list[str]:
+    """The blobs a 422 ``missing_blobs`` answer lists (``error.missing``)."""
     try:
-        missing = r.json().get("missing")
-    except (ValueError, AttributeError):
+        missing = r.json()["error"].get("missing")
+    except (ValueError, AttributeError, KeyError, TypeError):
         return []
     return [str(m) for m in missing] if isinstance(missing, list) else []
 

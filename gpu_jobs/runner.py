@@ -13,7 +13,6 @@ from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from depin_core.errors import PermanentError, TransientError
 from depin_core.fs import atomic_write_bytes
 from gpu_jobs.spec import AttemptRecord, JobResult, JobSpec, JobState
 
@@ -56,14 +55,6 @@ class JobStatus(BaseModel):
     heartbeat: datetime | None = None
     message: str | None = None
     worker_pid: int | None = None  # meaningful only on the worker's host
-
-
-class JobNotFound(PermanentError):
-    """The runner knows no job with this id."""
-
-
-class JobNotFinished(TransientError):
-    """``result(timeout=…)`` ran out of time before the job reached a terminal state."""
 
 
 @runtime_checkable

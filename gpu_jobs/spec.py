@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from depin_core.errors import PermanentError
+from gpu_jobs.errors import FailureKind, JobError
 
 _CHUNK = 1 << 20
 _REBUILD = "rebuild the spec from the current data (DatasetRef.from_path) or restore the data"
@@ -64,20 +64,6 @@ class JobState(StrEnum):
     @property
     def terminal(self) -> bool:
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
-
-
-class FailureKind(StrEnum):
-    USER = "user"  # the spec, the inputs or the family code is wrong: retrying will not help
-    INFRA = "infra"  # the machine failed (no GPU, OOM, killed, timed out): another node may succeed
-    VERIFY = "verify"  # the job ran but its outputs did not verify
-
-
-class JobError(PermanentError):
-    """A job failure with its classification; the worker turns it into ``FAILED(kind)``."""
-
-    def __init__(self, message: str, kind: FailureKind) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 class _Model(BaseModel):

@@ -22,22 +22,34 @@ import inspect
 import math
 import random
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from depin_core.errors import PermanentError
-from gpu_jobs.chain import Verification
-from gpu_jobs.spec import JobKind, JobResult, JobSpec, sha256_file
+from gpu_jobs.artifacts import MANIFEST, load_artifact
+from gpu_jobs.context import JobContext
+from gpu_jobs.errors import VerifyError
+from gpu_jobs.registry import load_family
+from gpu_jobs.spec import JobKind, JobResult, JobSpec, Outputs, sha256_file
 
 RTOL = 1e-3
 ATOL = 1e-6
 
 
-class VerifyError(PermanentError):
-    """A result (or an artifact) is inconsistent with what it claims."""
+@dataclass
+class Verification:
+    """What :func:`verify_result` (or another ``Verifier``) found: ``ok`` and a one-line ``detail``."""
+
+    ok: bool
+    detail: str
+
+
+Verifier = Callable[[JobSpec, JobResult], Verification]
 
 
 def verify_result(
@@ -96,9 +108,6 @@ def verify_train(
     require_evaluation: bool = False,
 ) -> Verification:
     """Integrity of the model artifact + local hold-out evaluation (see the module doc)."""
-    from gpu_jobs.artifacts import MANIFEST, load_artifact
-    from gpu_jobs.registry import load_family
-
     model_dir = Path(spec.outputs.dir)
     manifest = [p for p in result.artifacts if Path(p).name == MANIFEST]
     if len(manifest) != 1:
@@ -131,20 +140,6 @@ def verify_train(
         raise VerifyError("local hold-out evaluation disagrees: " + "; ".join(bad[:5]))
     shown = ", ".join(f"{k}={v:.4g}" for k, v in recomputed.items() if isinstance(v, float))[:200]
     return Verification(True, f"hold-out evaluation: {len(recomputed)} metrics match ({shown})")
-
-
-def check_split(
-    token_ids: Iterable[int], train_ids: np.ndarray, test_ids: np.ndarray, *, holdout: float, seed: int
-) -> None:
-    """``VerifyError`` unless (``train_ids``, ``test_ids``) is the seeded vehicle split of ``token_ids``."""
-    from gpu_jobs.models.features import split_vehicles
-
-    want_train, want_test = split_vehicles(token_ids, holdout=holdout, seed=seed)
-    if not (np.array_equal(np.sort(train_ids), want_train) and np.array_equal(np.sort(test_ids), want_test)):
-        raise VerifyError(
-            f"the artifact's held-out vehicles {sorted(test_ids.tolist())[:8]} are not the seeded split "
-            f"{want_test.tolist()[:8]} (seed {seed}, holdout {holdout})"
-        )
 
 
 def compare_metrics(
@@ -256,11 +251,6 @@ def _rescore(spec: JobSpec, tmp: Path, sample: set[int]) -> Path | None:
     """Run the family's ``infer`` here, on CPU, over the sampled vehicles' rows; the output file or None."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
-    import torch
-
-    from gpu_jobs.context import JobContext
-    from gpu_jobs.registry import load_family
-    from gpu_jobs.spec import Outputs
 
     inputs: list[Path] = []
     for i, ref in enumerate(spec.inputs):

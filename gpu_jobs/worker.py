@@ -39,17 +39,16 @@ import numpy as np
 import torch
 
 from depin_core.fs import atomic_write_bytes
-from gpu_jobs.artifacts import MANIFEST, ArtifactIntegrityError, load_artifact, write_artifact
+from gpu_jobs.artifacts import MANIFEST, load_artifact, write_artifact
 from gpu_jobs.checkpoint import FileCheckpointer
 from gpu_jobs.context import InferOutput, JobContext, TrainOutput
 from gpu_jobs.device import select_device
+from gpu_jobs.errors import ArtifactIntegrityError, FailureKind, JobError
 from gpu_jobs.registry import load_family
 from gpu_jobs.runner import CHECKPOINTS, LOG, RESULT, SPEC, STATUS, WORK, JobStatus, now, read_attempts
 from gpu_jobs.spec import (
     AttemptRecord,
     DeviceInfo,
-    FailureKind,
-    JobError,
     JobKind,
     JobResult,
     JobSpec,

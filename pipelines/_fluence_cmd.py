@@ -6,8 +6,8 @@ the deployment name (``DEPIN_FLUENCE_TARGET``, default ``default``), the state d
 Flags given here win over the environment.
 
 ``status`` and ``down`` are plain typer-compatible functions; ``pipelines.cli`` registers them on a
-``fluence`` sub-app. ``make_fluence_publisher`` is what ``depin publish --target fluence`` and the
-``train_and_publish`` flow (``publish.target = "fluence"``) use.
+``fluence`` sub-app. ``depin publish --target fluence`` and the flows (``publish.target = "fluence"``) get
+their target from ``pipelines._targets`` (which also defines ``make_fluence_publisher``).
 """
 
 from __future__ import annotations
@@ -20,14 +20,17 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from pipelines._output import emit_json, say
+from pipelines._targets import (
+    fluence_gateway_url,
+    fluence_pin_for,
+    fluence_settings,
+    make_fluence_publisher,
+)
 
 if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
 
-    from serving.fluence.publisher import FluencePublisher, FluenceSettings
     from serving.publish import GatewayPublisher
-
-TARGET = "fluence"  # the value of --target / PublishParams.target
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object as the last stdout line")]
 TargetOpt = Annotated[
@@ -41,46 +44,6 @@ StateOpt = Annotated[
 ]
 
 
-def fluence_settings(**overrides: Any) -> FluenceSettings:
-    """``FluenceSettings`` from the environment, with the non-None ``overrides`` on top."""
-    from serving.fluence.publisher import FluenceSettings
-
-    return FluenceSettings(**{k: v for k, v in overrides.items() if v is not None})
-
-
-def make_fluence_publisher(
-    *,
-    fluence_target: str | None = None,
-    max_usd_per_day: float | None = None,
-    port: int | None = None,
-    state_dir: Path | None = None,
-    max_batch_size: int = 1024,
-    account: LocalAccount | None = None,
-    **overrides: Any,
-) -> FluencePublisher:
-    """A :class:`FluencePublisher` for the settings in the environment plus these overrides (other
-    ``FluenceSettings`` fields by name in ``overrides``), signing with ``account`` (default: the local
-    publisher key, ``DEPIN_PUBLISHER_KEY`` or ``.depin/keys/publisher.key``). Close it (context manager)."""
-    from serving.bundle import load_publisher_account
-    from serving.fluence.publisher import FluencePublisher
-
-    settings = fluence_settings(
-        target=fluence_target, max_usd_per_day=max_usd_per_day, port=port, state_dir=state_dir, **overrides
-    )
-    client = settings.client()
-    try:
-        return FluencePublisher(
-            client,
-            account or load_publisher_account(),
-            settings,
-            max_batch_size=max_batch_size,
-            own_client=True,
-        )
-    except BaseException:
-        client.close()
-        raise
-
-
 @contextlib.contextmanager
 def open_fluence_gateway(
     *,
@@ -89,9 +52,9 @@ def open_fluence_gateway(
     max_batch_size: int = 1024,
     account: LocalAccount | None = None,
 ) -> Iterator[GatewayPublisher]:
-    """For the ``train_and_publish`` flow's ``open_publisher``: the target's gateway VM ensured (created,
-    bootstrapped, ready — or reused), yielded as a ``GatewayPublisher`` (``.client`` for aliases and smoke
-    calls, ``.target`` its URL) whose ``publish`` also records the version in the Fluence state file."""
+    """The target's gateway VM ensured (created, bootstrapped, ready — or reused), yielded as a
+    ``GatewayPublisher`` (``.client`` for aliases and calls, ``.target`` its URL) whose ``publish`` also
+    records the version in the Fluence state file."""
     with (
         make_fluence_publisher(
             fluence_target=fluence_target,
@@ -104,30 +67,6 @@ def open_fluence_gateway(
         yield gateway
 
 
-def fluence_gateway_url(fluence_target: str | None = None, state_dir: Path | None = None) -> str | None:
-    """The URL of the target's gateway recorded in the state file (None before the first publish). Reads
-    no API."""
-    from serving.fluence.state import StateStore
-
-    settings = fluence_settings(target=fluence_target, state_dir=state_dir)
-    dep = StateStore(settings.state_dir).get(settings.target)
-    return dep.url if dep is not None else None
-
-
-def fluence_pin_for(url: str, state_dir: Path | None = None) -> str | None:
-    """The pinned certificate (PEM) of the recorded Fluence gateway serving at ``url``, or None. Reads no
-    API."""
-    from serving.fluence.state import StateStore
-
-    store = StateStore(fluence_settings(state_dir=state_dir).state_dir)
-    if not store.path.exists():
-        return None
-    for target, dep in store.load().deployments.items():
-        if dep.url == url and dep.tls_fingerprint:
-            return store.tls_cert(target)
-    return None
-
-
 def run_fluence_publish(
     *,
     model: Path,
@@ -137,24 +76,21 @@ def run_fluence_publish(
     fluence_target: str | None = None,
     max_usd_per_day: float | None = None,
 ) -> dict[str, Any]:
-    """``depin publish --target fluence``: ensure the gateway VM, publish, move the alias. Returns the
-    ``PublishResult`` JSON plus ``function_url`` and ``fluence`` (VM id, generation, price)."""
-    with make_fluence_publisher(
-        fluence_target=fluence_target, max_usd_per_day=max_usd_per_day, max_batch_size=max_batch_size
-    ) as pub:
-        result = pub.publish(model, name, alias=alias).to_json()
-        dep = pub.store.get(pub.name)
-    ref = f"{name}@{alias}" if alias else f"{name}@{result['version']}"
-    result["function_url"] = f"{result['target']}/v1/functions/{ref}/invoke"
-    if dep is not None:
-        result["fluence"] = {
-            "target": dep.target,
-            "vm_id": dep.vm_id,
-            "vm_name": dep.vm_name,
-            "generation": dep.generation,
-            "usd_per_day": dep.usd_per_day,
-        }
-    return result
+    """``depin publish --target fluence``: ensure the gateway VM, publish, smoke-call, move the alias.
+    Returns the ``PublishResult`` JSON plus ``function_url`` and ``fluence`` (VM id, generation, price)."""
+    from pipelines._serve_cmd import run_publish
+
+    return run_publish(
+        model=model,
+        name=name,
+        alias=alias,
+        target="fluence",
+        registry=None,
+        admin_key_file=None,
+        max_batch_size=max_batch_size,
+        fluence_target=fluence_target,
+        max_usd_per_day=max_usd_per_day,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -217,7 +153,6 @@ def down(
 
 
 __all__ = [
-    "TARGET",
     "down",
     "fluence_gateway_url",
     "fluence_pin_for",

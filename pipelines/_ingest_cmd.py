@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from connectors.dimo.client import DimoClient
-from connectors.dimo.go_duration import GoDurationError, parse_go_duration
+from connectors.dimo.go_duration import parse_interval
 from connectors.dimo.ingest import IngestProgress, IngestReport, ingest
 from connectors.dimo.schema import resolve_signals
 from connectors.dimo.settings import DimoSettings
@@ -16,19 +16,6 @@ from connectors.dimo.store import TelemetryStore
 from depin_core.errors import ConfigError
 from depin_core.timeparse import parse_instant
 from pipelines._output import err_console
-
-
-def parse_interval(text: str) -> timedelta:
-    """A positive Go duration (``1m``, ``30s``, ``1h``), as DIMO's ``interval`` argument takes."""
-    try:
-        delta = parse_go_duration(text)
-    except GoDurationError as exc:
-        raise ConfigError(
-            f"interval: {exc}; use a Go duration such as 30s, 1m, 15m, 1h (not 1d: use 24h)"
-        ) from None
-    if delta <= timedelta(0):
-        raise ConfigError(f"interval: {text!r} must be positive")
-    return delta
 
 
 def load_settings(credentials: Path | None) -> DimoSettings:

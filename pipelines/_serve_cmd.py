@@ -20,20 +20,16 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import SecretStr
-
 from depin_core.errors import ConfigError
 from depin_core.fs import atomic_write_bytes
 from pipelines._output import emit_json, say
+from pipelines._targets import DEFAULT_GATEWAY_URL, GATEWAY_URL_ENV, KEY_FILE, make_target
 
 if TYPE_CHECKING:
     from serving.settings import GatewaySettings
 
-KEYS_FILE = "admin_keys.sha256"  # sha256 digests of the admin keys, one per line
-KEY_FILE = "admin.key"  # the generated key itself, mode 0600, for `depin publish --target URL`
-DEFAULT_URL = "http://127.0.0.1:8787"
-ADMIN_KEY_ENV = "DEPIN_ADMIN_KEY"
-GATEWAY_URL_ENV = "DEPIN_GATEWAY_URL"
+KEYS_FILE = "admin_keys.sha256"  # sha256 digests of the admin keys, one per line; KEY_FILE: the key itself
+DEFAULT_URL = DEFAULT_GATEWAY_URL
 
 
 # ---------------------------------------------------------------------------------------------- serve
@@ -183,33 +179,6 @@ def run_serve(*, host: str | None, port: int | None, registry: Path | None, as_j
 # ---------------------------------------------------------------------------------------------- publish
 
 
-def read_admin_key(admin_key_file: Path | None, registry: Path) -> SecretStr:
-    """The admin key: ``--admin-key-file``, else ``DEPIN_ADMIN_KEY``, else ``<registry>/admin.key``."""
-    path = admin_key_file
-    if path is None:
-        if env := os.environ.get(ADMIN_KEY_ENV, "").strip():
-            return SecretStr(env)
-        path = registry / KEY_FILE
-        if not path.exists():
-            raise ConfigError(
-                f"no admin key: pass --admin-key-file FILE, set {ADMIN_KEY_ENV}, or run against the gateway "
-                f"`depin serve --registry {registry}` started (it wrote {path})"
-            )
-    try:
-        key = path.read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"--admin-key-file {path}: cannot read it ({exc.strerror}); fix the path") from None
-    if not key:
-        raise ConfigError(f"--admin-key-file {path} is empty; it must hold the gateway's admin key")
-    return SecretStr(key)
-
-
-def default_registry() -> Path:
-    from serving.settings import GatewaySettings
-
-    return GatewaySettings().registry_dir
-
-
 def run_publish(
     *,
     model: Path,
@@ -223,36 +192,23 @@ def run_publish(
     max_usd_per_day: float | None = None,
     tls_cert: Path | None = None,
 ) -> dict[str, Any]:
-    """Build, sign and publish ``model`` as function ``name``; returns the ``depin publish --json`` object.
-    ``tls_cert``: the gateway's certificate to pin (a recorded Fluence gateway's is pinned by itself)."""
-    from serving.bundle import load_publisher_account
-    from serving.publish import GatewayPublisher, LocalPublisher
+    """Build, sign and publish ``model`` as function ``name``, smoke-call the new version with its example,
+    then move ``alias`` (``serving.targets.publish_function``); returns the ``depin publish --json`` object:
+    the ``PublishResult`` fields, ``function_url`` and, for Fluence, ``fluence`` (the VM). ``tls_cert``: the
+    gateway's certificate to pin (a recorded Fluence gateway's is pinned by itself)."""
+    from serving.targets import publish_function
 
-    if target == "fluence":
-        from pipelines._fluence_cmd import run_fluence_publish
-
-        return run_fluence_publish(
-            model=model,
-            name=name,
-            alias=alias,
-            max_batch_size=max_batch_size,
-            fluence_target=fluence_target,
-            max_usd_per_day=max_usd_per_day,
-        )
-    registry_dir = registry or default_registry()
-    account = load_publisher_account()
-    if target == "local":
-        local = LocalPublisher(registry_dir, account, max_batch_size=max_batch_size)
-        return local.publish(model, name, alias=alias).to_json()
-    if not target.startswith(("http://", "https://")):
-        raise ConfigError(
-            f"--target {target!r}: use 'local' (the registry directory), 'fluence' or a gateway URL "
-            "http(s)://…"
-        )
-    key = read_admin_key(admin_key_file, registry_dir)
-    pin = gateway_pin(target.rstrip("/"), tls_cert)
-    with GatewayPublisher(target, key, account, max_batch_size=max_batch_size, tls_cert_pem=pin) as remote:
-        return remote.publish(model, name, alias=alias).to_json()
+    with make_target(
+        target,
+        registry=registry,
+        admin_key_file=admin_key_file,
+        tls_cert=tls_cert,
+        fluence_target=fluence_target,
+        max_usd_per_day=max_usd_per_day,
+        max_batch_size=max_batch_size,
+    ) as where:
+        done = publish_function(where, model, name, alias)
+        return {**done.result.to_json(), "function_url": done.function_url, **where.details()}
 
 
 # ---------------------------------------------------------------------------------------------- invoke
@@ -283,21 +239,6 @@ def parse_data(data: str) -> list[Any]:
     raise ConfigError('--data must be a row object, a non-empty list of rows, or {"inputs": [...]}')
 
 
-def gateway_pin(url: str, tls_cert: Path | None) -> str | None:
-    """The certificate (PEM) to pin for ``url``: ``--tls-cert``, else the one recorded for a Fluence gateway
-    at that URL (``depin publish --target fluence``), else None (system CAs for https)."""
-    if tls_cert is not None:
-        try:
-            return tls_cert.read_text()
-        except OSError as exc:
-            raise ConfigError(
-                f"--tls-cert {tls_cert}: cannot read it ({exc.strerror}); fix the path"
-            ) from None
-    from pipelines._fluence_cmd import fluence_pin_for
-
-    return fluence_pin_for(url)
-
-
 def run_invoke(
     *,
     ref: str,
@@ -311,22 +252,12 @@ def run_invoke(
     ``target`` ``fluence`` is the recorded Fluence gateway (``DEPIN_FLUENCE_TARGET``); its certificate is
     pinned, as is the one of any recorded Fluence gateway URL, or ``tls_cert``. ``insecure_http``: accept a
     plain-HTTP gateway on another machine (the rows cross the network in clear)."""
-    from serving.client import GatewayClient
-
     url = target or os.environ.get(GATEWAY_URL_ENV) or DEFAULT_URL
-    if url == "fluence":
-        from pipelines._fluence_cmd import fluence_gateway_url
-
-        url = fluence_gateway_url() or ""
-        if not url:
-            raise ConfigError(
-                "--target fluence: no Fluence gateway recorded (DEPIN_FLUENCE_STATE_DIR, DEPIN_FLUENCE_TARGET); "
-                "publish one with `depin publish --target fluence`"
-            )
-    pin = gateway_pin(url.rstrip("/"), tls_cert)
+    if url == "local":
+        raise ConfigError("--target local: give the URL of the gateway serving the registry (depin serve)")
     rows = parse_data(data)
-    with GatewayClient(url, retries=3, timeout=60, tls_cert_pem=pin, insecure_http=insecure_http) as client:
+    with make_target(url, tls_cert=tls_cert, insecure_http=insecure_http, retries=3, timeout=60) as where:
         t0 = time.perf_counter()
-        doc, _ = client.invoke(ref, rows, request_id=request_id)
+        doc = where.invoke(ref, rows, request_id=request_id)
         doc["latency_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
     return doc

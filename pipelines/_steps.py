@@ -8,9 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
 import secrets
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,15 +19,15 @@ import pyarrow.dataset as ds
 from pydantic import BaseModel, ConfigDict
 
 from connectors.dimo.client import DimoClient
+from connectors.dimo.go_duration import parse_interval
 from connectors.dimo.ingest import IngestProgress, ingest
 from connectors.dimo.schema import resolve_signals
 from connectors.dimo.settings import DimoSettings
 from connectors.dimo.store import TelemetryStore
 from depin_core.errors import ConfigError, PermanentError
 from depin_core.timeparse import parse_instant
-from gpu_jobs.spec import sha256_file
-from pipelines._ingest_cmd import parse_interval
-from pipelines._jobs_cmd import LogSink, run_score, run_train
+from gpu_jobs import api as jobs
+from gpu_jobs.spec import DatasetRef, sha256_file
 from pipelines.params import IngestParams, PublishParams, ScoreParams, TrainParams
 from pipelines.results import (
     BatchReport,
@@ -43,8 +42,6 @@ from pipelines.results import (
 
 T = TypeVar("T")
 
-DEFAULT_GATEWAY_URL = "http://127.0.0.1:8787"
-GATEWAY_URL_ENV = "DEPIN_GATEWAY_URL"
 # the naive baselines a model must beat (anomaly: only when ground truth makes recall measurable)
 ANOMALY_MIN_RECALL = 0.5
 ANOMALY_MAX_FPR = 0.2
@@ -269,13 +266,11 @@ def check_quality(family: str, metrics: dict[str, Any]) -> QualityVerdict:
 
 
 def train_model_step(
-    params: TrainParams, dataset: Path, out: Path | None = None, on_log: LogSink | None = None
+    params: TrainParams, dataset: Path, out: Path | None = None, on_log: jobs.LogSink | None = None
 ) -> TrainResult:
     """Train, then judge the model against its baseline (the verdict is in the result; see ``require_better``)."""
-    from gpu_jobs.spec import DatasetRef
-
     out = out or model_dir_for(params)
-    doc = run_train(
+    doc = jobs.train(
         dataset=dataset,
         model=params.family,
         out=out,
@@ -285,7 +280,6 @@ def train_model_step(
         seed=params.seed,
         max_wall_s=params.max_wall_s,
         jobs_dir=params.jobs_dir,
-        show_progress=False,
         on_log=on_log,
     )
     metrics = clean_metrics(doc["metrics"])
@@ -315,7 +309,7 @@ def attempts_rows(attempts: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "attempt": a.get("attempt"),
             "runner": a.get("runner"),
             "node": a.get("node"),
-            "state": a.get("state") + (f"({a['failure']})" if a.get("failure") else ""),
+            "state": str(a.get("state")) + (f"({a['failure']})" if a.get("failure") else ""),
             "reason": a.get("reason"),
             "verified": a.get("verification") if a.get("verified") is not None else "trusted/not reached",
             "resumed_from_step": a.get("resumed_from_step"),
@@ -409,57 +403,23 @@ def metrics_markdown(result: TrainResult) -> str:
 
 
 def gateway_url(params: PublishParams) -> str:
-    """The gateway the function is served by: the target URL, else ``gateway_url``, ``DEPIN_GATEWAY_URL``,
-    the default local gateway."""
-    if params.target == "fluence":
-        from pipelines._fluence_cmd import fluence_gateway_url
-
-        url = fluence_gateway_url(params.fluence_target)
-        if url is None:
-            raise ConfigError(
-                "publish.target fluence: no gateway VM recorded yet; the publish step creates it"
-            )
-        return url
-    if params.target != "local":
-        return params.target
-    return (params.gateway_url or os.environ.get(GATEWAY_URL_ENV) or DEFAULT_GATEWAY_URL).rstrip("/")
+    """The base URL the function is served at: the target URL (or the recorded Fluence VM's); for 'local',
+    ``gateway_url``, ``DEPIN_GATEWAY_URL``, the default local gateway."""
+    with open_target(params) as target:
+        return target.url
 
 
 def registry_dir(registry: Path | None) -> Path:
-    from serving.settings import GatewaySettings
+    from pipelines._targets import registry_dir as resolve
 
-    return registry or GatewaySettings().registry_dir
+    return resolve(registry)
 
 
-@contextlib.contextmanager
-def open_publisher(params: PublishParams) -> Iterator[Any]:
-    """A ``serving.publish`` publisher for ``params.target`` (closed on exit)."""
-    from serving.bundle import load_publisher_account
-    from serving.publish import GatewayPublisher, LocalPublisher
+def open_target(params: PublishParams) -> Any:
+    """The ``serving.targets.Target`` of ``params`` (``pipelines._targets.open_target``); close it."""
+    from pipelines._targets import open_target as make
 
-    account = load_publisher_account()
-    if params.target == "local":
-        yield LocalPublisher(registry_dir(params.registry), account, max_batch_size=params.max_batch_size)
-        return
-    if params.target == "fluence":
-        from pipelines._fluence_cmd import open_fluence_gateway
-
-        with open_fluence_gateway(
-            fluence_target=params.fluence_target,
-            max_usd_per_day=params.max_usd_per_day,
-            max_batch_size=params.max_batch_size,
-            account=account,
-        ) as pub:
-            yield pub
-        return
-    from pipelines._serve_cmd import gateway_pin, read_admin_key
-
-    key = read_admin_key(params.admin_key_file, registry_dir(params.registry))
-    pin = gateway_pin(params.target, params.tls_cert)
-    with GatewayPublisher(
-        params.target, key, account, max_batch_size=params.max_batch_size, tls_cert_pem=pin
-    ) as pub:
-        yield pub
+    return make(params)
 
 
 def function_name(params: PublishParams, model_dir: Path) -> str:
@@ -478,75 +438,43 @@ def function_name(params: PublishParams, model_dir: Path) -> str:
 
 def publish_version(params: PublishParams, model_dir: Path, name: str) -> dict[str, Any]:
     """Build, sign, upload and verify the version; no alias is moved yet. Returns ``PublishResult`` JSON."""
-    with open_publisher(params) as pub:
-        return pub.publish(model_dir, name, alias=None).to_json()
+    with open_target(params) as target:
+        return target.publish(model_dir, name).to_json()
 
 
 def smoke_invoke(params: PublishParams, name: str, version: str) -> tuple[int, list[dict[str, Any]]]:
-    """Invoke ``name@version`` on the target with its manifest's example; (inputs, outputs) or an error.
+    """Invoke ``name@version`` on the target with its manifest's example; (inputs, outputs) or an error
+    (``serving.targets.smoke_invoke``). Local target: the version as stored in the registry, re-verified and
+    loaded like the gateway loads it."""
+    from serving.targets import smoke_invoke as smoke
 
-    Local target: the version as stored in the registry, re-verified and loaded like the gateway loads it."""
-    if params.target == "local":
-        from serving.bundle import predictor
-        from serving.registry import Registry
-
-        bundle = Registry(registry_dir(params.registry), trusted=None).bundle(name, version)
-        example = list(bundle.manifest.example)
-        outputs = predictor(bundle)(example)
-    else:
-        from pipelines._serve_cmd import gateway_pin
-        from serving.bundle import parse_manifest
-        from serving.client import GatewayClient
-
-        url = gateway_url(params)
-        pin = gateway_pin(url, params.tls_cert)  # or a recorded Fluence VM's certificate
-        with GatewayClient(url, retries=5, timeout=60, tls_cert_pem=pin) as client:
-            example = list(parse_manifest(client.manifest_bytes(name, version)).example)
-            doc, _ = client.invoke(f"{name}@{version}", example)
-            if doc.get("version") != version:
-                raise PermanentError(
-                    f"{params.target}: smoke call of {name}@{version} was answered by version {doc.get('version')}"
-                )
-            outputs = doc.get("outputs") or []
-    if len(outputs) != len(example):
-        raise PermanentError(
-            f"smoke call of {name}@{version}: {len(example)} example rows gave {len(outputs)} outputs"
-        )
-    return len(example), outputs
+    with open_target(params) as target:
+        return smoke(target, name, version)
 
 
 def move_alias(params: PublishParams, name: str, version: str) -> dict[str, dict[str, float]]:
     """Point ``params.alias`` at ``version`` (after the smoke call); returns the alias table."""
-    with open_publisher(params) as pub:
-        if params.alias is not None:
-            if params.target == "local":
-                pub.registry.set_alias(name, params.alias, version)
-            else:
-                moved = pub.client.set_alias(name, params.alias, version)
-                if moved.get("target") != {version: 1.0}:
-                    raise PermanentError(
-                        f"{params.target}: alias {params.alias} of {name} points at {moved.get('target')}, not "
-                        f"{version}; another publisher moved it meanwhile"
-                    )
-        if params.target == "local":
-            return pub.registry.aliases(name)
-        return pub.client.function(name).get("aliases") or {}
+    from serving.targets import move_alias as move
+
+    with open_target(params) as target:
+        return move(target, name, params.alias, version)
 
 
 def function_urls(params: PublishParams, name: str, version: str) -> tuple[str, str]:
     """(invoke URL of ``name@alias`` — or ``@version`` without alias —, URL of the version's manifest)."""
-    base = gateway_url(params)
-    ref = f"{name}@{params.alias or version}"
-    return f"{base}/v1/functions/{ref}/invoke", f"{base}/v1/functions/{name}/versions/{version}/manifest.json"
+    from serving.targets import function_url, manifest_url
+
+    with open_target(params) as target:
+        return function_url(target, f"{name}@{params.alias or version}"), manifest_url(target, name, version)
 
 
 def publish_function_step(params: PublishParams, model_dir: Path) -> PublishFunctionResult:
-    """publish → smoke call → alias, as one plain call (the flow runs the three as tasks)."""
-    name = function_name(params, model_dir)
-    published = publish_version(params, model_dir, name)
-    n, outputs = smoke_invoke(params, name, published["version"])
-    aliases = move_alias(params, name, published["version"])
-    return publish_result(params, published, n, outputs, aliases)
+    """publish → smoke call → alias (``serving.targets.publish_function``; the flow runs the three as tasks)."""
+    from serving.targets import publish_function
+
+    with open_target(params) as target:
+        done = publish_function(target, model_dir, function_name(params, model_dir), params.alias)
+    return _function_result(done)
 
 
 def publish_result(
@@ -556,21 +484,32 @@ def publish_result(
     outputs: list[dict[str, Any]],
     aliases: dict[str, dict[str, float]],
 ) -> PublishFunctionResult:
-    name, version = published["name"], published["version"]
-    url, manifest = function_urls(params, name, version)
+    """The flow's result from its three tasks' results."""
+    from serving.publish import PublishResult
+    from serving.targets import published_function
+
+    with open_target(params) as target:
+        done = published_function(
+            target, PublishResult.model_validate(published), params.alias, (n_inputs, outputs), aliases
+        )
+    return _function_result(done)
+
+
+def _function_result(done: Any) -> PublishFunctionResult:
+    r = done.result
     return PublishFunctionResult(
-        name=name,
-        version=version,
-        alias=params.alias,
-        target=published["target"],
-        function_url=url,
-        manifest_url=manifest,
-        manifest_sha256=published["manifest_sha256"],
-        publisher=published["publisher"],
-        created=published["created"],
-        smoke_inputs=n_inputs,
-        smoke_outputs=outputs[:5],
-        aliases=aliases,
+        name=r.name,
+        version=r.version,
+        alias=done.alias,
+        target=r.target,
+        function_url=done.function_url,
+        manifest_url=done.manifest_url,
+        manifest_sha256=r.manifest_sha256,
+        publisher=r.publisher,
+        created=r.created,
+        smoke_inputs=done.smoke_inputs,
+        smoke_outputs=done.smoke_outputs,
+        aliases=r.aliases,
     )
 
 
@@ -594,11 +533,11 @@ def resolve_model(params: ScoreParams) -> Path:
     return registry.bundle(name, version).path / MODEL_DIR
 
 
-def score_step(params: ScoreParams, on_log: LogSink | None = None) -> ScoreResult:
+def score_step(params: ScoreParams, on_log: jobs.LogSink | None = None) -> ScoreResult:
     model = resolve_model(params)
     label = params.function.replace("@", "-") if params.function else Path(model).name
     out = params.out or Path(".depin/scores") / f"{label}.parquet"
-    doc = run_score(
+    doc = jobs.score(
         model_dir=model,
         dataset=params.dataset,
         out=out,
@@ -606,7 +545,6 @@ def score_step(params: ScoreParams, on_log: LogSink | None = None) -> ScoreResul
         ground_truth=params.ground_truth,
         max_wall_s=params.max_wall_s,
         jobs_dir=params.jobs_dir,
-        show_progress=False,
         on_log=on_log,
     )
     return ScoreResult(

@@ -8,7 +8,7 @@ import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -88,7 +88,7 @@ def emulator(
         log_level=log_level,
     )
 
-    def ready(state) -> None:  # type: ignore[no-untyped-def]
+    def ready(state: Any) -> None:
         say(
             ("DIMO emulator", "bold green"),
             f" on {state.public_url}: {len(state.fleet.vehicles)} vehicles, "
@@ -189,9 +189,9 @@ def train(
     as_json: JsonOpt = False,
 ) -> None:
     """Train a model on a telemetry dataset as a job (subprocess; checkpoints; artifact with sha256s)."""
-    from pipelines._jobs_cmd import parse_params, run_train
+    from pipelines._jobs_cmd import parse_params, train_cmd
 
-    result = run_train(
+    result = train_cmd(
         dataset=dataset,
         model=model,
         out=out,
@@ -227,9 +227,9 @@ def score(
     as_json: JsonOpt = False,
 ) -> None:
     """Batch-score a telemetry dataset with a trained model (streamed; Parquet out)."""
-    from pipelines._jobs_cmd import run_score
+    from pipelines._jobs_cmd import score_cmd
 
-    result = run_score(
+    result = score_cmd(
         model_dir=model, dataset=dataset, out=out, runners=runner or ["local"], ground_truth=ground_truth
     )
     say(f"scored {result['rows']:,} rows with {result['family']} on {result['device']} → {out}")
@@ -297,7 +297,8 @@ def publish(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Sign a model as a versioned function bundle and publish it (verified upload, then the alias moves)."""
+    """Sign a model as a versioned function bundle and publish it: verified upload, a smoke call of the new
+    version with its manifest's example, then the alias moves (not if the smoke call fails)."""
     from pipelines._serve_cmd import run_publish
 
     result = run_publish(

@@ -8,7 +8,7 @@ Schedules fire only on a real Prefect server (``depin up``), never on the epheme
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, field_validator
@@ -83,7 +83,8 @@ def deployments(settings: ScheduleSettings | None = None) -> list[RunnerDeployme
             flows.batch_score,
         )
     ]
-    return [nightly, weekly, *on_demand]
+    # called from sync code, to_deployment returns the deployment (Prefect types it as that | a coroutine)
+    return cast("list[RunnerDeployment]", [nightly, weekly, *on_demand])
 
 
 __all__ = ["ScheduleSettings", "deployments"]

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
@@ -60,7 +61,7 @@ def _label(batch: list[int]) -> str:
 @flow(
     name="ingest-telemetry",
     description="DIMO telemetry → Parquet dataset, incrementally (per-vehicle watermarks), in vehicle batches.",
-    task_runner=ThreadPoolTaskRunner(max_workers=INGEST_WORKERS),
+    task_runner=ThreadPoolTaskRunner(max_workers=INGEST_WORKERS),  # type: ignore[arg-type]  # Prefect types it invariantly
     **_RESULTS,
 )
 def ingest_telemetry(params: IngestParams = IngestParams()) -> IngestResult:
@@ -82,10 +83,15 @@ def ingest_telemetry(params: IngestParams = IngestParams()) -> IngestResult:
         log.info(
             "%d vehicles in %d batches, %s → %s", len(token_ids), len(batches), window.since, window.until
         )
-        progress = create_progress_artifact(
-            progress=0.0,
-            key="ingest-progress",
-            description=f"ingest: share of {len(token_ids)} vehicles done",
+        progress = (
+            cast(  # called from a sync flow: the UUID (Prefect types it as UUID | its async twin's coroutine)
+                UUID,
+                create_progress_artifact(
+                    progress=0.0,
+                    key="ingest-progress",
+                    description=f"ingest: share of {len(token_ids)} vehicles done",
+                ),
+            )
         )
         futures = {
             T.ingest_batch.submit(task_settings, str(params.dataset), window, b, signals, _label(b)): b

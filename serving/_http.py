@@ -10,30 +10,9 @@ import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from serving.errors import GatewayHttpError
+
 JSON = "application/json"
-
-
-class ApiError(Exception):
-    """An error answered as ``{"error": {"code", "message", "field"?}}`` with ``status``."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        *,
-        field: str | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.field = field
-        self.headers = dict(headers or {})
-
-    def response(self) -> Response:
-        return error_response(self.status, self.code, self.message, field=self.field, headers=self.headers)
 
 
 def json_response(content: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
@@ -55,6 +34,11 @@ def error_response(
     return json_response({"error": err}, status, headers)
 
 
+def answer(exc: GatewayHttpError) -> Response:
+    """The error response ``exc`` stands for."""
+    return error_response(exc.status, exc.code, exc.message, field=exc.field, headers=exc.headers)
+
+
 def retry_after_header(seconds: float | None) -> dict[str, str]:
     """``Retry-After`` in whole seconds (HTTP allows only integers), at least 1."""
     return {"Retry-After": str(max(1, math.ceil(seconds or 1.0)))}
@@ -68,11 +52,11 @@ async def read_body(request: Request, limit: int, *, field: str = "body") -> byt
         try:
             size = int(declared)
         except ValueError:
-            raise ApiError(
+            raise GatewayHttpError(
                 400, "bad_request", "Content-Length is not an integer", field="Content-Length"
             ) from None
         if size > limit:
-            raise ApiError(
+            raise GatewayHttpError(
                 413,
                 "payload_too_large",
                 f"the body is {size} bytes, the limit is {limit}; send less",
@@ -89,7 +73,7 @@ async def read_body(request: Request, limit: int, *, field: str = "body") -> byt
         if chunk:
             total += len(chunk)
             if total > limit:
-                raise ApiError(
+                raise GatewayHttpError(
                     413,
                     "payload_too_large",
                     f"the body exceeds the limit of {limit} bytes; send less",
@@ -104,11 +88,11 @@ async def read_body(request: Request, limit: int, *, field: str = "body") -> byt
 def parse_json(body: bytes, *, field: str = "body") -> Any:
     """Decode ``body`` (strict JSON: no NaN/Infinity literals) or raise a 400 naming ``field``."""
     if not body:
-        raise ApiError(400, "invalid_json", "the body is empty; send a JSON document", field=field)
+        raise GatewayHttpError(400, "invalid_json", "the body is empty; send a JSON document", field=field)
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise ApiError(
+        raise GatewayHttpError(
             400,
             "invalid_json",
             f"the body is not valid JSON ({exc}); NaN and Infinity are not JSON",

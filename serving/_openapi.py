@@ -52,7 +52,7 @@ SIGNATURE = _obj({"scheme": {"const": "eip191"}, "publisher": STR, "signature": 
 VERSION = {"type": "string", "pattern": "^[0-9a-f]{16}$"}
 
 _INVOKE_ERRORS = ("400", "404", "413", "422", "429", "503", "504")
-_ADMIN = [{"apiKey": []}]
+_ADMIN: list[dict[str, list[str]]] = [{"apiKey": []}]
 _REQUEST_ID = {
     "name": "X-Request-Id",
     "in": "header",

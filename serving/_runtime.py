@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from depin_core.errors import DepinError
 from serving.batching import Columns, DynamicBatcher
-from serving.registry import LATEST, VERSION_RE, NotFound, Registry, pick_version
+from serving.errors import LoadFailed, NotFound
+from serving.registry import LATEST, VERSION_RE, Registry, pick_version
 
 if TYPE_CHECKING:
     from gpu_jobs.models.online import Predictor
@@ -90,10 +91,6 @@ class LoadedVersion:
     batcher: DynamicBatcher
     max_rows: int
     last_used: float = 0.0  # time.perf_counter() of the last request (LRU of unaliased versions)
-
-
-class LoadFailed(DepinError):
-    """A version could not be loaded or warmed; the message says why."""
 
 
 def _make_run(predictor: Predictor) -> Callable[[Columns], list[dict[str, Any]]]:

@@ -38,28 +38,12 @@ from typing import Any
 
 import numpy as np
 
-from depin_core.errors import ConfigError, TransientError
+from depin_core.errors import ConfigError
+from serving.errors import DeadlineExceeded, Overloaded
 
 Columns = dict[str, np.ndarray]
 # ``run`` may return columns (split per column) or a sequence of per-row results (split as a sequence).
 RunOutput = Columns | Sequence[Any]
-
-
-class Overloaded(TransientError):
-    """The queue is full (429) or the batcher is draining (503); retry after ``retry_after`` seconds."""
-
-    def __init__(self, message: str, *, retry_after: float, draining: bool = False) -> None:
-        super().__init__(message, retry_after=retry_after)
-        self.draining = draining
-
-    @property
-    def status(self) -> int:
-        """The HTTP status a gateway answers with: 503 while draining, else 429."""
-        return 503 if self.draining else 429
-
-
-class DeadlineExceeded(TransientError):
-    """The request's deadline passed before its batch finished (504)."""
 
 
 @dataclass

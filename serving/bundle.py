@@ -29,7 +29,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from eth_account import Account
 from eth_account.messages import encode_defunct
@@ -38,12 +38,14 @@ from eth_utils import is_address, to_checksum_address
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from depin_core.errors import ConfigError, PermanentError
+from depin_core.errors import ConfigError
 from depin_core.fs import atomic_write_bytes, temp_path_beside
 from gpu_jobs import artifacts as A
+from gpu_jobs.errors import ArtifactIntegrityError
 from gpu_jobs.models.online import Predictor, load_predictor, predictor_from
+from serving.errors import BundleError, UntrustedPublisher
 
-FORMAT = "depin-function/1"
+FORMAT: Final = "depin-function/1"
 MANIFEST, SIGNATURE, MODEL_DIR = "manifest.json", "signature.json", "model"
 SCHEME = "eip191"
 DEFAULT_MAX_BATCH_SIZE = 1024
@@ -54,14 +56,6 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _VERSION = re.compile(r"^[0-9a-f]{16}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _KEY = re.compile(r"^(0x)?[0-9a-fA-F]{64}$")
-
-
-class BundleError(PermanentError):
-    """A bundle is invalid, modified or untrusted; the message names the file or field and the fix."""
-
-
-class UntrustedPublisher(BundleError):
-    """A validly signed bundle whose publisher is not among the trusted addresses."""
 
 
 # ------------------------------------------------------------------------------------------- manifest
@@ -386,7 +380,7 @@ def predictor(bundle: Bundle, *, device: str = "cpu") -> Predictor:
     checking that it matches the manifest's family and schemas."""
     try:
         pred = load_predictor(bundle.path / MODEL_DIR, device=device)
-    except A.ArtifactIntegrityError as e:
+    except ArtifactIntegrityError as e:
         raise BundleError(f"bundle {bundle.path}: {e}") from e
     m = bundle.manifest
     if (pred.family, pred.input_schema, pred.output_schema) != (m.family, m.input_schema, m.output_schema):

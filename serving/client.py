@@ -21,13 +21,13 @@ import httpx
 from pydantic import SecretStr
 
 from depin_core.errors import ConfigError, PermanentError, TransientError
-from depin_core.http import NOT_SENT, TRANSIENT_STATUSES, backoff_delay, check_base_url, retry_after_of
+from depin_core.http import NOT_SENT, check_base_url
+from depin_core.retry import Failures, Outcome, RetryPolicy
 from depin_core.tls import (
     PinMismatch,
     check_url,
     client_context,
     fingerprint,
-    is_certificate_refusal,
     pin_refused,
 )
 
@@ -86,6 +86,47 @@ def _error_of(r: httpx.Response) -> tuple[str, str, str | None]:
         return "http_error", r.text[:300].strip(), None
 
 
+class _Failures(Failures):
+    """The gateway client's words for the failures its retry policy stops on."""
+
+    def __init__(self, client: GatewayClient, where: str) -> None:
+        super().__init__(where)
+        self.client = client
+
+    def problem(self, outcome: Outcome) -> str:
+        if isinstance(outcome, httpx.Response):
+            code, message, _ = _error_of(outcome)
+            return f"{outcome.status_code} {code}: {message}"
+        what = "cannot connect" if isinstance(outcome, NOT_SENT) else "connection failed"
+        return f"{what} ({type(outcome).__name__}: {outcome})"
+
+    def refused(self, r: httpx.Response) -> GatewayRefused:
+        code, message, field = _error_of(r)
+        return GatewayRefused(
+            f"{self.where} refused ({r.status_code} {code}"
+            + (f", field {field}" if field else "")
+            + f"): {message or r.reason_phrase}; {_fix(r.status_code, code, field)}",
+            status=r.status_code,
+            code=code,
+            field=field,
+        )
+
+    def certificate(self, exc: httpx.TransportError) -> PinMismatch:
+        return self.client._pin_error(exc)  # nothing was sent: the handshake failed before the request
+
+    def maybe_applied(self, outcome: Outcome, problem: str, retry_after: float | None) -> TransientError:
+        return TransientError(
+            f"{self.where}: the connection failed after sending ({type(outcome).__name__}); check the "
+            "result (GET the function) before retrying"
+        )
+
+    def gave_up(self, problem: str, attempts: int, retry_after: float | None) -> TransientError:
+        hint = "is the gateway running there? (depin serve)" if "connect" in problem else "retry later"
+        return TransientError(
+            f"{self.where}: {problem}; gave up after {attempts} attempts — {hint}", retry_after=retry_after
+        )
+
+
 class GatewayClient:
     """A client of one gateway (``base_url``, e.g. ``http://127.0.0.1:8787``).
 
@@ -124,10 +165,7 @@ class GatewayClient:
         self.tls_fingerprint = fingerprint(tls_cert_pem) if tls_cert_pem is not None else None
         self.base_url = url
         self._admin_key = admin_key
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
-        self._sleep = sleep
+        self.policy = RetryPolicy(max_retries=retries, base_s=backoff_s, max_s=max_backoff_s, sleep=sleep)
         verify: ssl.SSLContext | bool = client_context(tls_cert_pem) if tls_cert_pem is not None else True
         self._client = httpx.Client(base_url=url, timeout=timeout, transport=transport, verify=verify)
 
@@ -164,50 +202,12 @@ class GatewayClient:
                     "(--admin-key-file FILE or DEPIN_ADMIN_KEY)"
                 )
             headers["X-API-Key"] = self._admin_key.get_secret_value()
-        where = f"{method} {self.base_url}{path}"
-        for attempt in range(self.retries + 1):
-            last = attempt == self.retries
-            try:
-                r = self._client.request(method, path, headers=headers, **kwargs)
-            except httpx.ConnectError as exc:
-                if is_certificate_refusal(exc):  # nothing was sent: the handshake failed before the request
-                    raise self._pin_error(exc) from None
-                problem, retry_after = f"cannot connect ({type(exc).__name__}: {exc})", None
-            except NOT_SENT as exc:
-                problem, retry_after = f"cannot connect ({type(exc).__name__}: {exc})", None
-            except httpx.TransportError as exc:  # the request may have reached the server
-                if not idempotent:
-                    raise TransientError(
-                        f"{where}: the connection failed after sending ({type(exc).__name__}); check the "
-                        "result (GET the function) before retrying"
-                    ) from None
-                problem, retry_after = f"connection failed ({type(exc).__name__}: {exc})", None
-            else:
-                if r.status_code in ok:
-                    return r
-                code, message, field = _error_of(r)
-                if r.status_code not in TRANSIENT_STATUSES:
-                    raise GatewayRefused(
-                        f"{where} refused ({r.status_code} {code}"
-                        + (f", field {field}" if field else "")
-                        + f"): {message or r.reason_phrase}; {_fix(r.status_code, code, field)}",
-                        status=r.status_code,
-                        code=code,
-                        field=field,
-                    )
-                problem, retry_after = f"{r.status_code} {code}: {message}", retry_after_of(r)
-            if last:
-                hint = (
-                    "is the gateway running there? (depin serve)" if "connect" in problem else "retry later"
-                )
-                raise TransientError(
-                    f"{where}: {problem}; gave up after {attempt + 1} attempts — {hint}",
-                    retry_after=retry_after,
-                )
-            delay = backoff_delay(attempt, retry_after, base_s=self.backoff_s, cap_s=self.max_backoff_s)
-            log.info("%s: %s; retrying in %.2fs", where, problem, delay)
-            self._sleep(delay)
-        raise AssertionError("unreachable")
+        return self.policy.send(
+            lambda: self._client.request(method, path, headers=headers, **kwargs),
+            _Failures(self, f"{method} {self.base_url}{path}"),
+            idempotent=idempotent,
+            ok=ok,
+        )
 
     def _pin_error(self, exc: Exception) -> PinMismatch:
         if self.tls_fingerprint is None:

@@ -34,11 +34,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gpu_jobs.models.online import InvalidInput
+from gpu_jobs.errors import InvalidInput
 from serving._auth import AdminKeys
 from serving._http import (
     JSON,
-    ApiError,
+    answer,
     error_response,
     json_response,
     parse_json,
@@ -47,15 +47,21 @@ from serving._http import (
 )
 from serving._metrics import CONTENT_TYPE, UNKNOWN, GatewayMetrics
 from serving._openapi import build_openapi
-from serving._runtime import FunctionRoute, LoadFailed, LoadPredictor, Runtime, default_load_predictor
-from serving.batching import DeadlineExceeded, Overloaded
-from serving.bundle import BundleError, UntrustedPublisher
+from serving._runtime import FunctionRoute, LoadPredictor, Runtime, default_load_predictor
+from serving.errors import (
+    BundleError,
+    DeadlineExceeded,
+    GatewayHttpError,
+    InvalidTarget,
+    LoadFailed,
+    NoHistory,
+    NotFound,
+    Overloaded,
+    UntrustedPublisher,
+)
 from serving.registry import (
     NAME_RE,
     VERSION_RE,
-    InvalidTarget,
-    NoHistory,
-    NotFound,
     Registry,
     normalise_weights,
     valid_alias,
@@ -68,9 +74,9 @@ _ADMIN_BODY_LIMIT = 64 * 1024
 _NOT_FOUND_FIELD = {"function": "name", "alias": "alias", "version": "version"}
 
 
-def _not_found(exc: NotFound, field: str | None = None) -> ApiError:
+def _not_found(exc: NotFound, field: str | None = None) -> GatewayHttpError:
     kind = exc.kind if exc.kind in _NOT_FOUND_FIELD else "version"
-    return ApiError(404, f"{kind}_not_found", str(exc), field=field or _NOT_FOUND_FIELD[kind])
+    return GatewayHttpError(404, f"{kind}_not_found", str(exc), field=field or _NOT_FOUND_FIELD[kind])
 
 
 def configure_torch(settings: GatewaySettings) -> int:
@@ -135,7 +141,7 @@ class Gateway:
                 Route("/openapi.json", self.openapi, methods=["GET"]),
             ],
             exception_handlers={
-                ApiError: self._api_error,
+                GatewayHttpError: self._api_error,
                 HTTPException: self._http_error,
                 Exception: self._internal_error,
             },
@@ -180,8 +186,8 @@ class Gateway:
 
     # ---- errors ------------------------------------------------------------------------------------------
     async def _api_error(self, request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ApiError)
-        return exc.response()
+        assert isinstance(exc, GatewayHttpError)
+        return answer(exc)
 
     async def _http_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -195,9 +201,9 @@ class Gateway:
         log.error("gateway: %s %s failed", request.method, request.url.path, exc_info=exc)
         return error_response(500, "internal", f"internal error ({type(exc).__name__}); see the gateway log")
 
-    def _unknown_function(self, name: str) -> ApiError:
+    def _unknown_function(self, name: str) -> GatewayHttpError:
         if not self.runtime.initialized:
-            return ApiError(
+            return GatewayHttpError(
                 503,
                 "loading",
                 "the gateway is loading its functions; retry shortly",
@@ -205,7 +211,7 @@ class Gateway:
             )
         known = sorted(self.runtime.table.functions)
         shown = ", ".join(known[:20]) + (" …" if len(known) > 20 else "") if known else "none yet"
-        return ApiError(
+        return GatewayHttpError(
             404, "function_not_found", f"function {name[:100]!r} not found; available: {shown}", field="name"
         )
 
@@ -227,7 +233,7 @@ class Gateway:
                 raise self._unknown_function(name)
             fn_label = name
             if sep and not selector:
-                raise ApiError(
+                raise GatewayHttpError(
                     404,
                     "alias_not_found",
                     "nothing after '@'; use name, name@alias or name@version",
@@ -240,7 +246,7 @@ class Gateway:
             deadline = time.monotonic() + self.settings.request_timeout_s
             request_id = headers.get("x-request-id")
             if request_id is not None and len(request_id) > 200:
-                raise ApiError(
+                raise GatewayHttpError(
                     400, "bad_header", "X-Request-Id is longer than 200 chars", field="X-Request-Id"
                 )
             for attempt in (0, 1):
@@ -252,7 +258,7 @@ class Gateway:
                     runtime.evict_unaliased()
                 lv.last_used = t0
                 if n > lv.max_rows:
-                    raise ApiError(
+                    raise GatewayHttpError(
                         413,
                         "too_many_rows",
                         f"{n} rows exceed max_batch_size {lv.max_rows} of {name}@{version}; send at most "
@@ -262,10 +268,10 @@ class Gateway:
                 try:
                     cols = lv.predictor.columns(inputs)
                 except InvalidInput as exc:
-                    raise ApiError(422, "invalid_input", str(exc), field=exc.field) from None
+                    raise GatewayHttpError(422, "invalid_input", str(exc), field=exc.field) from None
                 except Exception as exc:  # a validation bug must still not become a 5xx for bad input
                     log.warning("gateway: validating inputs of %s@%s raised %r", name, version, exc)
-                    raise ApiError(
+                    raise GatewayHttpError(
                         422,
                         "invalid_input",
                         f"inputs could not be read ({type(exc).__name__})",
@@ -278,17 +284,17 @@ class Gateway:
                     if exc.draining and attempt == 0:
                         continue  # the version was unloaded by a hot swap meanwhile: resolve again
                     code = "draining" if exc.draining else "overloaded"
-                    raise ApiError(
+                    raise GatewayHttpError(
                         exc.status, code, str(exc), headers=retry_after_header(exc.retry_after)
                     ) from None
                 except DeadlineExceeded as exc:
-                    raise ApiError(504, "deadline_exceeded", str(exc)) from None
-        except ApiError as exc:
+                    raise GatewayHttpError(504, "deadline_exceeded", str(exc)) from None
+        except GatewayHttpError as exc:
             self.metrics.request(fn_label, version, exc.status, time.perf_counter() - t0)
-            return exc.response()
+            return answer(exc)
         except NotFound as exc:
             self.metrics.request(fn_label, "", 404, time.perf_counter() - t0)
-            return _not_found(exc, "ref").response()
+            return answer(_not_found(exc, "ref"))
         except ClientDisconnect:  # the client went away while sending the body: nobody to answer
             self.metrics.request(fn_label, version, 499, time.perf_counter() - t0)
             return Response(status_code=499)
@@ -352,7 +358,7 @@ class Gateway:
         route = self._route(name)
         info = route.info.versions.get(version)
         if info is None:
-            raise ApiError(
+            raise GatewayHttpError(
                 404,
                 "version_not_found",
                 f"version {version[:40]!r} of function {name!r} not found; available: "
@@ -421,7 +427,7 @@ class Gateway:
     def _check_admin(self, request: Request) -> None:
         key = request.headers.get("x-api-key")
         if not key:
-            raise ApiError(
+            raise GatewayHttpError(
                 401,
                 "unauthorized",
                 "this is an admin endpoint: send the admin API key in the X-API-Key header",
@@ -429,7 +435,7 @@ class Gateway:
                 headers={"WWW-Authenticate": 'ApiKey header="X-API-Key"'},
             )
         if not self.admin.enabled:
-            raise ApiError(
+            raise GatewayHttpError(
                 403,
                 "admin_disabled",
                 "the admin API is disabled: no admin key is configured (set DEPIN_GATEWAY_ADMIN_KEY_HASHES or "
@@ -437,7 +443,7 @@ class Gateway:
                 field="X-API-Key",
             )
         if not self.admin.check(key):
-            raise ApiError(
+            raise GatewayHttpError(
                 403, "forbidden", "the X-API-Key is not an admin key of this gateway", field="X-API-Key"
             )
 
@@ -445,14 +451,14 @@ class Gateway:
         self._check_admin(request)
         name, version = request.path_params["name"], request.path_params["version"]
         if not NAME_RE.fullmatch(name):
-            raise ApiError(
+            raise GatewayHttpError(
                 422,
                 "invalid_name",
                 "function names are 1-63 of a-z, 0-9, '_' or '-', starting a-z/0-9",
                 field="name",
             )
         if not VERSION_RE.fullmatch(version):
-            raise ApiError(
+            raise GatewayHttpError(
                 422,
                 "invalid_version",
                 "a version is 16 lowercase hex chars (the content hash)",
@@ -460,7 +466,7 @@ class Gateway:
             )
         data = await read_body(request, self.settings.max_upload_bytes)
         if not data:
-            raise ApiError(
+            raise GatewayHttpError(
                 422, "invalid_bundle", "the body is empty; send the packed bundle (tar)", field="body"
             )
         runtime = self.runtime
@@ -473,7 +479,7 @@ class Gateway:
                 )
             except BundleError as exc:
                 untrusted = isinstance(exc, UntrustedPublisher)
-                raise ApiError(
+                raise GatewayHttpError(
                     403 if untrusted else 422,
                     "untrusted_publisher" if untrusted else "invalid_bundle",
                     _strip_paths(str(exc)),
@@ -486,7 +492,7 @@ class Gateway:
                     with contextlib.suppress(NoHistory, NotFound):
                         await runtime.in_loader(self.registry.rollback, name, "latest")
                     await runtime.refresh(force=True)
-                raise ApiError(
+                raise GatewayHttpError(
                     422,
                     "load_failed",
                     f"{name}@{version} was stored but cannot be served: {reason}",
@@ -507,7 +513,7 @@ class Gateway:
     def _target_versions(self, route: FunctionRoute, doc: Any) -> tuple[str | dict[str, float], list[str]]:
         """The alias target in a PUT body and the versions it names (checked against the routing table)."""
         if not isinstance(doc, dict) or len(doc) != 1 or next(iter(doc)) not in ("version", "weights"):
-            raise ApiError(
+            raise GatewayHttpError(
                 422,
                 "invalid_target",
                 'send {"version": "<16 hex chars or another alias>"} or {"weights": {"<version>": weight, …}}',
@@ -517,14 +523,14 @@ class Gateway:
         if "version" in doc:
             target = doc["version"]
             if not isinstance(target, str):
-                raise ApiError(
+                raise GatewayHttpError(
                     422, "invalid_target", "version must be a string (16 hex chars)", field="version"
                 )
             if VERSION_RE.fullmatch(target) and target in info.versions:
                 return target, [target]
             if target in info.aliases and not VERSION_RE.fullmatch(target):
                 return target, list(info.aliases[target])
-            raise ApiError(
+            raise GatewayHttpError(
                 404,
                 "version_not_found",
                 f"{target[:40]!r} is neither a version nor an alias of {info.name!r}; versions: "
@@ -534,10 +540,10 @@ class Gateway:
         try:
             weights = normalise_weights(doc["weights"])
         except InvalidTarget as exc:
-            raise ApiError(422, "invalid_target", str(exc), field=exc.field) from None
+            raise GatewayHttpError(422, "invalid_target", str(exc), field=exc.field) from None
         for v in weights:
             if v not in info.versions:
-                raise ApiError(
+                raise GatewayHttpError(
                     404, "version_not_found", f"version {v} of {info.name!r} not found", field=f"weights.{v}"
                 )
         return weights, list(weights)
@@ -547,7 +553,7 @@ class Gateway:
             try:
                 await self.runtime.ensure_loaded(name, v)
             except LoadFailed as exc:
-                raise ApiError(422, "load_failed", str(exc), field="version") from None
+                raise GatewayHttpError(422, "load_failed", str(exc), field="version") from None
 
     async def put_alias(self, request: Request) -> Response:
         self._check_admin(request)
@@ -555,7 +561,7 @@ class Gateway:
         try:
             valid_alias(alias)
         except InvalidTarget as exc:
-            raise ApiError(422, "invalid_alias", str(exc), field="alias") from None
+            raise GatewayHttpError(422, "invalid_alias", str(exc), field="alias") from None
         route = self._route(name)
         doc = parse_json(await read_body(request, _ADMIN_BODY_LIMIT))
         target, versions = self._target_versions(route, doc)
@@ -564,7 +570,7 @@ class Gateway:
             try:
                 previous = await self.runtime.in_loader(self.registry.set_alias, name, alias, target)
             except InvalidTarget as exc:
-                raise ApiError(422, "invalid_target", str(exc), field=exc.field) from None
+                raise GatewayHttpError(422, "invalid_target", str(exc), field=exc.field) from None
             except NotFound as exc:
                 raise _not_found(exc) from None
             await self.runtime.refresh(force=True)
@@ -576,7 +582,7 @@ class Gateway:
         name, alias = request.path_params["name"], request.path_params["alias"]
         route = self._route(name)
         if alias not in route.info.aliases:
-            raise ApiError(
+            raise GatewayHttpError(
                 404,
                 "alias_not_found",
                 f"alias {alias[:40]!r} of {name!r} not found; aliases: {', '.join(route.info.aliases) or 'none'}",
@@ -585,14 +591,14 @@ class Gateway:
         async with self._admin_lock:
             history = await self.runtime.in_loader(self.registry.history, name, alias)
             if not history:
-                raise ApiError(
+                raise GatewayHttpError(
                     409, "no_history", f"{name}@{alias} has no earlier target to roll back to", field="alias"
                 )
             await self._preload(name, list(history[-1]))
             try:
                 restored = await self.runtime.in_loader(self.registry.rollback, name, alias)
             except NoHistory as exc:
-                raise ApiError(409, "no_history", str(exc), field="alias") from None
+                raise GatewayHttpError(409, "no_history", str(exc), field="alias") from None
             await self.runtime.refresh(force=True)
         return json_response({"function": name, "alias": alias, "target": restored})
 
@@ -600,14 +606,14 @@ class Gateway:
 def _inputs(doc: Any) -> list[Any]:
     """The ``inputs`` list of an invoke body (shape only; rows are validated by the predictor)."""
     if not isinstance(doc, dict):
-        raise ApiError(
+        raise GatewayHttpError(
             422, "invalid_input", 'the body must be a JSON object {"inputs": [row, …]}', field="body"
         )
     if "inputs" not in doc:
-        raise ApiError(422, "invalid_input", 'missing; send {"inputs": [row, …]}', field="inputs")
+        raise GatewayHttpError(422, "invalid_input", 'missing; send {"inputs": [row, …]}', field="inputs")
     if len(doc) != 1:
         extra = sorted(k for k in doc if k != "inputs")[0]
-        raise ApiError(
+        raise GatewayHttpError(
             422,
             "invalid_input",
             f"unexpected field {extra[:40]!r}; only inputs is allowed",
@@ -615,9 +621,9 @@ def _inputs(doc: Any) -> list[Any]:
         )
     inputs = doc["inputs"]
     if not isinstance(inputs, list):
-        raise ApiError(422, "invalid_input", "inputs must be an array of row objects", field="inputs")
+        raise GatewayHttpError(422, "invalid_input", "inputs must be an array of row objects", field="inputs")
     if not inputs:
-        raise ApiError(422, "invalid_input", "inputs is empty; send at least one row", field="inputs")
+        raise GatewayHttpError(422, "invalid_input", "inputs is empty; send at least one row", field="inputs")
     return inputs
 
 

@@ -11,7 +11,9 @@ if asked, has moved an alias to it. Implementations:
   signer), then move the alias. Idempotent: publishing a version the target already holds is fine; transient
   failures are retried (``serving.client``), permanent ones raise ``GatewayRefused`` with the fix.
 
-Further targets (e.g. a Fluence deployment) implement the same protocol: nothing in it assumes a local disk.
+``serving.fluence.publisher.FluencePublisher`` implements it for a gateway on a Fluence VM. ``depin publish``
+and the flows do not call publishers directly: they go through ``serving.targets`` (publish → smoke call →
+alias move), whose targets use these publishers for the publish step.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from serving.bundle import (
     MANIFEST,
     SIGNATURE,
     Bundle,
-    BundleError,
     build_bundle,
     pack_bundle,
     parse_manifest,
@@ -42,6 +43,7 @@ from serving.bundle import (
     verify_bundle,
 )
 from serving.client import GatewayClient
+from serving.errors import BundleError
 from serving.registry import Registry, valid_alias
 
 

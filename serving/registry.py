@@ -44,9 +44,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from depin_core.errors import ConfigError, PermanentError
+from depin_core.errors import PermanentError
 from depin_core.fs import atomic_write_bytes
-from serving.bundle import Bundle, BundleError, unpack_bundle, verify_bundle
+from serving.bundle import Bundle, unpack_bundle, verify_bundle
+from serving.errors import BundleError, InvalidTarget, NoHistory, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -56,33 +57,8 @@ NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 ALIAS_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 VERSION_RE = re.compile(r"[0-9a-f]{16}")
 _STALE_TMP_S = 3600.0
-_LIST_MAX = 20
 
 Target = dict[str, float]
-
-
-class NotFound(PermanentError):
-    """An unknown function, alias or version; the message names it and lists what exists."""
-
-    def __init__(self, kind: str, ref: str, available: Collection[str], *, function: str | None = None):
-        self.kind, self.ref, self.function = kind, ref, function
-        self.available = sorted(available)
-        where = f" of function {function!r}" if function else ""
-        shown = ", ".join(self.available[:_LIST_MAX]) + (" …" if len(self.available) > _LIST_MAX else "")
-        have = f"available: {shown}" if self.available else "there are none yet"
-        super().__init__(f"{kind} {ref!r}{where} not found; {have}")
-
-
-class InvalidTarget(ConfigError):
-    """An alias name, weight or split is malformed; ``field`` names it, the message says the fix."""
-
-    def __init__(self, message: str, *, field: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-class NoHistory(PermanentError):
-    """``rollback`` was asked for but the alias has no earlier target."""
 
 
 # ---------------------------------------------------------------------------------------------- pure logic

@@ -9,14 +9,11 @@ GraphQL errors are permanent with a message saying what to fix.
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import random
 import socket
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
-from datetime import UTC
 from typing import Any, Protocol, TypeVar
 
 import httpx
@@ -30,6 +27,8 @@ from connectors.dimo.errors import (
     DimoTransientError,
     ExecutionTimeExceeded,
 )
+from depin_core import retry
+from depin_core.http import parse_retry_after
 
 T = TypeVar("T")
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
@@ -115,38 +114,18 @@ class RateLimiter:
 
 
 @dataclass
-class RetryPolicy:
-    """Full-jitter exponential backoff; a server's ``Retry-After`` wins (capped at 60 s)."""
+class RetryPolicy(retry.RetryPolicy):
+    """``depin_core.retry``'s policy with the DIMO client's settings: 500 is transient too (the DIMO APIs answer
+    it under load), full-jitter backoff, a server's ``Retry-After`` taken as is (capped at 60 s), async waits.
+    Every DIMO request is a read (GraphQL queries, token exchanges), so each is retried."""
 
-    max_retries: int = 8
+    max_retries: int | None = 8
     base_s: float = 0.5
     max_s: float = 30.0
+    statuses: frozenset[int] = RETRYABLE_STATUS
+    full_jitter: bool = True
+    retry_after_cap_s: float | None = RETRY_AFTER_CAP_S
     sleep: Sleep = asyncio.sleep
-    rng: random.Random = field(default_factory=random.Random)
-
-    def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        """Seconds to wait before retry number ``attempt`` (1-based)."""
-        if retry_after is not None:
-            return min(max(retry_after, 0.0), RETRY_AFTER_CAP_S)
-        return self.rng.uniform(0, min(self.max_s, self.base_s * 2 ** (attempt - 1)))
-
-
-def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """``Retry-After`` as seconds: delta-seconds or an HTTP date; None when absent or unparseable."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:  # "-0000" parses naive; HTTP dates are UTC, not the machine's local time
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def _short(body: bytes, limit: int = 300) -> str:
@@ -173,14 +152,15 @@ def _message(body: bytes) -> str:
     return _short(body)
 
 
-def classify_status(resp: httpx.Response, what: str) -> None:
-    """Raise the right error for a non-2xx response (401 → :class:`TokenRejected`)."""
+def classify_status(resp: httpx.Response, what: str, transient: Collection[int] = RETRYABLE_STATUS) -> None:
+    """Raise the right error for a non-2xx response (401 → :class:`TokenRejected`, ``transient`` statuses →
+    :class:`DimoTransientError`)."""
     status = resp.status_code
     if status < 300:
         return
     if status == 401:
         raise TokenRejected(_message(resp.content))
-    if status in RETRYABLE_STATUS:
+    if status in transient:
         raise DimoTransientError(
             f"{what}: HTTP {status} ({_message(resp.content)[:120]})",
             retry_after=parse_retry_after(resp.headers.get("retry-after")),
@@ -201,7 +181,7 @@ def raise_graphql_errors(doc: Any, what: str, *, privilege_hint: str = "") -> No
     errors = doc.get("errors") if isinstance(doc, dict) else None
     if not errors or not isinstance(errors, list):
         return
-    first = errors[0] if isinstance(errors[0], dict) else {"message": str(errors[0])}
+    first: dict[str, Any] = errors[0] if isinstance(errors[0], dict) else {"message": str(errors[0])}
     msg = str(first.get("message", ""))
     code = str((first.get("extensions") or {}).get("code", ""))
     all_msgs = "; ".join(str(e.get("message", "")) for e in errors if isinstance(e, dict))
@@ -263,6 +243,8 @@ class Service:
             except httpx.TimeoutException as exc:
                 raise DimoTransientError(f"{what}: timed out ({type(exc).__name__})") from None
             except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:  # connect/read/write/close
+                if self.policy.classify(exc) is retry.Verdict.CERTIFICATE:
+                    raise retry.Failures(what).certificate(exc) from None
                 raise DimoTransientError(f"{what}: connection failed ({type(exc).__name__})") from None
             finally:
                 self.stats.seconds += time.perf_counter() - started
@@ -280,44 +262,52 @@ class Service:
         auth: TokenSource | None = None,
         **kwargs: Any,
     ) -> T:
-        """Send with retries; ``parse`` turns a 2xx into a value and may raise (transient → retried)."""
-        attempt = 0
+        """Send with the policy's retries; ``parse`` turns a 2xx into a value and may raise (transient →
+        retried). A rejected token is refreshed once per call, and that resend is not a retry."""
         refreshed = False
         headers = dict(kwargs.pop("headers", None) or {})
-        while True:
-            token = None
-            try:
-                if auth is not None:
-                    token = await auth.token()
-                    headers["authorization"] = f"Bearer {token}"
-                resp = await self._send(method, url, what, headers=headers, **kwargs)
-                classify_status(resp, what)
-                return await parse(resp)
-            except TokenRejected as exc:
-                self.stats.errors["401"] += 1
-                if auth is None or token is None:
-                    raise DimoAuthError(
-                        f"{what}: the server asked for a token ({exc}) but none was sent; check that the "
-                        "service URL points at the right DIMO API"
-                    ) from None
-                if refreshed:
-                    raise DimoAuthError(
-                        f"{what}: the token was rejected ({exc}) even after a refresh; check that the license "
-                        "credentials are valid and the clock is right"
-                    ) from None
-                refreshed = True
-                await auth.refresh(token)
-            except DimoTransientError as exc:
-                attempt += 1
-                self.stats.errors[type(exc).__name__] += 1
-                if attempt > self.policy.max_retries:
-                    raise DimoTransientError(
-                        f"{exc} — gave up after {attempt} attempts; DIMO may be overloaded, try again later "
-                        "or lower max_concurrency / rate_limit_per_s",
-                        retry_after=exc.retry_after,
-                    ) from None
-                self.stats.retries += 1
-                await self.policy.sleep(self.policy.delay(attempt, exc.retry_after))
+
+        async def attempt() -> T:
+            nonlocal refreshed
+            while True:
+                token = None
+                try:
+                    if auth is not None:
+                        token = await auth.token()
+                        headers["authorization"] = f"Bearer {token}"
+                    resp = await self._send(method, url, what, headers=headers, **kwargs)
+                    classify_status(resp, what, self.policy.statuses)
+                    return await parse(resp)
+                except TokenRejected as exc:
+                    self.stats.errors["401"] += 1
+                    if auth is None or token is None:
+                        raise DimoAuthError(
+                            f"{what}: the server asked for a token ({exc}) but none was sent; check that the "
+                            "service URL points at the right DIMO API"
+                        ) from None
+                    if refreshed:
+                        raise DimoAuthError(
+                            f"{what}: the token was rejected ({exc}) even after a refresh; check that the "
+                            "license credentials are valid and the clock is right"
+                        ) from None
+                    refreshed = True
+                    await auth.refresh(token)
+
+        def retrying(exc: DimoTransientError, _delay: float) -> None:
+            self.stats.errors[type(exc).__name__] += 1
+            self.stats.retries += 1
+
+        def gave_up(exc: DimoTransientError, attempts: int) -> DimoTransientError:
+            self.stats.errors[type(exc).__name__] += 1
+            return DimoTransientError(
+                f"{exc} — gave up after {attempts} attempts; DIMO may be overloaded, try again later "
+                "or lower max_concurrency / rate_limit_per_s",
+                retry_after=exc.retry_after,
+            )
+
+        return await self.policy.run_async(
+            attempt, gave_up=gave_up, on_retry=retrying, retry_on=DimoTransientError
+        )
 
 
 async def json_body(resp: httpx.Response, what: str) -> Any:

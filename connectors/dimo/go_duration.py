@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
+from depin_core.errors import ConfigError
+
 _UNITS_NS = {
     "ns": 1,
     "us": 1_000,
@@ -57,6 +59,19 @@ def parse_go_duration_ns(text: str) -> int:
 def parse_go_duration(text: str) -> timedelta:
     """Parse a Go duration string into a timedelta (microsecond resolution)."""
     return timedelta(microseconds=parse_go_duration_ns(text) / 1000)
+
+
+def parse_interval(text: str) -> timedelta:
+    """A positive Go duration (``1m``, ``30s``, ``1h``), as DIMO's ``interval`` argument takes."""
+    try:
+        delta = parse_go_duration(text)
+    except GoDurationError as exc:
+        raise ConfigError(
+            f"interval: {exc}; use a Go duration such as 30s, 1m, 15m, 1h (not 1d: use 24h)"
+        ) from None
+    if delta <= timedelta(0):
+        raise ConfigError(f"interval: {text!r} must be positive")
+    return delta
 
 
 def format_go_duration(delta: timedelta) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from depin_core.errors import ConfigError
 from depin_core.fs import atomic_write_bytes
+from gpu_jobs.errors import AgentTokenError
 
 TOKEN_ENV = "DEPIN_AGENT_TOKEN"
 MIN_TOKEN_LEN = 16
@@ -67,15 +68,6 @@ class Principal:
 
     def may_access(self, job_id: str) -> bool:
         return self.admin or self.job_id == job_id
-
-
-class AuthError(Exception):
-    """A request without a valid token (401) or outside the token's job (403)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -141,11 +133,13 @@ class TokenStore:
         return len(live)
 
     def check(self, authorization: str | None) -> Principal:
-        """The caller behind an ``Authorization: Bearer …`` header, or ``AuthError(401)``."""
+        """The caller behind an ``Authorization: Bearer …`` header, or ``AgentTokenError(401)``."""
         scheme, _, token = (authorization or "").partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            raise AuthError(401, "missing bearer token; send 'Authorization: Bearer <agent or job token>'")
+            raise AgentTokenError(
+                401, "missing bearer token; send 'Authorization: Bearer <agent or job token>'"
+            )
         digest = token_digest(token).encode("ascii")
         admin = hmac.compare_digest(digest, self._admin)
         match: _JobToken | None = None
@@ -156,13 +150,15 @@ class TokenStore:
         if admin:
             return Principal(admin=True)
         if match is None:
-            raise AuthError(401, "invalid token; use the agent's token (DEPIN_AGENT_TOKEN) or a job token")
+            raise AgentTokenError(
+                401, "invalid token; use the agent's token (DEPIN_AGENT_TOKEN) or a job token"
+            )
         if match.revoked:
-            raise AuthError(
+            raise AgentTokenError(
                 401, f"the job token for {match.job_id} was revoked: the job's data was deleted on this agent"
             )
         if match.expires_at <= time.time():
-            raise AuthError(
+            raise AgentTokenError(
                 401, f"the job token for {match.job_id} has expired; mint a new one (POST /v1/tokens)"
             )
         return Principal(admin=False, job_id=match.job_id)

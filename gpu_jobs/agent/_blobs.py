@@ -22,22 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpu_jobs.errors import BlobError
+
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _FLUSH = 1 << 20  # write (and hash) in 1 MiB pieces
 _LOCK_WAIT_S = 10.0
-
-
-class BlobError(Exception):
-    """An upload the store refuses: HTTP ``status``, a message, optional field and headers."""
-
-    def __init__(
-        self, status: int, message: str, *, field: str | None = None, headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.field = field
-        self.headers = headers or {}
 
 
 @dataclass
@@ -230,7 +219,8 @@ class BlobStore:
             part.unlink(missing_ok=True)
             raise BlobError(
                 422,
-                f"sha256 mismatch: the {size} bytes received hash to {actual}, not {sha256}; "
+                code="sha256_mismatch",
+                message=f"sha256 mismatch: the {size} bytes received hash to {actual}, not {sha256}; "
                 "the upload was discarded, send the right bytes from offset 0",
                 field="body",
             )

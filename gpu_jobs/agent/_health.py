@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ def matmul_tflops(budget_s: float = _PROBE_BUDGET_S) -> float:
         dev = torch.device("cuda", 0)
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         n = 4096
-        sync = torch.cuda.synchronize
+        sync: Callable[[], None] = torch.cuda.synchronize
     else:
         dev, dtype, n = torch.device("cpu"), torch.float32, 256
         sync = _noop

@@ -9,8 +9,9 @@ Data directory layout:
 - ``out/<job_id>/`` the job's output directory; ``manifests/<job_id>.json`` its file manifest (sha256, size)
 - ``tokens.json`` job-token digests (mode 0600)
 
-Errors are ``{"error": message, "field"?: name}``. The spec's local paths (inputs, ``outputs.dir``,
-``checkpoint.resume_from``) are rewritten to this disk; none of them is part of ``spec_hash``.
+Errors have the gateway's shape, ``{"error": {"code", "message", "field"?}}`` (``gpu_jobs.errors.AgentHttpError``).
+The spec's local paths (inputs, ``outputs.dir``, ``checkpoint.resume_from``) are rewritten to this disk; none of
+them is part of ``spec_hash``.
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ from starlette.routing import Route
 
 from depin_core.errors import ConfigError
 from depin_core.fs import atomic_write_bytes
-from gpu_jobs.agent._auth import AuthError, Principal, TokenStore
-from gpu_jobs.agent._blobs import SHA256_RE, BlobError, BlobStore
+from gpu_jobs.agent._auth import Principal, TokenStore
+from gpu_jobs.agent._blobs import SHA256_RE, BlobStore
 from gpu_jobs.agent._health import NodeInfo
+from gpu_jobs.errors import AgentHttpError, AgentTokenError, BlobError, JobNotFinished, JobNotFound
 from gpu_jobs.local import LocalRunner
-from gpu_jobs.runner import CHECKPOINTS, RESULT, SPEC, JobNotFinished, JobNotFound, JobStatus, now
+from gpu_jobs.runner import CHECKPOINTS, RESULT, SPEC, JobStatus, now
 from gpu_jobs.spec import AttemptRecord, FailureKind, JobResult, JobSpec, JobState, sha256_file
 
 log = logging.getLogger(__name__)
@@ -57,31 +59,12 @@ _VERDICT_WAIT_S = 10.0  # the runner records its verdict within moments of the w
 _M = TypeVar("_M", bound=BaseModel)
 
 
-class ApiError(Exception):
-    """Answered as ``{"error": message, "field"?: field}`` with ``status``."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        field: str | None = None,
-        headers: dict[str, str] | None = None,
-        extra: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.field = status, message, field
-        self.headers, self.extra = headers or {}, extra or {}
-
-    def response(self) -> Response:
-        body: dict[str, Any] = {"error": self.message}
-        if self.field is not None:
-            body["field"] = self.field
-        return _json({**body, **self.extra}, self.status, self.headers)
-
-
 def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(content), status_code=status, headers=headers, media_type="application/json")
+
+
+def _answer(exc: AgentHttpError) -> Response:
+    return _json(exc.body(), exc.status, exc.headers)
 
 
 # ---- wire models ---------------------------------------------------------------------------------------------
@@ -150,7 +133,7 @@ class Agent:
                 Route("/v1/jobs/{job_id}/data", self.job_purge, methods=["DELETE"]),
             ],
             exception_handlers={
-                ApiError: self._api_error,
+                AgentHttpError: self._api_error,
                 HTTPException: self._http_error,
                 Exception: self._internal_error,
             },
@@ -209,8 +192,8 @@ class Agent:
 
     # ---- errors ----------------------------------------------------------------------------------------------
     async def _api_error(self, request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ApiError)
-        return exc.response()
+        assert isinstance(exc, AgentHttpError)
+        return _answer(exc)
 
     async def _http_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -219,36 +202,38 @@ class Agent:
             message = f"no route {request.method} {request.url.path}"
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
-        return ApiError(exc.status_code, message, headers=dict(exc.headers or {})).response()
+        return _answer(AgentHttpError(exc.status_code, message, headers=dict(exc.headers or {})))
 
     async def _internal_error(self, request: Request, exc: Exception) -> Response:
         log.error("agent: %s %s failed", request.method, request.url.path, exc_info=exc)
-        return ApiError(500, f"internal error ({type(exc).__name__}); see the agent log").response()
+        return _answer(AgentHttpError(500, f"internal error ({type(exc).__name__}); see the agent log"))
 
     # ---- auth ------------------------------------------------------------------------------------------------
     def _auth(self, request: Request, job_id: str | None = None, *, admin: bool = False) -> Principal:
         try:
             who = self.tokens.check(request.headers.get("authorization"))
-        except AuthError as e:
-            raise ApiError(e.status, e.message, field="Authorization") from None
+        except AgentTokenError as e:
+            raise AgentHttpError(e.status, e.message, field="Authorization") from None
         if admin and not who.admin:
-            raise ApiError(
+            raise AgentHttpError(
                 403, "this route needs the agent's admin token, not a job token", field="Authorization"
             )
         if job_id is not None and not who.may_access(job_id):
-            raise ApiError(403, f"the token is for job {who.job_id}, not {job_id}", field="Authorization")
+            raise AgentHttpError(
+                403, f"the token is for job {who.job_id}, not {job_id}", field="Authorization"
+            )
         return who
 
     def _job_dir(self, request: Request) -> tuple[str, Path]:
         job_id = request.path_params["job_id"]
         if not JOB_ID_RE.match(job_id):
-            raise ApiError(
+            raise AgentHttpError(
                 400, f"job id {job_id!r} is malformed (12 + 8 lowercase hex digits)", field="job_id"
             )
         self._auth(request, job_id)
         job_dir = self.jobs_root / job_id
         if not (job_dir / SPEC).is_file():
-            raise ApiError(
+            raise AgentHttpError(
                 404, f"no job {job_id} on this agent; submit it first (POST /v1/jobs)", field="job_id"
             )
         return job_id, job_dir
@@ -275,7 +260,9 @@ class Agent:
         self._auth(request)
         sha = request.path_params["sha256"]
         if not SHA256_RE.match(sha):
-            raise ApiError(400, "the blob name must be a sha256: 64 lowercase hex digits", field="sha256")
+            raise AgentHttpError(
+                400, "the blob name must be a sha256: 64 lowercase hex digits", field="sha256"
+            )
         if request.method == "HEAD":
             size = self.blobs.size(sha)
             if size is not None:
@@ -286,7 +273,7 @@ class Agent:
         try:
             out = await self.blobs.put(sha, offset, total, request.stream())
         except BlobError as e:
-            raise ApiError(e.status, e.message, field=e.field, headers=e.headers) from None
+            raise AgentHttpError(e.status, e.message, code=e.code, field=e.field, headers=e.headers) from None
         except ClientDisconnect:
             log.info(
                 "blob %s: client dropped at %d bytes (kept for resume)", sha[:12], self.blobs.offset(sha)
@@ -302,7 +289,7 @@ class Agent:
         who = self._auth(request)
         req = _parse(SubmitRequest, await _read_json(request))
         if not who.may_access(req.job_id):
-            raise ApiError(403, f"the token is for job {who.job_id}, not {req.job_id}", field="job_id")
+            raise AgentHttpError(403, f"the token is for job {who.job_id}, not {req.job_id}", field="job_id")
         status, body = await run_in_threadpool(self._submit, req)
         return _json(body, status)
 
@@ -312,7 +299,7 @@ class Agent:
             known = self._known_spec_hash(req.job_id)
             if known is not None:
                 if known != spec.spec_hash:
-                    raise ApiError(
+                    raise AgentHttpError(
                         409,
                         f"job {req.job_id} exists with another spec (spec_hash {known[:16]}…, this one "
                         f"{spec.spec_hash[:16]}…); submit it under a new job id",
@@ -325,9 +312,10 @@ class Agent:
             wanted += [r.sha256 for r in req.resume]
             missing = self.blobs.missing(wanted)
             if missing:
-                raise ApiError(
+                raise AgentHttpError(
                     422,
                     f"missing blobs: upload {len(missing)} blob(s) first (PUT /v1/blobs/<sha256>)",
+                    code="missing_blobs",
                     field="spec.inputs",
                     extra={"missing": missing},
                 )
@@ -335,7 +323,7 @@ class Agent:
             try:
                 self.runner.submit(local, job_id=req.job_id)
             except ConfigError as e:
-                raise ApiError(409, str(e), field="job_id") from None
+                raise AgentHttpError(409, str(e), field="job_id") from None
         return 201, {"job_id": req.job_id, "state": self.runner.status(req.job_id).state, "created": True}
 
     def _known_spec_hash(self, job_id: str) -> str | None:
@@ -362,7 +350,7 @@ class Agent:
             for j, f in enumerate(ref.files):
                 rel = PurePosixPath(f.path)
                 if not _safe_relpath(f.path):
-                    raise ApiError(
+                    raise AgentHttpError(
                         422,
                         f"input {i} file {f.path!r}: paths must be relative, without '..' or empty parts",
                         field=f"spec.inputs.{i}.files.{j}.path",
@@ -414,7 +402,7 @@ class Agent:
             if offset < 0:
                 raise ValueError
         except ValueError:
-            raise ApiError(400, f"offset {raw!r} must be an integer ≥ 0", field="offset") from None
+            raise AgentHttpError(400, f"offset {raw!r} must be an integer ≥ 0", field="offset") from None
         text, nxt = await run_in_threadpool(self.runner.logs, job_id, offset)
         return _json({"text": text, "next_offset": nxt})
 
@@ -431,7 +419,12 @@ class Agent:
         result = await run_in_threadpool(self._verdict, job_id, wait)
         if result is None:
             state = self.runner.status(job_id).state
-            raise ApiError(409, f"job {job_id} is {state}, not finished; ask again later", field="job_id")
+            raise AgentHttpError(
+                409,
+                f"job {job_id} is {state}, not finished; ask again later",
+                code="not_finished",
+                field="job_id",
+            )
         return result
 
     async def job_result(self, request: Request) -> Response:
@@ -470,7 +463,7 @@ class Agent:
         manifest = await run_in_threadpool(self._manifest, job_id)
         entry = next((f for f in manifest if f["path"] == rel), None)
         if entry is None:
-            raise ApiError(
+            raise AgentHttpError(
                 404, f"{rel!r} is not an output file of job {job_id}; see its result's files", field="path"
             )
         return _file_response(self.data_dir / "out" / job_id / rel, f"artifact {rel}")
@@ -479,7 +472,7 @@ class Agent:
         _, job_dir = self._job_dir(request)
         name = request.path_params["name"]
         if not CKPT_NAME_RE.match(name):
-            raise ApiError(
+            raise AgentHttpError(
                 400,
                 f"{name!r} is not a checkpoint file name (ckpt-NNNNNNNNN.json|.safetensors)",
                 field="name",
@@ -496,12 +489,12 @@ class Agent:
         and the blobs no other job uses) and revoke its job tokens; idempotent. Answers what was removed and what of the job remains."""
         job_id = request.path_params["job_id"]
         if not JOB_ID_RE.match(job_id):
-            raise ApiError(
+            raise AgentHttpError(
                 400, f"job id {job_id!r} is malformed (12 + 8 lowercase hex digits)", field="job_id"
             )
         self._auth(request, job_id)
         if (self.jobs_root / job_id / SPEC).is_file() and not self.runner.status(job_id).state.terminal:
-            raise ApiError(409, f"job {job_id} is still running; cancel it first", field="job_id")
+            raise AgentHttpError(409, f"job {job_id} is still running; cancel it first", field="job_id")
         removed, remaining = await run_in_threadpool(self._purge, job_id)
         return _json({"job_id": job_id, "removed": removed, "remaining": remaining})
 
@@ -602,7 +595,7 @@ def _file_response(path: Path, what: str) -> Response:
     try:
         fh = open(path, "rb")  # noqa: SIM115 - closed by the generator
     except (FileNotFoundError, IsADirectoryError):
-        raise ApiError(404, f"{what} is not (or no longer) on this agent", field="path") from None
+        raise AgentHttpError(404, f"{what} is not (or no longer) on this agent", field="path") from None
     size = os.fstat(fh.fileno()).st_size
 
     def chunks() -> Iterator[bytes]:
@@ -619,30 +612,34 @@ def _int_header(request: Request, name: str, *, default: int | None) -> int:
     raw = request.headers.get(name)
     if raw is None:
         if default is None:
-            raise ApiError(400, f"the {name} header is required (the blob's total size in bytes)", field=name)
+            raise AgentHttpError(
+                400, f"the {name} header is required (the blob's total size in bytes)", field=name
+            )
         return default
     try:
         value = int(raw)
         if value < 0:
             raise ValueError
     except ValueError:
-        raise ApiError(400, f"{name} {raw!r} must be an integer ≥ 0", field=name) from None
+        raise AgentHttpError(400, f"{name} {raw!r} must be an integer ≥ 0", field=name) from None
     return value
 
 
 async def _read_json(request: Request) -> Any:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > _JSON_BODY_LIMIT:
-        raise ApiError(413, f"the body is over {_JSON_BODY_LIMIT} bytes; send less", field="body")
+        raise AgentHttpError(413, f"the body is over {_JSON_BODY_LIMIT} bytes; send less", field="body")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > _JSON_BODY_LIMIT:
-            raise ApiError(413, f"the body is over {_JSON_BODY_LIMIT} bytes; send less", field="body")
+            raise AgentHttpError(413, f"the body is over {_JSON_BODY_LIMIT} bytes; send less", field="body")
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as e:
-        raise ApiError(400, f"the body is not JSON ({e}); send a JSON object", field="body") from None
+        raise AgentHttpError(
+            400, f"the body is not JSON ({e}); send a JSON object", code="invalid_json", field="body"
+        ) from None
 
 
 def _parse(model: type[_M], data: Any) -> _M:
@@ -651,4 +648,4 @@ def _parse(model: type[_M], data: Any) -> _M:
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "body"
-        raise ApiError(422, f"{where}: {err['msg']}", field=where) from None
+        raise AgentHttpError(422, f"{where}: {err['msg']}", field=where) from None

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from depin_core.errors import ConfigError
+from gpu_jobs.artifacts import load_artifact
 from gpu_jobs.context import InferOutput, JobContext, TrainOutput
 from gpu_jobs.models import features as F
 from gpu_jobs.models import score as S
@@ -333,8 +334,6 @@ class AnomalyFamily:
         the (verified, local) training inputs: the same windows of the artifact's held-out vehicles scored
         with its weights, thresholds and scales, against the ground truth when the inputs hold it. With ``seed``
         (the spec's), the artifact's split must be the seeded one. ``train_loss`` is not recomputed."""
-        from gpu_jobs.artifacts import load_artifact
-
         art = load_artifact(model_dir)
         config = art.model_config
         if config.get("family") != self.name:
@@ -350,8 +349,6 @@ class AnomalyFamily:
 
     def infer(self, ctx: JobContext, model_dir: Path) -> InferOutput:
         """Score every window of the input telemetry → ``<outputs.dir>/predictions.parquet``."""
-        from gpu_jobs.artifacts import load_artifact
-
         art = load_artifact(model_dir)
         files, faults_path = F.split_inputs(ctx.inputs)
         out = S.predictions_path(ctx)

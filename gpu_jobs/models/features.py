@@ -29,6 +29,7 @@ import pyarrow.dataset as ds
 
 from depin_core.errors import ConfigError
 from depin_core.timeparse import to_rfc3339
+from gpu_jobs.errors import VerifyError
 
 SPEED = "speed"
 ODOMETER = "powertrainTransmissionTravelledDistance"
@@ -393,11 +394,21 @@ def artifact_split(
     train_ids = np.asarray(config["train_vehicles"], dtype=np.int64)
     test_ids = np.asarray(config["heldout_vehicles"], dtype=np.int64)
     if seed is not None:
-        from gpu_jobs.verify import check_split
-
         holdout = float(config["hyperparameters"]["holdout"])
         check_split(rows["token_id"], train_ids, test_ids, holdout=holdout, seed=seed)
     return by_vehicles(rows, train_ids, test_ids)
+
+
+def check_split(
+    token_ids: Iterable[int], train_ids: np.ndarray, test_ids: np.ndarray, *, holdout: float, seed: int
+) -> None:
+    """``VerifyError`` unless (``train_ids``, ``test_ids``) is the seeded vehicle split of ``token_ids``."""
+    want_train, want_test = split_vehicles(token_ids, holdout=holdout, seed=seed)
+    if not (np.array_equal(np.sort(train_ids), want_train) and np.array_equal(np.sort(test_ids), want_test)):
+        raise VerifyError(
+            f"the artifact's held-out vehicles {sorted(test_ids.tolist())[:8]} are not the seeded split "
+            f"{want_test.tolist()[:8]} (seed {seed}, holdout {holdout})"
+        )
 
 
 def fit_norm(

@@ -40,22 +40,17 @@ import numpy as np
 import torch
 
 from depin_core.errors import ConfigError
+from gpu_jobs.artifacts import load_artifact
+from gpu_jobs.errors import InvalidInput
+from gpu_jobs.models import anomaly as A
 from gpu_jobs.models import features as F
+from gpu_jobs.models import range as R
 
 Columns = dict[str, np.ndarray]
 
 # kWh/100 km is exp(model output); far outside the training data a net extrapolates without bound, so the
 # log is kept to [ln 0.01, ln 10 000] (never reached by real trips) and the output is always a finite number
 LOG_KWH_RANGE = (math.log(0.01), math.log(10_000.0))
-
-
-class InvalidInput(ConfigError):
-    """A request row does not match the function's input schema. ``field`` is e.g. ``inputs[3].air``;
-    the message (``"<field>: <problem>; <fix>"``) says what is wrong and how to fix it."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 # ------------------------------------------------------------------------------------------- input fields
@@ -374,8 +369,6 @@ class _Range:
     )  # fmt: skip
 
     def __init__(self, state: dict[str, torch.Tensor], config: dict[str, Any], device: torch.device) -> None:
-        from gpu_jobs.models import range as R
-
         self.order = [f["name"] for f in config["features"]]
         self.norm = F.ordered_norm(config["norm"], config["features"])
         self.normalize = _Norm(self.norm)
@@ -444,8 +437,6 @@ class _Anomaly:
     """``anomaly``: one window's features (per powertrain) → score, threshold, flagged."""
 
     def __init__(self, state: dict[str, torch.Tensor], config: dict[str, Any], device: torch.device) -> None:
-        from gpu_jobs.models import anomaly as A
-
         self.types = list(config["norm"])
         self.order = {t: [f["name"] for f in config["features"][t]] for t in self.types}
         self.norm = {t: F.ordered_norm(config["norm"][t], config["features"][t]) for t in self.types}
@@ -587,8 +578,6 @@ def predictor_from(
 
 def load_predictor(model_dir: Path | str, *, device: str | torch.device = "cpu") -> Predictor:
     """Verify and load a model artifact (``gpu_jobs.artifacts.load_artifact``) as a :class:`Predictor`."""
-    from gpu_jobs.artifacts import load_artifact
-
     art = load_artifact(model_dir)
     return predictor_from(art.state_dict, art.model_config, device=device)
 

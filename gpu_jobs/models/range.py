@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from depin_core.errors import ConfigError
+from gpu_jobs.artifacts import load_artifact
 from gpu_jobs.context import InferOutput, JobContext, TrainOutput
 from gpu_jobs.models import features as F
 from gpu_jobs.models import score as S
@@ -301,8 +302,6 @@ class RangeFamily:
         the (verified, local) training inputs: the same trips, the artifact's held-out vehicles, the training
         vehicles' mean as baseline. With ``seed`` (the spec's), the artifact's split must be the seeded one.
         ``train_loss`` is not recomputed (it needs the training run)."""
-        from gpu_jobs.artifacts import load_artifact
-
         art = load_artifact(model_dir)
         config = art.model_config
         if config.get("family") != self.name:
@@ -316,8 +315,6 @@ class RangeFamily:
 
     def infer(self, ctx: JobContext, model_dir: Path) -> InferOutput:
         """Score every trip of the input telemetry → ``<outputs.dir>/predictions.parquet``."""
-        from gpu_jobs.artifacts import load_artifact
-
         art = load_artifact(model_dir)
         return score_dataset(
             art.state_dict, art.model_config, F.split_inputs(ctx.inputs)[0], S.predictions_path(ctx)

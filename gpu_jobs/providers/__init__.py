@@ -10,16 +10,17 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from pydantic import SecretStr
 
 from depin_core.errors import ConfigError
+from gpu_jobs.errors import NoCapacity
 from gpu_jobs.providers.base import (
     NAME_PREFIX,
     TOKEN_ENV,
     Bootstrap,
     Instance,
-    NoCapacity,
     Offer,
     Provider,
     Worker,
@@ -82,7 +83,7 @@ def make_provider(
     """The provider called ``name`` (one of ``PROVIDERS``), configured from ``env`` (default: the process
     environment). ``ConfigError`` naming the variable when a key is missing."""
     env = os.environ if env is None else env
-    extra = {} if poll_s is None else {"poll_s": poll_s}
+    extra: dict[str, Any] = {} if poll_s is None else {"poll_s": poll_s}
     if name == "vast":
         url = env.get("DEPIN_VAST_URL") or env.get("VAST_URL") or "https://console.vast.ai/api/v0"
         return VastProvider(_key(env, "DEPIN_VAST_API_KEY", "vast"), url, **extra)

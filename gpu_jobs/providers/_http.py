@@ -1,9 +1,9 @@
 """The HTTP client the providers share: one ``httpx.Client``, timeouts, retries of transient failures, errors
 mapped onto ``depin_core.errors``, and the agent health probe.
 
-Transient (retried with jittered exponential backoff, ``Retry-After`` honoured): connection errors, 429, 502,
-503, 504. A request that may have reached the server (read timeout, dropped connection) is retried only when
-idempotent. 401/403 → ``PermanentError`` naming the API-key variable; other 4xx → ``PermanentError`` with the
+Transient (retried by ``depin_core.retry``'s policy: jittered exponential backoff, ``Retry-After`` honoured):
+connection errors, 429, 502, 503, 504. A request that may have reached the server (read timeout, dropped
+connection) is retried only when idempotent; a refused TLS certificate never is. 401/403 → ``PermanentError`` naming the API-key variable; other 4xx → ``PermanentError`` with the
 provider's message. The API key lives in the client's default headers and nowhere else: never in a message,
 a log line or a ``repr``.
 """
@@ -20,17 +20,11 @@ from pydantic import SecretStr
 
 from depin_core import tls as tlslib
 from depin_core.errors import ConfigError, PermanentError, TransientError
-from depin_core.http import NOT_SENT, TRANSIENT_STATUSES, backoff_delay, check_base_url, retry_after_of
+from depin_core.http import check_base_url
+from depin_core.retry import Failures, Outcome, RetryPolicy
+from gpu_jobs.errors import ProviderRefused
 
 log = logging.getLogger(__name__)
-
-
-class ApiError(PermanentError):
-    """A provider refused a request for good; ``status`` is the HTTP status, ``detail`` its message."""
-
-    def __init__(self, message: str, *, status: int, detail: str = "") -> None:
-        super().__init__(message)
-        self.status, self.detail = status, detail
 
 
 def _field_error(item: Any) -> str:
@@ -63,6 +57,34 @@ def _message(r: httpx.Response, secret: str) -> str:
     return text.replace(secret, "***") if secret else text
 
 
+class _Failures(Failures):
+    """A provider API's words for the failures the retry policy stops on (the key never in them)."""
+
+    def __init__(self, api: ApiClient, where: str) -> None:
+        super().__init__(where)
+        self.api = api
+
+    def problem(self, outcome: Outcome) -> str:
+        if isinstance(outcome, httpx.Response):
+            return f"{outcome.status_code} {_message(outcome, self.api._secret)}"
+        return super().problem(outcome)
+
+    def refused(self, r: httpx.Response) -> ProviderRefused:
+        if r.status_code in (401, 403):
+            return ProviderRefused(
+                f"{self.where}: {r.status_code}, the API key was refused; set a valid key in {self.api.key_hint}",
+                status=r.status_code,
+            )
+        detail = _message(r, self.api._secret)
+        return ProviderRefused(f"{self.where}: {r.status_code} {detail}", status=r.status_code, detail=detail)
+
+    def gave_up(self, problem: str, attempts: int, retry_after: float | None) -> TransientError:
+        return TransientError(
+            f"{self.where}: {problem}; gave up after {attempts} attempts, retry later",
+            retry_after=retry_after,
+        )
+
+
 class ApiClient:
     """A client of one provider API. ``auth_headers`` carry the key; ``key_hint`` names where the user sets it
     (e.g. ``DEPIN_VAST_API_KEY``)."""
@@ -88,10 +110,7 @@ class ApiClient:
         self.base_url = url
         self.provider = provider
         self.key_hint = key_hint
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
-        self._sleep = sleep
+        self.policy = RetryPolicy(max_retries=retries, base_s=backoff_s, max_s=max_backoff_s, sleep=sleep)
         self._secret = api_key.get_secret_value()
         self._client = httpx.Client(
             base_url=url,
@@ -118,41 +137,12 @@ class ApiClient:
     ) -> httpx.Response:
         """``method path`` with retries: the response when its status is in ``ok``; else ``PermanentError`` /
         ``TransientError`` (after the last retry)."""
-        where = f"{self.provider}: {method} {self.base_url}{path}"
-        for attempt in range(self.retries + 1):
-            try:
-                r = self._client.request(method, path, **kwargs)
-            except NOT_SENT as exc:
-                problem, retry_after = f"cannot connect ({type(exc).__name__})", None
-            except httpx.TransportError as exc:
-                if not idempotent:
-                    raise TransientError(
-                        f"{where}: the connection failed after sending ({type(exc).__name__}); "
-                        "the request may have been applied — look it up before repeating it"
-                    ) from None
-                problem, retry_after = f"connection failed ({type(exc).__name__})", None
-            else:
-                if r.status_code in ok:
-                    return r
-                if r.status_code in (401, 403):
-                    raise ApiError(
-                        f"{where}: {r.status_code}, the API key was refused; set a valid key in "
-                        f"{self.key_hint}",
-                        status=r.status_code,
-                    )
-                if r.status_code not in TRANSIENT_STATUSES:
-                    detail = _message(r, self._secret)
-                    raise ApiError(f"{where}: {r.status_code} {detail}", status=r.status_code, detail=detail)
-                problem, retry_after = f"{r.status_code} {_message(r, self._secret)}", retry_after_of(r)
-            if attempt == self.retries:
-                raise TransientError(
-                    f"{where}: {problem}; gave up after {attempt + 1} attempts, retry later",
-                    retry_after=retry_after,
-                )
-            delay = backoff_delay(attempt, retry_after, base_s=self.backoff_s, cap_s=self.max_backoff_s)
-            log.info("%s: %s; retrying in %.2fs", where, problem, delay)
-            self._sleep(delay)
-        raise AssertionError("unreachable")
+        return self.policy.send(
+            lambda: self._client.request(method, path, **kwargs),
+            _Failures(self, f"{self.provider}: {method} {self.base_url}{path}"),
+            idempotent=idempotent,
+            ok=ok,
+        )
 
     def json(self, method: str, path: str, **kwargs: Any) -> Any:
         """``request`` and decode its JSON body (``PermanentError`` when it is not JSON)."""

@@ -11,7 +11,8 @@ import httpx
 from pydantic import SecretStr
 
 from depin_core.errors import TransientError
-from gpu_jobs.providers._http import ApiClient, ApiError, HealthCheck
+from gpu_jobs.errors import ProviderRefused
+from gpu_jobs.providers._http import ApiClient, HealthCheck
 from gpu_jobs.providers.base import Worker
 
 
@@ -61,7 +62,7 @@ class MarketProvider:
         """``GET path``'s ``key`` object, or None when the API answers 404 (or holds no object there)."""
         try:
             doc = self._api.json("GET", path, params=params)
-        except ApiError as exc:
+        except ProviderRefused as exc:
             if exc.status == 404:
                 return None
             raise

@@ -29,7 +29,8 @@ from typing import Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from depin_core import tls as tlslib
-from depin_core.errors import ConfigError, TransientError
+from depin_core.errors import ConfigError
+from gpu_jobs.errors import NoCapacity
 from gpu_jobs.spec import JobSpec
 
 NAME_PREFIX = "depin-"
@@ -64,11 +65,6 @@ def parse_worker_name(name: str | None) -> tuple[str, int] | None:
 def is_ours(name: str | None) -> bool:
     """True for names this project gives to rented instances (prefix ``depin-``)."""
     return bool(name) and str(name).startswith(NAME_PREFIX)
-
-
-class NoCapacity(TransientError):
-    """No offer fits (or the chosen one was taken meanwhile): try another provider, a higher price cap, or
-    later."""
 
 
 class _Model(BaseModel):

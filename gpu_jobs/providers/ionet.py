@@ -55,9 +55,9 @@ import httpx
 from pydantic import SecretStr
 
 from depin_core.errors import DepinError, PermanentError, TransientError
-from gpu_jobs.providers._http import ApiError
+from gpu_jobs.errors import NoCapacity, ProviderRefused
 from gpu_jobs.providers._market import MarketProvider
-from gpu_jobs.providers.base import Bootstrap, Instance, NoCapacity, Offer, Worker, is_ours
+from gpu_jobs.providers.base import Bootstrap, Instance, Offer, Worker, is_ours
 from gpu_jobs.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def _public_url(url: str | None) -> str | None:
     return url if url.startswith(("http://", "https://")) else f"https://{url}"
 
 
-def refused(exc: ApiError, what: str, fix: str) -> DepinError:
+def refused(exc: ProviderRefused, what: str, fix: str) -> DepinError:
     """What io.net's 4xx answer to a price or deploy request means: ``NoCapacity`` when it says there is no
     capacity (or the hardware is gone), else ``PermanentError`` carrying io.net's message and ``fix``."""
     text = exc.detail or f"HTTP {exc.status}"
@@ -247,7 +247,7 @@ class IonetProvider(MarketProvider):
         }
         try:
             doc = self._api.json("GET", f"{CAAS}/price", params=params)
-        except ApiError as exc:
+        except ProviderRefused as exc:
             if exc.status not in _REFUSED:
                 raise
             what = f"price of hardware {hardware_id!r} with {gpus} GPU(s) per container for {hours} h"
@@ -316,7 +316,7 @@ class IonetProvider(MarketProvider):
             params = {"page": page, "page_size": self.page_size}
             try:
                 doc = self._api.json("GET", f"{CAAS}/deployments", params=params)
-            except ApiError as exc:
+            except ProviderRefused as exc:
                 if page == 0 and exc.status in (400, 422):  # pages counted from 1, as the SDK does
                     page = 1
                     continue
@@ -382,7 +382,7 @@ class IonetProvider(MarketProvider):
         }
         try:
             doc = _data(self._api.json("POST", f"{CAAS}/deploy", json=body, idempotent=False))
-        except ApiError as exc:
+        except ProviderRefused as exc:
             if exc.status not in _REFUSED:
                 raise
             what = f"deploy of offer {offer.offer_id} as {name}"
@@ -440,7 +440,7 @@ class IonetProvider(MarketProvider):
         """``DELETE …/deployment/{id}``; a deployment already gone or terminating is fine."""
         try:
             self._api.request("DELETE", f"{CAAS}/deployment/{target.instance_id}", ok=(200, 202, 204))
-        except ApiError as exc:
+        except ProviderRefused as exc:
             if exc.status == 404:
                 return
             if exc.status in (400, 409, 422):

@@ -14,6 +14,7 @@ token; ``launch`` returns the node (with its own token: the bootstrap's is not u
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import os
@@ -278,7 +279,7 @@ class ManualProvider:
             region=None,
         )
 
-    def quote(self, spec: JobSpec) -> list[Offer]:
+    def quote(self, spec: JobSpec) -> builtins.list[Offer]:
         """One offer per registered node that answers ``/v1/health`` with its token (others are skipped)."""
         offers = []
         for node in self.list():
@@ -322,6 +323,6 @@ class ManualProvider:
     def destroy(self, target: Worker | Instance) -> None:
         """Nothing to stop: the node is not rented by us."""
 
-    def instances(self) -> list[Instance]:
+    def instances(self) -> builtins.list[Instance]:
         """Nothing rented, nothing to reap."""
         return []

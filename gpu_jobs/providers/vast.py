@@ -35,13 +35,12 @@ import httpx
 from pydantic import SecretStr
 
 from depin_core.errors import ConfigError, PermanentError, TransientError
-from gpu_jobs.providers._http import ApiError
+from gpu_jobs.errors import NoCapacity, ProviderRefused
 from gpu_jobs.providers._market import MarketProvider
 from gpu_jobs.providers.base import (
     DEFAULT_AGENT_PORT,
     Bootstrap,
     Instance,
-    NoCapacity,
     Offer,
     Worker,
     is_ours,
@@ -199,7 +198,7 @@ class VastProvider(MarketProvider):
         if self._v1:
             try:
                 return self._rows_v1(filters)
-            except ApiError as exc:
+            except ProviderRefused as exc:
                 if exc.status != 404:
                     raise
                 log.info("vast: %s has no /api/v1/instances/ (404); listing with /api/v0", self._api.base_url)
@@ -360,7 +359,7 @@ class VastProvider(MarketProvider):
             r = self._api.request(
                 "DELETE", f"/api/v0/instances/{target.instance_id}/", json={}, ok=(200, 201, 204)
             )
-        except ApiError as exc:
+        except ProviderRefused as exc:
             if exc.status in (404, 410) or "no_such" in exc.detail or "not found" in exc.detail.lower():
                 return
             raise

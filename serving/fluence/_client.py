@@ -6,14 +6,12 @@ Fluence's published OpenAPI document and the form the current docs show. Generat
 Fluence's own Terraform provider sends next to ``X-API-KEY``. No ``Authorization: Bearer`` (that scheme is for
 console JWTs). The key is a ``SecretStr`` and never appears in a message, a log line or a ``repr``.
 
-Errors: transient failures (connection errors, 429, 5xx) are retried with jittered exponential backoff, honouring
-``Retry-After``; after the last attempt they raise :class:`FluenceUnavailable` (a ``TransientError``). A request
-that may have reached the server (a read timeout, a dropped connection, a 5xx) is re-sent only when it is
-idempotent: creating a VM is not, so the caller must reconcile by name. Other answers raise a
-:class:`FluenceRefused` (a ``PermanentError``) built from the body — generation A's ``{"error": "..."}``,
-generation B's ``{"code": "...", "error": "..."}`` or the GPU API's ``{"detail": "..." | [{loc, msg}, ...]}`` —
-with a hint what to do; 422 "No suitable offer found" / "Not enough offers found" is :class:`NoOffer`, an
-insufficient balance (B ``insufficient_balance``, GPU "Insufficient balance ...") :class:`InsufficientBalance`.
+Errors (``serving.fluence.errors``): transient failures (connection errors, 429, 500, 502, 503, 504) are retried
+by ``depin_core.retry``'s policy (jittered exponential backoff, ``Retry-After`` honoured); after the last
+attempt they raise :class:`FluenceUnavailable` (a ``TransientError``). A request that may have reached the
+server (a read timeout, a dropped connection, a 5xx) is re-sent only when it is idempotent: creating a VM is
+not, so the caller must reconcile by name. A refused TLS certificate is never retried. Other answers raise a
+:class:`FluenceRefused` (a ``PermanentError``) built from the body, with a hint what to do.
 """
 
 from __future__ import annotations
@@ -22,146 +20,80 @@ import logging
 import time
 from collections.abc import Callable, Collection
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import httpx
 from pydantic import SecretStr
 
-from depin_core.errors import ConfigError, DepinError, PermanentError, TransientError
-from depin_core.http import NOT_SENT, TRANSIENT_STATUSES, backoff_delay, check_base_url, retry_after_of
+from depin_core.errors import ConfigError
+from depin_core.http import TRANSIENT_STATUSES, check_base_url
+from depin_core.retry import Failures, Outcome, RetryPolicy
+from serving.fluence._api import Generation
+from serving.fluence._gen_a import VmsV3
+from serving.fluence._gen_b import V2Cluster
+from serving.fluence._gpu import GpuContainers
+from serving.fluence.errors import (
+    FluenceAuthError,
+    FluenceError,
+    FluenceNotFound,
+    FluenceRefused,
+    FluenceUnavailable,
+    InsufficientBalance,
+    NoOffer,
+    NotTerminable,
+    parse_error,
+    refused,
+)
 
-if TYPE_CHECKING:
-    from serving.fluence._gen_a import VmsV3
-    from serving.fluence._gen_b import V2Cluster
-    from serving.fluence._gpu import GpuContainers
+__all__ = [  # the errors are re-exported: callers of the client catch them from here or serving.fluence
+    "DEFAULT_BASE_URL",
+    "FluenceAuthError",
+    "FluenceClient",
+    "FluenceError",
+    "FluenceNotFound",
+    "FluenceRefused",
+    "FluenceUnavailable",
+    "Generation",
+    "InsufficientBalance",
+    "NoOffer",
+    "NotTerminable",
+    "parse_error",
+    "refused",
+]
 
 log = logging.getLogger(__name__)
 
-Generation = Literal["A", "B"]
 DEFAULT_BASE_URL = "https://api.fluence.dev"
 RETRY_STATUS = TRANSIENT_STATUSES | {500}
-_NO_OFFER = ("no suitable offer", "not enough offers", "no longer available")
-_NO_BALANCE = ("insufficient balance", "not enough balance", "insufficient funds")
+RESEND_STATUS = frozenset({429})  # the only transient answer that says a POST was not applied
 
 
-class FluenceError(DepinError):
-    """Root of the Fluence client's errors."""
+class _Failures(Failures):
+    """The Fluence client's words for the failures its retry policy stops on."""
 
+    def problem(self, outcome: Outcome) -> str:
+        if isinstance(outcome, httpx.Response):
+            code, message = parse_error(outcome)
+            return f"{outcome.status_code} {code}: {message[:200]}"
+        return super().problem(outcome)
 
-class FluenceRefused(FluenceError, PermanentError):
-    """The API refused the request. ``status`` is the HTTP status, ``code`` generation B's error code (or a
-    status-derived one), ``api_message`` the API's own ``error`` text."""
+    def refused(self, r: httpx.Response) -> FluenceRefused:
+        return refused(r, self.where)
 
-    def __init__(self, message: str, *, status: int, code: str, api_message: str = "") -> None:
-        super().__init__(message)
-        self.status, self.code, self.api_message = status, code, api_message
-
-
-class FluenceAuthError(FluenceRefused):
-    """401/403: the API key is missing, wrong, expired or lacks the scope."""
-
-
-class FluenceNotFound(FluenceRefused):
-    """404: no such resource (or route: a generation the account does not have)."""
-
-
-class NoOffer(FluenceRefused):
-    """422 "No suitable offer found" / "Not enough offers found": nothing matches the constraints or price."""
-
-
-class InsufficientBalance(FluenceRefused):
-    """The account's balance cannot pay for the deposit (generation B ``insufficient_balance``)."""
-
-
-class FluenceUnavailable(FluenceError, TransientError):
-    """The API could not be reached or kept answering 429/5xx; retrying later may work."""
-
-
-class NotTerminable(FluenceError, TransientError):
-    """The instance is in a status from which it cannot be terminated yet (GPU: only ``ACTIVE`` can)."""
-
-
-_STATUS_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    406: "not_acceptable",
-    409: "conflict",
-    422: "unprocessable_entity",
-}
-
-
-def _detail_text(detail: Any) -> str:
-    """The GPU API's ``detail``: a string (400 business errors) or FastAPI's ``[{loc, msg}, ...]`` (422)."""
-    if isinstance(detail, list):
-        parts = []
-        for item in detail:
-            if isinstance(item, dict):
-                loc = ".".join(str(p) for p in (item.get("loc") or []) if p != "body")
-                parts.append(f"{loc}: {item.get('msg', '')}" if loc else str(item.get("msg", "")))
-            else:
-                parts.append(str(item))
-        return "; ".join(parts)
-    if isinstance(detail, dict):
-        return str(detail.get("message") or detail.get("msg") or detail)
-    return str(detail)
-
-
-def parse_error(r: httpx.Response) -> tuple[str, str]:
-    """(code, message) of an error answer: ``{"error": "..."}`` (A), ``{"code", "error"}`` (B),
-    ``{"detail": ...}`` (GPU), or text."""
-    try:
-        body = r.json()
-    except ValueError:
-        body = None
-    fallback = _STATUS_CODES.get(r.status_code, "http_error")
-    if isinstance(body, dict):
-        err = body.get("error")
-        if isinstance(err, dict):  # tolerate {"error": {"code", "message"}}
-            return str(err.get("code") or fallback), str(err.get("message") or "")
-        if err is None and "detail" in body:
-            message = _detail_text(body["detail"])
-            if any(m in message.lower() for m in _NO_BALANCE):
-                return "insufficient_balance", message
-            return str(body.get("code") or fallback), message
-        code = body.get("code") or fallback
-        return str(code), str(err if err is not None else body.get("message") or "")
-    return fallback, r.text[:300].strip()
-
-
-def _fix(status: int, code: str) -> str:
-    if status in (401, 403):
-        return (
-            "check the Fluence API key (DEPIN_FLUENCE_API_KEY; create one in Fluence Console › Settings › API "
-            "Keys, full access for deploys)"
+    def maybe_applied(self, outcome: Outcome, problem: str, retry_after: float | None) -> FluenceUnavailable:
+        if isinstance(outcome, httpx.TransportError):
+            problem = f"the connection failed after sending ({type(outcome).__name__})"
+        return FluenceUnavailable(
+            f"{self.where}: {problem}; the request may have been applied — list the resources (by name) before "
+            "retrying",
+            retry_after=retry_after,
         )
-    if status == 404:
-        return "the resource is gone or this account does not have this API generation"
-    if code == "insufficient_balance":
-        return "top up the Fluence balance (Console › Billing); retrying will not help before that"
-    if status == 422:
-        return "relax the constraints (configuration, country, max price) or retry later"
-    if status in (400, 406, 409):
-        return "the message says which field or state is wrong"
-    return "see the message"
 
-
-def refused(r: httpx.Response, where: str) -> FluenceRefused:
-    """The :class:`FluenceRefused` (subclass) for a permanent error answer."""
-    code, message = parse_error(r)
-    status = r.status_code
-    cls: type[FluenceRefused] = FluenceRefused
-    if status in (401, 403):
-        cls = FluenceAuthError
-    elif status == 404:
-        cls = FluenceNotFound
-    elif code == "insufficient_balance" or any(m in message.lower() for m in _NO_BALANCE):
-        cls = InsufficientBalance
-    elif status in (400, 422) and any(m in message.lower() for m in _NO_OFFER):
-        cls = NoOffer
-    text = f"{where} refused ({status} {code}): {message or r.reason_phrase}; {_fix(status, code)}"
-    return cls(text, status=status, code=code, api_message=message)
+    def gave_up(self, problem: str, attempts: int, retry_after: float | None) -> FluenceUnavailable:
+        return FluenceUnavailable(
+            f"{self.where}: {problem}; gave up after {attempts} attempts — retry later",
+            retry_after=retry_after,
+        )
 
 
 class FluenceClient:
@@ -196,10 +128,14 @@ class FluenceClient:
         self.base_url = url
         self._key = api_key
         self._generation: Generation | None = generation
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
-        self._sleep = sleep
+        self.policy = RetryPolicy(
+            max_retries=retries,
+            base_s=backoff_s,
+            max_s=max_backoff_s,
+            statuses=RETRY_STATUS,
+            resend_statuses=RESEND_STATUS,
+            sleep=sleep,
+        )
         timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
         self._http = httpx.Client(
             base_url=url, timeout=timeout, transport=transport, headers={"Accept": "application/json"}
@@ -221,22 +157,16 @@ class FluenceClient:
     @cached_property
     def a(self) -> VmsV3:
         """Generation A: marketplace offers and ``/vms/v3``."""
-        from serving.fluence._gen_a import VmsV3
-
         return VmsV3(self)
 
     @cached_property
     def b(self) -> V2Cluster:
         """Generation B: clusters, ``/v2/vms``, security groups, cloud-init."""
-        from serving.fluence._gen_b import V2Cluster
-
         return V2Cluster(self)
 
     @cached_property
     def gpu(self) -> GpuContainers:
         """GPU Cloud containers (``/gpu``)."""
-        from serving.fluence._gpu import GpuContainers
-
         return GpuContainers(self)
 
     # ---- generation --------------------------------------------------------------------------------------------
@@ -302,43 +232,12 @@ class FluenceClient:
         when its status is in ``ok``."""
         if idempotent is None:
             idempotent = method.upper() != "POST"
-        where = f"{method} {self.base_url}{path}"
-        for attempt in range(self.retries + 1):
-            last = attempt == self.retries
-            retry_after: float | None = None
-            try:
-                r = self._http.request(method, path, json=json, params=params, headers=self._headers(gen))
-            except NOT_SENT as exc:
-                problem = f"cannot connect ({type(exc).__name__})"
-            except httpx.TransportError as exc:  # may have reached the server
-                if not idempotent:
-                    raise FluenceUnavailable(
-                        f"{where}: the connection failed after sending ({type(exc).__name__}); the request may "
-                        "have been applied — list the resources (by name) before retrying"
-                    ) from None
-                problem = f"connection failed ({type(exc).__name__})"
-            else:
-                if r.status_code in ok:
-                    return r
-                if r.status_code not in RETRY_STATUS:
-                    raise refused(r, where)
-                code, message = parse_error(r)
-                problem, retry_after = f"{r.status_code} {code}: {message[:200]}", retry_after_of(r)
-                if not idempotent and r.status_code != 429:
-                    raise FluenceUnavailable(
-                        f"{where}: {problem}; the request may have been applied — list the resources (by name) "
-                        "before retrying",
-                        retry_after=retry_after,
-                    )
-            if last:
-                raise FluenceUnavailable(
-                    f"{where}: {problem}; gave up after {attempt + 1} attempts — retry later",
-                    retry_after=retry_after,
-                )
-            delay = backoff_delay(attempt, retry_after, base_s=self.backoff_s, cap_s=self.max_backoff_s)
-            log.info("%s: %s; retrying in %.2fs", where, problem, delay)
-            self._sleep(delay)
-        raise AssertionError("unreachable")
+        return self.policy.send(
+            lambda: self._http.request(method, path, json=json, params=params, headers=self._headers(gen)),
+            _Failures(f"{method} {self.base_url}{path}"),
+            idempotent=idempotent,
+            ok=ok,
+        )
 
     def get_json(self, path: str, *, gen: Generation, params: Any = None) -> Any:
         """``GET path`` → decoded JSON."""

@@ -7,16 +7,15 @@ without 22. Prices are USDC per epoch (24 h), billed daily with 2 epochs charged
 
 from __future__ import annotations
 
+import builtins
 import re
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from depin_core.errors import ConfigError
-from serving.fluence._client import FluenceNotFound, FluenceRefused
+from serving.fluence._api import FluenceApi
+from serving.fluence.errors import FluenceNotFound, FluenceRefused
 from serving.fluence.models import CreatedVmA, DefaultImage, EstimateA, OfferA, Port, VmA, VmStatusEntryA
-
-if TYPE_CHECKING:
-    from serving.fluence._client import FluenceClient
 
 _NAME = re.compile(r"^[A-Za-z0-9-]{1,63}$")
 SSH_PORT = 22
@@ -41,7 +40,7 @@ def ports(open_ports: Iterable[int | Port | dict[str, Any]]) -> list[dict[str, A
 class VmsV3:
     """``/marketplace/*`` and ``/vms/v3`` calls of a :class:`FluenceClient`."""
 
-    def __init__(self, client: FluenceClient) -> None:
+    def __init__(self, client: FluenceApi) -> None:
         self._c = client
 
     def _get(self, path: str, params: Any = None) -> Any:
@@ -111,11 +110,11 @@ class VmsV3:
         """The VM with this id, or None when it is not listed (deleted)."""
         return next((v for v in self.list() if v.id.lower() == vm_id.lower()), None)
 
-    def find(self, name: str) -> list[VmA]:
+    def find(self, name: str) -> builtins.list[VmA]:
         """The VMs named ``name`` (the API has no idempotency keys: reconcile by name)."""
         return [v for v in self.list() if v.vm_name == name]
 
-    def status(self) -> list[VmStatusEntryA]:
+    def status(self) -> builtins.list[VmStatusEntryA]:
         """``GET /vms/v3/status``: status and public IP of each VM."""
         return [VmStatusEntryA.model_validate(v) for v in self._get("/vms/v3/status")]
 

@@ -17,10 +17,11 @@ Wire shapes follow Fluence's published OpenAPI document (v0.10.0, "Cloudless Lab
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from depin_core.errors import ConfigError
-from serving.fluence._client import FluenceNotFound, FluenceRefused
+from serving.fluence._api import FluenceApi
+from serving.fluence.errors import FluenceNotFound, FluenceRefused
 from serving.fluence.models import (
     Cluster,
     CostResult,
@@ -32,9 +33,6 @@ from serving.fluence.models import (
     VmB,
     VmConfiguration,
 )
-
-if TYPE_CHECKING:
-    from serving.fluence._client import FluenceClient
 
 MAX_USER_DATA_BYTES = 16 * 1024
 _EXPAND = {"expand[0]": "publicIp", "expand[1]": "networkInterfaces"}
@@ -60,7 +58,7 @@ def tcp_ingress(tcp_ports: Iterable[int], *, source: str = "0.0.0.0/0") -> list[
 class V2Cluster:
     """Generation-B calls of a :class:`FluenceClient`."""
 
-    def __init__(self, client: FluenceClient) -> None:
+    def __init__(self, client: FluenceApi) -> None:
         self._c = client
 
     def _get(self, path: str, params: Any = None) -> Any:

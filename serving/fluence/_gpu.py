@@ -13,16 +13,15 @@ Only ``ACTIVE`` instances can be terminated (``DELETE`` answers 204): :meth:`Gpu
 
 from __future__ import annotations
 
+import builtins
 import re
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from depin_core.errors import ConfigError
-from serving.fluence._client import FluenceNotFound, FluenceRefused, NotTerminable
+from serving.fluence._api import FluenceApi
+from serving.fluence.errors import FluenceNotFound, FluenceRefused, NotTerminable
 from serving.fluence.models import GpuInstance, GpuPlan
-
-if TYPE_CHECKING:
-    from serving.fluence._client import FluenceClient
 
 _NAME = re.compile(r"^[a-z0-9-]{1,25}$")
 MAX_PORTS = 10
@@ -32,7 +31,7 @@ MAX_ENV = 64
 class GpuContainers:
     """``/gpu/plans`` and ``/gpu/instances`` calls of a :class:`FluenceClient`."""
 
-    def __init__(self, client: FluenceClient) -> None:
+    def __init__(self, client: FluenceApi) -> None:
         self._c = client
 
     def plans(self) -> list[GpuPlan]:
@@ -86,7 +85,7 @@ class GpuContainers:
         """``GET /gpu/instances/``."""
         doc = self._c.get_json("/gpu/instances/", gen="A")
         items = doc.get("data", doc.get("items", [])) if isinstance(doc, dict) else doc
-        return [GpuInstance.model_validate(i) for i in items]
+        return [GpuInstance.model_validate(i) for i in items or []]
 
     def delete(self, instance_id: str) -> None:
         """``DELETE /gpu/instances/{id}`` (only ``ACTIVE`` instances can be terminated). Already ended, failed
@@ -115,7 +114,7 @@ class GpuContainers:
                     return
             raise
 
-    def logs(self, instance_id: str, last: int = 100) -> list[str]:
+    def logs(self, instance_id: str, last: int = 100) -> builtins.list[str]:
         """``GET /gpu/instances/{id}/logs?last=N``: the container's last log lines."""
         r = self._c.request("GET", f"/gpu/instances/{instance_id}/logs", gen="A", params={"last": last})
         try:

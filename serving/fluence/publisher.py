@@ -57,7 +57,8 @@ from depin_core.tls import (
 from serving._auth import new_admin_key
 from serving.bundle import DEFAULT_MAX_BATCH_SIZE, valid_name
 from serving.fluence import bootstrap as boot
-from serving.fluence._client import DEFAULT_BASE_URL, FluenceClient, FluenceRefused, FluenceUnavailable
+from serving.fluence._client import DEFAULT_BASE_URL, FluenceClient
+from serving.fluence.errors import FluenceNotFound, FluenceRefused, FluenceUnavailable, VmFailed
 from serving.fluence.state import DEFAULT_STATE_DIR, Deployment, PublishedVersion, StateStore, valid_target
 from serving.publish import GatewayPublisher, PublishResult
 from serving.registry import valid_alias
@@ -173,10 +174,6 @@ class LiveVm:
     running: bool  # Active / launched
     failed: bool  # failed, ended, stopped: will not come back
     usd_per_hour: float | None
-
-
-class VmFailed(PermanentError):
-    """The VM reached a terminal failed status."""
 
 
 # ------------------------------------------------------------------------------------------------ backends
@@ -311,8 +308,6 @@ class _GenB:
         return [self._live(v) for v in self.api.find(name) if v.status not in ("terminating", "terminated")]
 
     def get(self, vm_id: str) -> LiveVm | None:
-        from serving.fluence._client import FluenceNotFound
-
         try:
             vm = self.api.get_vm(vm_id)
         except FluenceNotFound:
@@ -869,7 +864,7 @@ class FluencePublisher:
         state = self.store.load()
         backend = self.backend
         targets = sorted(state.deployments) if all_targets else [self.name]
-        deleted = []
+        deleted: list[dict[str, Any]] = []
         for target in targets:
             name = VM_PREFIX + target
             dep = state.deployments.get(target)

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 
 from depin_core.net import free_port
+from gpu_jobs import api
 from gpu_jobs.agent.process import AgentProcess
 from gpu_jobs.artifacts import load_artifact
 from gpu_jobs.chain import DefaultRunnerFactory, Entry, Lease, run_chain
 from gpu_jobs.runner import JobStatus
 from gpu_jobs.spec import DatasetRef, FailureKind, JobSpec, JobState
-from pipelines._jobs_cmd import run_score, run_train
 from tests.gpu_jobs.models.fleet_data import FleetData
 from tests.gpu_jobs.support import AGENT_TLS, ENV, TOKEN, train_spec
 from tests.gpu_jobs.toy_family import EVAL_IMPORT_PATH, LIE_ENV, EvalToy
@@ -184,9 +184,9 @@ def test_a_real_range_model_trained_and_scored_through_an_agent_is_verified_loca
     monkeypatch.setenv("DEPIN_AGENT_TOKEN", TOKEN)
     monkeypatch.setenv("DEPIN_AGENT_TLS_FINGERPRINT", str(good.fingerprint))  # pins the agent's certificate
     model = tmp_path / "range-model"
-    doc = run_train(
+    doc = api.train(
         dataset=serving_fleet.telemetry, model="range", out=model, runners=[f"agent:{good.url}"],
-        params=RANGE_HP, seed=1, jobs_dir=tmp_path / "jobs", show_progress=False,
+        params=RANGE_HP, seed=1, jobs_dir=tmp_path / "jobs",
     )  # fmt: skip
     assert doc["state"] == "SUCCEEDED" and doc["runner"] == f"agent:{good.url}"
     (attempt,) = doc["attempts"]
@@ -195,9 +195,9 @@ def test_a_real_range_model_trained_and_scored_through_an_agent_is_verified_loca
     assert load_artifact(model).metrics["mae"] == doc["metrics"]["mae"]
 
     scores = tmp_path / "scores.parquet"
-    scored = run_score(
+    scored = api.score(
         model_dir=model, dataset=serving_fleet.telemetry, out=scores, runners=[f"agent:{good.url}"],
-        jobs_dir=tmp_path / "jobs", show_progress=False,
+        jobs_dir=tmp_path / "jobs",
     )  # fmt: skip
     (attempt,) = scored["attempts"]
     assert attempt["verified"] is True and attempt["verification"].startswith("re-scored")

@@ -34,7 +34,8 @@ from pipelines._fluence_cmd import open_fluence_gateway, run_fluence_publish
 from pipelines._serve_cmd import run_invoke
 from serving.fluence import FluenceClient, FluenceUnavailable, NoOffer
 from serving.fluence import bootstrap as boot
-from serving.fluence.publisher import VM_PREFIX, FluencePublisher, FluenceSettings, VmFailed
+from serving.fluence.errors import VmFailed
+from serving.fluence.publisher import VM_PREFIX, FluencePublisher, FluenceSettings
 from serving.fluence.state import StateStore
 from tests.fakes.fluence import FakeFluence
 

@@ -121,7 +121,7 @@ def test_gen_b_failure_paths_conform_to_the_published_spec(
     conform too. No gateway starts, so an empty model directory does."""
     from depin_core.errors import DepinError
     from serving.fluence import InsufficientBalance, NoOffer
-    from serving.fluence.publisher import VmFailed
+    from serving.fluence.errors import VmFailed
 
     spec = spec_or_skip()
     recorder = RecordingTransport()

@@ -19,11 +19,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from gpu_jobs import api
 from gpu_jobs.agent.process import AgentProcess
 from gpu_jobs.chain import AGENT_FINGERPRINT_ENV, DefaultRunnerFactory, Entry, Lease
 from gpu_jobs.models.range import RangeFamily
 from gpu_jobs.verify import compare_frames
-from pipelines._jobs_cmd import run_score, run_train
 from tests.gpu_jobs.models.fleet_data import FleetData
 from tests.gpu_jobs.support import ENV, TOKEN
 from tests.serving.fixtures import RANGE_HP
@@ -112,9 +112,9 @@ def test_a_node_gets_only_minimised_pseudonymous_data_and_keeps_nothing(
     factory = CapturingFactory(tmp_path, agent)
     runner = [f"agent:{agent.url}"]
     model = tmp_path / "range-model"
-    doc = run_train(
+    doc = api.train(
         dataset=dataset, model="range", out=model, runners=runner, params=RANGE_HP, seed=1,
-        jobs_dir=tmp_path / "jobs", show_progress=False, factory=factory,
+        jobs_dir=tmp_path / "jobs", factory=factory,
     )  # fmt: skip
     assert doc["state"] == "SUCCEEDED" and doc["attempts"][0]["verified"] is True
     trained = json.loads((model / "model.json").read_bytes())  # back home, the model names the real vehicles
@@ -124,9 +124,9 @@ def test_a_node_gets_only_minimised_pseudonymous_data_and_keeps_nothing(
     )
 
     scores = tmp_path / "scores.parquet"
-    scored = run_score(
+    scored = api.score(
         model_dir=model, dataset=dataset, out=scores, runners=runner, jobs_dir=tmp_path / "jobs",
-        show_progress=False, factory=factory,
+        factory=factory,
     )  # fmt: skip
     assert scored["attempts"][0]["verified"] is True
 
@@ -152,9 +152,9 @@ def test_a_node_gets_only_minimised_pseudonymous_data_and_keeps_nothing(
 
     # the scores came back keyed by the real vehicles: the very rows a local run gives
     local = tmp_path / "scores-local.parquet"
-    run_score(
+    api.score(
         model_dir=model, dataset=dataset, out=local, runners=["local"], jobs_dir=tmp_path / "jobs",
-        show_progress=False, factory=factory,
+        factory=factory,
     )  # fmt: skip
     remote_rows, local_rows = pl.read_parquet(scores), pl.read_parquet(local)
     assert set(remote_rows["token_id"].to_list()) <= raw_ids

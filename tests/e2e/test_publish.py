@@ -29,9 +29,17 @@ from pydantic import SecretStr
 from depin_core.errors import TransientError
 from depin_core.tls import client_context, make_certificate
 from serving._auth import hash_api_key, new_admin_key
-from serving.bundle import load_publisher_account, recover_publisher
+from serving.bundle import (
+    build_bundle,
+    canonical_json,
+    content_version,
+    load_publisher_account,
+    recover_publisher,
+    sign_manifest,
+)
 from serving.client import GatewayClient, GatewayRefused
 from serving.publish import GatewayPublisher, LocalPublisher, PublishResult
+from serving.registry import Registry
 from serving.server import GatewayProcess
 from serving.settings import GatewaySettings
 
@@ -268,6 +276,45 @@ def test_serve_over_https_with_a_pinned_certificate(range_artifact: Path, tmp_pa
             )
         )  # fmt: skip
         assert invoked["version"] == done["version"] and len(invoked["outputs"]) == len(rows)
+
+
+def test_cli_publish_smoke_calls_the_version_before_moving_the_alias(
+    range_artifact: Path, tmp_path: Path
+) -> None:
+    """`depin publish` invokes the new version with its manifest's example before it moves the alias: a
+    version whose example fails is stored, but the alias stays on the version that works — locally (the
+    smoke call fails) and on a gateway (which refuses to serve it)."""
+    account = load_publisher_account(key_file=tmp_path / ".depin/keys/publisher.key")  # the CLI's key
+    registry = tmp_path / "registry"
+    publish = ["publish", "--name", "range", "--alias", "prod", "--registry", str(registry)]
+    good = last_json(depin(*publish, "--model", str(range_artifact), "--json", cwd=tmp_path))
+    assert good["moved"] == ["latest", "prod"]
+    assert good["function_url"] == "http://127.0.0.1:8787/v1/functions/range@prod/invoke"
+
+    bad = build_bundle(range_artifact, tmp_path / "bad", name="range", account=account)
+    manifest = json.loads((bad.path / "manifest.json").read_bytes())
+    manifest["example"] = [{**manifest["example"][0], "km": -1}]  # valid JSON, refused by the model
+    manifest["version"] = content_version(manifest)
+    data = canonical_json(manifest)
+    (bad.path / "manifest.json").write_bytes(data)
+    (bad.path / "signature.json").write_bytes(canonical_json(sign_manifest(data, account)))
+
+    local = depin(*publish, "--model", str(bad.path), cwd=tmp_path)
+    assert local.returncode == 2 and "Traceback" not in local.stderr, local.stderr
+    assert f"smoke call of range@{manifest['version']} failed" in local.stderr
+    assert "inputs[0].km" in local.stderr and "alias prod was not moved" in local.stderr
+    reg = Registry(registry, trusted=None)
+    assert reg.aliases("range")["prod"] == {good["version"]: 1.0}
+    assert manifest["version"] in reg.version_ids("range")  # stored, never aliased
+
+    with DepinServe(tmp_path, tmp_path / "gw-registry") as server:
+        remote = [*publish, "--target", server.url, "--registry", str(tmp_path / "gw-registry")]
+        first = last_json(depin(*remote, "--model", str(range_artifact), "--json", cwd=tmp_path))
+        assert first["function_url"] == f"{server.url}/v1/functions/range@prod/invoke"
+        refused = depin(*remote, "--model", str(bad.path), cwd=tmp_path)
+        assert refused.returncode == 2 and "inputs[0].km" in refused.stderr, refused.stderr
+        aliases = httpx.get(f"{server.url}/v1/functions/range", timeout=10).json()["aliases"]
+        assert aliases["prod"] == {first["version"]: 1.0}
 
 
 def served_by(url: str, rows: list[dict[str, Any]]) -> Any:

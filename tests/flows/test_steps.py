@@ -19,6 +19,7 @@ from connectors.dimo.schema import telemetry_schema
 from connectors.dimo.settings import DimoSettings
 from connectors.dimo.store import TelemetryStore
 from depin_core.errors import ConfigError, PermanentError, TransientError
+from gpu_jobs import api as jobs
 from pipelines import _steps as S
 from pipelines.params import IngestParams, PublishParams, TrainAndPublishParams, TrainParams
 from pipelines.results import TrainResult, clean_metrics
@@ -165,7 +166,7 @@ def test_model_dirs_are_fresh_and_the_train_step_runs_the_whole_chain(
         seen.update(kw)
         raise TransientError("every runner of the chain failed: agent:http://gpu-a:8900: unreachable | …")
 
-    monkeypatch.setattr(S, "run_train", fake_train)
+    monkeypatch.setattr(jobs, "train", fake_train)
     with pytest.raises(TransientError, match="every runner of the chain failed"):
         S.train_model_step(params, tmp_path, a)
     assert seen["runners"] == ["agent:http://gpu-a:8900", "vast", "local"] and seen["out"] == a
@@ -202,6 +203,36 @@ def test_function_urls_and_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert S.function_name(PublishParams(name="mine"), tmp_path) == "mine"
     with pytest.raises(ConfigError, match=r"publish\.name"):
         S.function_name(PublishParams(), tmp_path / "nothing")
+
+
+def test_one_factory_builds_the_target_of_every_publish_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """'local', 'fluence' and a URL become their ``serving.targets`` class in ``pipelines._targets`` alone;
+    keys and the Fluence record are read only when a call needs them."""
+    from pipelines._targets import make_target, open_target
+    from serving.fluence.target import FluenceTarget
+    from serving.targets import GatewayTarget, LocalTarget
+
+    monkeypatch.delenv("DEPIN_ADMIN_KEY", raising=False)
+    monkeypatch.setenv("DEPIN_FLUENCE_STATE_DIR", str(tmp_path / "fluence"))
+    monkeypatch.delenv("DEPIN_FLUENCE_API_KEY", raising=False)
+    with open_target(PublishParams(registry=tmp_path / "reg", gateway_url="http://gw:2/")) as local:
+        assert (
+            isinstance(local, LocalTarget) and local.root == tmp_path / "reg" and local.url == "http://gw:2"
+        )
+    with open_target(PublishParams(target="https://fn.example/", registry=tmp_path / "reg")) as remote:
+        assert isinstance(remote, GatewayTarget) and remote.url == "https://fn.example"
+        with pytest.raises(ConfigError, match="no admin key"):  # read on the first admin call, not before
+            remote.set_alias("x", "prod", "0" * 16)
+    with open_target(PublishParams(target="fluence", fluence_target="t9")) as fluence:
+        assert isinstance(fluence, FluenceTarget) and fluence.name == "t9"
+        with pytest.raises(ConfigError, match="no gateway VM recorded"):
+            S.function_urls(PublishParams(target="fluence", fluence_target="t9"), "x", "v")
+        with pytest.raises(ConfigError, match="DEPIN_FLUENCE_API_KEY"):  # publishing needs the API
+            fluence.publish(tmp_path, "x")
+    with pytest.raises(ConfigError, match=r"--target 'ftp://x'.*'local'.*'fluence'"):
+        make_target("ftp://x")
 
 
 # ---------------------------------------------------------------------------------------------- parameters
@@ -315,16 +346,19 @@ async def test_async_steps_also_run_where_an_event_loop_is_running() -> None:
     ("failure", "error"), [("infra", TransientError), ("user", PermanentError), ("verify", PermanentError)]
 )
 def test_a_failed_job_is_transient_only_when_the_infrastructure_failed(
-    failure: str, error: type[Exception]
+    tmp_path: Path, failure: str, error: type[Exception]
 ) -> None:
     """What the flows' retry condition and the runner chain rely on; the job's log lines reach ``on_log``."""
+    import contextlib
+    from collections.abc import Iterator
+
+    from gpu_jobs.chain import Entry, Lease
     from gpu_jobs.runner import JobStatus
     from gpu_jobs.spec import FailureKind, JobKind, JobResult, JobSpec, JobState, ModelSpec, Outputs
-    from pipelines._jobs_cmd import run_job
 
     class FailingRunner:
-        def submit(self, spec: JobSpec) -> str:
-            return "job-1"
+        def submit(self, spec: JobSpec, *, job_id: str) -> str:
+            return job_id
 
         def status(self, job_id: str) -> JobStatus:
             return JobStatus(job_id=job_id, state=JobState.FAILED)
@@ -332,7 +366,7 @@ def test_a_failed_job_is_transient_only_when_the_infrastructure_failed(
         def logs(self, job_id: str, offset: int = 0) -> tuple[str, int]:
             return ("epoch 1 loss 0.5\nboom\n", 21) if offset == 0 else ("", offset)
 
-        def result(self, job_id: str) -> JobResult:
+        def result(self, job_id: str, timeout: float | None = None) -> JobResult:
             return JobResult(
                 job_id=job_id,
                 spec_hash="h",
@@ -341,8 +375,65 @@ def test_a_failed_job_is_transient_only_when_the_infrastructure_failed(
                 error="boom",
             )
 
+        def checkpoint_dir(self, job_id: str) -> Path | None:
+            return None
+
+    class OneRunner:
+        def check(self, entry: Entry) -> None:
+            pass
+
+        @contextlib.contextmanager
+        def lease(self, entry: Entry, **kw: Any) -> Iterator[Lease]:
+            yield Lease(FailingRunner(), node="n1")
+
     lines: list[str] = []
-    spec = JobSpec(kind=JobKind.TRAIN, model=ModelSpec(family="range"), outputs=Outputs(dir="/tmp/x"))
-    with pytest.raises(error, match=rf"job job-1 FAILED\({failure}\): boom"):
-        run_job(FailingRunner(), spec, show_progress=False, on_log=lines.append)  # type: ignore[arg-type]
-    assert lines == ["epoch 1 loss 0.5", "boom"]
+    statuses: list[tuple[str, JobState]] = []
+    spec = JobSpec(
+        kind=JobKind.TRAIN, model=ModelSpec(family="range"), outputs=Outputs(dir=str(tmp_path / "m"))
+    )
+    with pytest.raises(error, match=rf"job \S+ FAILED\({failure}\): .*boom"):
+        jobs.run_spec(
+            spec,
+            ["local"],
+            jobs_dir=tmp_path / "jobs",
+            factory=OneRunner(),
+            on_log=lines.append,
+            on_status=lambda entry, st: statuses.append((entry, st.state)),
+        )
+    assert [line for line in lines if not line.startswith("chain: ")] == ["epoch 1 loss 0.5", "boom"]
+    assert statuses == [("local", JobState.FAILED)]
+
+
+_CLI_LIBRARIES_IN_FLOW_MODULES = """
+import ast, json, sys
+import pipelines.flows, pipelines._tasks, pipelines._steps
+
+found = {}
+for name, module in sorted(sys.modules.items()):
+    if name.split(".")[0] != "pipelines" or not getattr(module, "__file__", None):
+        continue
+    tree = ast.parse(open(module.__file__, encoding="utf-8").read())
+    roots = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            roots.add((node.module or "").split(".")[0])
+    found[name] = sorted(roots & {"rich", "typer"})
+print(json.dumps({"modules": found, "typer_loaded": "typer" in sys.modules}))
+"""
+
+
+def test_the_modules_the_flows_call_import_no_cli_library() -> None:
+    """Flows, tasks and steps call the packages' library APIs; rich and typer belong to the CLI modules. (rich
+    itself may still load through a dependency, e.g. prefect or httpx's CLI: the check is on our modules,
+    every ``pipelines`` module that importing the flows loads.)"""
+    proc = subprocess.run(
+        [sys.executable, "-c", _CLI_LIBRARIES_IN_FLOW_MODULES], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.splitlines()[-1])
+    modules = report["modules"]
+    assert {"pipelines.flows", "pipelines._tasks", "pipelines._steps"} <= set(modules)
+    assert {name: libs for name, libs in modules.items() if libs} == {}
+    assert report["typer_loaded"] is False

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from depin_core.errors import ConfigError
-from gpu_jobs.artifacts import MANIFEST, ArtifactIntegrityError, load_artifact, write_artifact
+from gpu_jobs.artifacts import MANIFEST, load_artifact, write_artifact
+from gpu_jobs.errors import ArtifactIntegrityError
 from gpu_jobs.spec import DatasetRef, DeviceInfo, JobSpec, sha256_file
 
 

@@ -22,13 +22,13 @@ from gpu_jobs.chain import (
     DefaultRunnerFactory,
     Entry,
     Lease,
-    Verification,
     newest_checkpoint,
     parse_entry,
     run_chain,
 )
 from gpu_jobs.runner import JobStatus
 from gpu_jobs.spec import FailureKind, JobResult, JobSpec, JobState
+from gpu_jobs.verify import Verification
 
 # --------------------------------------------------------------------------------------------- fakes
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from gpu_jobs.artifacts import load_artifact
+from gpu_jobs.errors import JobNotFinished, JobNotFound
 from gpu_jobs.local import LocalRunner
-from gpu_jobs.runner import JobNotFinished, JobNotFound, JobRunner, JobStatus
+from gpu_jobs.runner import JobRunner, JobStatus
 from gpu_jobs.spec import DatasetRef, FailureKind, JobResult, JobSpec, JobState
 from tests.gpu_jobs.toy_family import IMPORT_PATH, write_toy_dataset
 

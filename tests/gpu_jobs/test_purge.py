@@ -13,7 +13,8 @@ import pytest
 from pydantic import SecretStr
 
 from gpu_jobs.agent.process import AgentProcess
-from gpu_jobs.remote import AgentAuthError, AgentRefused, AgentRunner
+from gpu_jobs.errors import AgentAuthError, AgentRefused
+from gpu_jobs.remote import AgentRunner
 from gpu_jobs.spec import DatasetRef, JobState
 from tests.gpu_jobs.support import ENV, TOKEN, toy_data, train_spec
 

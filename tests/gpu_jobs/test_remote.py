@@ -23,8 +23,9 @@ from depin_core.tls import PinMismatch
 from gpu_jobs.agent.process import AgentProcess
 from gpu_jobs.artifacts import MANIFEST, WEIGHTS, load_artifact
 from gpu_jobs.checkpoint import FileCheckpointer
+from gpu_jobs.errors import AgentAuthError
 from gpu_jobs.local import LocalRunner
-from gpu_jobs.remote import AgentAuthError, AgentRunner
+from gpu_jobs.remote import AgentRunner
 from gpu_jobs.runner import JobRunner
 from gpu_jobs.spec import DatasetRef, FailureKind, JobResult, JobState, sha256_file
 from tests.gpu_jobs.support import ENV, TOKEN, infer_spec, toy_data, train_spec, wait_for

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from gpu_jobs.errors import JobError
 from gpu_jobs.spec import (
     AttemptRecord,
     DatasetRef,
     DeviceInfo,
     FailureKind,
-    JobError,
     JobResult,
     JobSpec,
     JobState,

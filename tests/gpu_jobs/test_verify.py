@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from gpu_jobs.artifacts import load_artifact, write_artifact
+from gpu_jobs.errors import VerifyError
 from gpu_jobs.models.anomaly import AnomalyFamily
 from gpu_jobs.models.range import RangeFamily
 from gpu_jobs.spec import DatasetRef, JobKind, JobResult, JobSpec, JobState, ModelSpec, Outputs, sha256_file
-from gpu_jobs.verify import VerifyError, compare_frames, compare_metrics, verify_result
+from gpu_jobs.verify import compare_frames, compare_metrics, verify_result
 from tests.gpu_jobs.models.fleet_data import FleetData
 from tests.serving.fixtures import ANOMALY_HP, RANGE_HP, train_artifact
 

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from depin_core.errors import ConfigError, TransientError
-from serving.batching import Columns, DeadlineExceeded, DynamicBatcher, Overloaded, row_count
+from serving.batching import Columns, DynamicBatcher, row_count
+from serving.errors import DeadlineExceeded, Overloaded
 from tests.serving.fake_clock import TickingClock
 
 # A deadline that passes while the request waits on a gated model; long enough that a busy machine never lets it

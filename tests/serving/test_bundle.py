@@ -17,12 +17,12 @@ from eth_account.signers.local import LocalAccount
 from pydantic import SecretStr
 
 from depin_core.errors import ConfigError, PermanentError
-from gpu_jobs.artifacts import ArtifactIntegrityError, load_artifact, write_artifact
+from gpu_jobs.artifacts import load_artifact, write_artifact
+from gpu_jobs.errors import ArtifactIntegrityError
 from gpu_jobs.models.online import load_predictor
 from serving.bundle import (
     FORMAT,
     Bundle,
-    BundleError,
     PublisherSettings,
     build_bundle,
     canonical_json,
@@ -36,6 +36,7 @@ from serving.bundle import (
     valid_name,
     verify_bundle,
 )
+from serving.errors import BundleError
 from tests.serving.fixtures import MakeBundle
 
 MODEL_FILES = {"model/weights.safetensors", "model/model.json", "model/metrics.json", "model/manifest.json"}

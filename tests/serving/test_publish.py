@@ -16,8 +16,9 @@ from eth_account.signers.local import LocalAccount
 from pydantic import SecretStr
 
 from depin_core.errors import ConfigError, PermanentError, TransientError
-from serving.bundle import Bundle, BundleError, recover_publisher
+from serving.bundle import Bundle, recover_publisher
 from serving.client import GatewayClient, GatewayRefused
+from serving.errors import BundleError
 from serving.publish import GatewayPublisher, LocalPublisher, Publisher, PublishResult
 from serving.registry import Registry
 

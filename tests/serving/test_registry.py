@@ -20,12 +20,10 @@ from pathlib import Path
 import pytest
 
 from depin_core.errors import ConfigError, PermanentError
-from serving.bundle import Bundle, BundleError, pack_bundle
+from serving.bundle import Bundle, pack_bundle
+from serving.errors import BundleError, InvalidTarget, NoHistory, NotFound
 from serving.registry import (
     HISTORY_LIMIT,
-    InvalidTarget,
-    NoHistory,
-    NotFound,
     Registry,
     normalise_weights,
     pick_version,

@@ -98,7 +98,7 @@ def _normalize(df: pl.DataFrame, path: Path) -> pl.DataFrame:
         if df.schema["ts"] == pl.Utf8:
             ts = ts.str.to_datetime(time_unit="us", time_zone="UTC")
         elif isinstance(df.schema["ts"], pl.Datetime):
-            tz = df.schema["ts"].time_zone  # type: ignore[union-attr]
+            tz = df.schema["ts"].time_zone
             ts = ts.dt.replace_time_zone("UTC") if tz is None else ts.dt.convert_time_zone("UTC")
             ts = ts.dt.cast_time_unit("us")
         else:

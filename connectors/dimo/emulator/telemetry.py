@@ -137,8 +137,8 @@ def execute_request(ctx: Ctx, req: GraphQLRequest, doc: DocumentNode) -> Respons
             variable_values=req.variables,
         )
         assert not hasattr(result, "__await__")  # all resolvers are synchronous
-        other_data = result.data or {}  # type: ignore[union-attr]
-        for err in result.errors or []:  # type: ignore[union-attr]
+        other_data = result.data or {}
+        for err in result.errors or []:
             errors_by_key.setdefault(str(err.path[0]) if err.path else "", []).append(format_error(err))
     data: dict[str, Any] = {}
     for key, nodes in groups.items():

@@ -57,7 +57,7 @@ def test_blob_upload_is_verified_and_idempotent(client: httpx.Client, agent: Age
     # the wrong bytes under a name: 422, and nothing is kept
     wrong = hashlib.sha256(b"something else").hexdigest()
     r = client.put(f"/v1/blobs/{wrong}", content=data, headers={"Upload-Length": str(len(data))})
-    assert r.status_code == 422 and "sha256 mismatch" in r.json()["error"]
+    assert r.status_code == 422 and "sha256 mismatch" in r.json()["error"]["message"]
     assert client.head(f"/v1/blobs/{wrong}").headers["Upload-Offset"] == "0"
     assert not (agent.data_dir / "blobs" / ".partial" / wrong).exists()
     assert not (agent.data_dir / "blobs" / wrong).exists()
@@ -66,18 +66,18 @@ def test_blob_upload_is_verified_and_idempotent(client: httpx.Client, agent: Age
 @pytest.mark.parametrize("name", ["A" * 64, "abc", "0" * 63 + "g", "0" * 65])
 def test_blob_name_must_be_a_sha256(client: httpx.Client, name: str) -> None:
     r = client.put(f"/v1/blobs/{name}", content=b"x", headers={"Upload-Length": "1"})
-    assert r.status_code == 400 and r.json()["field"] == "sha256"
+    assert r.status_code == 400 and r.json()["error"]["field"] == "sha256"
     assert client.head(f"/v1/blobs/{name}").status_code == 400
 
 
 def test_blob_headers_are_checked(client: httpx.Client) -> None:
     sha = hashlib.sha256(b"abc").hexdigest()
     r = client.put(f"/v1/blobs/{sha}", content=b"abc")
-    assert r.status_code == 400 and r.json()["field"] == "Upload-Length"
+    assert r.status_code == 400 and r.json()["error"]["field"] == "Upload-Length"
     r = client.put(f"/v1/blobs/{sha}", content=b"abc", headers={"Upload-Length": "3", "Upload-Offset": "-1"})
-    assert r.status_code == 400 and r.json()["field"] == "Upload-Offset"
+    assert r.status_code == 400 and r.json()["error"]["field"] == "Upload-Offset"
     r = client.put(f"/v1/blobs/{sha}", content=b"abcdef", headers={"Upload-Length": "3"})
-    assert r.status_code == 400 and "past Upload-Length" in r.json()["error"]
+    assert r.status_code == 400 and "past Upload-Length" in r.json()["error"]["message"]
     assert client.head(f"/v1/blobs/{sha}").headers["Upload-Offset"] == "0"
 
 
@@ -139,7 +139,7 @@ def test_train_job_lifecycle(
     body = {"job_id": job_id, "attempt": 1, "spec": spec.model_dump(mode="json")}
 
     r = client.post("/v1/jobs", json=body)
-    assert r.status_code == 422 and r.json()["missing"] == [f.sha256 for f in data.files]
+    assert r.status_code == 422 and r.json()["error"]["missing"] == [f.sha256 for f in data.files]
     upload_inputs(client, spec)
     r = client.post("/v1/jobs", json=body)
     assert r.status_code == 201 and r.json()["created"] is True and r.json()["job_id"] == job_id
@@ -147,7 +147,7 @@ def test_train_job_lifecycle(
     assert r.status_code == 200 and r.json()["created"] is False
     other = train_spec(data, tmp_path / "x").model_copy(update={"seed": 6})
     r = client.post("/v1/jobs", json={**body, "spec": other.model_dump(mode="json")})
-    assert r.status_code == 409 and r.json()["field"] == "spec"
+    assert r.status_code == 409 and r.json()["error"]["field"] == "spec"
 
     doc = wait_job(client, job_id, terminal)
     st = doc["status"]
@@ -205,22 +205,22 @@ def test_submit_validates_the_request(client: httpx.Client, data: DatasetRef, tm
     spec = train_spec(data, tmp_path / "m")
     body = {"job_id": new_job_id(spec), "attempt": 1, "spec": spec.model_dump(mode="json")}
     r = client.post("/v1/jobs", content=b"{not json")
-    assert r.status_code == 400 and r.json()["field"] == "body"
+    assert r.status_code == 400 and r.json()["error"]["field"] == "body"
     r = client.post("/v1/jobs", json={**body, "job_id": "../../etc"})
-    assert r.status_code == 422 and r.json()["field"] == "job_id"
+    assert r.status_code == 422 and r.json()["error"]["field"] == "job_id"
     r = client.post("/v1/jobs", json={**body, "attempt": 0})
-    assert r.status_code == 422 and r.json()["field"] == "attempt"
+    assert r.status_code == 422 and r.json()["error"]["field"] == "attempt"
     r = client.post("/v1/jobs", json={**body, "resume": [{"name": "../x.json", "sha256": "0" * 64}]})
-    assert r.status_code == 422 and r.json()["field"].startswith("resume.0.name")
+    assert r.status_code == 422 and r.json()["error"]["field"].startswith("resume.0.name")
     r = client.post("/v1/jobs", json={**body, "unexpected": 1})
-    assert r.status_code == 422 and r.json()["field"] == "unexpected"
+    assert r.status_code == 422 and r.json()["error"]["field"] == "unexpected"
     # an input file path that escapes the input directory
     escaping = data.model_dump(mode="json")
     escaping["files"][0]["path"] = "../../evil.parquet"
     upload_inputs(client, spec)
     bad = {**body, "spec": {**body["spec"], "inputs": [escaping]}}
     r = client.post("/v1/jobs", json=bad)
-    assert r.status_code == 422 and r.json()["field"] == "spec.inputs.0.files.0.path"
+    assert r.status_code == 422 and r.json()["error"]["field"] == "spec.inputs.0.files.0.path"
     assert client.get(f"/v1/jobs/{body['job_id']}").status_code == 404
     assert client.get("/v1/jobs/0123456789ab-01234567/result").status_code == 404
     assert client.get("/v1/jobs/not-an-id").status_code == 400
@@ -234,7 +234,7 @@ def test_cancel_a_running_job(client: httpx.Client, data: DatasetRef, tmp_path: 
     assert r.status_code == 201
     wait_job(client, job_id, lambda d: d["status"]["step"] >= 1)
     r = client.get(f"/v1/jobs/{job_id}/result")
-    assert r.status_code == 409 and "not finished" in r.json()["error"]
+    assert r.status_code == 409 and "not finished" in r.json()["error"]["message"]
     assert client.get(f"/v1/jobs/{job_id}/artifacts/manifest.json").status_code == 409
     r = client.post(f"/v1/jobs/{job_id}/cancel")
     assert r.status_code == 202 and "state" in r.json()
@@ -253,7 +253,7 @@ def test_requests_without_a_valid_token_are_refused(agent: AgentProcess) -> None
             r = httpx.request(method, agent.url + path, headers=headers, timeout=10, verify=agent.verify)
             assert r.status_code == 401, (method, path, headers, r.text)
             if method != "HEAD":
-                assert "error" in r.json() and "wrong-token" not in r.text
+                assert r.json()["error"]["code"] == "unauthorized" and "wrong-token" not in r.text
     assert "wrong-token" not in agent.log_text()
 
 
@@ -289,7 +289,7 @@ def test_job_tokens_are_scoped_and_expire(
     r = httpx.get(
         f"{agent.url}/v1/jobs/{job_id}", headers=auth(short["token"]), timeout=10, verify=agent.verify
     )
-    assert r.status_code == 401 and "expired" in r.json()["error"]
+    assert r.status_code == 401 and "expired" in r.json()["error"]["message"]
     assert client.post("/v1/tokens", json={"job_id": job_id, "ttl_s": 0}).status_code == 422
     assert client.post("/v1/tokens", json={"job_id": "nope", "ttl_s": 5}).status_code == 422
     assert minted["token"] not in agent.log_text()

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from depin_core.errors import ConfigError
+from gpu_jobs.errors import JobNotFound
 from gpu_jobs.local import LocalRunner
-from gpu_jobs.runner import JobNotFound
 from gpu_jobs.spec import CheckpointPolicy, DatasetRef, JobSpec, JobState
 from tests.gpu_jobs.agent.helpers import ENV, new_job_id, train_spec
 

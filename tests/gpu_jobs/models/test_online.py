@@ -16,11 +16,12 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from depin_core.errors import ConfigError
-from gpu_jobs.artifacts import ArtifactIntegrityError, load_artifact
+from gpu_jobs.artifacts import load_artifact
+from gpu_jobs.errors import ArtifactIntegrityError, InvalidInput
 from gpu_jobs.models import anomaly as A
 from gpu_jobs.models import features as F
 from gpu_jobs.models import range as R
-from gpu_jobs.models.online import InvalidInput, Predictor, load_predictor, predictor_from
+from gpu_jobs.models.online import Predictor, load_predictor, predictor_from
 from tests.gpu_jobs.models.fleet_data import FleetData, build_fleet_data
 from tests.serving.fixtures import ANOMALY_HP, RANGE_HP, SERVING_FLEET, train_artifact
 

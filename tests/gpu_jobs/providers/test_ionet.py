@@ -15,8 +15,8 @@ from pydantic import SecretStr
 
 from depin_core import tls
 from depin_core.errors import PermanentError, TransientError
+from gpu_jobs.errors import ProviderRefused
 from gpu_jobs.providers import IonetProvider, NoCapacity, choose_offer, pick_offer, reap, worker_name
-from gpu_jobs.providers._http import ApiError
 from gpu_jobs.providers.ionet import CAAS, _parse_offer_id, status_of
 from tests.fakes.ionet import FakeIonet
 from tests.gpu_jobs.providers.support import JOB_ID, TOKEN, make_bootstrap, make_spec
@@ -141,7 +141,7 @@ def test_no_capacity_on_price_or_deploy_is_no_capacity(api: FakeIonet, ionet: Io
 def test_a_request_io_net_refuses_is_permanent_with_its_message(api: FakeIonet) -> None:
     with provider_for(api, gpus_per_container=1) as one, pytest.raises(PermanentError) as info:
         one.quote(make_spec())
-    assert not isinstance(info.value, ApiError | NoCapacity)
+    assert not isinstance(info.value, ProviderRefused | NoCapacity)
     assert "gpus_per_container: gpus_per_container must be one of [8]" in str(info.value)
 
     with provider_for(api) as ionet:
@@ -158,7 +158,7 @@ def test_a_request_io_net_refuses_is_permanent_with_its_message(api: FakeIonet) 
             PermanentError, match=r"container_config\.traffic_port: Input should be less"
         ) as info:
             ionet.launch(offer, make_bootstrap(), name=worker_name(JOB_ID, 1))
-        assert not isinstance(info.value, NoCapacity | ApiError)
+        assert not isinstance(info.value, NoCapacity | ProviderRefused)
         with pytest.raises(PermanentError, match="take it from quote"):
             ionet.launch(
                 offer.model_copy(update={"offer_id": "7:8"}), make_bootstrap(), name=worker_name(JOB_ID, 2)

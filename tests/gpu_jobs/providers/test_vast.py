@@ -140,7 +140,7 @@ def test_a_wrong_api_key_is_a_permanent_error_without_the_key(api: FakeVast) -> 
 
 def test_unreachable_api_is_transient() -> None:
     with VastProvider(SecretStr("k"), "http://127.0.0.1:9", poll_s=0.01) as p:
-        p._api.retries, p._api.backoff_s = 1, 0.01
+        p._api.policy.max_retries, p._api.policy.base_s = 1, 0.01
         with pytest.raises(TransientError, match="cannot connect"):
             p.quote(make_spec())
 
