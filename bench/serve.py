@@ -40,6 +40,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from depin_core.proc import ServerProcess
+
 SERVER_CPU, CLIENT_CPU = 0, 1
 FLEET = {"vehicles": 10, "days": 2.0, "seed": 3}
 
@@ -82,42 +84,26 @@ def run_bare_server(model_dir: Path, ready_file: Path) -> None:
     server = uvicorn.Server(config)
     gc.collect()
     gc.freeze()  # as serving.server does for the gateway: same process-level settings on both sides
-    atomic_write_bytes(ready_file, json.dumps({"port": sock.getsockname()[1]}).encode())
+    doc = {"url": f"http://127.0.0.1:{sock.getsockname()[1]}"}
+    atomic_write_bytes(ready_file, json.dumps(doc).encode())
     server.run(sockets=[sock])
 
 
-class BareProcess:
+class BareProcess(ServerProcess):
     """The bare server in a child process (pinned to ``cpu``), on a free loopback port."""
 
-    def __init__(self, model_dir: Path, work: Path, cpu: int | None) -> None:
-        self.ready = work / "bare-ready.json"
-        self.log = work / "bare.log"
-        self.ready.unlink(missing_ok=True)
-        cmd = [sys.executable, __file__, "_bare", str(model_dir), str(self.ready)]
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_pin(cpu) if cpu is not None else None
-            )
+    def __init__(self, model_dir: Path, cpu: int | None) -> None:
+        super().__init__("bare server", startup_timeout=120, cpu=cpu)
+        self.model_dir = model_dir
+
+    def start(self) -> BareProcess:
+        self._launch([sys.executable, __file__, "_bare", str(self.model_dir), str(self.ready_path)], {}, [])
         try:
-            deadline = time.monotonic() + 120
-            while not self.ready.exists():
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"bare server did not start: {self.log.read_text()[-2000:]}")
-                time.sleep(0.05)
-            self.url = f"http://127.0.0.1:{json.loads(self.ready.read_text())['port']}"
             _wait_http(self.url, "/invoke", method="POST")
         except BaseException:
             self.stop()
             raise
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        return self
 
 
 def _pin(cpu: int):  # type: ignore[no-untyped-def]
@@ -263,8 +249,9 @@ def real_rows(telemetry: Path, input_schema: dict[str, Any], limit: int = 512) -
     import math
 
     from gpu_jobs.models import features as F
+    from gpu_jobs.models.range.features import trip_windows
 
-    trips = F.trip_windows(F.read_telemetry(telemetry))
+    trips = trip_windows(F.read_telemetry(telemetry))
     props = input_schema["properties"]
     required = set(input_schema.get("required", []))
     rows = []
@@ -397,8 +384,7 @@ def main() -> None:
         settings = GatewaySettings(registry_dir=registry, trusted_publishers=[address])
         with contextlib.ExitStack() as stack:
             gateway = stack.enter_context(GatewayProcess(settings, cpu=server_cpu))
-            bare = BareProcess(model_files, work, server_cpu)  # the very files the gateway serves
-            stack.callback(bare.stop)
+            bare = stack.enter_context(BareProcess(model_files, server_cpu))  # the files the gateway serves
             sides = {
                 "gateway": (gateway.base_url, "/v1/functions/range/invoke"),
                 "bare": (bare.url, "/invoke"),

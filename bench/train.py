@@ -33,7 +33,9 @@ from gpu_jobs.local import LocalRunner
 from gpu_jobs.models import anomaly
 from gpu_jobs.models import features as F
 from gpu_jobs.models._train import LoopConfig, train_loop
+from gpu_jobs.models.anomaly.features import anomaly_windows
 from gpu_jobs.models.range import RangeNet
+from gpu_jobs.models.range.features import trip_windows
 from gpu_jobs.spec import DatasetRef, JobKind, JobSpec, JobState, ModelSpec, Outputs, Resources
 from tests.gpu_jobs.models.fleet_data import build_fleet_data
 
@@ -89,8 +91,8 @@ def main() -> None:
     files = F.dataset_files(data.telemetry)
     df = F.read_telemetry(data.telemetry)
     rows = df.height
-    feature_s = best_of(args.repeat, lambda: (F.trip_windows(df), F.anomaly_windows(df)))
-    windows = F.anomaly_windows(df)
+    feature_s = best_of(args.repeat, lambda: (trip_windows(df), anomaly_windows(df)))
+    windows = anomaly_windows(df)
 
     # the same pre-built tensors and model for both loops: real window features, tiled to --samples
     cols = [c for c in windows.columns if windows.schema[c].is_numeric() and c != "token_id"]

@@ -44,6 +44,9 @@ _WHERE = {
     "make_provider": "gpu_jobs.providers",
     "FAMILIES": "gpu_jobs.registry",
     "load_family": "gpu_jobs.registry",
+    "family_names": "gpu_jobs.registry",
+    "register_family": "gpu_jobs.registry",
+    "ModelFamily": "gpu_jobs.models.base",
 }
 
 __all__ = [
@@ -61,13 +64,16 @@ __all__ = [
     "JobState",
     "JobStatus",
     "LocalRunner",
+    "ModelFamily",
     "ModelSpec",
     "Provider",
     "RunnerFactory",
     "attempts_json",
+    "family_names",
     "load_family",
     "make_provider",
     "model_family",
+    "register_family",
     "run_chain",
     "run_spec",
     "score",
@@ -78,8 +84,9 @@ if TYPE_CHECKING:
     from gpu_jobs.api import attempts_json, model_family, run_spec, score, train
     from gpu_jobs.chain import ChainAttempt, ChainResult, DefaultRunnerFactory, RunnerFactory, run_chain
     from gpu_jobs.local import LocalRunner
+    from gpu_jobs.models.base import ModelFamily
     from gpu_jobs.providers import Provider, make_provider
-    from gpu_jobs.registry import FAMILIES, load_family
+    from gpu_jobs.registry import FAMILIES, family_names, load_family, register_family
     from gpu_jobs.remote import AgentRunner
     from gpu_jobs.runner import JobRunner, JobStatus
     from gpu_jobs.spec import DatasetRef, FailureKind, JobKind, JobResult, JobSpec, JobState, ModelSpec

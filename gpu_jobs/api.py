@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from depin_core import paths
 from depin_core.errors import ConfigError, PermanentError, TransientError
 from gpu_jobs.chain import ChainResult, LogSink, RunnerFactory, StatusSink, Verifier, run_chain
-from gpu_jobs.registry import FAMILIES
+from gpu_jobs.registry import family_names
 from gpu_jobs.spec import (
     CheckpointPolicy,
     DatasetRef,
@@ -43,7 +44,7 @@ __all__ = [
     "train",
 ]
 
-DEFAULT_JOBS_DIR = Path(".depin/jobs")
+DEFAULT_JOBS_DIR = paths.JOBS_DIR
 
 
 def run_spec(
@@ -98,8 +99,8 @@ def train(
 ) -> dict[str, Any]:
     """Train the family ``model`` on the telemetry dataset into the artifact directory ``out``, through the
     runner chain ``runners`` (default ``["local"]``); the ``depin train --json`` object, with every attempt."""
-    if model not in FAMILIES:
-        raise ConfigError(f"--model {model!r}: choose one of {', '.join(sorted(FAMILIES))}")
+    if model not in (names := family_names()):
+        raise ConfigError(f"--model {model!r}: choose one of {', '.join(names)}")
     spec = JobSpec(
         kind=JobKind.TRAIN,
         model=ModelSpec(family=model, hyperparameters=params or {}),
@@ -147,10 +148,10 @@ def model_family(model_dir: Path) -> str:
         raise ConfigError(
             f"--model {model_dir}: model.json is not a JSON object ({e}); re-train with `depin train`"
         ) from e
-    if family not in FAMILIES:
+    if family not in (names := family_names()):
         raise ConfigError(
             f"--model {model_dir}: model.json names family {family!r}, not one of "
-            f"{', '.join(sorted(FAMILIES))}; score it with a model trained by `depin train`"
+            f"{', '.join(names)}; score it with a model trained by `depin train`"
         )
     return str(family)
 

@@ -7,7 +7,7 @@ A chain is a list of entries, tried in order::
 - ``local`` — :class:`gpu_jobs.local.LocalRunner` on this machine (CUDA when present, else CPU). Trusted.
 - ``agent:<url>`` — a worker agent at ``url`` (:class:`gpu_jobs.remote.AgentRunner`); the token is the registered
   node's with that URL (``depin worker register``), else ``DEPIN_AGENT_TOKEN``.
-- ``node:<name>`` — a registered node (``.depin/workers.json``).
+- ``node:<name>`` — a registered node (the nodes file, :data:`depin_core.paths.NODES_FILE`).
 - ``vast``, ``ionet`` — rent a machine on the marketplace (quote → cheapest offer that fits → launch → agent
   ready → job → destroy, always); API keys from ``DEPIN_VAST_API_KEY`` / ``DEPIN_IONET_API_KEY``.
 - ``gpunet`` / ``manual`` — the cheapest healthy registered node.
@@ -36,7 +36,6 @@ The whole run is bounded by ``max_total_s``; a runner that cannot be reached fai
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import secrets
 import shutil
@@ -49,6 +48,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from depin_core import paths
 from depin_core.errors import ConfigError, DepinError, TransientError
 from depin_core.tls import check_url
 from gpu_jobs.errors import FailureKind, JobNotFinished
@@ -59,17 +59,15 @@ from gpu_jobs.providers.base import Provider
 from gpu_jobs.providers.manual import ManualProvider, Node
 from gpu_jobs.remote import AgentRunner
 from gpu_jobs.runner import JobRunner, JobStatus
+from gpu_jobs.settings import AGENT_FINGERPRINT_ENV, AGENT_TOKEN_ENV, PROVIDER_KEYS, GpuJobsSettings
 from gpu_jobs.spec import JobResult, JobSpec, JobState, Outputs
 from gpu_jobs.verify import Verification, Verifier, verify_result
 
 LogSink = Callable[[str], None]
 StatusSink = Callable[[str, JobStatus], None]  # (chain entry, status)
 
-AGENT_TOKEN_ENV = "DEPIN_AGENT_TOKEN"
-AGENT_FINGERPRINT_ENV = "DEPIN_AGENT_TLS_FINGERPRINT"  # pins an agent:URL that is not registered
-PROVIDER_KEYS = {"vast": "DEPIN_VAST_API_KEY", "ionet": "DEPIN_IONET_API_KEY"}
 PROVIDERS = ("vast", "ionet", "gpunet", "manual")
-DEFAULT_NODES_FILE = Path(".depin/workers.json")
+DEFAULT_NODES_FILE = paths.NODES_FILE
 _CKPT = re.compile(r"^ckpt-(\d{9})\.json$")
 _FIX = (
     "use local, agent:<http(s)://host:port>, node:<registered name>, vast, ionet, gpunet or manual "
@@ -235,7 +233,8 @@ def run_chain(
 ) -> ChainResult:
     """Run ``spec`` on the first entry of ``entries`` that completes it (see the module doc).
 
-    ``factory`` defaults to :class:`DefaultRunnerFactory` over ``jobs_dir`` (default ``.depin/jobs``).
+    ``factory`` defaults to :class:`DefaultRunnerFactory` over ``jobs_dir`` (default
+    :data:`depin_core.paths.JOBS_DIR`).
     ``verify``: True → :func:`gpu_jobs.verify.verify_result` for untrusted runners; False → no verification;
     a callable → that verifier. ``max_total_s`` bounds the whole run (default: no bound beyond each attempt's
     ``limits.max_wall_s`` + ``attempt_grace_s``). ``stall_s``: how long a runner may stay unanswerable while
@@ -250,7 +249,7 @@ def run_chain(
     if max_user_retries < 0:
         raise ConfigError("max_user_retries must be ≥ 0")
     parsed = [parse_entry(e) for e in entries]
-    root = Path(jobs_dir or ".depin/jobs")
+    root = Path(jobs_dir or paths.JOBS_DIR)
     factory = factory or DefaultRunnerFactory(root)
     for e in parsed:
         factory.check(e)
@@ -607,8 +606,9 @@ class DefaultRunnerFactory:
     --fingerprint``), a rented node's (made here per node), or for an ``agent:URL`` not registered the
     fingerprint in ``DEPIN_AGENT_TLS_FINGERPRINT``; plain ``http://`` only to loopback.
 
-    ``env`` (default ``os.environ``) supplies ``DEPIN_AGENT_TOKEN``, ``DEPIN_VAST_API_KEY``,
-    ``DEPIN_IONET_API_KEY`` and the base-URL overrides ``DEPIN_VAST_URL``, ``DEPIN_IONET_URL``. ``providers``
+    ``env`` (default ``os.environ``, read through :class:`gpu_jobs.settings.GpuJobsSettings`) supplies
+    ``DEPIN_AGENT_TOKEN``, ``DEPIN_VAST_API_KEY``, ``DEPIN_IONET_API_KEY`` and the base-URL overrides
+    ``DEPIN_VAST_URL``, ``DEPIN_IONET_URL``; or pass ``settings``. ``providers``
     injects provider objects by name (tests); ``local_env`` is passed to the local worker processes.
     """
 
@@ -617,6 +617,7 @@ class DefaultRunnerFactory:
         jobs_dir: Path | str,
         *,
         env: Mapping[str, str] | None = None,
+        settings: GpuJobsSettings | None = None,
         nodes_file: Path | str | None = None,
         providers: Mapping[str, Provider] | None = None,
         local_env: Mapping[str, str] | None = None,
@@ -628,7 +629,7 @@ class DefaultRunnerFactory:
         provider_poll_s: float | None = None,
     ) -> None:
         self.jobs_dir = Path(jobs_dir)
-        self.env = dict(os.environ if env is None else env)
+        self.settings = settings if settings is not None else GpuJobsSettings.from_env(env)
         self.nodes_file = Path(nodes_file) if nodes_file is not None else DEFAULT_NODES_FILE
         self.providers = dict(providers or {})
         self.local_env = dict(local_env or {})
@@ -648,7 +649,7 @@ class DefaultRunnerFactory:
             self._node(entry)
         elif entry.kind == "provider" and entry.arg not in self.providers:
             key = PROVIDER_KEYS.get(entry.arg or "")
-            if key is not None and not self.env.get(key, "").strip():
+            if key is not None and self.settings.provider_key(entry.arg or "") is None:
                 raise ConfigError(f"runner {entry.text!r}: set {key} to your {entry.arg} API key")
 
     @contextlib.contextmanager
@@ -706,7 +707,7 @@ class DefaultRunnerFactory:
         node = self._nodes().by_url(entry.arg) if self.nodes_file.is_file() else None
         if node is not None:
             return node.tls_cert, node.tls_fingerprint
-        return None, self.env.get(AGENT_FINGERPRINT_ENV) or None
+        return None, self.settings.agent_tls_fingerprint or None
 
     def _nodes(self) -> ManualProvider:
         return ManualProvider(self.nodes_file)
@@ -727,13 +728,13 @@ class DefaultRunnerFactory:
         node = self._nodes().by_url(entry.arg) if self.nodes_file.is_file() else None
         if node is not None:
             return _secret(node.token)
-        token = self.env.get(AGENT_TOKEN_ENV)
-        if not token:
+        token = self.settings.agent_token
+        if token is None or not token.get_secret_value():
             raise ConfigError(
                 f"runner {entry.text!r}: no token for this agent; register it (depin worker register) or set "
                 f"{AGENT_TOKEN_ENV}"
             )
-        return SecretStr(token)
+        return token
 
     def _node(self, entry: Entry) -> Node:
         assert entry.arg is not None
@@ -745,7 +746,9 @@ class DefaultRunnerFactory:
     def _provider(self, name: str) -> Provider:
         if name in self.providers:
             return self.providers[name]
-        return make_provider(name, nodes_file=self.nodes_file, env=self.env, poll_s=self.provider_poll_s)
+        return make_provider(
+            name, nodes_file=self.nodes_file, settings=self.settings, poll_s=self.provider_poll_s
+        )
 
     @contextlib.contextmanager
     def _rent(

@@ -1,8 +1,9 @@
 """The seam between the job machinery (spec, runner, worker process, checkpoints, artifacts) and the
 model families (features, training loops, scoring).
 
-The worker process builds a :class:`JobContext` and calls the family registered for ``spec.model.family``:
-``family.train(ctx) -> TrainOutput`` or ``family.infer(ctx) -> InferOutput``. Families never touch files
+The worker process builds a :class:`JobContext` and calls the family registered for ``spec.model.family``
+(the protocol: ``gpu_jobs.models.base.ModelFamily``): ``family.train(ctx) -> TrainOutput`` or
+``family.infer(ctx, model_dir) -> InferOutput``. Families never touch files
 other than through the context, never pick a device themselves, and never serialize with pickle.
 """
 
@@ -71,11 +72,3 @@ class InferOutput:
     output: Path
     rows: int
     metrics: dict[str, Any] = field(default_factory=dict)
-
-
-class ModelFamily(Protocol):
-    name: str
-
-    def train(self, ctx: JobContext) -> TrainOutput: ...
-
-    def infer(self, ctx: JobContext, model_dir: Path) -> InferOutput: ...

@@ -9,7 +9,6 @@ from 2 threads). So the default is 1 thread; ``DEPIN_TORCH_THREADS`` overrides i
 from __future__ import annotations
 
 import contextlib
-import os
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -17,10 +16,10 @@ from typing import Any
 import torch
 
 from gpu_jobs.errors import FailureKind, JobError
+from gpu_jobs.settings import THREADS_ENV, GpuJobsSettings
 from gpu_jobs.spec import DeviceInfo, Resources
 
 DEFAULT_CPU_THREADS = 1
-THREADS_ENV = "DEPIN_TORCH_THREADS"
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,7 @@ class DeviceChoice:
 
 def cpu_threads() -> int:
     """Threads for CPU work: ``DEPIN_TORCH_THREADS`` if set, else ``DEFAULT_CPU_THREADS``."""
-    raw = os.environ.get(THREADS_ENV)
+    raw = GpuJobsSettings().torch_threads
     if raw is None:
         return DEFAULT_CPU_THREADS
     try:
@@ -85,10 +84,3 @@ def select_device(resources: Resources) -> DeviceChoice:
         )
     info = DeviceInfo(type="cpu", name="cpu", torch_version=torch.__version__, threads=threads)
     return DeviceChoice(torch.device("cpu"), info)
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Move ``tensor`` to ``device``; host→CUDA copies go through pinned memory, non-blocking."""
-    if device.type == "cuda" and tensor.device.type == "cpu":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)

@@ -42,16 +42,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from connectors.dimo.schema import LOCATION_COLUMNS
+from depin_core import paths
 from depin_core.errors import ConfigError
 from depin_core.fs import atomic_write_bytes
-from gpu_jobs.context import ModelFamily
 from gpu_jobs.errors import JobError
+from gpu_jobs.models.base import ModelFamily
 from gpu_jobs.registry import load_family
 from gpu_jobs.spec import DatasetRef, JobSpec, sha256_file
 
 TOKEN = "token_id"
 KEY_BYTES = 32
-DEFAULT_KEY_FILE = Path(".depin/keys/pseudonym.key")
+DEFAULT_KEY_FILE = paths.PSEUDONYM_KEY_FILE
 
 
 class Pseudonyms:

@@ -2,8 +2,9 @@
 
 1. start, side by side: the DIMO emulator (a simulated fleet), a GPU worker agent (``depin worker serve``, the
    process a rented GPU node runs; here on loopback with a fresh token), the function gateway on the demo's
-   registry and a Prefect server (``PREFECT_HOME=.depin/prefect``, so the runs show later in ``depin up``'s UI; the server
-   of a running ``depin up`` or ``PREFECT_API_URL`` is used instead when there is one);
+   registry and a Prefect server (``PREFECT_HOME`` :data:`depin_core.paths.PREFECT_HOME`, so the runs show
+   later in ``depin up``'s UI; the server of a running ``depin up`` or ``PREFECT_API_URL`` is used instead when
+   there is one);
 2. run the ``train_and_publish`` flow: ingest the fleet through the real DIMO client over HTTP, train the
    range model as a job dispatched through the runner chain ``["agent:<the worker>", "local"]`` (inputs uploaded
    as content-addressed blobs, the artifact downloaded and verified, the held-out metrics re-computed here
@@ -83,7 +84,7 @@ def demo_params(
 def _prefect_api(out: Path, stack: ExitStack) -> tuple[str, Any]:
     """The Prefect API to run against: PREFECT_API_URL, a running ``depin up``, else a server started now
     (returns its URL and a callable that waits until it is healthy)."""
-    from pipelines._procs import Child
+    from depin_core.proc import Child
     from pipelines._up import PREFECT_HOME, http_ok, prefect_server_command, read_state, wait_ready
 
     if api := os.environ.get("PREFECT_API_URL", "").strip():
@@ -111,8 +112,8 @@ def _start_services(
     from connectors.dimo.emulator.state import EmulatorConfig
     from depin_core.tls import make_certificate
     from gpu_jobs.agent.process import AgentProcess
-    from gpu_jobs.chain import AGENT_FINGERPRINT_ENV, AGENT_TOKEN_ENV
     from gpu_jobs.providers import new_agent_token
+    from gpu_jobs.settings import AGENT_FINGERPRINT_ENV, AGENT_TOKEN_ENV
     from pipelines._serve_cmd import serve_settings
     from serving.server import GatewayProcess
 
@@ -138,7 +139,7 @@ def _start_services(
         except BaseException as exc:  # re-raised below, in the caller's thread
             errors.append(exc)
 
-    stack.callback(emu.stop)
+    stack.callback(emu.close)
     stack.callback(gw.close)
     stack.callback(agent.stop)
     threads = [threading.Thread(target=start, args=(p,)) for p in (emu, gw, agent)]

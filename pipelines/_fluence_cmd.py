@@ -1,8 +1,9 @@
 """``depin fluence status|down`` and ``depin publish --target fluence``: the function gateway on a Fluence VM.
 
-Settings come from ``DEPIN_FLUENCE_*`` (``serving.fluence.publisher.FluenceSettings``): the API key
+Settings come from ``DEPIN_FLUENCE_*`` (``serving.fluence.settings.FluenceSettings``): the API key
 (``DEPIN_FLUENCE_API_KEY``), the price cap (``DEPIN_FLUENCE_MAX_USD_PER_DAY``, default 5), the gateway port,
-the deployment name (``DEPIN_FLUENCE_TARGET``, default ``default``), the state directory (``.depin/fluence``).
+the deployment name (``DEPIN_FLUENCE_TARGET``, default ``default``), the state directory
+(``DEPIN_FLUENCE_STATE_DIR``).
 Flags given here win over the environment.
 
 ``status`` and ``down`` are plain typer-compatible functions; ``pipelines.cli`` registers them on a
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from depin_core import paths
 from pipelines._output import emit_json, say
 from pipelines._targets import (
     fluence_gateway_url,
@@ -40,7 +42,8 @@ TargetOpt = Annotated[
     ),
 ]
 StateOpt = Annotated[
-    Path | None, typer.Option(help="state directory (default: DEPIN_FLUENCE_STATE_DIR, else .depin/fluence)")
+    Path | None,
+    typer.Option(help=f"state directory (default: DEPIN_FLUENCE_STATE_DIR, else {paths.FLUENCE_STATE_DIR})"),
 ]
 
 

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import SecretStr, ValidationError
 
+from depin_core import paths
 from depin_core.errors import ConfigError, PermanentError
 from gpu_jobs.providers import (
     DEFAULT_NODES_FILE,
@@ -32,7 +33,7 @@ from pipelines._output import emit_json, say
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object as the last stdout line")]
 NodesFileOpt = Annotated[
     Path,
-    typer.Option("--nodes-file", help="registered nodes (JSON, mode 0600) (default: .depin/workers.json)"),
+    typer.Option("--nodes-file", help=f"registered nodes (JSON, mode 0600) (default: {paths.NODES_FILE})"),
 ]
 ProviderOpt = Annotated[str, typer.Option("--provider", help=f"one of: {', '.join(PROVIDERS)}")]
 

@@ -20,16 +20,17 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from depin_core import paths
 from depin_core.errors import ConfigError
 from depin_core.fs import atomic_write_bytes
 from pipelines._output import emit_json, say
-from pipelines._targets import DEFAULT_GATEWAY_URL, GATEWAY_URL_ENV, KEY_FILE, make_target
+from pipelines._targets import KEY_FILE, make_target
+from serving.settings import GatewayClientSettings
 
 if TYPE_CHECKING:
     from serving.settings import GatewaySettings
 
 KEYS_FILE = "admin_keys.sha256"  # sha256 digests of the admin keys, one per line; KEY_FILE: the key itself
-DEFAULT_URL = DEFAULT_GATEWAY_URL
 
 
 # ---------------------------------------------------------------------------------------------- serve
@@ -99,7 +100,7 @@ def serve_settings(
         settings = settings.model_copy(update={"trusted_publishers": [account.address]})
         notes.append(
             f"trusting the local publisher {account.address} (DEPIN_PUBLISHER_KEY or "
-            ".depin/keys/publisher.key); "
+            f"{paths.PUBLISHER_KEY_FILE}); "
             "set DEPIN_GATEWAY_TRUSTED_PUBLISHERS to trust others"
         )
     settings.trusted()  # ConfigError now rather than in the server
@@ -252,7 +253,7 @@ def run_invoke(
     ``target`` ``fluence`` is the recorded Fluence gateway (``DEPIN_FLUENCE_TARGET``); its certificate is
     pinned, as is the one of any recorded Fluence gateway URL, or ``tls_cert``. ``insecure_http``: accept a
     plain-HTTP gateway on another machine (the rows cross the network in clear)."""
-    url = target or os.environ.get(GATEWAY_URL_ENV) or DEFAULT_URL
+    url = target or GatewayClientSettings().gateway_url
     if url == "local":
         raise ConfigError("--target local: give the URL of the gateway serving the registry (depin serve)")
     rows = parse_data(data)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import secrets
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,8 +26,9 @@ from connectors.dimo.store import TelemetryStore
 from depin_core.errors import ConfigError, PermanentError
 from depin_core.timeparse import parse_instant
 from gpu_jobs import api as jobs
+from gpu_jobs.registry import family_names, load_family
 from gpu_jobs.spec import DatasetRef, sha256_file
-from pipelines.params import IngestParams, PublishParams, ScoreParams, TrainParams
+from pipelines.params import DEFAULT_SCORES, IngestParams, PublishParams, ScoreParams, TrainParams
 from pipelines.results import (
     BatchReport,
     DatasetInfo,
@@ -41,10 +41,6 @@ from pipelines.results import (
 )
 
 T = TypeVar("T")
-
-# the naive baselines a model must beat (anomaly: only when ground truth makes recall measurable)
-ANOMALY_MIN_RECALL = 0.5
-ANOMALY_MAX_FPR = 0.2
 
 
 def run_sync(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -229,40 +225,18 @@ def model_dir_for(params: TrainParams, now: datetime | None = None) -> Path:
     return params.out / f"{params.family}-{stamp}-{secrets.token_hex(2)}"
 
 
-def _finite(metrics: dict[str, Any], key: str) -> float | None:
-    v = metrics.get(key)
-    return float(v) if isinstance(v, int | float) and math.isfinite(v) else None
-
-
 def check_quality(family: str, metrics: dict[str, Any]) -> QualityVerdict:
-    """Does the model beat its naive baseline? range: held-out ``mae < baseline_mae`` (the fleet mean);
-    anomaly: ``recall ≥ 0.5`` and ``false_positive_rate ≤ 0.2`` when ground truth made them measurable."""
-    if family == "range":
-        mae, base = _finite(metrics, "mae"), _finite(metrics, "baseline_mae")
-        baseline = {"baseline_mae": base, "history_baseline_mae": _finite(metrics, "history_baseline_mae")}
-        if mae is None or base is None:
-            return QualityVerdict(accepted=False, baseline=baseline, reasons=["mae/baseline_mae missing"])
-        if mae >= base:
-            return QualityVerdict(
-                accepted=False,
-                baseline=baseline,
-                reasons=[f"held-out mae {mae:.4g} is not below the fleet-mean baseline {base:.4g}"],
-            )
-        return QualityVerdict(accepted=True, baseline=baseline)
-    if family == "anomaly":
-        baseline = {"min_recall": ANOMALY_MIN_RECALL, "max_false_positive_rate": ANOMALY_MAX_FPR}
-        recall, fpr = _finite(metrics, "recall"), _finite(metrics, "false_positive_rate")
-        if recall is None:
-            return QualityVerdict(
-                accepted=True, baseline=baseline, reasons=["no ground truth: recall not measurable"]
-            )
-        reasons = []
-        if recall < ANOMALY_MIN_RECALL:
-            reasons.append(f"recall {recall:.3f} < {ANOMALY_MIN_RECALL}")
-        if fpr is not None and fpr > ANOMALY_MAX_FPR:
-            reasons.append(f"false_positive_rate {fpr:.3f} > {ANOMALY_MAX_FPR}")
-        return QualityVerdict(accepted=not reasons, baseline=baseline, reasons=reasons)
-    raise ConfigError(f"family {family!r}: no quality bar for it; use range or anomaly")
+    """Does the model beat its naive baseline? The family's own bar (``ModelFamily.quality``: range, held-out
+    ``mae < baseline_mae``; anomaly, ``recall ≥ 0.5`` and ``false_positive_rate ≤ 0.2`` when measurable)."""
+    quality = (
+        getattr(load_family(family, allow_import_path=False), "quality", None)
+        if family in family_names()
+        else None
+    )
+    if quality is None:
+        raise ConfigError(f"family {family!r}: no quality bar for it; use one of {', '.join(family_names())}")
+    verdict = quality(metrics)
+    return QualityVerdict(accepted=verdict.accepted, baseline=verdict.baseline, reasons=list(verdict.reasons))
 
 
 def train_model_step(
@@ -362,18 +336,7 @@ def metrics_markdown(result: TrainResult) -> str:
     verdict = check_quality(result.family, result.metrics)
     m = result.metrics
     lines = [f"# {result.family} model: {'accepted' if verdict.accepted else '**refused**'}", ""]
-    if result.family == "range":
-        lines.append(
-            f"Held-out MAE **{m.get('mae', float('nan')):.3f}** kWh/100 km vs the fleet-mean baseline "
-            f"**{m.get('baseline_mae', float('nan')):.3f}** (ratio "
-            f"{(m.get('mae') or 0) / (m.get('baseline_mae') or 1):.2f}); vehicle-history baseline "
-            f"{m.get('history_baseline_mae') or float('nan'):.3f}."
-        )
-    else:
-        lines.append(
-            f"Held-out recall **{m.get('recall')}**, false-positive rate **{m.get('false_positive_rate')}** "
-            f"(bars: recall ≥ {ANOMALY_MIN_RECALL}, FPR ≤ {ANOMALY_MAX_FPR})."
-        )
+    lines.append(load_family(result.family, allow_import_path=False).summary(m))
     lines += [""] + [f"- {r}" for r in verdict.reasons]
     lines += [
         "",
@@ -536,7 +499,7 @@ def resolve_model(params: ScoreParams) -> Path:
 def score_step(params: ScoreParams, on_log: jobs.LogSink | None = None) -> ScoreResult:
     model = resolve_model(params)
     label = params.function.replace("@", "-") if params.function else Path(model).name
-    out = params.out or Path(".depin/scores") / f"{label}.parquet"
+    out = params.out or DEFAULT_SCORES / f"{label}.parquet"
     doc = jobs.score(
         model_dir=model,
         dataset=params.dataset,

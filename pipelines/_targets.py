@@ -6,29 +6,28 @@ state. ``depin publish``, ``depin invoke`` and the flows all get their target he
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
 from depin_core.errors import ConfigError
+from serving.settings import ADMIN_KEY_ENV, GatewayClientSettings
 
 if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
 
     from pipelines.params import PublishParams
-    from serving.fluence.publisher import FluencePublisher, FluenceSettings
+    from serving.fluence.publisher import FluencePublisher
+    from serving.fluence.settings import FluenceSettings
     from serving.targets import Target
 
-DEFAULT_GATEWAY_URL = "http://127.0.0.1:8787"
-GATEWAY_URL_ENV = "DEPIN_GATEWAY_URL"
-ADMIN_KEY_ENV = "DEPIN_ADMIN_KEY"
 KEY_FILE = "admin.key"  # the key `depin serve` generated, beside the registry's keys file
 
 
 def registry_dir(registry: Path | None) -> Path:
-    """``registry``, else the gateway's registry directory (``DEPIN_GATEWAY_REGISTRY_DIR``, .depin/registry)."""
+    """``registry``, else the gateway's registry directory (``DEPIN_GATEWAY_REGISTRY_DIR``, else
+    :data:`depin_core.paths.REGISTRY_DIR`)."""
     from serving.settings import GatewaySettings
 
     return registry or GatewaySettings().registry_dir
@@ -36,15 +35,15 @@ def registry_dir(registry: Path | None) -> Path:
 
 def local_gateway_url(url: str | None = None) -> str:
     """The gateway serving the local registry: ``url``, else ``DEPIN_GATEWAY_URL``, else the default."""
-    return (url or os.environ.get(GATEWAY_URL_ENV) or DEFAULT_GATEWAY_URL).rstrip("/")
+    return (url or GatewayClientSettings().gateway_url).rstrip("/")
 
 
 def read_admin_key(admin_key_file: Path | None, registry: Path) -> SecretStr:
     """The admin key: ``--admin-key-file``, else ``DEPIN_ADMIN_KEY``, else ``<registry>/admin.key``."""
     path = admin_key_file
     if path is None:
-        if env := os.environ.get(ADMIN_KEY_ENV, "").strip():
-            return SecretStr(env)
+        if (env := GatewayClientSettings().admin_key_value()) is not None:
+            return env
         path = registry / KEY_FILE
         if not path.exists():
             raise ConfigError(
@@ -78,7 +77,7 @@ def gateway_pin(url: str, tls_cert: Path | None) -> str | None:
 
 def fluence_settings(**overrides: Any) -> FluenceSettings:
     """``FluenceSettings`` from the environment, with the non-None ``overrides`` on top."""
-    from serving.fluence.publisher import FluenceSettings
+    from serving.fluence.settings import FluenceSettings
 
     return FluenceSettings(**{k: v for k, v in overrides.items() if v is not None})
 
@@ -95,7 +94,8 @@ def make_fluence_publisher(
 ) -> FluencePublisher:
     """A :class:`FluencePublisher` for the settings in the environment plus these overrides (other
     ``FluenceSettings`` fields by name in ``overrides``), signing with ``account`` (default: the local
-    publisher key, ``DEPIN_PUBLISHER_KEY`` or ``.depin/keys/publisher.key``). Close it (context manager)."""
+    publisher key, ``DEPIN_PUBLISHER_KEY`` or :data:`depin_core.paths.PUBLISHER_KEY_FILE`). Close it (context
+    manager)."""
     from serving.bundle import load_publisher_account
     from serving.fluence.publisher import FluencePublisher
 

@@ -1,20 +1,22 @@
 """``depin up`` / ``depin down``: the local stack behind the Prefect UI, as one supervised process tree.
 
-``depin up`` starts, each in its own process group with its log under ``.depin/up/logs/``:
+``depin up`` starts, each in its own process group with its log under ``UP_DIR/logs/``
+(``UP_DIR`` is :data:`depin_core.paths.UP_DIR`):
 
 1. a real ``prefect server start`` on ``host:port`` (default 127.0.0.1:4200) with
-   ``PREFECT_HOME=.depin/prefect`` and analytics off, unless ``PREFECT_API_URL`` points at a server already;
+   ``PREFECT_HOME`` :data:`depin_core.paths.PREFECT_HOME` and analytics off, unless ``PREFECT_API_URL``
+   points at a server already;
 2. the DIMO emulator (credentials at :data:`pipelines.params.DEFAULT_EMULATOR_CREDENTIALS`, where the flows
    look by default), unless real DIMO is configured (``DEPIN_DIMO_ENV`` production/dev or
    ``DEPIN_DIMO_CLIENT_ID``);
-3. the function gateway on the local registry (``.depin/registry``);
+3. the function gateway on the local registry (:data:`depin_core.paths.REGISTRY_DIR`);
 
 then creates the ``dimo-api`` global concurrency limit (each ingest run holds one slot for its DIMO phase, non-strictly) and
 serves the deployments (``prefect.serve(*deployments())`` in a child with ``PREFECT_API_URL`` set; flow runs
-are its child processes). The supervising process writes ``.depin/up/state.json`` (pids, ports, URLs) and
+are its child processes). The supervising process writes ``UP_DIR/state.json`` (pids, ports, URLs) and
 stops everything, newest first, on SIGINT/SIGTERM/SIGHUP: each process group plus any descendant that left
 it, SIGKILL after a grace period.
-``--background`` runs the supervisor detached (log ``.depin/up/up.log``); ``depin down`` stops it.
+``--background`` runs the supervisor detached (log :data:`depin_core.paths.UP_LOG`); ``depin down`` stops it.
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, Field
 
+from depin_core import paths
 from depin_core.errors import ConfigError, DepinError
 from depin_core.fs import atomic_write_bytes
 from depin_core.net import free_port, listen_socket, url_host
-from pipelines._procs import Child, alive, start_time, stop_tree
+from depin_core.proc import Child, alive, start_time, stop_tree
 from pipelines.params import (
     DEFAULT_EMULATOR_CREDENTIALS,
     DEFAULT_GROUND_TRUTH,
@@ -46,13 +49,13 @@ from pipelines.params import (
     DIMO_CONCURRENCY_LIMIT,
 )
 
-STATE_DIR = Path(".depin")
-UP_DIR = STATE_DIR / "up"
+STATE_DIR = paths.HOME
+UP_DIR = paths.UP_DIR
 STATE_FILE = UP_DIR / "state.json"
 LOG_DIR = UP_DIR / "logs"
-SUPERVISOR_LOG = UP_DIR / "up.log"
-PREFECT_HOME = STATE_DIR / "prefect"
-REGISTRY_DIR = STATE_DIR / "registry"
+SUPERVISOR_LOG = paths.UP_LOG
+PREFECT_HOME = paths.PREFECT_HOME
+REGISTRY_DIR = paths.REGISTRY_DIR
 # "module:function" returning the RunnerDeployments to serve (tests may serve others)
 DEPLOYMENTS_ENV = "DEPIN_UP_DEPLOYMENTS"
 
@@ -435,7 +438,7 @@ def supervise(opts: UpOptions, on_ready: Callable[[dict[str, Any]], None]) -> No
 
 
 def start_background(opts: UpOptions) -> dict[str, Any]:
-    """Start the supervisor detached (own session, log ``.depin/up/up.log``); return its ready document."""
+    """Start the supervisor detached (own session, log ``SUPERVISOR_LOG``); return its ready document."""
     if (state := read_state()) is not None:
         raise ConfigError(f"depin up already runs here (pid {state['pid']}); run `depin down` first")
     log_path = Path.cwd() / SUPERVISOR_LOG

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
+from depin_core import paths
 from pipelines._output import emit_json, say
 
 
@@ -27,7 +28,7 @@ def serve(
         str, typer.Option(help="address to bind (0.0.0.0 to accept other machines)")
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to bind (0 = any free port)")] = 8900,
-    data_dir: Annotated[Path, typer.Option(help="where blobs, jobs and outputs live")] = Path(".depin/agent"),
+    data_dir: Annotated[Path, typer.Option(help="where blobs, jobs and outputs live")] = paths.AGENT_DATA_DIR,
     token_file: Annotated[
         Path | None, typer.Option(help="file holding the admin token (default: $DEPIN_AGENT_TOKEN)")
     ] = None,

@@ -13,7 +13,10 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
+from depin_core import paths
 from depin_core.errors import DepinError
+from depin_core.names import FUNCTION_NAME_RULE
+from gpu_jobs.registry import FAMILIES, PLUGINS_ENV
 from pipelines._output import emit_json, err_console, error, say
 
 app = typer.Typer(
@@ -114,9 +117,9 @@ def ingest(
     vehicles: Annotated[
         str | None, typer.Option(help="comma-separated token ids; default: all shared")
     ] = None,
-    out: Annotated[Path, typer.Option(help="dataset directory (Parquet, partitioned by date)")] = Path(
-        ".depin/datasets/telemetry"
-    ),
+    out: Annotated[
+        Path, typer.Option(help="dataset directory (Parquet, partitioned by date)")
+    ] = paths.DATASET_DIR,
     credentials: Annotated[
         Path | None, typer.Option(help="credentials JSON (from depin emulator --credentials-out)")
     ] = None,
@@ -154,9 +157,9 @@ def demo(
     vehicles: Annotated[int, typer.Option(help="simulated vehicles")] = 30,
     days: Annotated[float, typer.Option(help="days of history")] = 7.0,
     seed: Annotated[int, typer.Option(help="seed of the simulated fleet")] = 3,
-    out: Annotated[Path, typer.Option(help="where the demo writes its dataset, model and summary")] = Path(
-        ".depin/demo"
-    ),
+    out: Annotated[
+        Path, typer.Option(help="where the demo writes its dataset, model and summary")
+    ] = paths.DEMO_DIR,
     as_json: JsonOpt = False,
 ) -> None:
     """The main job, end to end on this machine: emulator → train_and_publish (ingest, train, evaluate,
@@ -171,7 +174,9 @@ def demo(
 @app.command()
 def train(
     dataset: Annotated[Path, typer.Option(help="telemetry dataset directory (from depin ingest)")],
-    model: Annotated[str, typer.Option(help="model family: range (EV energy/range) or anomaly")],
+    model: Annotated[
+        str, typer.Option(help=f"model family: {' or '.join(sorted(FAMILIES))} (plugins: {PLUGINS_ENV})")
+    ],
     out: Annotated[Path, typer.Option(help="where to write the model artifact directory")],
     runner: Annotated[
         list[str] | None,
@@ -244,7 +249,7 @@ def serve(
     ] = None,
     port: Annotated[int | None, typer.Option(help="port (0 = any free port) (default: 8787)")] = None,
     registry: Annotated[
-        Path | None, typer.Option(help="registry directory (default: .depin/registry)")
+        Path | None, typer.Option(help=f"registry directory (default: {paths.REGISTRY_DIR})")
     ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="print one JSON line (url, port, …) on stdout once listening")
@@ -259,7 +264,7 @@ def serve(
 @app.command()
 def publish(
     model: Annotated[Path, typer.Option(help="model artifact directory (from depin train) or a bundle")],
-    name: Annotated[str, typer.Option(help="function name: 1-63 of a-z, 0-9, '_', '-'")],
+    name: Annotated[str, typer.Option(help=f"function name: {FUNCTION_NAME_RULE}")],
     alias: Annotated[
         str | None, typer.Option(help="also point this alias (e.g. prod) at the version")
     ] = None,
@@ -271,7 +276,8 @@ def publish(
         ),
     ] = "local",
     registry: Annotated[
-        Path | None, typer.Option(help="registry directory for --target local (default: .depin/registry)")
+        Path | None,
+        typer.Option(help=f"registry directory for --target local (default: {paths.REGISTRY_DIR})"),
     ] = None,
     fluence_target: Annotated[
         str | None,
@@ -338,7 +344,8 @@ def invoke(
     tls_cert: Annotated[
         Path | None,
         typer.Option(
-            help="the gateway's certificate (PEM) to pin; a Fluence gateway's is pinned from .depin/fluence"
+            help="the gateway's certificate (PEM) to pin; a Fluence gateway's is pinned from "
+            f"{paths.FLUENCE_STATE_DIR}"
         ),
     ] = None,
     insecure_http: Annotated[
@@ -392,7 +399,7 @@ def up(
     ] = None,
     runner_poll_s: Annotated[int, typer.Option(help="how often served deployments look for runs (s)")] = 5,
     background: Annotated[
-        bool, typer.Option("--background", help="detach; `depin down` stops it (log .depin/up/up.log)")
+        bool, typer.Option("--background", help=f"detach; `depin down` stops it (log {paths.UP_LOG})")
     ] = False,
     as_json: Annotated[
         bool,

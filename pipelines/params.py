@@ -7,19 +7,22 @@ Paths are relative to the working directory of the process that runs the flow (`
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-DEFAULT_DATASET = Path(".depin/datasets/telemetry")
-DEFAULT_MODELS = Path(".depin/models")
-DEFAULT_SCORES = Path(".depin/scores")
-DEFAULT_JOBS = Path(".depin/jobs")
+from depin_core import paths
+from depin_core.names import FUNCTION_NAME_RULE, function_name_error, is_function_name
+from gpu_jobs.registry import FAMILIES, PLUGINS_ENV, family_names
+
+DEFAULT_DATASET = paths.DATASET_DIR
+DEFAULT_MODELS = paths.MODELS_DIR
+DEFAULT_SCORES = paths.SCORES_DIR
+DEFAULT_JOBS = paths.JOBS_DIR
 # ``depin up`` starts the emulator with ``credentials_out`` here (and its ground truth beside it)
-DEFAULT_EMULATOR_CREDENTIALS = Path(".depin/emulator/credentials.json")
-DEFAULT_GROUND_TRUTH = Path(".depin/emulator/ground_truth")
+DEFAULT_EMULATOR_CREDENTIALS = paths.EMULATOR_CREDENTIALS
+DEFAULT_GROUND_TRUTH = paths.GROUND_TRUTH_DIR
 DIMO_CREDENTIALS_BLOCK = "dimo"
 # Global concurrency limit held by each ingestion run (one slot): its limit is how many ingestion runs may call
 # DIMO at once (``depin up`` creates it with 1: runs queue, each within DIMO's rate).
@@ -27,8 +30,15 @@ DIMO_CONCURRENCY_LIMIT = "dimo-api"
 DIMO_API_SLOTS = 1  # ingest runs calling DIMO at once (a run holds one slot for its whole DIMO phase)
 INGEST_WORKERS = 4  # ingestion tasks of one flow run at once; they split the run's DIMO request rate
 
-Family = Literal["range", "anomaly"]
-_FUNCTION_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+
+def _known_family(name: str) -> str:
+    if name not in (names := family_names()):
+        raise ValueError(f"unknown model family {name!r}; use one of {', '.join(names)}")
+    return name
+
+
+# a family registered in gpu_jobs.registry (plugins: DEPIN_FAMILIES); a plain string in the JSON schema
+Family = Annotated[str, AfterValidator(_known_family)]
 
 
 class _Params(BaseModel):
@@ -64,7 +74,9 @@ class TrainParams(_Params):
     dataset: Path | None = Field(
         None, description=f"telemetry dataset; default: the ingested one, else {DEFAULT_DATASET}"
     )
-    family: Family = Field("range", description="range (EV consumption/range) or anomaly")
+    family: Family = Field(
+        "range", description=f"model family: one of {', '.join(sorted(FAMILIES))} or a plugin ({PLUGINS_ENV})"
+    )
     hyperparameters: dict[str, Any] = Field(default_factory=dict, description="family hyperparameters")
     runners: list[str] = Field(
         default_factory=lambda: ["local"],
@@ -83,7 +95,7 @@ class PublishParams(_Params):
 
     model_dir: Path | None = Field(None, description="model artifact directory; default: the trained one")
     name: str | None = Field(
-        None, description="function name: 1-63 of a-z, 0-9, '_', '-'; default: the model family"
+        None, description=f"function name: {FUNCTION_NAME_RULE}; default: the model family"
     )
     alias: str | None = Field("prod", description="alias moved to the version after the smoke call")
     target: str = Field(
@@ -100,7 +112,9 @@ class PublishParams(_Params):
         ge=0,
         description="target fluence: price cap of a new VM (default DEPIN_FLUENCE_MAX_USD_PER_DAY, 5)",
     )
-    registry: Path | None = Field(None, description="registry for target local; default .depin/registry")
+    registry: Path | None = Field(
+        None, description=f"registry for target local; default {paths.REGISTRY_DIR}"
+    )
     gateway_url: str | None = Field(
         None,
         description="gateway serving the local registry, for the function URL (default: DEPIN_GATEWAY_URL, "
@@ -117,8 +131,8 @@ class PublishParams(_Params):
     @field_validator("name")
     @classmethod
     def _check_name(cls, v: str | None) -> str | None:
-        if v is not None and not _FUNCTION_NAME.fullmatch(v):
-            raise ValueError(f"function name {v!r}: use 1-63 of a-z, 0-9, '_', '-' (starting a-z or 0-9)")
+        if v is not None and not is_function_name(v):
+            raise ValueError(function_name_error(v))
         return v
 
     @field_validator("target")
@@ -134,7 +148,7 @@ class ScoreParams(_Params):
 
     model_dir: Path | None = Field(None, description="model artifact directory (or use function)")
     function: str | None = Field(None, description="name, name@alias or name@version in the local registry")
-    registry: Path | None = Field(None, description="registry of function; default .depin/registry")
+    registry: Path | None = Field(None, description=f"registry of function; default {paths.REGISTRY_DIR}")
     dataset: Path = Field(DEFAULT_DATASET, description="telemetry dataset to score")
     out: Path | None = Field(None, description=f"Parquet output; default {DEFAULT_SCORES}/<model>.parquet")
     ground_truth: Path | None = Field(None, description="emulator ground truth, for metrics")

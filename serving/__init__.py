@@ -30,6 +30,7 @@ _HOMES = {
     "verify_bundle": "serving.bundle",
     "Registry": "serving.registry",
     "GatewaySettings": "serving.settings",
+    "GatewayClientSettings": "serving.settings",
     "GatewayProcess": "serving.server",
     "serve": "serving.server",
     "GatewayClient": "serving.client",
@@ -39,7 +40,7 @@ _HOMES = {
     "LocalPublisher": "serving.publish",
     "GatewayPublisher": "serving.publish",
     "FluencePublisher": "serving.fluence.publisher",
-    "FluenceSettings": "serving.fluence.publisher",
+    "FluenceSettings": "serving.fluence.settings",
     "Target": "serving.targets",
     "LocalTarget": "serving.targets",
     "GatewayTarget": "serving.targets",
@@ -56,6 +57,7 @@ __all__ = [
     "FluenceTarget",
     "FunctionManifest",
     "GatewayClient",
+    "GatewayClientSettings",
     "GatewayProcess",
     "GatewayPublisher",
     "GatewayRefused",
@@ -89,12 +91,13 @@ if TYPE_CHECKING:
     )
     from serving.client import GatewayClient, GatewayRefused
     from serving.errors import BundleError
-    from serving.fluence.publisher import FluencePublisher, FluenceSettings
+    from serving.fluence.publisher import FluencePublisher
+    from serving.fluence.settings import FluenceSettings
     from serving.fluence.target import FluenceTarget
     from serving.publish import GatewayPublisher, LocalPublisher, Publisher, PublishResult
     from serving.registry import Registry
     from serving.server import GatewayProcess, serve
-    from serving.settings import GatewaySettings
+    from serving.settings import GatewayClientSettings, GatewaySettings
     from serving.targets import GatewayTarget, LocalTarget, PublishedFunction, Target, publish_function
 
 

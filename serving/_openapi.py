@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from depin_core.names import FUNCTION_NAME_PATTERN
+
 if TYPE_CHECKING:
     from serving._runtime import RoutingTable
 
@@ -123,7 +125,7 @@ def build_openapi(table: RoutingTable, *, title: str = "depin function gateway",
     ]
     paths["/v1/functions/{ref}/invoke"] = generic
 
-    name_p = _path_param("name", "function name", {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,62}$"})
+    name_p = _path_param("name", "function name", {"type": "string", "pattern": f"^{FUNCTION_NAME_PATTERN}$"})
     version_p = _path_param("version", "16 hex chars (the content hash)", VERSION)
     alias_p = _path_param(
         "alias",

@@ -38,8 +38,10 @@ from eth_utils import is_address, to_checksum_address
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from depin_core import paths
 from depin_core.errors import ConfigError
 from depin_core.fs import atomic_write_bytes, temp_path_beside
+from depin_core.names import function_name_error, is_function_name
 from gpu_jobs import artifacts as A
 from gpu_jobs.errors import ArtifactIntegrityError
 from gpu_jobs.models.online import Predictor, load_predictor, predictor_from
@@ -51,8 +53,7 @@ SCHEME = "eip191"
 DEFAULT_MAX_BATCH_SIZE = 1024
 MAX_BUNDLE_BYTES = 512 * 2**20  # a packed bundle; the range/anomaly models are a few KiB
 MAX_MEMBERS = 1000
-DEFAULT_KEY_FILE = Path(".depin/keys/publisher.key")
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+DEFAULT_KEY_FILE = paths.PUBLISHER_KEY_FILE
 _VERSION = re.compile(r"^[0-9a-f]{16}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _KEY = re.compile(r"^(0x)?[0-9a-fA-F]{64}$")
@@ -140,12 +141,9 @@ def content_version(manifest: Mapping[str, Any]) -> str:
 
 
 def valid_name(name: Any) -> str:
-    """``name`` if it is a valid function name (``^[a-z0-9][a-z0-9_-]{0,62}$``), else ``BundleError``."""
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise BundleError(
-            f"function name {name!r} is invalid; use 1-63 lowercase letters, digits, '_' or '-', "
-            "starting with a letter or digit"
-        )
+    """``name`` if it is a valid function name (:mod:`serving.names`), else ``BundleError``."""
+    if not is_function_name(name):
+        raise BundleError(function_name_error(name))
     return name
 
 
@@ -489,7 +487,7 @@ def _safe_members(members: list[tarfile.TarInfo], max_bytes: int) -> list[tarfil
 
 class PublisherSettings(BaseSettings):
     """Where the publisher's signing key comes from: ``DEPIN_PUBLISHER_KEY`` (hex), else the dev key file
-    ``DEPIN_PUBLISHER_KEY_FILE`` (default ``.depin/keys/publisher.key``, created 0600 on first use)."""
+    ``DEPIN_PUBLISHER_KEY_FILE`` (default :data:`depin_core.paths.PUBLISHER_KEY_FILE`, created 0600 on first use)."""
 
     model_config = SettingsConfigDict(env_prefix="DEPIN_PUBLISHER_", extra="ignore")
 

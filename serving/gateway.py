@@ -34,6 +34,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from depin_core.names import function_name_error
 from gpu_jobs.errors import InvalidInput
 from serving._auth import AdminKeys
 from serving._http import (
@@ -454,7 +455,7 @@ class Gateway:
             raise GatewayHttpError(
                 422,
                 "invalid_name",
-                "function names are 1-63 of a-z, 0-9, '_' or '-', starting a-z/0-9",
+                function_name_error(name),
                 field="name",
             )
         if not VERSION_RE.fullmatch(version):

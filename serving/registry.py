@@ -46,6 +46,7 @@ from typing import Any
 
 from depin_core.errors import PermanentError
 from depin_core.fs import atomic_write_bytes
+from depin_core.names import FUNCTION_NAME_RE
 from serving.bundle import Bundle, unpack_bundle, verify_bundle
 from serving.errors import BundleError, InvalidTarget, NoHistory, NotFound
 
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest"
 HISTORY_LIMIT = 50
-NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+NAME_RE = FUNCTION_NAME_RE
 ALIAS_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 VERSION_RE = re.compile(r"[0-9a-f]{16}")
 _STALE_TMP_S = 3600.0

@@ -90,12 +90,11 @@ class GatewayProcess(ServerProcess):
         env: dict[str, str] | None = None,
         cpu: int | None = None,
     ) -> None:
-        super().__init__("gateway", startup_timeout=startup_timeout)
+        super().__init__("gateway", startup_timeout=startup_timeout, cpu=cpu)
         explicit = "port" in settings.model_fields_set and settings.port
         self.settings = settings if explicit else settings.model_copy(update={"port": 0})
         self.wait_ready = wait_ready
         self.env = env
-        self.cpu = cpu
 
     @property
     def base_url(self) -> str:
@@ -117,8 +116,6 @@ class GatewayProcess(ServerProcess):
             "--ready-file",
             str(self.ready_path),
         ]
-        if self.cpu is not None:
-            cmd = ["taskset", "-c", str(self.cpu), *cmd]
         paths = ["/healthz", "/readyz"] if self.wait_ready else ["/healthz"]
         verify: ssl.SSLContext | bool = True
         if self.settings.tls_cert_file is not None:  # its own health checks pin its certificate

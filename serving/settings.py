@@ -1,4 +1,5 @@
-"""Settings of the function gateway (env prefix ``DEPIN_GATEWAY_``).
+"""Settings of the function gateway (env prefix ``DEPIN_GATEWAY_``) and of its clients (``DEPIN_GATEWAY_URL``,
+``DEPIN_ADMIN_KEY``: :class:`GatewayClientSettings`).
 
 Precedence: keyword arguments > ``DEPIN_GATEWAY_*`` environment variables > defaults. List settings accept a
 JSON list or a comma-separated string (``DEPIN_GATEWAY_TRUSTED_PUBLISHERS=0xAbc…,0xDef…``).
@@ -14,11 +15,16 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from depin_core import paths
 from depin_core.errors import ConfigError
+from depin_core.settings import EnvSettings
 
+DEFAULT_GATEWAY_URL = "http://127.0.0.1:8787"
+GATEWAY_URL_ENV = "DEPIN_GATEWAY_URL"
+ADMIN_KEY_ENV = "DEPIN_ADMIN_KEY"
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -69,7 +75,7 @@ class GatewaySettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 exposes the gateway to the network")
     port: int = Field(8787, ge=0, le=65535, description="TCP port; 0 picks a free one")
-    registry_dir: Path = Field(Path(".depin/registry"), description="the function registry directory")
+    registry_dir: Path = Field(paths.REGISTRY_DIR, description="the function registry directory")
     trusted_publishers: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="publisher addresses (0x…) whose bundles are accepted"
     )
@@ -191,3 +197,20 @@ class GatewaySettings(BaseSettings):
         if self.admin_keys_file is not None:
             digests.update(read_keys_file(self.admin_keys_file))
         return frozenset(digests)
+
+
+class GatewayClientSettings(EnvSettings):
+    """Which gateway ``depin publish`` / ``depin invoke`` and the flows talk to, and its admin key
+    (``DEPIN_GATEWAY_URL``, ``DEPIN_ADMIN_KEY``; an empty variable counts as unset)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DEPIN_", extra="ignore", hide_input_in_errors=True, env_ignore_empty=True
+    )
+
+    gateway_url: str = Field(DEFAULT_GATEWAY_URL, description="the gateway serving the local registry")
+    admin_key: SecretStr | None = Field(None, description="the gateway's admin key (X-API-Key)")
+
+    def admin_key_value(self) -> SecretStr | None:
+        """``admin_key`` stripped; None when unset or blank."""
+        text = self.admin_key.get_secret_value().strip() if self.admin_key is not None else ""
+        return SecretStr(text) if text else None

@@ -20,8 +20,9 @@ from pathlib import Path
 from depin_core.errors import ConfigError
 from depin_core.fs import atomic_write_bytes
 from gpu_jobs.errors import AgentTokenError
+from gpu_jobs.settings import AGENT_TOKEN_ENV, GpuJobsSettings
 
-TOKEN_ENV = "DEPIN_AGENT_TOKEN"
+TOKEN_ENV = AGENT_TOKEN_ENV
 MIN_TOKEN_LEN = 16
 JOB_TOKEN_PREFIX = "djt_"  # "depin job token": easy to recognise and grep for when leaked
 _PRUNE_AFTER_S = 86400.0  # expired tokens are remembered a day (so they answer "expired", not "invalid")
@@ -35,7 +36,6 @@ def token_digest(token: str) -> str:
 def read_admin_token(token_file: Path | str | None = None, *, environ: dict[str, str] | None = None) -> str:
     """The admin token: ``token_file`` (first line) if given, else ``$DEPIN_AGENT_TOKEN``; ``ConfigError`` when
     missing or shorter than 16 characters. The caller keeps only its digest."""
-    env = os.environ if environ is None else environ
     if token_file is not None:
         try:
             token = Path(token_file).read_text().strip()
@@ -45,7 +45,8 @@ def read_admin_token(token_file: Path | str | None = None, *, environ: dict[str,
             ) from None
         where = f"--token-file {token_file}"
     else:
-        token = env.get(TOKEN_ENV, "").strip()
+        secret = GpuJobsSettings.from_env(environ).agent_token
+        token = secret.get_secret_value().strip() if secret is not None else ""
         where = TOKEN_ENV
     if not token:
         raise ConfigError(

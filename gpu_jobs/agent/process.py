@@ -24,7 +24,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from depin_core import tls as tlslib
-from depin_core.proc import ServerProcess
+from depin_core.proc import ServerProcess, children
 from gpu_jobs.agent._auth import TOKEN_ENV
 from gpu_jobs.agent.server import TLS_CERT_ENV, TLS_DIR, TLS_KEY_ENV
 
@@ -134,15 +134,3 @@ class AgentProcess(ServerProcess):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         self.proc.wait()
-
-
-def children(pid: int) -> list[int]:
-    """Live child pids of ``pid`` (Linux ``/proc``; empty elsewhere)."""
-    out: list[int] = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            stat = (entry / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if int(fields[1]) == pid and fields[0] != "Z":
-                out.append(int(entry.name))
-    return sorted(out)

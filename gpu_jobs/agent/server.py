@@ -25,6 +25,7 @@ from typing import Any
 
 import uvicorn
 
+from depin_core import paths
 from depin_core import tls as tlslib
 from depin_core.errors import ConfigError
 from depin_core.fs import atomic_write_bytes
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8900
-DEFAULT_DATA_DIR = Path(".depin/agent")
+DEFAULT_DATA_DIR = paths.AGENT_DATA_DIR
 TLS_CERT_ENV = "DEPIN_AGENT_TLS_CERT"  # PEM text of the certificate (a provider's secret env)
 TLS_KEY_ENV = "DEPIN_AGENT_TLS_KEY"  # PEM text of its private key (secret env; removed from os.environ)
 TLS_DIR = "tls"  # under the data dir: the certificate served (and the self-signed one kept across restarts)

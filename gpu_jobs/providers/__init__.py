@@ -1,13 +1,13 @@
 """GPU providers: where a worker agent runs. Vast.ai and io.net are rented through their REST APIs; GPUnet and
 any other host are registered by hand (``manual``). See :mod:`gpu_jobs.providers.base` for the lifecycle.
 
-``make_provider(name)`` builds one from the environment: ``DEPIN_VAST_API_KEY`` (+ ``DEPIN_VAST_URL``),
-``DEPIN_IONET_API_KEY`` (+ ``DEPIN_IONET_URL``), or the nodes file for ``manual`` / ``gpunet``.
+``make_provider(name)`` builds one from the environment (:class:`gpu_jobs.settings.GpuJobsSettings`):
+``DEPIN_VAST_API_KEY`` (+ ``DEPIN_VAST_URL``), ``DEPIN_IONET_API_KEY`` (+ ``DEPIN_IONET_URL``), or the nodes file
+for ``manual`` / ``gpunet``.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from gpu_jobs.providers.base import (
 from gpu_jobs.providers.ionet import IonetProvider
 from gpu_jobs.providers.manual import DEFAULT_NODES_FILE, ManualProvider, Node
 from gpu_jobs.providers.vast import VastProvider
+from gpu_jobs.settings import PROVIDER_KEYS, GpuJobsSettings
 
 PROVIDERS = ("vast", "ionet", "manual", "gpunet")
 
@@ -66,11 +67,11 @@ __all__ = [
 ]
 
 
-def _key(env: Mapping[str, str], var: str, provider: str) -> SecretStr:
-    key = env.get(var, "").strip()
-    if not key:
-        raise ConfigError(f"{provider}: set {var} to your {provider} API key")
-    return SecretStr(key)
+def _key(settings: GpuJobsSettings, provider: str) -> SecretStr:
+    key = settings.provider_key(provider)
+    if key is None:
+        raise ConfigError(f"{provider}: set {PROVIDER_KEYS[provider]} to your {provider} API key")
+    return key
 
 
 def make_provider(
@@ -78,19 +79,18 @@ def make_provider(
     *,
     nodes_file: Path | str | None = None,
     env: Mapping[str, str] | None = None,
+    settings: GpuJobsSettings | None = None,
     poll_s: float | None = None,
 ) -> VastProvider | IonetProvider | ManualProvider:
-    """The provider called ``name`` (one of ``PROVIDERS``), configured from ``env`` (default: the process
-    environment). ``ConfigError`` naming the variable when a key is missing."""
-    env = os.environ if env is None else env
+    """The provider called ``name`` (one of ``PROVIDERS``), configured from ``settings`` (default: read from
+    ``env``, else the process environment). ``ConfigError`` naming the variable when a key is missing."""
+    settings = settings if settings is not None else GpuJobsSettings.from_env(env)
     extra: dict[str, Any] = {} if poll_s is None else {"poll_s": poll_s}
     if name == "vast":
-        url = env.get("DEPIN_VAST_URL") or env.get("VAST_URL") or "https://console.vast.ai/api/v0"
-        return VastProvider(_key(env, "DEPIN_VAST_API_KEY", "vast"), url, **extra)
+        return VastProvider(_key(settings, "vast"), settings.vast_url, **extra)
     if name == "ionet":
-        url = env.get("DEPIN_IONET_URL") or "https://api.io.solutions"
-        return IonetProvider(_key(env, "DEPIN_IONET_API_KEY", "ionet"), url, **extra)
+        return IonetProvider(_key(settings, "ionet"), settings.ionet_url, **extra)
     if name in ("manual", "gpunet"):
-        path = nodes_file or env.get("DEPIN_NODES_FILE") or DEFAULT_NODES_FILE
+        path = nodes_file or settings.nodes_file
         return ManualProvider(path, name=name, **extra)
     raise ConfigError(f"provider {name!r}: choose one of {', '.join(PROVIDERS)}")

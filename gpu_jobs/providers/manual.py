@@ -4,8 +4,8 @@ GPUnet has no documented compute API (see the README), so a GPUnet node is rente
 the script of :class:`~gpu_jobs.providers.base.Bootstrap`, and registered here with its URL and token
 (``depin worker register NAME --url https://… --token-file … --fingerprint …``): the node's TLS certificate is
 pinned (its PEM, read once and kept when its sha256 is the fingerprint given; plain ``http://`` only for
-loopback). The registry is one JSON file, ``.depin/workers.json``
-by default, mode 0600 (it holds the agents' tokens), written atomically.
+loopback). The registry is one JSON file (default :data:`depin_core.paths.NODES_FILE`),
+mode 0600 (it holds the agents' tokens), written atomically.
 
 As a provider ("manual", or "gpunet"): offers are the registered nodes whose ``/v1/health`` answers with their
 token; ``launch`` returns the node (with its own token: the bootstrap's is not used); ``destroy`` does nothing
@@ -35,6 +35,7 @@ from pydantic import (
     model_validator,
 )
 
+from depin_core import paths
 from depin_core import tls as tlslib
 from depin_core.errors import ConfigError, PermanentError, TransientError
 from depin_core.fs import atomic_write_bytes
@@ -44,7 +45,7 @@ from gpu_jobs.spec import JobSpec
 
 log = logging.getLogger(__name__)
 
-DEFAULT_NODES_FILE = Path(".depin/workers.json")
+DEFAULT_NODES_FILE = paths.NODES_FILE
 _NODE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
 

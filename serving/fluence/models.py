@@ -162,16 +162,6 @@ VmStatusB = Literal[
 ]
 
 
-class Pagination(BaseModel):
-    model_config = _CAMEL
-
-    total_records: int = Field(0, alias="totalRecords")
-    filtered_records: int = Field(0, alias="filteredRecords")
-    total_pages: int = Field(0, alias="totalPages")
-    current_page: int = Field(0, alias="currentPage")
-    per_page: int = Field(0, alias="perPage")
-
-
 class ServiceStatus(BaseModel):
     model_config = _CAMEL
 

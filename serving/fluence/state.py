@@ -1,4 +1,5 @@
-"""What ``depin publish --target fluence`` created, kept on this machine: ``.depin/fluence/state.json``.
+"""What ``depin publish --target fluence`` created, kept on this machine: ``state.json`` in the state directory
+(default :data:`depin_core.paths.FLUENCE_STATE_DIR`).
 
 One :class:`Deployment` per target (a gateway VM): its Fluence id and name, API generation, address, ports,
 price, the sha256 of its admin key and the versions published to it. The admin key itself is in a separate
@@ -22,11 +23,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
+from depin_core import paths
 from depin_core.errors import ConfigError
 from depin_core.fs import atomic_write_bytes
 from depin_core.tls import NodeCertificate
 
-DEFAULT_STATE_DIR = Path(".depin/fluence")
+DEFAULT_STATE_DIR = paths.FLUENCE_STATE_DIR
 STATE_FILE = "state.json"
 LOCK_FILE = "state.lock"
 _TARGET = re.compile(r"[a-z0-9][a-z0-9-]{0,30}")
@@ -95,7 +97,8 @@ class FluenceState(BaseModel):
 
 
 class StateStore:
-    """The state directory (default ``.depin/fluence``, mode 0700): ``state.json`` and the admin key files."""
+    """The state directory (default :data:`depin_core.paths.FLUENCE_STATE_DIR`, mode 0700): ``state.json``
+    and the admin key files."""
 
     def __init__(self, root: Path | str = DEFAULT_STATE_DIR) -> None:
         self.root = Path(root)

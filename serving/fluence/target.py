@@ -3,7 +3,7 @@
 ``publish`` goes through :class:`serving.fluence.publisher.FluencePublisher`: the target's VM is ensured
 (created, bootstrapped and ready on first use, reused afterwards) and the version is recorded in the state
 file. Every other call uses the recorded deployment only — its URL, admin key and the certificate pinned in
-the state directory (``.depin/fluence``) — so invoking needs no Fluence API key.
+the state directory (``DEPIN_FLUENCE_STATE_DIR``) — so invoking needs no Fluence API key.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from connectors.dimo.emulator.app import create_app
 from connectors.dimo.emulator.fleet import Fleet
 from connectors.dimo.emulator.ratelimit import RateLimiter
 from connectors.dimo.emulator.server import credentials_document
-from connectors.dimo.emulator.simulator import simulate_fleet
+from connectors.dimo.emulator.sim.simulator import simulate_fleet
 from connectors.dimo.emulator.state import EmulatorState, make_license
 from connectors.dimo.settings import DimoSettings
 from tests.connectors.test_client_emulator import END, SIGNALS, START, _fleet

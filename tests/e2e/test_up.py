@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from depin_core.errors import ConfigError
-from pipelines._procs import Child, alive
+from depin_core.proc import Child, alive
 from pipelines._up import STATE_FILE, _check_port, real_dimo_configured
 from tests.e2e.up_stack import DEPIN, clean_env, depin, last_json, ports_free, survivors, tree, up_args
 

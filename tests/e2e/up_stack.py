@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from depin_core.net import free_port
-from pipelines._procs import alive, descendants
+from depin_core.proc import alive, descendants
 
 DEPIN = [sys.executable, "-m", "pipelines.cli"]
 

@@ -381,3 +381,17 @@ def test_plain_http_to_a_remote_host_is_refused_before_any_connection(
         conn, _ = listener.accept()
         conn.close()
     assert looked_up == ["agent.example"]
+
+
+def test_agent_errors_are_read_in_the_current_and_the_earlier_shape() -> None:
+    from gpu_jobs.remote._client import _error_of
+
+    now = httpx.Response(
+        422, json={"error": {"code": "invalid", "message": "bad spec", "field": "spec.seed"}}
+    )
+    before = httpx.Response(422, json={"error": "bad spec", "field": "spec.seed"})
+    assert _error_of(now) == _error_of(before) == ("bad spec", "spec.seed")
+    assert _error_of(httpx.Response(502, text="<html>proxy error</html>")) == (
+        "<html>proxy error</html>",
+        None,
+    )

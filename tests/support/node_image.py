@@ -24,7 +24,6 @@ import atexit
 import contextlib
 import os
 import shutil
-import signal
 import ssl
 import subprocess
 import sys
@@ -38,6 +37,7 @@ import httpx
 
 from depin_core import tls
 from depin_core.net import free_port
+from depin_core.proc import group_alive, stop_tree
 
 REPO = Path(__file__).resolve().parents[2]
 _PACKAGES = ("depin_core", "connectors", "gpu_jobs", "serving", "pipelines")
@@ -124,24 +124,9 @@ def kill_group(proc: subprocess.Popen[bytes] | None, *, timeout: float = 15.0) -
     then SIGKILL it."""
     if proc is None:
         return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _group_alive(proc.pid):
-        proc.poll()
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+    stop_tree([proc.pid], [], grace_s=timeout)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=timeout)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 class _Group:
@@ -150,7 +135,7 @@ class _Group:
 
     def poll(self) -> int | None:
         code = self.leader.poll()
-        return None if code is None or _group_alive(self.leader.pid) else code
+        return None if code is None or group_alive(self.leader.pid) else code
 
 
 class Machine:

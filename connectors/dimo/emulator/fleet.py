@@ -1,6 +1,6 @@
 """The emulator's data model: a developer license, vehicles with SACD grants, and their recorded series.
 
-This is the contract between the fleet builders (``simulator``, ``replay``) and the API handlers
+This is the contract between the fleet builders (``sim.simulator``, ``replay``) and the API handlers
 (``auth``, ``identity``, ``telemetry``). Everything here is plain data; nothing talks HTTP.
 
 Series layout (one polars DataFrame per vehicle, sorted by ``ts``):

@@ -49,7 +49,7 @@ from connectors.dimo.emulator.gql import (
     validation_failed_body,
 )
 from connectors.dimo.emulator.state import EmulatorState
-from connectors.dimo.emulator.telemetry_schema import format_time, parse_time, wire_scalar
+from connectors.dimo.emulator.telemetry.schema import format_time, parse_time, wire_scalar
 from connectors.dimo.privileges import encode_sacd_permissions
 
 MAX_PAGE_SIZE = 100

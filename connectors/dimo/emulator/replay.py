@@ -7,7 +7,7 @@ signals ``latitude``/``longitude`` or as ``currentLocationCoordinates`` with ``v
 CMAP files (NREL FASTSim ``cmap_subset``, see shared/data/SOURCES.md) are CRLF CSVs
 ``timestamp,cycle_sec,timestep,speed_mph,accel_meters_ps`` in Chicago local time; ``timestep > 1`` marks a
 gap where the logger was off. Each file becomes one EV whose energy, SoC and battery temperature come from
-the simulator's physics (``sim_render.VehicleSim``).
+the simulator's physics (``sim.render.VehicleSim``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import polars as pl
 
 from connectors.dimo.catalog import signal_catalog
 from connectors.dimo.emulator.fleet import SOURCES, DeveloperLicense, Fleet, Grant, Vehicle
-from connectors.dimo.emulator.sim_catalog import (
+from connectors.dimo.emulator.sim.catalog import (
     CHICAGO,
     COMBUSTION,
     ELECTRIC,
@@ -36,14 +36,14 @@ from connectors.dimo.emulator.sim_catalog import (
     truth_frame,
     truth_row,
 )
-from connectors.dimo.emulator.sim_profiles import wander_route
-from connectors.dimo.emulator.sim_render import (
+from connectors.dimo.emulator.sim.profiles import wander_route
+from connectors.dimo.emulator.sim.render import (
     EVENT_SCHEMA,
     LOCATION_COLUMNS,
     POWERTRAIN_TYPE,
     series_column_order,
 )
-from connectors.dimo.emulator.simulator import FIRST_TOKEN_ID, WARMUP_S, initial_sim
+from connectors.dimo.emulator.sim.simulator import FIRST_TOKEN_ID, WARMUP_S, initial_sim
 from connectors.dimo.schema import LOCATION_SIGNAL
 from depin_core.errors import ConfigError
 

@@ -5,30 +5,25 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import sys
-import tempfile
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import uvicorn
 
 from connectors.dimo.emulator.app import create_app
 from connectors.dimo.emulator.faults import FaultSpec
 from connectors.dimo.emulator.fleet import Fleet
 from connectors.dimo.emulator.state import EmulatorConfig, EmulatorState, make_license
-from depin_core.errors import DepinError
 from depin_core.fs import atomic_write_bytes
 from depin_core.net import free_port, listen_socket, url_host
-from depin_core.proc import stop_process
+from depin_core.proc import ServerProcess
 
 
 def build_fleet(config: EmulatorConfig) -> Fleet:
     """The fleet ``config`` asks for: a replay file, or simulated vehicles plus optional CMAP vehicles."""
-    from connectors.dimo.emulator import simulator
+    from connectors.dimo.emulator.sim import simulator
 
     license = make_license(config.seed)
     end = (config.end or datetime.now(UTC)).astimezone(UTC)
@@ -105,8 +100,10 @@ def serve(config: EmulatorConfig, *, on_ready: Any = None) -> None:
     asyncio.run(server.serve(sockets=[sock]))
 
 
-class EmulatorProcess:
-    """The emulator in a child process, for tests, benchmarks and the demo. Always stopped on exit.
+class EmulatorProcess(ServerProcess):
+    """The emulator in a child process, for tests, benchmarks and the demo; ready once it has written its
+    credentials file (``auth_url``: its URL) and ``/healthz`` answers. Always stopped on exit; its output goes
+    to ``log_path``, whose end a failed start shows. ``cpu``: pin it to that CPU.
 
     >>> with EmulatorProcess(EmulatorConfig(vehicles=5, days=2)) as emu:
     ...     emu.credentials["telemetry_url"]
@@ -115,25 +112,25 @@ class EmulatorProcess:
     def __init__(
         self, config: EmulatorConfig, *, startup_timeout: float = 120.0, cpu: int | None = None
     ) -> None:
-        self._tmp = tempfile.TemporaryDirectory(prefix="depin-emulator-")
-        creds = config.credentials_out or Path(self._tmp.name) / "credentials.json"
+        super().__init__("emulator", startup_timeout=startup_timeout, ready_key="auth_url", cpu=cpu)
+        self.ready_path = Path(config.credentials_out or self.ready_path.with_name("credentials.json"))
         # a child process gets a free port unless the caller chose one explicitly
         explicit = "port" in config.model_fields_set and config.port
         port = config.port if explicit else free_port(config.host)
-        self.config = config.model_copy(update={"credentials_out": creds, "port": port})
-        self.startup_timeout = startup_timeout
-        self.cpu = cpu
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.credentials: dict[str, str] = {}
+        self.config = config.model_copy(update={"credentials_out": self.ready_path, "port": port})
+
+    @property
+    def credentials(self) -> dict[str, str]:
+        """The credentials file's document (empty before ``start``)."""
+        return self.ready
 
     @property
     def base_url(self) -> str:
-        return self.credentials["auth_url"]
+        return self.url
 
     @property
     def credentials_path(self) -> Path:
-        assert self.config.credentials_out is not None
-        return Path(self.config.credentials_out)
+        return self.ready_path
 
     def start(self) -> EmulatorProcess:
         cmd = [
@@ -143,34 +140,5 @@ class EmulatorProcess:
             "--config-json",
             self.config.model_dump_json(),
         ]
-        if self.cpu is not None and hasattr(os, "sched_setaffinity"):
-            cmd = ["taskset", "-c", str(self.cpu), *cmd]
-        self.credentials_path.unlink(missing_ok=True)
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                raise DepinError(f"emulator exited with code {self.proc.returncode}: {err[-2000:]}")
-            if self.credentials_path.exists():
-                self.credentials = json.loads(self.credentials_path.read_text())
-                try:
-                    if httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200:
-                        return self
-                except httpx.HTTPError:
-                    pass
-            time.sleep(0.05)
-        self.stop()
-        raise DepinError(f"emulator did not become ready within {self.startup_timeout:.0f}s")
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        if self.proc and self.proc.stderr:
-            self.proc.stderr.close()
-        self._tmp.cleanup()
-
-    def __enter__(self) -> EmulatorProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self._launch(cmd, {}, [("/healthz", "emulator did not become ready")], timeout=1)
+        return self

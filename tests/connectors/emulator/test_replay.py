@@ -10,7 +10,6 @@ import numpy as np
 import polars as pl
 import pytest
 
-from connectors.dimo.emulator import sim_render as R
 from connectors.dimo.emulator.fleet import Fleet, bundled_cmap_dir
 from connectors.dimo.emulator.replay import (
     add_cmap_vehicles,
@@ -20,8 +19,9 @@ from connectors.dimo.emulator.replay import (
     replay_fleet,
     write_replay_file,
 )
-from connectors.dimo.emulator.sim_catalog import FULL_GRANT
-from connectors.dimo.emulator.simulator import simulate_fleet
+from connectors.dimo.emulator.sim import render as R
+from connectors.dimo.emulator.sim.catalog import FULL_GRANT
+from connectors.dimo.emulator.sim.simulator import simulate_fleet
 from connectors.dimo.emulator.state import make_license
 from depin_core.errors import ConfigError
 

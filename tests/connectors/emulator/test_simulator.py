@@ -12,10 +12,10 @@ import pytest
 from eth_utils import to_checksum_address
 
 from connectors.dimo.catalog import signal_catalog
-from connectors.dimo.emulator import sim_render as R
 from connectors.dimo.emulator.fleet import SOURCES, Fleet, bundled_cmap_dir
-from connectors.dimo.emulator.sim_catalog import FULL_GRANT, NAME_COUNT, TIRE_SIGNALS, draw_params, mnemonic
-from connectors.dimo.emulator.simulator import initial_sim, simulate_fleet
+from connectors.dimo.emulator.sim import render as R
+from connectors.dimo.emulator.sim.catalog import FULL_GRANT, NAME_COUNT, TIRE_SIGNALS, draw_params, mnemonic
+from connectors.dimo.emulator.sim.simulator import initial_sim, simulate_fleet
 from connectors.dimo.emulator.state import make_license
 from depin_core.errors import ConfigError
 

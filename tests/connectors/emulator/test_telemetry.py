@@ -24,9 +24,9 @@ from connectors.dimo.emulator.app import create_app
 from connectors.dimo.emulator.fleet import SOURCES, Fleet, Vehicle
 from connectors.dimo.emulator.state import EmulatorState, make_license
 from connectors.dimo.emulator.telemetry import routes
-from connectors.dimo.emulator.telemetry_data import APPROX_STEP_DEG, to_us
-from connectors.dimo.emulator.telemetry_resolvers import fake_vin
-from connectors.dimo.emulator.telemetry_schema import telemetry_schema
+from connectors.dimo.emulator.telemetry.data import APPROX_STEP_DEG, to_us
+from connectors.dimo.emulator.telemetry.resolvers import fake_vin
+from connectors.dimo.emulator.telemetry.schema import telemetry_schema
 from connectors.dimo.privileges import ID_TO_PERMISSION
 from connectors.dimo.settings import VEHICLE_NFT_DEV, VEHICLE_NFT_PROD
 

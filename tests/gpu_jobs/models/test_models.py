@@ -14,7 +14,9 @@ from gpu_jobs.models import anomaly as A
 from gpu_jobs.models import features as F
 from gpu_jobs.models import range as R
 from gpu_jobs.models.anomaly import AnomalyFamily
+from gpu_jobs.models.anomaly import features as AF
 from gpu_jobs.models.range import RangeFamily
+from gpu_jobs.models.range import features as RF
 from tests.gpu_jobs.models.conftest import MemoryCheckpointer, make_ctx
 from tests.gpu_jobs.models.fleet_data import FleetData, build_fleet_data
 
@@ -66,8 +68,8 @@ def anomaly_model(fleet: FleetData, tmp_path_factory: pytest.TempPathFactory):  
 
 
 def test_trip_windows_are_physical(table: pl.DataFrame) -> None:
-    trips = F.trip_windows(table)
-    assert trips.columns[:3] == ["token_id", "start", "end"] and set(F.RANGE_FEATURES) <= set(trips.columns)
+    trips = RF.trip_windows(table)
+    assert trips.columns[:3] == ["token_id", "start", "end"] and set(RF.RANGE_FEATURES) <= set(trips.columns)
     measured = trips.filter(pl.col("kwh_per_100km").is_not_null())
     assert measured.height > 100 and measured.height >= 0.9 * trips.height
     y = measured["kwh_per_100km"].to_numpy()
@@ -78,7 +80,7 @@ def test_trip_windows_are_physical(table: pl.DataFrame) -> None:
 
 
 def test_anomaly_windows_shape_and_baseline(table: pl.DataFrame) -> None:
-    w = F.anomaly_windows(table, window_minutes=30)
+    w = AF.anomaly_windows(table, window_minutes=30)
     vehicles = table["token_id"].n_unique()
     days = (table["timestamp"].max() - table["timestamp"].min()).total_seconds() / 86400  # type: ignore[operator]
     assert abs(w.height - vehicles * days * 48) <= vehicles * 2
@@ -95,11 +97,11 @@ def test_normalization_uses_training_vehicles_only(range_model, table: pl.DataFr
     cfg = range_model.model_config
     train, held = set(cfg["train_vehicles"]), set(cfg["heldout_vehicles"])
     assert train and held and not train & held
-    trips = F.trip_windows(table).filter(pl.col("kwh_per_100km").is_not_null())
-    expect = F.fit_norm(trips.filter(pl.col("token_id").is_in(list(train))), list(F.RANGE_FEATURES))
-    leak = F.fit_norm(trips, list(F.RANGE_FEATURES))
+    trips = RF.trip_windows(table).filter(pl.col("kwh_per_100km").is_not_null())
+    expect = F.fit_norm(trips.filter(pl.col("token_id").is_in(list(train))), list(RF.RANGE_FEATURES))
+    leak = F.fit_norm(trips, list(RF.RANGE_FEATURES))
     assert cfg["norm"] == expect and cfg["norm"] != leak
-    assert [f["name"] for f in cfg["features"]] == list(F.RANGE_FEATURES) and all(
+    assert [f["name"] for f in cfg["features"]] == list(RF.RANGE_FEATURES) and all(
         f["unit"] for f in cfg["features"]
     )
 
@@ -138,7 +140,7 @@ def test_range_quality_bar_holds_across_splits_and_fleets(
 def test_range_trained_on_shuffled_targets_fails_the_bar(
     fleet: FleetData, tmp_path: Path, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
-    real = F.trip_windows
+    real = RF.trip_windows
 
     def shuffled(df: pl.DataFrame, **kw: object) -> pl.DataFrame:
         trips = real(df, **kw).filter(pl.col("kwh_per_100km").is_not_null())  # type: ignore[arg-type]
@@ -149,7 +151,7 @@ def test_range_trained_on_shuffled_targets_fails_the_bar(
         y[idx] = y[np.random.default_rng(0).permutation(idx)]
         return trips.with_columns(pl.Series("kwh_per_100km", y))
 
-    monkeypatch.setattr(R.F, "trip_windows", shuffled)
+    monkeypatch.setattr(RF, "trip_windows", shuffled)
     m = RangeFamily().train(make_ctx(tmp_path, [fleet.telemetry], "range", seed=RANGE_SEED)).metrics
     assert not range_passes(m), m
 
@@ -220,7 +222,7 @@ def test_anomaly_quality_bar_holds_on_every_split(
 
 def test_random_flags_fail_the_recall_rule(anomaly_model, table: pl.DataFrame, fleet: FleetData) -> None:  # type: ignore[no-untyped-def]
     cfg = anomaly_model.model_config
-    w = F.anomaly_windows(table).filter(pl.col("token_id").is_in(cfg["heldout_vehicles"]))
+    w = AF.anomaly_windows(table).filter(pl.col("token_id").is_in(cfg["heldout_vehicles"]))
     rnd = w.with_columns(pl.Series("flagged", np.random.default_rng(1).random(w.height) < 0.05))
     m = A.evaluate(rnd, pl.read_parquet(fleet.truth / "faults.parquet"))
     assert m["recall"] < 0.5 and m["false_positive_rate"] < 0.1

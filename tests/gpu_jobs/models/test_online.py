@@ -21,7 +21,9 @@ from gpu_jobs.errors import ArtifactIntegrityError, InvalidInput
 from gpu_jobs.models import anomaly as A
 from gpu_jobs.models import features as F
 from gpu_jobs.models import range as R
+from gpu_jobs.models.anomaly import features as AF
 from gpu_jobs.models.online import Predictor, load_predictor, predictor_from
+from gpu_jobs.models.range import features as RF
 from tests.gpu_jobs.models.fleet_data import FleetData, build_fleet_data
 from tests.serving.fixtures import ANOMALY_HP, RANGE_HP, SERVING_FLEET, train_artifact
 
@@ -76,8 +78,8 @@ def test_range_matches_batch_scorers(
 ) -> None:
     art = load_artifact(range_artifact)
     cfg = art.model_config  # as read back: norm keys sorted
-    net = R._net_from_config(cfg, art.state_dict)
-    trips = F.trip_windows(table).sort("token_id", "start")
+    net = R.net_from_config(cfg, art.state_dict)
+    trips = RF.trip_windows(table).sort("token_id", "start")
     assert trips.height >= 10
     inputs = [n for n in cfg["norm"] if n != "cold"]  # cold is derived from air
     out = range_pred.predict(range_pred.columns(json_rows(trips, inputs)))
@@ -98,7 +100,7 @@ def test_anomaly_matches_batch_scorer(
     art = load_artifact(anomaly_artifact)
     cfg = art.model_config  # as read back: norm keys sorted
     net = A.build_net(cfg, art.state_dict)
-    windows = F.anomaly_windows(table, window_minutes=int(cfg["hyperparameters"]["window_minutes"]))
+    windows = AF.anomaly_windows(table, window_minutes=int(cfg["hyperparameters"]["window_minutes"]))
     windows = windows.filter(pl.col("powertrain").is_in(list(cfg["norm"]))).sort("token_id", "window_start")
     assert set(windows["powertrain"]) == {"ELECTRIC", "COMBUSTION"}
     batch = A.score_windows(net, cfg, windows)
@@ -164,7 +166,7 @@ def test_range_schema_fields(range_pred: Predictor) -> None:
 def test_anomaly_schema_has_one_variant_per_powertrain(anomaly_pred: Predictor) -> None:
     variants = {v["properties"]["powertrain"]["const"]: v for v in anomaly_pred.input_schema["oneOf"]}
     assert set(variants) == {"ELECTRIC", "COMBUSTION"}
-    assert set(variants["ELECTRIC"]["properties"]) - {"powertrain"} == set(F.ANOMALY_FEATURES["ELECTRIC"])
+    assert set(variants["ELECTRIC"]["properties"]) - {"powertrain"} == set(AF.ANOMALY_FEATURES["ELECTRIC"])
     assert "coolant_excess" in variants["COMBUSTION"]["properties"]
     assert set(anomaly_pred.output_schema["properties"]) == {"score", "threshold", "flagged"}
 

@@ -30,8 +30,8 @@ from graphql.execution.values import get_argument_values, get_directive_values
 
 from connectors.dimo.catalog import signal_catalog
 from connectors.dimo.emulator.gql import iter_fields
-from connectors.dimo.emulator.telemetry_data import HDOP, LAT, LON, TS, VehicleData, snap, to_us
-from connectors.dimo.emulator.telemetry_schema import APPROX_COORDINATES
+from connectors.dimo.emulator.telemetry.data import HDOP, LAT, LON, TS, VehicleData, snap, to_us
+from connectors.dimo.emulator.telemetry.schema import APPROX_COORDINATES
 from connectors.dimo.go_duration import GoDurationError, parse_go_duration_ns
 
 ETHR_DID = re.compile(r"^did:ethr:\d+:0x[0-9a-fA-F]{40}$")

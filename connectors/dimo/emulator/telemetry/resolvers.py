@@ -16,15 +16,15 @@ from graphql import GraphQLError, GraphQLObjectType, GraphQLResolveInfo
 
 from connectors.dimo.emulator.auth import VehicleClaims
 from connectors.dimo.emulator.fleet import CHAIN_ID, Fleet
-from connectors.dimo.emulator.telemetry_data import LAT, LON, TS, VehicleCache, VehicleData, snap, to_us
-from connectors.dimo.emulator.telemetry_schema import (
+from connectors.dimo.emulator.telemetry.data import LAT, LON, TS, VehicleCache, VehicleData, snap, to_us
+from connectors.dimo.emulator.telemetry.schema import (
     APPROX_COORDINATES,
     COORDINATES,
     field_privilege_error,
     missing_all,
     telemetry_schema,
 )
-from connectors.dimo.emulator.telemetry_signals import SignalsArgumentError, check_source, source_matches
+from connectors.dimo.emulator.telemetry.signals import SignalsArgumentError, check_source, source_matches
 from connectors.dimo.privileges import LOCATION_HISTORY, NON_LOCATION_HISTORY
 from connectors.dimo.settings import VEHICLE_NFT_PROD
 

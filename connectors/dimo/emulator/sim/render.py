@@ -19,8 +19,8 @@ import numpy as np
 import polars as pl
 
 from connectors.dimo.catalog import signal_catalog
-from connectors.dimo.emulator.sim_catalog import ELECTRIC, TIRE_SIGNALS, Place, VehicleParams, soh_at
-from connectors.dimo.emulator.sim_physics import (
+from connectors.dimo.emulator.sim.catalog import ELECTRIC, TIRE_SIGNALS, Place, VehicleParams, soh_at
+from connectors.dimo.emulator.sim.physics import (
     AC_EFFICIENCY,
     AC_KNEE_SOC,
     COLD_BELOW_C,
@@ -36,7 +36,7 @@ from connectors.dimo.emulator.sim_physics import (
     ice_fuel_l_per_h,
     relax,
 )
-from connectors.dimo.emulator.sim_profiles import Route
+from connectors.dimo.emulator.sim.profiles import Route
 
 SPEED = "speed"
 ODOMETER = "powertrainTransmissionTravelledDistance"

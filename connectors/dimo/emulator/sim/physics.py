@@ -162,11 +162,6 @@ def charge_duration_s(
     return t_knee + float(np.log((100.0 - s_knee) / (100.0 - target))) / r2
 
 
-def charger_power_kw(soc: np.ndarray, charger_kw: float, *, knee: float) -> np.ndarray:
-    """Charger power (kW) at ``soc``: flat below the knee, linear taper to 0 at 100 %."""
-    return charger_kw * np.clip((100.0 - soc) / (100.0 - knee), 0.0, 1.0)
-
-
 def harsh_runs(accel_ms2: np.ndarray) -> list[tuple[int, int, str, float]]:
     """Harsh braking/acceleration episodes in a 1 Hz acceleration series: ``(start, seconds, name, peak)``."""
     out: list[tuple[int, int, str, float]] = []

@@ -2,9 +2,9 @@
 
 Request flow: vehicle JWT (invalid → HTTP 401 ``{"message":"JWT is invalid."}``), parse + validate
 (cached, 422), complexity ≤ 100 (422), variable coercion. Root fields are then split: every ``signals``
-field runs columnar (:mod:`telemetry_signals`); the rest (signalsLatest, availableSignals, signalsSnapshot, dataSummary,
+field runs columnar (:mod:`.signals`); the rest (signalsLatest, availableSignals, signalsSnapshot, dataSummary,
 events, vinVCLatest, __typename) run on graphql-core's executor with the resolvers of
-:mod:`telemetry_resolvers`. Results are merged in selection order.
+:mod:`.resolvers`. Results are merged in selection order.
 
 Deviation from gqlgen: a privilege error on a signal inside ``signals`` nulls the whole root field
 (with one error per missing privilege), where gqlgen nulls that field in every row, and is reported
@@ -48,13 +48,13 @@ from connectors.dimo.emulator.gql import (
     validation_failed_body,
 )
 from connectors.dimo.emulator.state import EmulatorState
-from connectors.dimo.emulator.telemetry_data import VehicleCache
-from connectors.dimo.emulator.telemetry_resolvers import Ctx, token_error
-from connectors.dimo.emulator.telemetry_schema import (
+from connectors.dimo.emulator.telemetry.data import VehicleCache
+from connectors.dimo.emulator.telemetry.resolvers import Ctx, token_error
+from connectors.dimo.emulator.telemetry.schema import (
     field_privilege_error,
     telemetry_schema,
 )
-from connectors.dimo.emulator.telemetry_signals import (
+from connectors.dimo.emulator.telemetry.signals import (
     SignalsArgumentError,
     aggregate,
     included,

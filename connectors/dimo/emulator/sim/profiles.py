@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from connectors.dimo.emulator.sim_catalog import Place
-from connectors.dimo.emulator.sim_physics import cumsum0
+from connectors.dimo.emulator.sim.catalog import Place
+from connectors.dimo.emulator.sim.physics import cumsum0
 
 M_PER_DEG_LAT = 111_320.0
 URBAN_KMH = np.array([30.0, 40.0, 50.0, 60.0])

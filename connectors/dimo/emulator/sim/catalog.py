@@ -13,7 +13,7 @@ import polars as pl
 from eth_utils import to_checksum_address
 
 from connectors.dimo.emulator.fleet import SOURCES, DeveloperLicense, Grant, Vehicle
-from connectors.dimo.emulator.sim_physics import EnergyParams
+from connectors.dimo.emulator.sim.physics import EnergyParams
 from depin_core.errors import ConfigError
 
 ELECTRIC = "ELECTRIC"

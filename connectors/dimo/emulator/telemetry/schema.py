@@ -1,7 +1,7 @@
 """The Telemetry GraphQL schema: the SDL template plus one field per catalog signal, and its scalars.
 
-``schema/telemetry.graphql`` holds everything but the per-signal fields; those are generated here from
-:func:`connectors.dimo.catalog.current_signals`, so the schema and the catalog cannot drift.
+The emulator's ``schema/telemetry.graphql`` holds everything but the per-signal fields; those are generated
+here from :func:`connectors.dimo.catalog.current_signals`, so the schema and the catalog cannot drift.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import polars as pl
 
 from connectors.dimo.catalog import current_signals
 from connectors.dimo.emulator.fleet import Fleet
-from connectors.dimo.emulator.telemetry_schema import COORDINATES
+from connectors.dimo.emulator.telemetry.schema import COORDINATES
 
 LAT, LON, HDOP = "latitude", "longitude", "hdop"
 TS = "ts"

@@ -2,8 +2,8 @@
 
 ``simulate_fleet`` is deterministic in its arguments. Each vehicle follows a daily routine (commutes,
 errands, overnight or DC fast charging for EVs, refuelling for combustion cars); its signals come from the
-vectorised physics in ``sim_physics`` driven by 1 Hz speed profiles (``sim_profiles``) and are sampled by
-``sim_render``. Hidden per-vehicle parameters and injected faults are returned as ground truth.
+vectorised physics in ``physics`` driven by 1 Hz speed profiles (``profiles``) and are sampled by
+``render``. Hidden per-vehicle parameters and injected faults are returned as ground truth.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import polars as pl
 
 from connectors.dimo.emulator.fleet import DeveloperLicense, Fleet, Vehicle
-from connectors.dimo.emulator.sim_catalog import (
+from connectors.dimo.emulator.sim.catalog import (
     COMBUSTION,
     ELECTRIC,
     FULL_GRANT,
@@ -33,14 +33,14 @@ from connectors.dimo.emulator.sim_catalog import (
     truth_frame,
     truth_row,
 )
-from connectors.dimo.emulator.sim_physics import COLD_BELOW_C
-from connectors.dimo.emulator.sim_profiles import (
+from connectors.dimo.emulator.sim.physics import COLD_BELOW_C
+from connectors.dimo.emulator.sim.profiles import (
     SpeedPieces,
     make_route,
     synthetic_profile,
     trace_profile,
 )
-from connectors.dimo.emulator.sim_render import (
+from connectors.dimo.emulator.sim.render import (
     BATTERY_OVERHEAT,
     BATTERY_TEMP,
     TIRE_LEAK,
