@@ -1,6 +1,6 @@
 """A small, scriptable DIMO look-alike on loopback for the client tests (no tests here).
 
-It follows /work/shared/reference/dimo-api.md for the shapes the client depends on: web3 challenge auth,
+It follows DIMO's public APIs (sources in connectors/dimo/emulator/README.md) for the shapes the client depends on: web3 challenge auth,
 token exchange (current and legacy body), identity paging, telemetry ``signals``/``availableSignals``. Faults are
 scripted per path: ``server.script("/telemetry/query", 429, 503, "drop", "malformed")``.
 """

@@ -1,6 +1,6 @@
 """A local fake of the Fluence public API (generation A or B, plus GPU containers) that really runs the gateway.
 
-It follows ``shared/reference/fluence-and-serving.md`` §1: generation A (``/marketplace/offers``, ``/vms/v3`` with
+It follows Fluence's public API (its docs, and its OpenAPI document for generation B): generation A (``/marketplace/offers``, ``/vms/v3`` with
 ``openPorts``, ``/vms/v3/status``, ``default_images``, ``estimate``; errors ``{"error"}``; missing/invalid key →
 403), generation B (clusters, configurations, ``/v2/vms`` with ``cloudInit.userData`` ≤ 16 KiB, interfaces +
 security groups, ``/v1/prices/cost``, ``/v1/ssh_keys``; paginated lists; errors ``{code, error}``; missing/invalid

@@ -1,5 +1,5 @@
-"""Flow tests. ``prefect_backend``: the one Prefect test server of the session (``tests.flows.harness``, fast
-settings of prefect-notes §2), requested only by the tests that run flows, so the plain-function tests here
+"""Flow tests. ``prefect_backend``: the one Prefect test server of the session (``tests.flows.harness``, with
+Prefect's fast test settings), requested only by the tests that run flows, so the plain-function tests here
 never pay its start. Also: a small emulator fleet, and a fresh working directory per test.
 """
 

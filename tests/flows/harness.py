@@ -4,7 +4,7 @@
 when the last user is done, so the flow tests (tests/flows) and the e2e test of ``train_and_publish``
 (tests/e2e) run against the same single server even though pytest sees two fixture definitions.
 
-Fast settings (prefect-notes §2), given as settings rather than environment variables so that nothing leaks
+Fast settings, given as settings rather than environment variables so that nothing leaks
 into other tests' processes (e.g. the real server of ``depin up``): no flow heartbeats, and the two server
 services whose SQLite writes stall the next flow (task-run recorder, event persister) off — so tests cannot
 query task runs; they assert on results, artifacts and side effects instead. ``FAST_PREFECT_TESTS=0`` keeps
