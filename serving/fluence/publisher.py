@@ -48,7 +48,6 @@ from depin_core.tls import (
     NodeCertificate,
     check_url,
     client_context,
-    fingerprint,
     is_certificate_refusal,
     make_certificate,
     pin_refused,
@@ -464,15 +463,7 @@ class FluencePublisher:
     def pinned_cert(self, dep: Deployment) -> str:
         """``dep``'s gateway certificate (PEM): the only one its connections trust. ``ConfigError`` when the
         deployment has none (made before TLS) or the file does not match the recorded fingerprint."""
-        pem = self.store.tls_cert(dep.target)
-        if dep.tls_fingerprint is None or pem is None or fingerprint(pem) != dep.tls_fingerprint:
-            raise ConfigError(
-                f"Fluence target {dep.target!r} has no pinned TLS certificate in {self.store.root} "
-                f"({self.store.tls_cert_path(dep.target).name}) matching the state (a gateway deployed "
-                f"without TLS, or the file was lost); run `depin fluence down --fluence-target {dep.target}` "
-                "and publish again — the admin key is never sent to a gateway in clear"
-            )
-        return pem
+        return self.store.pinned_cert(dep)
 
     def admin_key(self) -> SecretStr:
         key = self.store.admin_key(self.name)

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from depin_core import paths
 from depin_core.errors import ConfigError
 from depin_core.fs import atomic_write_bytes
-from depin_core.tls import NodeCertificate
+from depin_core.tls import NodeCertificate, fingerprint
 
 DEFAULT_STATE_DIR = paths.FLUENCE_STATE_DIR
 STATE_FILE = "state.json"
@@ -218,6 +218,19 @@ class StateStore:
         """``target``'s pinned gateway certificate (PEM), or None when it has none."""
         path = self.tls_cert_path(target)
         return path.read_text() if path.exists() else None
+
+    def pinned_cert(self, dep: Deployment) -> str:
+        """``dep``'s gateway certificate (PEM): the only one its connections trust. ``ConfigError`` when the
+        deployment has none (made before TLS) or the file does not match the recorded fingerprint."""
+        pem = self.tls_cert(dep.target)
+        if dep.tls_fingerprint is None or pem is None or fingerprint(pem) != dep.tls_fingerprint:
+            raise ConfigError(
+                f"Fluence target {dep.target!r} has no pinned TLS certificate in {self.root} "
+                f"({self.tls_cert_path(dep.target).name}) matching the state (a gateway deployed "
+                f"without TLS, or the file was lost); run `depin fluence down --fluence-target {dep.target}` "
+                "and publish again — the admin key is never sent to a gateway in clear"
+            )
+        return pem
 
     def tls_pair(self, target: str) -> NodeCertificate | None:
         """``target``'s certificate and key (for the VM's bootstrap), or None when either is missing."""

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 from pydantic import SecretStr
 
 from depin_core.errors import ConfigError
-from depin_core.tls import fingerprint
 from serving.bundle import FunctionManifest
 from serving.fluence.state import DEFAULT_STATE_DIR, StateStore
 from serving.publish import PublishResult
@@ -87,17 +86,8 @@ class FluenceTarget:
         if self._gateway is None:
             url = self.url
             dep = self.store.get(self.name)
-            pem = self.store.tls_cert(self.name)
-            if (
-                dep is None
-                or dep.tls_fingerprint is None
-                or pem is None
-                or fingerprint(pem) != dep.tls_fingerprint
-            ):
-                raise ConfigError(
-                    f"Fluence target {self.name!r} has no pinned TLS certificate in {self.store.root} matching "
-                    f"the state; run `depin fluence down --fluence-target {self.name}` and publish again"
-                )
+            assert dep is not None  # self.url found its record
+            pem = self.store.pinned_cert(dep)
             self._gateway = GatewayTarget(url, admin_key=self._admin_key, tls_cert_pem=pem, **self._options)
         return self._gateway
 
