@@ -52,7 +52,7 @@ def ensure_admin_key(registry_dir: Path) -> tuple[Path, str | None]:
     """The registry's admin keys file, creating a key first if there is none: (keys file, new key or None).
 
     The new key is returned only so the caller can show it once; only its sha256 is kept in the keys file."""
-    from serving._auth import hash_api_key, new_admin_key
+    from serving import hash_api_key, new_admin_key
     from serving.settings import read_keys_file
 
     keys_file, key_file = registry_dir / KEYS_FILE, registry_dir / KEY_FILE

@@ -57,7 +57,7 @@ def serve(
     ] = False,
 ) -> None:
     """Run the worker agent (HTTPS API for blobs and jobs) until Ctrl-C / SIGTERM."""
-    from gpu_jobs.agent._auth import TOKEN_ENV, read_admin_token
+    from gpu_jobs.agent import TOKEN_ENV, read_admin_token
     from gpu_jobs.agent.app import AgentSettings
     from gpu_jobs.agent.server import resolve_tls
     from gpu_jobs.agent.server import serve as serve_agent

@@ -3,7 +3,8 @@ invoked over HTTP.
 
 - Bundles (``serving.bundle``): :func:`build_bundle` signs a model artifact, :func:`verify_bundle` checks one,
   :func:`recover_publisher` tells who signed a manifest, :func:`load_publisher_account` is the signing key.
-- The registry directory (``serving.registry``): :class:`Registry`.
+- The registry directory (``serving.registry``): :class:`Registry`; admin keys: :func:`new_admin_key` and
+  :func:`hash_api_key` (what a gateway stores).
 - The gateway (``serving.gateway``, ``serving.server``): :class:`GatewaySettings`, :func:`serve`,
   :class:`GatewayProcess`; its HTTP client :class:`GatewayClient` (:class:`GatewayRefused` on a refusal).
 - Publishing (``serving.targets``): a :class:`Target` — :class:`LocalTarget`, :class:`GatewayTarget`,
@@ -47,6 +48,8 @@ _HOMES = {
     "FluenceTarget": "serving.fluence.target",
     "PublishedFunction": "serving.targets",
     "publish_function": "serving.targets",
+    "hash_api_key": "serving._auth",
+    "new_admin_key": "serving._auth",
 }
 
 __all__ = [
@@ -71,7 +74,9 @@ __all__ = [
     "Registry",
     "Target",
     "build_bundle",
+    "hash_api_key",
     "load_publisher_account",
+    "new_admin_key",
     "pack_bundle",
     "publish_function",
     "recover_publisher",
@@ -80,6 +85,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from serving._auth import hash_api_key, new_admin_key
     from serving.bundle import (
         Bundle,
         FunctionManifest,
