@@ -318,7 +318,8 @@ def metrics_rows(result: TrainResult) -> list[dict[str, Any]]:
 def run_summary_markdown(result: TrainAndPublishResult) -> str:
     """The parent run's own report: data → model → function, with the stage times."""
     m, b = result.metrics, result.baseline
-    key = "mae" if "mae" in m else "recall"
+    family = load_family(result.family, allow_import_path=False) if result.family in family_names() else None
+    key = getattr(family, "headline", None) or next(iter(m), "")  # the family's headline metric
     return "\n".join(
         [
             f"# {result.function_name}@{result.function_alias} → version `{result.function_version}`",

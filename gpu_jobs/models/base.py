@@ -52,6 +52,7 @@ class ModelFamily(Protocol):
     description: str  # one line for people (CLI help, docs)
     columns: tuple[str, ...]  # telemetry columns it reads (gpu_jobs.minimise sends an untrusted node no more)
     uses_ground_truth: bool  # whether it reads ground truth (faults.parquet); if not, that stays here
+    headline: str  # the held-out metric a run report leads with (a key of its metrics)
 
     def train(self, ctx: JobContext) -> TrainOutput:
         """Train on ``ctx.inputs`` → weights, ``model.json`` config (``family`` = :attr:`name`), metrics."""

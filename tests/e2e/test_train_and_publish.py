@@ -76,6 +76,7 @@ def test_train_and_publish_against_the_emulator_then_invoke_through_the_gateway(
 
     report = artifacts("train-and-publish-summary")[0].data
     assert result.function_version in report and result.function_url in report
+    assert f"held-out mae {result.metrics['mae']}" in report  # the family's headline metric
     json_ = JSONSerializer()
     assert json_.loads(json_.dumps(result)) == result  # the persisted result is JSON, and round-trips
 

@@ -27,6 +27,7 @@ class AnomalyFamily:
     # the telemetry columns it reads (gpu_jobs.minimise sends a remote node nothing else; no location)
     columns = (*F.KEYS, *F.SIGNALS)
     uses_ground_truth = True  # recall / false-positive rate against the injected faults
+    headline = "recall"
 
     def train(self, ctx: JobContext) -> TrainOutput:
         """Train per vehicle type on the seeded training vehicles; thresholds; held-out metrics (:mod:`anomaly.train`)."""

@@ -27,6 +27,7 @@ class RangeFamily:
     # the telemetry columns it reads (gpu_jobs.minimise sends a remote node nothing else; no location)
     columns = (*F.KEYS, *F.SIGNALS)
     uses_ground_truth = False  # evaluated on measured consumption: a fault list given with it stays here
+    headline = "mae"
 
     def train(self, ctx: JobContext) -> TrainOutput:
         """Train on the seeded training vehicles; held-out metrics (:mod:`range.train`)."""

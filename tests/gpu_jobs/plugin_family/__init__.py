@@ -80,6 +80,7 @@ class LinearFamily:
     description = "least squares of y on x0, x1 (a plugin family for tests)"
     columns = (*FEATURES, "y")
     uses_ground_truth = False
+    headline = "mae"
 
     def train(self, ctx: JobContext) -> TrainOutput:
         x, y = _read(ctx.inputs)
