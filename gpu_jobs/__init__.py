@@ -15,8 +15,9 @@ Names are imported on first use, so ``import gpu_jobs`` stays cheap (no torch, n
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from depin_core.lazy import lazy_exports
 
 _WHERE = {
     "train": "gpu_jobs.api",
@@ -91,15 +92,4 @@ if TYPE_CHECKING:
     from gpu_jobs.runner import JobRunner, JobStatus
     from gpu_jobs.spec import DatasetRef, FailureKind, JobKind, JobResult, JobSpec, JobState, ModelSpec
 
-
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'gpu_jobs' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_WHERE))
+__getattr__, __dir__ = lazy_exports(globals(), _WHERE)

@@ -12,8 +12,9 @@ their parameter models (``pipelines.params``) and results (``pipelines.results``
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from depin_core.lazy import lazy_exports
 
 _WHERE = {
     "ingest_telemetry": "pipelines.flows",
@@ -71,15 +72,4 @@ if TYPE_CHECKING:
         TrainResult,
     )
 
-
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'pipelines' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_WHERE))
+__getattr__, __dir__ = lazy_exports(globals(), _WHERE)

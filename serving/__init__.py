@@ -17,8 +17,9 @@ Names are imported on first use: ``import serving`` stays cheap (the bundle code
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from depin_core.lazy import lazy_exports
 
 _HOMES = {
     "Bundle": "serving.bundle",
@@ -106,15 +107,4 @@ if TYPE_CHECKING:
     from serving.settings import GatewayClientSettings, GatewaySettings
     from serving.targets import GatewayTarget, LocalTarget, PublishedFunction, Target, publish_function
 
-
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'serving' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(globals(), _HOMES)

@@ -11,8 +11,9 @@ Names are imported on first use, so ``import connectors.dimo`` stays cheap.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from depin_core.lazy import lazy_exports
 
 _WHERE = {
     "DimoClient": "connectors.dimo.client",
@@ -66,11 +67,4 @@ if TYPE_CHECKING:
     from connectors.dimo.settings import DimoSettings
     from connectors.dimo.store import TelemetryStore, WriteResult
 
-
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'connectors.dimo' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(globals(), _WHERE)
