@@ -115,7 +115,7 @@ def main() -> None:
     from gpu_jobs.local import LocalRunner
     from gpu_jobs.remote import AgentRunner, file_chunks
     from gpu_jobs.spec import DatasetRef, JobSpec, JobState, sha256_file
-    from tests.gpu_jobs.toy_family import IMPORT_PATH, write_toy_dataset
+    from tests.support.toy_family import IMPORT_PATH, write_toy_dataset
 
     work = Path(tempfile.mkdtemp(prefix="depin-bench-dispatch-"))
     env = {"PYTHONPATH": str(REPO)}

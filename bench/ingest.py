@@ -45,7 +45,7 @@ from connectors.dimo.emulator.server import EmulatorProcess
 from connectors.dimo.emulator.state import EmulatorConfig
 from connectors.dimo.settings import DimoSettings
 from connectors.dimo.store import TelemetryStore
-from tests.e2e.client_venvs import DIMO_SDK, InstallError
+from tests.support.client_venvs import DIMO_SDK, InstallError
 
 Recorded = list[tuple[str, dict[str, str], bytes]]
 

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpu_jobs.models import anomaly as A
 from gpu_jobs.models import features as F
 from gpu_jobs.models import range as R
-from tests.gpu_jobs.models.conftest import make_ctx
-from tests.gpu_jobs.models.fleet_data import build_fleet_data
+from tests.support.fleet_data import build_fleet_data
+from tests.support.model_ctx import make_ctx
 
 
 def _cmap_report(root: Path, data, rng_out, anom_out) -> dict:  # type: ignore[no-untyped-def]

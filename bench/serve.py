@@ -302,8 +302,8 @@ def build_model(work: Path) -> tuple[Path, Path, str, list[dict[str, Any]]]:
     bundle, publisher address, real request rows)."""
     from serving.bundle import build_bundle
     from serving.registry import Registry
-    from tests.gpu_jobs.models.fleet_data import build_fleet_data
-    from tests.serving.fixtures import RANGE_HP, dev_account, train_artifact
+    from tests.support.fleet_data import build_fleet_data
+    from tests.support.serving import RANGE_HP, dev_account, train_artifact
 
     fleet = build_fleet_data(work / "fleet", **FLEET)  # type: ignore[arg-type]
     model_dir = train_artifact(work / "model", "range", [fleet.telemetry], RANGE_HP, seed=1)

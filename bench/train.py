@@ -37,7 +37,7 @@ from gpu_jobs.models.anomaly.features import anomaly_windows
 from gpu_jobs.models.range import RangeNet
 from gpu_jobs.models.range.features import trip_windows
 from gpu_jobs.spec import DatasetRef, JobKind, JobSpec, JobState, ModelSpec, Outputs, Resources
-from tests.gpu_jobs.models.fleet_data import build_fleet_data
+from tests.support.fleet_data import build_fleet_data
 
 
 def _sync() -> None:

@@ -10,10 +10,11 @@
 2. **Price guard** (only when a VM must be created): the price is estimated first (gen A ``/vms/v3/estimate``,
    gen B ``/v1/prices/cost``) and a price above ``max_usd_per_day`` raises ``ConfigError`` naming
    ``DEPIN_FLUENCE_MAX_USD_PER_DAY`` — nothing is created.
-3. **Bootstrap** (``serving.fluence.bootstrap``): gen B passes cloud-init user data at create and attaches a
-   security group opening 22 and the gateway port to the VM's interface; gen A creates the VM with
-   ``openPorts = [22, port]`` (``openPorts`` replaces the list: 22 is always kept), waits for ``Active`` and
-   runs the bootstrap script over SSH as the default image's user.
+3. **Bootstrap** (``serving.fluence.bootstrap``, driven by the API generation's VM lifecycle, a
+   ``serving.fluence.vms.VmBackend``: ``_lifecycle_a`` / ``_lifecycle_b``): gen B passes cloud-init user
+   data at create and attaches a security group opening 22 and the gateway port to the VM's interface; gen A
+   creates the VM with ``openPorts = [22, port]`` (``openPorts`` replaces the list: 22 is always kept), waits
+   for ``Active`` and runs the bootstrap script over SSH as the default image's user.
 4. **Wait** for ``Active``/``launched`` (``vm_timeout_s``) and then for the gateway's ``/readyz``
    (``ready_timeout_s``). A VM created by this call that fails or times out is deleted (no orphan), and the
    error says what happened.
@@ -35,9 +36,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 from eth_account.signers.local import LocalAccount
@@ -56,303 +56,16 @@ from serving._auth import new_admin_key
 from serving.bundle import DEFAULT_MAX_BATCH_SIZE, valid_name
 from serving.fluence import bootstrap as boot
 from serving.fluence._client import FluenceClient
-from serving.fluence.errors import FluenceNotFound, FluenceRefused, FluenceUnavailable, VmFailed
+from serving.fluence._lifecycle_a import LifecycleA
+from serving.fluence._lifecycle_b import LifecycleB
+from serving.fluence.errors import FluenceUnavailable, VmFailed
 from serving.fluence.settings import FluenceSettings
 from serving.fluence.state import Deployment, PublishedVersion, StateStore
+from serving.fluence.vms import VM_PREFIX, LiveVm, Quote, VmBackend
 from serving.publish import GatewayPublisher, PublishResult
 from serving.registry import valid_alias
 
 log = logging.getLogger(__name__)
-
-VM_PREFIX = "depin-gw-"
-
-
-@dataclass(frozen=True)
-class Quote:
-    """What a new gateway VM would cost."""
-
-    usd_per_day: float
-    usd_per_hour: float
-    deposit_usd: float | None
-    detail: str
-
-
-@dataclass(frozen=True)
-class LiveVm:
-    """A VM as the API reports it now, in generation-neutral terms."""
-
-    id: str
-    name: str
-    status: str
-    ip: str | None
-    running: bool  # Active / launched
-    failed: bool  # failed, ended, stopped: will not come back
-    usd_per_hour: float | None
-
-
-# ------------------------------------------------------------------------------------------------ backends
-
-
-class _GenA:
-    """Generation A: ``/vms/v3``; SSH bootstrap; ``openPorts``."""
-
-    generation: Literal["A"] = "A"
-
-    def __init__(self, pub: FluencePublisher) -> None:
-        self.p = pub
-        self.api = pub.client.a
-
-    def _live(self, vm: Any) -> LiveVm:
-        per_day = vm.price_per_epoch
-        return LiveVm(
-            id=vm.id,
-            name=vm.vm_name,
-            status=vm.status,
-            ip=vm.public_ip,
-            running=vm.status == "Active",
-            failed=vm.gone,
-            usd_per_hour=per_day / 24 if per_day is not None else None,
-        )
-
-    def find(self, name: str) -> list[LiveVm]:
-        return [self._live(v) for v in self.api.find(name)]
-
-    def get(self, vm_id: str) -> LiveVm | None:
-        vm = self.api.get(vm_id)
-        return self._live(vm) if vm is not None else None
-
-    def constraints(self) -> dict[str, Any]:
-        s = self.p.settings
-        out: dict[str, Any] = {}
-        if s.basic_configuration:
-            out["basicConfiguration"] = s.basic_configuration
-        if s.countries:
-            out["datacenter"] = {"countries": list(s.countries)}
-        return out
-
-    def quote(self) -> Quote:
-        est = self.api.estimate(self.constraints(), instances=1)
-        per_day = est.total_price_per_epoch
-        return Quote(
-            usd_per_day=per_day,
-            usd_per_hour=per_day / 24,
-            deposit_usd=est.deposit_amount_usdc,
-            detail=f"{per_day:.4f} USDC/day, {est.deposit_amount_usdc:.4f} USDC deposit "
-            f"({est.deposit_epochs} days charged at deploy)",
-        )
-
-    def image(self) -> tuple[str, str]:
-        """(osImage URL, SSH username) of the configured or default (Ubuntu) image."""
-        images = self.api.default_images()
-        want = self.p.settings.os_image
-        if want and want.startswith(("http://", "https://")):
-            known = next((i for i in images if i.download_url == want), None)
-            return want, known.username if known else "root"
-        chosen = _pick_image(images, want)
-        return chosen.download_url, chosen.username
-
-    def create(self, dep: Deployment, public_key: str) -> str:
-        url, _ = self.image()
-        created = self.api.create(
-            name=dep.vm_name,
-            os_image=url,
-            ssh_keys=[public_key],
-            open_ports=[22, dep.port],  # openPorts replaces the list: 22 stays
-            hostname=dep.vm_name,
-            constraints=self.constraints(),
-        )
-        if not created:
-            raise PermanentError(f"POST /vms/v3 created no VM for {dep.vm_name}; see the Fluence console")
-        return created[0].vm_id
-
-    def prepare(self, dep: Deployment, vm: LiveVm) -> Deployment:
-        """Once Active: make sure 22 + the gateway port are open, then bootstrap over SSH (once)."""
-        live = self.api.get(vm.id)
-        ports = {p.port for p in live.ports} if live is not None else set()
-        if not {22, dep.port} <= ports:
-            self.api.update(vm.id, open_ports=sorted(ports | {22, dep.port}))
-        if dep.bootstrapped:
-            return dep
-        _, username = self.image()
-        env = self.p.gateway_env(dep)
-        script = boot.bootstrap_script(
-            env, self.p.settings.package, torch_index=self.p.settings.torch_index, tls=self.p.tls_pair(dep)
-        )
-        dep = self.p.record(dep, status="bootstrapping")
-        result = boot.ssh_bootstrap(
-            vm.ip or "",
-            script,
-            username=username,
-            key_file=self.p.settings.key_file(),
-            port=self.p.ssh_port_for(vm.id),
-            timeout_s=self.p.settings.bootstrap_timeout_s,
-            host_key=dep.ssh_host_key,
-            retry_s=min(2.0, self.p.settings.poll_s),
-        )
-        return self.p.record(dep, bootstrapped=True, ssh_host_key=result.host_key or None)
-
-    def delete(self, dep: Deployment, vm_ids: list[str]) -> list[str]:
-        self.api.delete(vm_ids)
-        return []
-
-
-class _GenB:
-    """Generation B: ``/v2/vms`` with cloud-init; a security group on the VM's interface."""
-
-    generation: Literal["B"] = "B"
-
-    def __init__(self, pub: FluencePublisher) -> None:
-        self.p = pub
-        self.api = pub.client.b
-        self._placement: tuple[str, str] | None = None
-
-    def _live(self, vm: Any) -> LiveVm:
-        return LiveVm(
-            id=vm.id,
-            name=vm.name,
-            status=vm.status,
-            ip=vm.public_address,
-            running=vm.status == "launched",
-            failed=vm.status == "failed",
-            usd_per_hour=vm.price_hourly_usd,
-        )
-
-    def find(self, name: str) -> list[LiveVm]:
-        # terminated VMs stay listed for a while: they are history, not ours to reuse or delete
-        return [self._live(v) for v in self.api.find(name) if v.status not in ("terminating", "terminated")]
-
-    def get(self, vm_id: str) -> LiveVm | None:
-        try:
-            vm = self.api.get_vm(vm_id)
-        except FluenceNotFound:
-            return None
-        if vm.status in ("terminating", "terminated"):
-            return LiveVm(vm.id, vm.name, vm.status, None, running=False, failed=True, usd_per_hour=None)
-        return self._live(vm)
-
-    def placement(self) -> tuple[str, str]:
-        """(cluster id, configuration id) from the settings, defaulting to the first cluster and the smallest
-        configuration."""
-        if self._placement is None:
-            s = self.p.settings
-            clusters = self.api.clusters()
-            if s.cluster:
-                cluster = next((c for c in clusters if s.cluster in (c.id, c.name)), None)
-                if cluster is None:
-                    names = ", ".join(c.name for c in clusters) or "none"
-                    raise ConfigError(f"DEPIN_FLUENCE_CLUSTER {s.cluster!r}: no such cluster (have: {names})")
-            elif clusters:
-                cluster = clusters[0]
-            else:
-                raise PermanentError("the Fluence account sees no cluster (GET /v1/clusters is empty)")
-            configs = self.api.configurations()
-            if s.configuration:
-                config = next((c for c in configs if s.configuration in (c.id, c.slug)), None)
-                if config is None:
-                    slugs = ", ".join(c.slug for c in configs) or "none"
-                    raise ConfigError(
-                        f"DEPIN_FLUENCE_CONFIGURATION {s.configuration!r}: no such VM configuration (have: {slugs})"
-                    )
-            elif configs:
-                config = min(configs, key=lambda c: (c.vcpu or 0, c.ram_gb or 0, c.slug))
-            else:
-                raise PermanentError("no VM configuration offered (GET /v1/configurations/virtual_machines)")
-            self._placement = (cluster.id, config.id)
-        return self._placement
-
-    def quote(self) -> Quote:
-        cluster_id, config_id = self.placement()
-        hourly = self.api.vm_hourly_usd(cluster_id, config_id, volume_gb=self.p.settings.volume_gb)
-        return Quote(
-            usd_per_day=hourly * 24,
-            usd_per_hour=hourly,
-            deposit_usd=None,
-            detail=f"{hourly:.4f} USD/hour (VM, {self.p.settings.volume_gb} GB disk, public IPv4)",
-        )
-
-    def create(self, dep: Deployment, public_key: str) -> str:
-        cluster_id, config_id = self.placement()
-        image_url = self.image_url()
-        key = self.api.ensure_ssh_key(f"depin-{dep.target}", public_key)
-        s = self.p.settings
-        user_data = boot.cloud_init(
-            self.p.gateway_env(dep), s.package, torch_index=s.torch_index, tls=self.p.tls_pair(dep)
-        )
-        vm = self.api.create_vm(
-            cluster_id=cluster_id,
-            name=dep.vm_name,
-            configuration_id=config_id,
-            boot_disk=self.api.boot_disk(cluster_id, dep.vm_name, volume_gb=s.volume_gb, os_image=image_url),
-            ssh_key_ids=[key.id],
-            public_ip="new",
-            cloud_init=user_data,
-        )
-        return vm.id
-
-    def image_url(self) -> str:
-        """The boot disk's ``osImage``: the configured URL, or the ``downloadUrl`` of the configured (default:
-        Ubuntu) default image — an image URL, not an image id."""
-        want = self.p.settings.os_image
-        if want and want.startswith(("http://", "https://")):
-            return want
-        return str(_pick_image(self.api.default_images(), want).download_url)
-
-    def prepare(self, dep: Deployment, vm: LiveVm) -> Deployment:
-        """Once launched: a security group opening 22 + the gateway port, attached to the VM's interface."""
-        cluster_id, _ = self.placement() if dep.security_group_id is None else ("", "")
-        group_id = dep.security_group_id
-        if group_id is None:
-            existing = [g for g in self.api.security_groups() if g.name == dep.vm_name]
-            if existing:
-                group_id = existing[0].id
-            else:
-                group = self.api.create_security_group(
-                    cluster_id=cluster_id,
-                    name=dep.vm_name,
-                    tcp_ports=[22, dep.port],
-                    source=self.p.settings.source_cidr,
-                )
-                group_id = group.id
-            dep = self.p.record(dep, security_group_id=group_id)
-        interfaces = self.api.interfaces(vm.id)
-        chosen = [i for i in interfaces if i.default] or interfaces
-        for iface in chosen:
-            if iface.security_group_id != group_id:
-                self.api.attach_security_group(vm.id, iface.id, group_id)
-        return self.p.record(dep, bootstrapped=True)
-
-    def delete(self, dep: Deployment, vm_ids: list[str]) -> list[str]:
-        for vm_id in vm_ids:
-            self.api.terminate(vm_id)
-        problems = []
-        groups = {dep.security_group_id} if dep.security_group_id else set()
-        try:
-            groups |= {g.id for g in self.api.security_groups() if g.name == dep.vm_name}
-        except FluenceRefused as exc:
-            problems.append(f"listing security groups: {exc}")
-        for group_id in sorted(groups):
-            try:
-                self.api.delete_security_group(group_id)
-            except (FluenceRefused, FluenceUnavailable) as exc:
-                problems.append(f"security group {group_id} not deleted ({exc}); delete it in the console")
-        return problems
-
-
-def _pick_image(images: list[Any], want: str | None) -> Any:
-    """The image whose id/slug/name is ``want``; by default the newest-looking Ubuntu image, else the first."""
-    if not images:
-        raise PermanentError("Fluence lists no default OS image; set DEPIN_FLUENCE_OS_IMAGE")
-    if want:
-        for image in images:
-            if want in (image.id, image.slug, image.name, image.download_url):
-                return image
-        slugs = ", ".join(i.slug for i in images)
-        raise ConfigError(f"DEPIN_FLUENCE_OS_IMAGE {want!r}: not a default image (have: {slugs})")
-    ubuntu = [i for i in images if "ubuntu" in f"{i.slug} {i.name or ''} {i.distribution or ''}".lower()]
-    return sorted(ubuntu, key=lambda i: i.slug)[-1] if ubuntu else images[0]
-
-
-# ---------------------------------------------------------------------------------------------- publisher
 
 
 class _RecordingGatewayPublisher(GatewayPublisher):
@@ -398,7 +111,7 @@ class FluencePublisher:
         self.own_client = own_client
         self._sleep = sleep
         self.store = StateStore(self.settings.state_dir)
-        self._backend: _GenA | _GenB | None = None
+        self._backend: VmBackend | None = None
 
     def __repr__(self) -> str:
         return f"FluencePublisher(target={self.settings.target!r}, api={self.client.base_url!r})"
@@ -429,9 +142,11 @@ class FluencePublisher:
         return (dep.url if dep is not None else None) or f"fluence:{self.name}"
 
     @property
-    def backend(self) -> _GenA | _GenB:
+    def backend(self) -> VmBackend:
+        """The VM lifecycle of the account's API generation."""
         if self._backend is None:
-            self._backend = _GenA(self) if self.client.generation == "A" else _GenB(self)
+            gen_a = self.client.generation == "A"
+            self._backend = LifecycleA(self, self.client.a) if gen_a else LifecycleB(self, self.client.b)
         return self._backend
 
     def ssh_port_for(self, vm_id: str) -> int:
@@ -746,22 +461,12 @@ class FluencePublisher:
                 }
             )
         untracked = []
-        for vm in self._all_ours():
+        for vm in backend.list_ours():
             if vm.id not in known_ids:
                 untracked.append(
                     {"vm_id": vm.id, "vm_name": vm.name, "vm_status": vm.status, "public_ip": vm.ip}
                 )
         return {"state_file": str(self.store.path), "deployments": out, "untracked": untracked}
-
-    def _all_ours(self) -> list[LiveVm]:
-        backend = self.backend
-        if isinstance(backend, _GenA):
-            return [backend._live(v) for v in backend.api.list() if v.vm_name.startswith(VM_PREFIX)]
-        return [
-            backend._live(v)
-            for v in backend.api.list_vms()
-            if v.name.startswith(VM_PREFIX) and v.status not in ("terminating", "terminated")
-        ]
 
     def down(self, *, all_targets: bool = False) -> dict[str, Any]:
         """Delete the target's gateway VM(s) — the recorded one and any named ``depin-gw-<target>`` — and its
@@ -780,15 +485,15 @@ class FluencePublisher:
                 if live is not None and live.status not in ("terminating", "terminated"):
                     ids.add(dep.vm_id)
             probe = dep or self._new_record("0" * 64, name=target)
-            problems = backend.delete(probe, sorted(ids)) if ids or isinstance(backend, _GenB) else []
+            problems = backend.delete(probe, sorted(ids))  # no ids: gen B still deletes the security group
             self.store.remove(target)
             deleted.append({"target": target, "vm_name": name, "vm_ids": sorted(ids), "problems": problems})
         if all_targets:
-            for vm in self._all_ours():
+            for vm in backend.list_ours():
                 orphan = self._new_record("0" * 64, name=vm.name.removeprefix(VM_PREFIX) or "orphan")
                 problems = backend.delete(orphan.model_copy(update={"vm_name": vm.name}), [vm.id])
                 deleted.append({"target": None, "vm_name": vm.name, "vm_ids": [vm.id], "problems": problems})
         return {"deleted": deleted}
 
 
-__all__ = ["FluencePublisher", "FluenceSettings", "LiveVm", "Quote", "VmFailed"]
+__all__ = ["FluencePublisher"]

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
 from connectors.dimo.emulator.server import EmulatorProcess
-from connectors.dimo.emulator.state import EmulatorConfig
-
-# A fixed end of history, so two emulators (with and without faults) serve identical data.
-FIXED_END = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
-
-
-def fleet_config(**overrides: object) -> EmulatorConfig:
-    base = {"vehicles": 6, "days": 2.0, "seed": 11, "end": FIXED_END}
-    base.update(overrides)
-    return EmulatorConfig(**base)  # type: ignore[arg-type]
+from tests.support.emulator_ingest import FIXED_END, fleet_config
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from gpu_jobs.artifacts import load_artifact
-from tests.gpu_jobs.models.fleet_data import FleetData, build_fleet_data
+from tests.support.fleet_data import FleetData, build_fleet_data
 
 pytestmark = pytest.mark.e2e
 
@@ -195,7 +195,7 @@ def test_json_last_line_is_never_wrapped(tmp_path: Path) -> None:
 
 
 def test_human_lines_print_verbatim_unwrapped(capsys: pytest.CaptureFixture[str]) -> None:
-    from pipelines._output import error, say
+    from pipelines.cli._output import error, say
 
     path = "/x/" + "deep-folder/" * 20 + "[default]/[/x]/:smile:/[bold]"
     say("published ", ("fn@3", "bold"), f" to {path}")

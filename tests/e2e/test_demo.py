@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines._demo import FLEET, FUNCTION
-from tests.e2e.up_stack import DEPIN, clean_env, last_json, ports_free
+from pipelines.stack.demo import FLEET, FUNCTION
+from tests.support.up_stack import DEPIN, clean_env, last_json, ports_free
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -21,10 +21,10 @@ from gpu_jobs.artifacts import load_artifact
 from gpu_jobs.chain import DefaultRunnerFactory, Entry, Lease, run_chain
 from gpu_jobs.runner import JobStatus
 from gpu_jobs.spec import DatasetRef, FailureKind, JobSpec, JobState
-from tests.gpu_jobs.models.fleet_data import FleetData
-from tests.gpu_jobs.support import AGENT_TLS, ENV, TOKEN, train_spec
-from tests.gpu_jobs.toy_family import EVAL_IMPORT_PATH, LIE_ENV, EvalToy
-from tests.serving.fixtures import RANGE_HP
+from tests.support.fleet_data import FleetData
+from tests.support.gpu_jobs import AGENT_TLS, ENV, TOKEN, train_spec
+from tests.support.serving import RANGE_HP
+from tests.support.toy_family import EVAL_IMPORT_PATH, LIE_ENV, EvalToy
 
 pytestmark = pytest.mark.e2e
 
@@ -210,8 +210,8 @@ def test_rented_vast_and_ionet_machines_run_the_job_and_are_destroyed_unreachabl
 ) -> None:
     """Vast.ai: quote → launch → agent ready → job → destroy. Then an agent nobody listens for and a Vast.ai
     without capacity fall back (bounded time) to io.net: quote → deploy → agent ready → job → terminate."""
-    from tests.fakes.ionet import FakeIonet
-    from tests.fakes.vast import FakeVast
+    from tests.support.fakes.ionet import FakeIonet
+    from tests.support.fakes.vast import FakeVast
 
     def machine(d: Path, token: str) -> AgentProcess:
         return AgentProcess(d, token, env=ENV)

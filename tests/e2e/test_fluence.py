@@ -1,4 +1,4 @@
-"""Publishing to Fluence end to end against the fake Fluence API (``tests/fakes/fluence.py``), both API
+"""Publishing to Fluence end to end against the fake Fluence API (``tests/support/fakes/fluence.py``), both API
 generations: estimate → create → wait → bootstrap (gen B cloud-init + security group; gen A openPorts + SSH) →
 /readyz → publish → invoke through the returned URL → a second publish reuses the VM → ``depin fluence
 status|down`` (VM gone, gateway process gone, state cleared). Failure paths: 422 no offer, a VM that fails,
@@ -30,14 +30,16 @@ from typer.testing import CliRunner
 from depin_core.errors import ConfigError, TransientError
 from depin_core.net import free_port
 from depin_core.tls import client_context, fingerprint, make_certificate
-from pipelines._fluence_cmd import open_fluence_gateway, run_fluence_publish
-from pipelines._serve_cmd import run_invoke
+from pipelines.cli.fluence import open_fluence_gateway, run_fluence_publish
+from pipelines.cli.serve import run_invoke
 from serving.fluence import FluenceClient, FluenceUnavailable, NoOffer
 from serving.fluence import bootstrap as boot
 from serving.fluence.errors import VmFailed
-from serving.fluence.publisher import VM_PREFIX, FluencePublisher, FluenceSettings
+from serving.fluence.publisher import FluencePublisher
+from serving.fluence.settings import FluenceSettings
 from serving.fluence.state import StateStore
-from tests.fakes.fluence import FakeFluence
+from serving.fluence.vms import VM_PREFIX
+from tests.support.fakes.fluence import FakeFluence
 
 GENERATIONS = ["A", "B"]
 
@@ -173,11 +175,11 @@ def live_vms(fake: FakeFluence) -> list[dict[str, Any]]:
 
 def cli_app() -> typer.Typer:
     """The `depin fluence` commands as pipelines.cli registers them."""
-    from pipelines import _fluence_cmd
+    from pipelines.cli import fluence as fluence_cmd
 
     app = typer.Typer(add_completion=False)
-    app.command("status")(_fluence_cmd.status)
-    app.command("down")(_fluence_cmd.down)
+    app.command("status")(fluence_cmd.status)
+    app.command("down")(fluence_cmd.down)
     return app
 
 

@@ -16,9 +16,10 @@ from eth_account.signers.local import LocalAccount
 
 from depin_core.net import free_port
 from serving.fluence import FluenceClient
-from serving.fluence.publisher import FluencePublisher, FluenceSettings
-from tests.fakes.fluence import FakeFluence
-from tests.serving.fluence.openapi_check import (
+from serving.fluence.publisher import FluencePublisher
+from serving.fluence.settings import FluenceSettings
+from tests.support.fakes.fluence import FakeFluence
+from tests.support.fluence_openapi import (
     RecordingTransport,
     exchange_problems,
     operation_of,

@@ -18,13 +18,14 @@ from pydantic import SecretStr
 from depin_core.errors import ConfigError
 from depin_core.net import free_port
 from depin_core.tls import PinMismatch, make_certificate
-from pipelines._serve_cmd import run_invoke
+from pipelines.cli.serve import run_invoke
 from serving.client import GatewayClient
 from serving.fluence import FluenceClient
-from serving.fluence.publisher import FluencePublisher, FluenceSettings
+from serving.fluence.publisher import FluencePublisher
+from serving.fluence.settings import FluenceSettings
 from serving.fluence.state import StateStore
 from serving.publish import GatewayPublisher
-from tests.fakes.fluence import FakeFluence
+from tests.support.fakes.fluence import FakeFluence
 from tests.support.tls_proxy import MitmProxy
 
 

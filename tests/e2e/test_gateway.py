@@ -23,7 +23,7 @@ from serving.bundle import Bundle, pack_bundle, predictor, recover_publisher
 from serving.registry import Registry
 from serving.server import GatewayProcess
 from serving.settings import GatewaySettings
-from tests.serving.fixtures import MakeBundle
+from tests.support.serving import MakeBundle
 
 # the real trained models, publishers and bundle factory of tests/serving (session-scoped fixtures)
 

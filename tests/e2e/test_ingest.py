@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 from datetime import timedelta
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -19,29 +18,9 @@ from connectors.dimo.emulator.server import EmulatorProcess
 from connectors.dimo.ingest import ingest
 from connectors.dimo.settings import DimoSettings
 from connectors.dimo.store import TelemetryStore
-from tests.e2e.conftest import FIXED_END, fleet_config
+from tests.support.emulator_ingest import FIXED_END, MINUTE, SIGNALS, fleet_config, run
 
 pytestmark = pytest.mark.e2e
-
-SIGNALS = [
-    "speed",
-    "powertrainTransmissionTravelledDistance",
-    "exteriorAirTemperature",
-    "lowVoltageBatteryCurrentVoltage",
-    "currentLocationCoordinates",
-]
-MINUTE = timedelta(minutes=1)
-
-
-def settings_for(emu: EmulatorProcess, **overrides: object) -> DimoSettings:
-    return DimoSettings.from_credentials_file(emu.credentials_path).model_copy(update=overrides)
-
-
-async def run(emu: EmulatorProcess, out: Path, since, until, signals=SIGNALS, **overrides):  # type: ignore[no-untyped-def]
-    async with DimoClient(settings_for(emu, rate_limit_per_s=0, **overrides)) as client:
-        return await ingest(
-            client, TelemetryStore(out), since=since, until=until, interval=MINUTE, signals=signals
-        )
 
 
 async def test_ingest_fleet_is_complete_typed_and_incremental(emulator, window, tmp_path) -> None:

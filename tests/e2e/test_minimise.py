@@ -24,9 +24,9 @@ from gpu_jobs.agent.process import AgentProcess
 from gpu_jobs.chain import AGENT_FINGERPRINT_ENV, DefaultRunnerFactory, Entry, Lease
 from gpu_jobs.models.range import RangeFamily
 from gpu_jobs.verify import compare_frames
-from tests.gpu_jobs.models.fleet_data import FleetData
-from tests.gpu_jobs.support import ENV, TOKEN
-from tests.serving.fixtures import RANGE_HP
+from tests.support.fleet_data import FleetData
+from tests.support.gpu_jobs import ENV, TOKEN
+from tests.support.serving import RANGE_HP
 
 pytestmark = pytest.mark.e2e
 

@@ -20,9 +20,9 @@ from pydantic import SecretStr
 
 from gpu_jobs.providers import IonetProvider, pick_offer, worker_name
 from gpu_jobs.providers.ionet import CAAS
-from tests.e2e.client_venvs import IONET, obtain
-from tests.fakes.ionet import FakeIonet
-from tests.gpu_jobs.providers.support import JOB_ID, make_bootstrap, make_spec
+from tests.support.client_venvs import IONET, obtain
+from tests.support.fakes.ionet import FakeIonet
+from tests.support.providers import JOB_ID, make_bootstrap, make_spec
 
 pytestmark = pytest.mark.e2e
 

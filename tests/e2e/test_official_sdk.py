@@ -21,7 +21,7 @@ from connectors.dimo.emulator.server import EmulatorProcess
 from connectors.dimo.emulator.state import EmulatorConfig
 from connectors.dimo.privileges import decode_sacd_permissions
 from connectors.dimo.settings import VEHICLE_NFT_PROD
-from tests.e2e.client_venvs import DIMO_SDK, IndexUnreachable, InstallError, obtain
+from tests.support.client_venvs import DIMO_SDK, IndexUnreachable, InstallError, obtain
 
 pytestmark = pytest.mark.e2e
 

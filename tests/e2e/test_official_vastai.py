@@ -20,9 +20,9 @@ import pytest
 from pydantic import SecretStr
 
 from gpu_jobs.providers import Bootstrap, VastProvider, pick_offer, worker_name
-from tests.e2e.client_venvs import VASTAI, obtain
-from tests.fakes.vast import FakeVast
-from tests.gpu_jobs.providers.support import JOB_ID, TOKEN, make_spec
+from tests.support.client_venvs import VASTAI, obtain
+from tests.support.fakes.vast import FakeVast
+from tests.support.providers import JOB_ID, TOKEN, make_spec
 
 pytestmark = pytest.mark.e2e
 

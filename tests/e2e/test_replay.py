@@ -13,8 +13,7 @@ from connectors.dimo.emulator.replay import cmap_replay_rows
 from connectors.dimo.emulator.server import EmulatorProcess
 from connectors.dimo.emulator.state import EmulatorConfig
 from connectors.dimo.store import TelemetryStore
-from tests.e2e.conftest import FIXED_END
-from tests.e2e.test_ingest import run
+from tests.support.emulator_ingest import FIXED_END, run
 
 pytestmark = pytest.mark.e2e
 CMAP = bundled_cmap_dir()

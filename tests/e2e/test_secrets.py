@@ -24,23 +24,25 @@ import stat
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+from eth_account.signers.local import LocalAccount
 
 from connectors.dimo.emulator.server import EmulatorProcess
 from connectors.dimo.emulator.state import EmulatorConfig
 from depin_core import tls as tlslib
-from depin_core.tls import client_context, make_certificate
+from depin_core.tls import NodeCertificate, client_context, make_certificate
 from gpu_jobs.agent.process import AgentProcess
 from gpu_jobs.providers import base
 from serving._auth import hash_api_key
 from serving.bundle import load_publisher_account
 from serving.server import GatewayProcess
 from serving.settings import GatewaySettings
-from tests.flows.conftest import FLEET, FLEET_END, RANGE_HP, SIGNALS, SINCE, UNTIL
-from tests.gpu_jobs.support import ENV
+from tests.support.flow_fleet import FLEET, FLEET_END, RANGE_HP, SIGNALS, SINCE, UNTIL
+from tests.support.gpu_jobs import ENV
 
 pytestmark = pytest.mark.e2e
 
@@ -79,6 +81,37 @@ def _scan(roots: list[Path], found: dict[str, str], holders: set[Path]) -> int:
     return scanned
 
 
+@dataclass
+class HttpsGateway:
+    settings: GatewaySettings
+    admin_key_file: Path
+    cert: NodeCertificate
+    cert_file: Path
+    publisher: LocalAccount
+
+
+def _https_gateway(tmp_path: Path, work: Path, admin_key: str, holders: set[Path]) -> HttpsGateway:
+    """Settings of an HTTPS gateway with ``admin_key`` (written to a 0600 file) trusting the publisher key the
+    CLI and flows create under ``work``; both secret files are added to ``holders``."""
+    publisher = load_publisher_account(key_file=work / ".depin/keys/publisher.key")  # created, 0600
+    holders.add(work / ".depin/keys/publisher.key")
+    key_file = work / "admin.key"
+    key_file.write_text(admin_key + "\n")
+    key_file.chmod(0o600)
+    holders.add(key_file)
+    cert = make_certificate()
+    cert_file, tls_key = cert.write(tmp_path / "tls")
+    settings = GatewaySettings(
+        registry_dir=tmp_path / "registry",
+        trusted_publishers=[publisher.address],
+        admin_key_hashes=[hash_api_key(admin_key)],
+        poll_interval_s=0.1,
+        tls_cert_file=cert_file,
+        tls_key_file=tls_key,
+    )
+    return HttpsGateway(settings, key_file, cert, cert_file, publisher)
+
+
 def test_no_secret_leaves_the_files_meant_to_hold_it(tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
@@ -111,23 +144,14 @@ def test_no_secret_leaves_the_files_meant_to_hold_it(tmp_path: Path) -> None:
         agent_log = agent.log_text()
     assert trained["attempts"][0]["runner"].startswith("agent:")  # type: ignore[index]
 
-    publisher = load_publisher_account(key_file=work / ".depin/keys/publisher.key")  # created, 0600
-    holders.add(work / ".depin/keys/publisher.key")
-    publisher_key = publisher.key.hex().removeprefix("0x")
-    key_file = work / "admin.key"
-    key_file.write_text(admin_key + "\n")
-    key_file.chmod(0o600)
-    holders.add(key_file)
-    cert = make_certificate()
-    cert_file, tls_key = cert.write(tmp_path / "tls")
-    settings = GatewaySettings(
-        registry_dir=tmp_path / "registry",
-        trusted_publishers=[publisher.address],
-        admin_key_hashes=[hash_api_key(admin_key)],
-        poll_interval_s=0.1,
-        tls_cert_file=cert_file,
-        tls_key_file=tls_key,
+    gw_setup = _https_gateway(tmp_path, work, admin_key, holders)
+    settings, key_file, cert, cert_file = (
+        gw_setup.settings,
+        gw_setup.admin_key_file,
+        gw_setup.cert,
+        gw_setup.cert_file,
     )
+    publisher_key = gw_setup.publisher.key.hex().removeprefix("0x")
     with GatewayProcess(settings) as gw:
         assert gw.base_url.startswith("https://")
         _run(
@@ -167,7 +191,7 @@ def test_no_secret_leaves_the_files_meant_to_hold_it(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def prefect_backend() -> Iterator[None]:
     """The session's one Prefect test server (started here if no other test started it)."""
-    from tests.flows.harness import prefect_session
+    from tests.support.prefect_harness import prefect_session
 
     with prefect_session():
         yield
@@ -231,8 +255,8 @@ def test_no_secret_leaves_a_prefect_run_on_a_rented_machine(
         TrainAndPublishParams,
         TrainParams,
     )
-    from tests.fakes.ionet import FakeIonet
-    from tests.fakes.vast import FakeVast
+    from tests.support.fakes.ionet import FakeIonet
+    from tests.support.fakes.vast import FakeVast
 
     work = tmp_path / "work"
     work.mkdir()
@@ -254,24 +278,10 @@ def test_no_secret_leaves_a_prefect_run_on_a_rented_machine(
             node_logs.append(self.log_text())
             super().close()
 
-    key_file = work / "admin.key"
-    key_file.write_text(admin_key + "\n")
-    key_file.chmod(0o600)
-    holders.add(key_file)
-    cert = make_certificate()
-    cert_file, tls_key = cert.write(tmp_path / "tls")
-    publisher = load_publisher_account(
-        key_file=work / ".depin/keys/publisher.key"
-    )  # what the flow signs with
-    holders.add(work / ".depin/keys/publisher.key")
-    settings = GatewaySettings(
-        registry_dir=tmp_path / "registry",
-        trusted_publishers=[publisher.address],
-        admin_key_hashes=[hash_api_key(admin_key)],
-        poll_interval_s=0.1,
-        tls_cert_file=cert_file,
-        tls_key_file=tls_key,
-    )
+    gw_setup = _https_gateway(
+        tmp_path, work, admin_key, holders
+    )  # the publisher key is what the flow signs with
+    settings, key_file, cert_file = gw_setup.settings, gw_setup.admin_key_file, gw_setup.cert_file
     with (
         _log_lines() as log_lines,
         EmulatorProcess(EmulatorConfig(**FLEET, end=FLEET_END)) as emu,  # type: ignore[arg-type]
@@ -310,7 +320,7 @@ def test_no_secret_leaves_a_prefect_run_on_a_rented_machine(
     assert node_tls_key is not None
 
     found = {
-        "dimo private key": dimo_key, "admin key": admin_key, "publisher key": publisher.key.hex()[2:],
+        "dimo private key": dimo_key, "admin key": admin_key, "publisher key": gw_setup.publisher.key.hex()[2:],
         "vast api key": vast_key, "ionet api key": ionet_key, "node token": node_env[base.TOKEN_ENV],
     }  # fmt: skip
     # the node's private key: each line of its base64 body (64 characters), and each provider env chunk

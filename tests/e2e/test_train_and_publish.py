@@ -19,8 +19,8 @@ import pytest
 from connectors.dimo.emulator.server import EmulatorProcess
 from connectors.dimo.emulator.state import EmulatorConfig
 from pipelines.params import DEFAULT_EMULATOR_CREDENTIALS, IngestParams, TrainAndPublishParams, TrainParams
-from tests.flows.conftest import FLEET, FLEET_END, RANGE_HP, SIGNALS, SINCE, UNTIL
-from tests.flows.harness import prefect_session
+from tests.support.flow_fleet import FLEET, FLEET_END, RANGE_HP, SIGNALS, SINCE, UNTIL
+from tests.support.prefect_harness import prefect_session
 
 pytestmark = pytest.mark.e2e
 
@@ -72,7 +72,7 @@ def test_train_and_publish_against_the_emulator_then_invoke_through_the_gateway(
     assert result.train.dataset_sha256 == result.ingest.dataset.sha256 == result.dataset_sha256  # type: ignore[union-attr]
     summary = result.summary()
     assert {"rows", "vehicles", "metrics", "baseline", "function_url", "stage_seconds"} <= set(summary)
-    from tests.flows.test_flows import artifacts
+    from tests.support.prefect_harness import artifacts
 
     report = artifacts("train-and-publish-summary")[0].data
     assert result.function_version in report and result.function_url in report

@@ -23,9 +23,10 @@ import httpx
 import pytest
 from playwright import sync_api
 
-from pipelines._demo import FLEET, FLEET_END, invoke_once, range_signals
+from pipelines.stack.demo import FLEET, FLEET_END, invoke_once, range_signals
 from serving.client import GatewayClient, GatewayRefused
-from tests.e2e.up_stack import depin, last_json, ports_free, survivors, tree, up_args
+from tests.support.ci import require
+from tests.support.up_stack import depin, last_json, ports_free, survivors, tree, up_args
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -38,9 +39,7 @@ def _require_browser() -> None:
     """A skip where the system's chromium is missing (a failure under CI, which must have it)."""
     if not Path(CHROMIUM).exists():
         reason = f"browser test needs chromium ({CHROMIUM}; apt-get install chromium)"
-        if os.environ.get("CI"):
-            pytest.fail(reason + "; .ci/run installs chromium")
-        pytest.skip(reason)
+        require(reason, in_ci=reason + "; .ci/run installs chromium")
 
 
 @pytest.fixture(scope="module")

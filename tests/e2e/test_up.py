@@ -19,8 +19,8 @@ import pytest
 
 from depin_core.errors import ConfigError
 from depin_core.proc import Child, alive
-from pipelines._up import STATE_FILE, _check_port, real_dimo_configured
-from tests.e2e.up_stack import DEPIN, clean_env, depin, last_json, ports_free, survivors, tree, up_args
+from pipelines.stack.up import STATE_FILE, _check_port, real_dimo_configured
+from tests.support.up_stack import DEPIN, clean_env, depin, last_json, ports_free, survivors, tree, up_args
 
 pytestmark = pytest.mark.e2e
 

@@ -18,7 +18,7 @@ from depin_core.errors import ConfigError
 from gpu_jobs.checkpoint import FileCheckpointer, capture_rng, restore_rng
 from gpu_jobs.local import LocalRunner
 from gpu_jobs.spec import DatasetRef, FailureKind, JobSpec, JobState
-from tests.gpu_jobs.toy_family import IMPORT_PATH, write_toy_dataset
+from tests.support.toy_family import IMPORT_PATH, write_toy_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,7 +15,7 @@ from gpu_jobs.errors import JobNotFinished, JobNotFound
 from gpu_jobs.local import LocalRunner
 from gpu_jobs.runner import JobRunner, JobStatus
 from gpu_jobs.spec import DatasetRef, FailureKind, JobResult, JobSpec, JobState
-from tests.gpu_jobs.toy_family import IMPORT_PATH, write_toy_dataset
+from tests.support.toy_family import IMPORT_PATH, write_toy_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {"PYTHONPATH": str(REPO)}

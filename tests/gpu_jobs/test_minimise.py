@@ -15,8 +15,8 @@ from gpu_jobs.artifacts import load_artifact
 from gpu_jobs.minimise import Pseudonyms, prepare, restore_outputs
 from gpu_jobs.models.range import RangeFamily
 from gpu_jobs.spec import DatasetRef, JobKind, JobSpec, ModelSpec, Outputs
-from tests.gpu_jobs.support import toy_data
-from tests.gpu_jobs.toy_family import IMPORT_PATH
+from tests.support.gpu_jobs import toy_data
+from tests.support.toy_family import IMPORT_PATH
 
 RAW = [101, 101, 202, 303]
 

@@ -16,7 +16,7 @@ from gpu_jobs.agent.process import AgentProcess
 from gpu_jobs.errors import AgentAuthError, AgentRefused
 from gpu_jobs.remote import AgentRunner
 from gpu_jobs.spec import DatasetRef, JobState
-from tests.gpu_jobs.support import ENV, TOKEN, toy_data, train_spec
+from tests.support.gpu_jobs import ENV, TOKEN, toy_data, train_spec
 
 
 @pytest.fixture()

@@ -28,9 +28,9 @@ from gpu_jobs.local import LocalRunner
 from gpu_jobs.remote import AgentRunner
 from gpu_jobs.runner import JobRunner
 from gpu_jobs.spec import DatasetRef, FailureKind, JobResult, JobState, sha256_file
-from tests.gpu_jobs.support import ENV, TOKEN, infer_spec, toy_data, train_spec, wait_for
-from tests.gpu_jobs.toy_family import write_toy_dataset
+from tests.support.gpu_jobs import ENV, TOKEN, infer_spec, toy_data, train_spec, wait_for
 from tests.support.tls_proxy import MitmProxy
+from tests.support.toy_family import write_toy_dataset
 
 pytestmark = pytest.mark.e2e
 

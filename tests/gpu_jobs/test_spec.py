@@ -19,7 +19,7 @@ from gpu_jobs.spec import (
     JobSpec,
     JobState,
 )
-from tests.gpu_jobs.toy_family import write_toy_dataset
+from tests.support.toy_family import write_toy_dataset
 
 
 def _spec_dict() -> dict:

@@ -19,10 +19,10 @@ from gpu_jobs.models.anomaly import AnomalyFamily
 from gpu_jobs.models.range import RangeFamily
 from gpu_jobs.spec import DatasetRef, JobKind, JobResult, JobSpec, JobState, ModelSpec, Outputs, sha256_file
 from gpu_jobs.verify import compare_frames, compare_metrics, verify_result
-from tests.gpu_jobs.models.fleet_data import FleetData
-from tests.serving.fixtures import ANOMALY_HP, RANGE_HP, train_artifact
+from tests.support.fleet_data import FleetData
+from tests.support.serving import ANOMALY_HP, RANGE_HP, train_artifact
 
-RANGE_SEED = 1  # tests.serving.fixtures trains range_artifact with seed 1
+RANGE_SEED = 1  # tests.support.serving trains range_artifact with seed 1
 
 
 def _files(d: Path) -> dict[str, str]:

@@ -19,7 +19,7 @@ import pytest
 from depin_core.errors import ConfigError, TransientError
 from serving.batching import Columns, DynamicBatcher, row_count
 from serving.errors import DeadlineExceeded, Overloaded
-from tests.serving.fake_clock import TickingClock
+from tests.support.fake_clock import TickingClock
 
 # A deadline that passes while the request waits on a gated model; long enough that a busy machine never lets it
 # pass between computing it and queueing the request (that would be "before it was queued").

@@ -37,7 +37,7 @@ from serving.bundle import (
     verify_bundle,
 )
 from serving.errors import BundleError
-from tests.serving.fixtures import MakeBundle
+from tests.support.serving import MakeBundle
 
 MODEL_FILES = {"model/weights.safetensors", "model/model.json", "model/metrics.json", "model/manifest.json"}
 

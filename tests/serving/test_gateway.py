@@ -26,8 +26,8 @@ from serving.bundle import Bundle, pack_bundle, predictor
 from serving.gateway import Gateway
 from serving.registry import Registry
 from serving.settings import GatewaySettings, read_keys_file
-from tests.serving.fake_clock import TickingClock
-from tests.serving.fixtures import MakeBundle
+from tests.support.fake_clock import TickingClock
+from tests.support.serving import MakeBundle
 
 ADMIN_KEY, ADMIN_HASH = new_admin_key()
 ADMIN = {"X-API-Key": ADMIN_KEY}

@@ -20,13 +20,14 @@ from depin_core.net import free_port
 from serving._auth import new_admin_key
 from serving.bundle import canonical_json, content_version, sign_manifest
 from serving.fluence import FluenceClient
-from serving.fluence.publisher import FluencePublisher, FluenceSettings
+from serving.fluence.publisher import FluencePublisher
+from serving.fluence.settings import FluenceSettings
 from serving.fluence.state import StateStore
 from serving.fluence.target import FluenceTarget
 from serving.server import GatewayProcess
 from serving.settings import GatewaySettings
 from serving.targets import GatewayTarget, LocalTarget, Target, publish_function
-from tests.fakes.fluence import FakeFluence
+from tests.support.fakes.fluence import FakeFluence
 
 ADMIN_KEY, ADMIN_HASH = new_admin_key()
 

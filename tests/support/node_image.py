@@ -242,7 +242,7 @@ class Machine:
 
 
 class ScriptAgent:
-    """A fake provider's instance (``tests.fakes.Agent``): a :class:`Machine` running the bootstrap the fake
+    """A fake provider's instance (``tests.support.fakes.Agent``): a :class:`Machine` running the bootstrap the fake
     received (``argv``, ``env``: the provider's command and environment). ``start`` waits until the agent
     answers ``/v1/health`` with the token; ``url`` is then its loopback URL."""
 

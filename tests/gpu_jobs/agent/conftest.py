@@ -10,7 +10,7 @@ import pytest
 from gpu_jobs.agent.process import AgentProcess
 from gpu_jobs.spec import DatasetRef
 from tests.gpu_jobs.agent.helpers import auth
-from tests.gpu_jobs.support import toy_data
+from tests.support.gpu_jobs import toy_data
 
 
 @pytest.fixture()

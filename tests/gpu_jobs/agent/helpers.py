@@ -1,5 +1,5 @@
 """Helpers for the worker-agent tests: the token, raw HTTP uploads and job polling (toy specs and job ids come
-from ``tests.gpu_jobs.support``)."""
+from ``tests.support.gpu_jobs``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from gpu_jobs.spec import JobSpec
-from tests.gpu_jobs.support import ENV, TOKEN, new_job_id, train_spec
+from tests.support.gpu_jobs import ENV, TOKEN, new_job_id, train_spec
 
 __all__ = [
     "ENV",

@@ -1,4 +1,4 @@
-"""``depin worker serve`` (``pipelines._worker_cmd.serve``, run through typer as the CLI will)."""
+"""``depin worker serve`` (``pipelines.cli.worker.serve``, run through typer as the CLI will)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from depin_core import tls
 from tests.gpu_jobs.agent.helpers import TOKEN, auth
 
 pytestmark = pytest.mark.e2e
-RUN = "import typer; from pipelines._worker_cmd import serve; typer.run(serve)"
+RUN = "import typer; from pipelines.cli.worker import serve; typer.run(serve)"
 
 
 def _serve(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], dict[str, object]]:

@@ -17,8 +17,8 @@ from gpu_jobs.models.anomaly import AnomalyFamily
 from gpu_jobs.models.anomaly import features as AF
 from gpu_jobs.models.range import RangeFamily
 from gpu_jobs.models.range import features as RF
-from tests.gpu_jobs.models.conftest import MemoryCheckpointer, make_ctx
-from tests.gpu_jobs.models.fleet_data import FleetData, build_fleet_data
+from tests.support.fleet_data import FleetData, build_fleet_data
+from tests.support.model_ctx import MemoryCheckpointer, make_ctx
 
 RANGE_SEED, ANOMALY_SEED = 1, 0
 SPLITS = range(5)  # job seeds = vehicle splits

@@ -1,4 +1,4 @@
-"""Online predictors on REAL models (trained on a tiny real fleet by tests/serving/fixtures.py): the same
+"""Online predictors on REAL models (trained on a tiny real fleet by tests/support/serving.py): the same
 numbers as the batch scorers, strict validation naming ``inputs[i].field``, schemas that agree with it."""
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from gpu_jobs.models import range as R
 from gpu_jobs.models.anomaly import features as AF
 from gpu_jobs.models.online import Predictor, load_predictor, predictor_from
 from gpu_jobs.models.range import features as RF
-from tests.gpu_jobs.models.fleet_data import FleetData, build_fleet_data
-from tests.serving.fixtures import ANOMALY_HP, RANGE_HP, SERVING_FLEET, train_artifact
+from tests.support.fleet_data import FleetData, build_fleet_data
+from tests.support.serving import ANOMALY_HP, RANGE_HP, SERVING_FLEET, train_artifact
 
-# The serving tests' tiny real fleet and models (tests/serving/fixtures.py), built once for this module.
+# The serving tests' tiny real fleet and models (tests/support/serving.py), built once for this module.
 
 
 @pytest.fixture(scope="module")

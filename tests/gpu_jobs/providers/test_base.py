@@ -22,7 +22,7 @@ from gpu_jobs.providers import (
     worker_name,
 )
 from gpu_jobs.providers.ionet import vram_of
-from tests.gpu_jobs.providers.support import JOB_ID, TOKEN, make_bootstrap, make_spec
+from tests.support.providers import JOB_ID, TOKEN, make_bootstrap, make_spec
 
 TLS_ENV = ("DEPIN_AGENT_TLS_CERT", "DEPIN_AGENT_TLS_KEY")
 
@@ -100,7 +100,7 @@ def test_bootstrap_script_installs_and_serves_without_the_token() -> None:
         assert "DEPIN_AGENT_TOKEN" in script  # refuses to start without it
     assert b.script().rstrip().splitlines()[-1].startswith("exec depin worker serve")
     assert b.script(background=True).rstrip().splitlines()[-1].startswith("nohup depin worker serve")
-    # tests/bootstrap runs these scripts for real
+    # tests/e2e/bootstrap runs these scripts for real
     # a fresh certificate and key per node, handed over with the token (secret env), never in the script
     env = b.env()
     assert env.pop("DEPIN_AGENT_TOKEN") == TOKEN and all(k.startswith(TLS_ENV) for k in env)

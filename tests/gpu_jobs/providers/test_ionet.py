@@ -1,4 +1,4 @@
-"""IonetProvider against the fake io.net CaaS API (tests/fakes/ionet.py): offers from the inventory as io.net sells
+"""IonetProvider against the fake io.net CaaS API (tests/support/fakes/ionet.py): offers from the inventory as io.net sells
 them (8 GPUs per container), idempotent deploy, refusals classified, listing under both page numberings,
 readiness, termination, the reaper, and secrets kept out of reprs and logs."""
 
@@ -18,8 +18,8 @@ from depin_core.errors import PermanentError, TransientError
 from gpu_jobs.errors import ProviderRefused
 from gpu_jobs.providers import IonetProvider, NoCapacity, choose_offer, pick_offer, reap, worker_name
 from gpu_jobs.providers.ionet import CAAS, _parse_offer_id, status_of
-from tests.fakes.ionet import FakeIonet
-from tests.gpu_jobs.providers.support import JOB_ID, TOKEN, make_bootstrap, make_spec
+from tests.support.fakes.ionet import FakeIonet
+from tests.support.providers import JOB_ID, TOKEN, make_bootstrap, make_spec
 
 RTX, H100 = '"203":8:2', "7:8:2"  # hardware "203" is listed with a string id: it goes back as one
 DEPRECATED = {f"{CAAS}/hardware/max-gpus-per-container", f"{CAAS}/available-replicas"}

@@ -18,9 +18,9 @@ from depin_core.errors import ConfigError, TransientError
 from depin_core.tls import PinMismatch
 from gpu_jobs.agent.process import AgentProcess
 from gpu_jobs.providers import ManualProvider, pick_offer, worker_name
-from pipelines import _nodes_cmd
-from tests.fakes.vast import FakeVast
-from tests.gpu_jobs.providers.support import JOB_ID, TOKEN, make_bootstrap, make_spec
+from pipelines.cli import nodes as nodes_cmd
+from tests.support.fakes.vast import FakeVast
+from tests.support.providers import JOB_ID, TOKEN, make_bootstrap, make_spec
 
 OTHER_TOKEN = "another-token-fedcba9876543210"
 
@@ -36,10 +36,10 @@ def agent(worker_agent: AgentProcess) -> AgentProcess:
 
 
 def cli() -> typer.Typer:
-    """`depin worker` as pipelines/cli.py mounts these commands."""
+    """`depin worker` as pipelines.cli.worker mounts these commands."""
     app = typer.Typer()
-    commands = (_nodes_cmd.register, _nodes_cmd.nodes, _nodes_cmd.remove, _nodes_cmd.reap, _nodes_cmd.quote,
-                _nodes_cmd.script)  # fmt: skip
+    commands = (nodes_cmd.register, nodes_cmd.nodes, nodes_cmd.remove, nodes_cmd.reap, nodes_cmd.quote,
+                nodes_cmd.script)  # fmt: skip
     for fn in commands:
         app.command(fn.__name__)(fn)
     return app

@@ -1,4 +1,4 @@
-"""VastProvider against the fake Vast.ai API (tests/fakes/vast.py): offers, idempotent launch, readiness,
+"""VastProvider against the fake Vast.ai API (tests/support/fakes/vast.py): offers, idempotent launch, readiness,
 destroy, the reaper, the v1 instance list (pages, label filter, v0 fallback), Vast's refusals, failures, and
 secrets kept out of reprs and logs. The official client against the same fake:
 tests/e2e/test_official_vastai.py."""
@@ -19,8 +19,8 @@ from depin_core.errors import ConfigError, PermanentError, TransientError
 from gpu_jobs.providers import NoCapacity, VastProvider, choose_offer, pick_offer, reap, worker_name
 from gpu_jobs.providers.base import Bootstrap
 from gpu_jobs.providers.vast import server_root
-from tests.fakes.vast import FakeVast
-from tests.gpu_jobs.providers.support import JOB_ID, TOKEN, make_bootstrap, make_spec
+from tests.support.fakes.vast import FakeVast
+from tests.support.providers import JOB_ID, TOKEN, make_bootstrap, make_spec
 
 
 def provider_for(fake: FakeVast, key: str | None = None) -> VastProvider:

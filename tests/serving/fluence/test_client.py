@@ -26,7 +26,7 @@ from serving.fluence import (
 )
 from serving.fluence._client import parse_error
 from serving.fluence._gen_b import MAX_USER_DATA_BYTES
-from tests.fakes.fluence import DEFAULT_IMAGES, FakeFluence
+from tests.support.fakes.fluence import DEFAULT_IMAGES, FakeFluence
 
 PUB = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl test@depin"
 IMAGE = DEFAULT_IMAGES[0]["downloadUrl"]
@@ -90,7 +90,7 @@ def test_detects_each_generation(fake_a: FakeFluence, fake_b: FakeFluence) -> No
 
 
 def test_generation_setting_skips_detection(fake_b: FakeFluence, monkeypatch: pytest.MonkeyPatch) -> None:
-    from serving.fluence.publisher import FluenceSettings
+    from serving.fluence.settings import FluenceSettings
 
     monkeypatch.setenv("DEPIN_FLUENCE_API_KEY", fake_b.api_key.get_secret_value())
     monkeypatch.setenv("DEPIN_FLUENCE_URL", fake_b.url)

@@ -18,7 +18,7 @@ import pytest
 
 from depin_core.net import free_port
 from serving.fluence import FluenceClient
-from tests.fakes.fluence import DEFAULT_IMAGES, FakeFluence
+from tests.support.fakes.fluence import DEFAULT_IMAGES, FakeFluence
 
 ADMIN_KEY = "admin-key-for-the-fake-0123456789"
 PUBLISHER = "0x" + "ab" * 20

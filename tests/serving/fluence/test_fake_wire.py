@@ -1,7 +1,7 @@
 """The fake Fluence API and the client against Fluence's published OpenAPI document (v0.10.0), unit level:
 
 - the conformance checker itself catches what it must (a checker that passes everything proves nothing);
-- the fake's request rules (``tests/fakes/fluence_wire.py``) accept and refuse what the document does;
+- the fake's request rules (``tests/support/fakes/fluence_wire.py``) accept and refuse what the document does;
 - every exchange of a generation-B client session against the fake (no gateway) conforms, errors included.
 
 The document is read from ``<repo>/../shared/reference`` (skipped when absent, failed when ``CI`` is set).
@@ -19,9 +19,9 @@ import pytest
 
 from serving.fluence import FluenceClient, FluenceRefused
 from serving.fluence._gen_b import tcp_ingress
-from tests.fakes.fluence import DEFAULT_IMAGES, FakeFluence
-from tests.fakes.fluence_wire import body_problem
-from tests.serving.fluence.openapi_check import (
+from tests.support.fakes.fluence import DEFAULT_IMAGES, FakeFluence
+from tests.support.fakes.fluence_wire import body_problem
+from tests.support.fluence_openapi import (
     Exchange,
     RecordingTransport,
     body_problems,
