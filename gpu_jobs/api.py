@@ -19,6 +19,7 @@ from typing import Any
 from depin_core import paths
 from depin_core.errors import ConfigError, PermanentError, TransientError
 from gpu_jobs.chain import ChainResult, LogSink, RunnerFactory, StatusSink, Verifier, run_chain
+from gpu_jobs.plots import render as render_plots
 from gpu_jobs.registry import family_names
 from gpu_jobs.spec import (
     CheckpointPolicy,
@@ -98,7 +99,9 @@ def train(
     max_total_s: float | None = None,
 ) -> dict[str, Any]:
     """Train the family ``model`` on the telemetry dataset into the artifact directory ``out``, through the
-    runner chain ``runners`` (default ``["local"]``); the ``depin train --json`` object, with every attempt."""
+    runner chain ``runners`` (default ``["local"]``); the ``depin train --json`` object, with every attempt
+    and ``plots`` (drawn here once the result is verified and names the real vehicles; see
+    :func:`gpu_jobs.plots.render`: a plot that fails is reported missing, never fails the run)."""
     if model not in (names := family_names()):
         raise ConfigError(f"--model {model!r}: choose one of {', '.join(names)}")
     spec = JobSpec(
@@ -120,12 +123,14 @@ def train(
         max_total_s=max_total_s,
     )
     result = done.result
+    plots = render_plots(out, on_log=on_log)
     return {
         "job_id": result.job_id,
         "state": result.state.value,
         "model": model,
         "metrics": result.metrics,
         "artifact": str(out),
+        "plots": plots,
         "device": result.device.label if result.device else None,
         "spec_hash": result.spec_hash,
         "seconds": round(result.timings.get("total_s", 0.0), 3),

@@ -3,7 +3,10 @@
 Layout: ``weights.safetensors`` (the state dict), ``model.json`` (family, hyperparameters, feature names and
 units, normalization stats — whatever the family's ``TrainOutput.model_config`` holds), ``metrics.json`` and
 ``manifest.json`` (format, the sha256 of every other file, the job's ``spec_hash``, dataset hashes, device,
-torch version, timings, ``created_at``).
+torch version, timings, ``created_at``). A family may add files for the model report (``TrainOutput.files``:
+``report/…``, e.g. the held-out predictions), and plots drawn here later go to ``plots/…``
+(:func:`update_artifact` lists them in the manifest, which then also says which plots are missing and why);
+neither is needed to run the model (:func:`is_report_file`).
 
 Loading verifies every sha256 against the manifest and refuses missing or unexpected files. It parses JSON and
 safetensors only (from the very bytes it hashed), so a tampered artifact can never run code. The manifest cannot
@@ -12,6 +15,7 @@ hash itself: pass ``expected_manifest_sha256`` (``JobResult.artifacts`` holds it
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -33,6 +37,21 @@ from gpu_jobs.spec import DeviceInfo, JobSpec
 
 FORMAT = "depin-model/1"
 WEIGHTS, MODEL, METRICS, MANIFEST = "weights.safetensors", "model.json", "metrics.json", "manifest.json"
+REPORT_DIRS = ("report", "plots")  # files for people (held-out data, plots), not needed to run the model
+
+
+def is_report_file(name: str) -> bool:
+    """Whether the artifact file ``name`` (relative POSIX path) is report material (``report/``, ``plots/``)."""
+    return name.split("/", 1)[0] in REPORT_DIRS and "/" in name
+
+
+def _check_extra_name(name: str) -> None:
+    parts = name.split("/")
+    if not is_report_file(name) or any(p in ("", ".", "..") for p in parts) or "\\" in name:
+        raise ConfigError(
+            f"artifact file {name!r}: extra files go under report/ or plots/ as a relative path (e.g. "
+            "'report/heldout.parquet')"
+        )
 
 
 @dataclass
@@ -56,9 +75,13 @@ def write_artifact(
     spec: JobSpec | None = None,
     device: DeviceInfo | None = None,
     timings: dict[str, float] | None = None,
+    files: dict[str, bytes] | None = None,
 ) -> dict[str, str]:
     """Write the artifact into ``out_dir`` (absent, empty, or holding an older artifact, which is replaced)
-    and return ``{absolute path: sha256}`` for every file, manifest included."""
+    and return ``{absolute path: sha256}`` for every file, manifest included. ``files``: extra report files
+    (relative path under ``report/`` or ``plots/`` → bytes)."""
+    for name in files or {}:
+        _check_extra_name(name)
     out = Path(out_dir).resolve()
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise ConfigError(
@@ -70,6 +93,7 @@ def write_artifact(
             WEIGHTS: st_save({k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}),
             MODEL: _json_bytes(model_config),
             METRICS: _json_bytes(metrics),
+            **(files or {}),
         }
     except ValueError as e:
         raise ConfigError(f"model_config/metrics must be JSON-able without NaN/inf: {e}") from e
@@ -96,6 +120,7 @@ def write_artifact(
     old = None
     try:
         for name, data in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(tmp / name, data)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
@@ -128,7 +153,7 @@ def load_artifact(model_dir: Path | str, *, expected_manifest_sha256: str | None
         raise ArtifactIntegrityError(
             f"model artifact {d}: {MANIFEST} is not a {FORMAT} manifest ({e})"
         ) from e
-    present = {p.relative_to(d).as_posix() for p in d.rglob("*")} - {MANIFEST}
+    present = {p.relative_to(d).as_posix() for p in d.rglob("*") if not p.is_dir()} - {MANIFEST}
     expected = set(listed)
     if missing := sorted(expected - present):
         raise ArtifactIntegrityError(f"model artifact {d}: {missing[0]} is missing (listed in {MANIFEST})")
@@ -155,6 +180,36 @@ def load_artifact(model_dir: Path | str, *, expected_manifest_sha256: str | None
     except (SafetensorError, ValueError) as e:
         raise ArtifactIntegrityError(f"model artifact {d}: cannot parse its files ({e})") from e
     return LoadedArtifact(state_dict, model_config, metrics, manifest)
+
+
+def update_artifact(
+    model_dir: Path | str, files: dict[str, bytes | None], *, manifest: dict[str, Any] | None = None
+) -> str:
+    """Write (bytes) or remove (None) the report files ``files`` of the artifact at ``model_dir`` and list
+    them in its manifest with their sha256 (keys in ``manifest`` are set too); the manifest's new sha256.
+    The caller has verified the artifact: this only keeps the manifest true to the files it changes."""
+    d = Path(model_dir)
+    for name in files:
+        _check_extra_name(name)
+    path = d / MANIFEST
+    current = json.loads(path.read_bytes())
+    listed: dict[str, str] = current["files"]
+    for name, data in files.items():
+        target = d / name
+        if data is None:
+            target.unlink(missing_ok=True)
+            listed.pop(name, None)
+            with contextlib.suppress(OSError):  # an emptied folder goes too (load_artifact ignores dirs)
+                target.parent.rmdir()
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(target, data)
+        listed[name] = hashlib.sha256(data).hexdigest()
+    current.update(manifest or {})
+    current["files"] = dict(sorted(listed.items()))
+    body = _json_bytes(current)
+    atomic_write_bytes(path, body)
+    return hashlib.sha256(body).hexdigest()
 
 
 def _read(d: Path, name: str) -> bytes:

@@ -63,6 +63,10 @@ class TrainOutput:
     # → model.json: family, hyperparameters, feature names + units, normalization
     model_config: dict[str, Any]
     metrics: dict[str, Any]  # → metrics.json (held-out evaluation, baselines)
+    # → report files of the artifact (relative path under report/ → bytes): what the model report's plots
+    # are drawn from (held-out predictions, per-epoch losses); a ``token_id`` column in a Parquet file there
+    # is mapped back to the real ids when the job ran on pseudonyms
+    files: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass

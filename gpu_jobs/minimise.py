@@ -45,6 +45,7 @@ from connectors.dimo.schema import LOCATION_COLUMNS
 from depin_core import paths
 from depin_core.errors import ConfigError
 from depin_core.fs import atomic_write_bytes
+from gpu_jobs.artifacts import is_report_file, update_artifact
 from gpu_jobs.errors import JobError
 from gpu_jobs.models.base import ModelFamily
 from gpu_jobs.registry import load_family
@@ -262,20 +263,26 @@ def _rewrite_vehicle_lists(model_dir: Path, config: dict[str, Any], mapping: dic
 
 
 def _model_copy(ref: DatasetRef, dest: Path, forward: dict[int, int]) -> DatasetRef:
-    """A copy of the model artifact with its vehicle lists pseudonymised (manifest updated)."""
+    """A copy of the model artifact with its vehicle lists pseudonymised and without its report files (the
+    held-out data and plots name real vehicles; running the model needs neither), manifest updated."""
     src = Path(ref.path)
     config, ids = _vehicle_lists(src)
-    if not ids or not ref.files:
+    report = [f.path for f in ref.files if is_report_file(f.path)]
+    if not ref.files or not (ids or report):
         return ref
     shutil.copytree(src, dest)
-    _rewrite_vehicle_lists(dest, config, forward)
+    if report:
+        update_artifact(dest, dict.fromkeys(report), manifest={"plots": {}})
+    if ids:
+        _rewrite_vehicle_lists(dest, config, forward)
     return DatasetRef.from_path(dest, role="model")
 
 
 def restore_outputs(artifacts: dict[str, str], prep: Prepared) -> dict[str, str]:
     """Map the pseudonyms back to the real ids (in place) in every Parquet output with a ``token_id`` column
-    and in a model artifact's vehicle lists (``model.json``, with its manifest); the artifacts with their new
-    sha256s. A pseudonym this run did not make is an error (the node invented it)."""
+    (a scored output, a model artifact's report files) and in a model artifact's vehicle lists
+    (``model.json``); an artifact's manifest follows; the artifacts with their new sha256s. A pseudonym this
+    run did not make is an error (the node invented it)."""
     out: dict[str, str] = {}
     for path in artifacts:
         p = Path(path)
@@ -285,8 +292,7 @@ def restore_outputs(artifacts: dict[str, str], prep: Prepared) -> dict[str, str]
                 _rewrite_vehicle_lists(p.parent, config, prep.reverse)
     for path, sha in artifacts.items():
         p = Path(path)
-        if p.name in ("model.json", "manifest.json") and p.is_file():
-            out[path] = sha256_file(p)
+        if p.name in ("model.json", "manifest.json"):
             continue
         if p.suffix != ".parquet" or not p.is_file() or TOKEN not in pq.ParquetFile(p).schema_arrow.names:
             out[path] = sha
@@ -302,4 +308,25 @@ def restore_outputs(artifacts: dict[str, str], prep: Prepared) -> dict[str, str]
         pq.write_table(table, tmp)
         os.replace(tmp, p)
         out[path] = sha256_file(p)
-    return out
+        _follow_manifest(p)
+    for path, sha in artifacts.items():  # last: the manifests above changed
+        p = Path(path)
+        if p.name in ("model.json", "manifest.json"):
+            out[path] = sha256_file(p) if p.is_file() else sha
+    return {path: out[path] for path in artifacts}
+
+
+def _follow_manifest(file: Path) -> None:
+    """Update the sha256 of ``file`` in the manifest of the model artifact holding it, if one lists it."""
+    for root in list(file.parents)[:2]:  # the artifact's top level or one folder down (report/)
+        manifest_path = root / "manifest.json"
+        if manifest_path.is_file():
+            manifest = json.loads(manifest_path.read_bytes())
+            listed = manifest.get("files")
+            rel = file.relative_to(root).as_posix()
+            if isinstance(listed, dict) and rel in listed:
+                listed[rel] = sha256_file(file)
+                atomic_write_bytes(
+                    manifest_path, json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n"
+                )
+            return

@@ -230,6 +230,7 @@ def run_job(job_dir: Path, attempt: int = 1, runner: str = "local") -> JobResult
                 spec=spec,
                 device=device,
                 timings=timings_so_far,
+                files=getattr(trained, "files", None) or None,
             )
             manifest_sha = artifacts[str(out_dir.resolve() / MANIFEST)]
             try:

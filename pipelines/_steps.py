@@ -23,6 +23,7 @@ from connectors.dimo.ingest import IngestProgress, ingest
 from connectors.dimo.schema import resolve_signals
 from connectors.dimo.settings import DimoSettings
 from connectors.dimo.store import TelemetryStore
+from depin_core import plots as P
 from depin_core.errors import ConfigError, PermanentError
 from depin_core.timeparse import parse_instant
 from gpu_jobs import api as jobs
@@ -305,13 +306,16 @@ def require_better(result: TrainResult) -> None:
 
 
 def metrics_rows(result: TrainResult) -> list[dict[str, Any]]:
-    """Rows of the metrics table artifact: metric, value."""
+    """Rows of the metrics table artifact: metric, value (6 decimals), shown (for people: 3 significant
+    digits and the unit)."""
+    from pipelines.report import human
+
     rows = [
-        {"metric": k, "value": round(v, 6) if isinstance(v, float) else v}
+        {"metric": k, "value": round(v, 6) if isinstance(v, float) else v, "shown": human(k, v)}
         for k, v in result.metrics.items()
         if isinstance(v, int | float | str) or v is None
     ]
-    rows += [{"metric": f"bar: {k}", "value": v} for k, v in result.baseline.items()]
+    rows += [{"metric": f"bar: {k}", "value": v, "shown": human(k, v)} for k, v in result.baseline.items()]
     return rows
 
 
@@ -320,17 +324,19 @@ def run_summary_markdown(result: TrainAndPublishResult) -> str:
     m, b = result.metrics, result.baseline
     family = load_family(result.family, allow_import_path=False) if result.family in family_names() else None
     key = getattr(family, "headline", None) or next(iter(m), "")  # the family's headline metric
-    return "\n".join(
-        [
-            f"# {result.function_name}@{result.function_alias} → version `{result.function_version}`",
-            "",
-            f"- data: {result.rows:,} rows from {result.vehicles} vehicles (`{result.dataset}`, "
-            f"{result.new_rows:,} new)",
-            f"- model: {result.family}, held-out {key} {m.get(key)} (baseline: {b})",
-            f"- function: [{result.function_url}]({result.function_url}) — [manifest]({result.manifest_url})",
-            "- stage seconds: " + ", ".join(f"{k} {v:g}" for k, v in result.stage_seconds.items()),
-        ]
-    )
+    from pipelines.report import human, model_plots_markdown
+
+    lines = [
+        f"# {result.function_name}@{result.function_alias} → version `{result.function_version}`",
+        "",
+        f"- data: {result.rows:,} rows from {result.vehicles} vehicles (`{result.dataset}`, "
+        f"{result.new_rows:,} new)",
+        f"- model: {result.family}, held-out {key} {human(key, m.get(key))} (baseline: {human('', b)})",
+        f"- function: [{result.function_url}]({result.function_url}) — [manifest]({result.manifest_url})",
+        "- stage times: " + ", ".join(f"{k} {P.quantity(v, 's')}" for k, v in result.stage_seconds.items()),
+    ]
+    plots = model_plots_markdown(result.model_dir)
+    return "\n".join(lines + (["", plots.rstrip()] if plots else []))
 
 
 def metrics_markdown(result: TrainResult) -> str:
@@ -358,9 +364,35 @@ def metrics_markdown(result: TrainResult) -> str:
             cost = "" if r["cost_usd"] is None else f"{r['cost_usd']:.4f}"
             lines.append(
                 f"| {r['attempt']} | {r['runner']} | {r['node'] or ''} | {r['state']} | {reason} | "
-                f"{r['verified']} | {cost} | {r['seconds']} |"
+                f"{r['verified']} | {cost} | {P.sig(r['seconds'])} |"
             )
-    return "\n".join(lines)
+    from pipelines.report import metric_rows, model_plots_markdown
+
+    lines += ["", "## Held-out metrics", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {shown} |" for k, shown, _ in metric_rows(m)]
+    plots = model_plots_markdown(result.model_dir)
+    return "\n".join(lines + (["", plots.rstrip()] if plots else []))
+
+
+def ingest_markdown(info: DatasetInfo, new_rows: int, skipped: Sequence[dict[str, Any]]) -> str:
+    """The ingest report: the dataset's size and extent for people, and its fleet plots (tracks, rows per
+    vehicle-hour); a plot that cannot be drawn is named with the reason, never fails the ingest."""
+    from pipelines.report import fleet_plots_markdown
+
+    lines = [
+        f"# Telemetry dataset `{info.path}`",
+        "",
+        f"- {info.rows:,} rows ({new_rows:,} new) from {info.vehicles:,} vehicles, {info.interval} buckets",
+        f"- from {info.first} to {info.last}; {len(info.columns)} columns",
+    ]
+    if skipped:
+        lines.append(f"- {len(skipped)} vehicle(s) skipped: " + "; ".join(
+            f"{s.get('token_id')}: {s.get('reason', '')}" for s in skipped[:10]))  # fmt: skip
+    try:
+        plots = fleet_plots_markdown(info.path)
+    except Exception as e:  # render_fleet does not raise; this guards the report itself
+        plots = f"*fleet plots unavailable: {type(e).__name__}: {e}*"
+    return "\n".join([*lines, "", plots.rstrip()])
 
 
 # ---------------------------------------------------------------------------------------------- publish

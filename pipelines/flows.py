@@ -120,6 +120,11 @@ def ingest_telemetry(params: IngestParams = IngestParams()) -> IngestResult:
         key="ingest-vehicles",
         description=f"{info.rows:,} rows, {info.vehicles} vehicles in {params.dataset} ({info.interval} buckets)",
     )
+    create_markdown_artifact(
+        markdown=S.ingest_markdown(info, sum(r.rows for r in reports), skipped),
+        key="ingest-report",
+        description=f"{info.rows:,} rows, {info.vehicles} vehicles: tracks and rows per vehicle-hour",
+    )
     if errors:
         raise errors[0]
     return IngestResult(

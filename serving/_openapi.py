@@ -1,13 +1,16 @@
 """OpenAPI 3.1 description of the gateway, built from the served functions' JSON schemas.
 
 Each function gets a concrete invoke path per alias (``/v1/functions/range/invoke``,
-``/v1/functions/range@prod/invoke``) whose request body is ``{"inputs": [row, …]}`` with ``row`` the bundle's
-input schema and ``maxItems`` its ``max_batch_size``; the templated ``/v1/functions/{ref}/invoke`` covers
+``/v1/functions/range@prod/invoke``) whose request body is one of its input forms (``oneOf``): ``{"inputs":
+[row, …]}`` with ``row`` the bundle's input schema and ``maxItems`` its ``max_batch_size``, and each other form
+its family accepts (``{"telemetry": [...]}``, ``{"plan": {...}}``), each with a working example (``examples``:
+the manifest's example rows, the form's own example). The templated ``/v1/functions/{ref}/invoke`` covers
 every other reference (``name@version``). OpenAPI 3.1 uses JSON Schema 2020-12, like the bundles.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from depin_core.names import FUNCTION_NAME_PATTERN
@@ -64,13 +67,48 @@ _REQUEST_ID = {
 }
 
 
-def _invoke(summary: str, input_schema: Any, output_schema: Any, max_rows: int | None, op_id: str) -> dict:
+Forms = Callable[[str, str], Mapping[str, Any]]  # (function, version) → its other input forms by body key
+
+
+def _invoke(
+    summary: str,
+    input_schema: Any,
+    output_schema: Any,
+    max_rows: int | None,
+    op_id: str,
+    forms: Mapping[str, Any] | None = None,
+    example: list[dict[str, Any]] | None = None,
+) -> dict:
     inputs: dict[str, Any] = {"type": "array", "items": input_schema, "minItems": 1}
     if max_rows is not None:
         inputs["maxItems"] = max_rows
-    body = _obj({"inputs": inputs}, additionalProperties=False)
+    rows_body = _obj({"inputs": inputs}, additionalProperties=False)
+    forms = forms or {}
+    body: dict[str, Any] = rows_body
+    media: dict[str, Any] = {}
+    if forms:
+        rows_body["title"] = "engineered feature rows"
+        body = {
+            "oneOf": [
+                rows_body,
+                *(
+                    {**_obj({k: f.schema}, additionalProperties=False), "title": f.title}
+                    for k, f in forms.items()
+                ),
+            ]
+        }
+    if example is not None:
+        media["examples"] = {
+            "inputs": {"summary": "engineered feature rows", "value": {"inputs": example}},
+            **{k: {"summary": f.title, "value": {k: f.example}} for k, f in forms.items()},
+        }
+    row_extra = {f.row_key: f.row_schema for f in forms.values() if f.row_key is not None}
+    if row_extra and isinstance(output_schema, dict) and "properties" in output_schema:
+        output_schema = {**output_schema, "properties": {**output_schema["properties"], **row_extra}}
+    notes = {k: v for f in forms.values() for k, v in f.notes_schema.items()}
     ok = _obj(
-        {"function": STR, "version": VERSION, "outputs": {"type": "array", "items": output_schema}},
+        {"function": STR, "version": VERSION, "outputs": {"type": "array", "items": output_schema}, **notes},
+        ["function", "version", "outputs"],
     )
     return {
         "post": {
@@ -78,10 +116,10 @@ def _invoke(summary: str, input_schema: Any, output_schema: Any, max_rows: int |
             "summary": summary,
             "tags": ["invoke"],
             "parameters": [_REQUEST_ID],
-            "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+            "requestBody": {"required": True, "content": {"application/json": {"schema": body, **media}}},
             "responses": {
                 "200": {
-                    "description": "one output row per input row, in order",
+                    "description": "one output row per input row, in order (per trip/window for telemetry)",
                     "headers": {"X-Depin-Version": {"schema": VERSION}},
                     "content": {"application/json": {"schema": ok}},
                 },
@@ -91,12 +129,39 @@ def _invoke(summary: str, input_schema: Any, output_schema: Any, max_rows: int |
     }
 
 
+class _GenericForm:
+    """Another input form in the templated invoke path (its function's own schema is on its concrete path)."""
+
+    def __init__(self, key: str, title: str, schema: dict[str, Any]) -> None:
+        self.key, self.title, self.schema = key, title, schema
+        self.row_key: str | None = None
+        self.row_schema: dict[str, Any] | None = None
+        self.notes_schema: dict[str, dict[str, Any]] = {}
+
+
+_GENERIC_FORMS = {
+    "telemetry": _GenericForm(
+        "telemetry",
+        "raw telemetry rows (DIMO signal names and units), for families that accept them",
+        {"type": "array", "items": {"type": "object"}, "minItems": 1},
+    ),
+    "plan": _GenericForm("plan", "a planned trip, for families that accept one (range)", {"type": "object"}),
+}
+
+
 def _path_param(name: str, description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "description": description, "schema": schema or STR}
 
 
-def build_openapi(table: RoutingTable, *, title: str = "depin function gateway", version: str = "1") -> dict:
-    """The OpenAPI document for ``table``'s functions plus the fixed endpoints."""
+def build_openapi(
+    table: RoutingTable,
+    *,
+    title: str = "depin function gateway",
+    version: str = "1",
+    forms: Forms | None = None,
+) -> dict:
+    """The OpenAPI document for ``table``'s functions plus the fixed endpoints; ``forms`` gives a served
+    version's other input forms (none without it)."""
     paths: dict[str, Any] = {}
     for name, route in sorted(table.functions.items()):
         for alias, target in sorted(route.routes.items()):
@@ -111,13 +176,22 @@ def build_openapi(table: RoutingTable, *, title: str = "depin function gateway",
             )
             op = f"invoke_{name}" if alias == "latest" else f"invoke_{name}_at_{alias}"
             summary = f"{name}@{alias}: {m['family']} model (version {info.version} when this was generated)"
-            paths[path] = _invoke(summary, m["input_schema"], m["output_schema"], m["max_batch_size"], op)
+            paths[path] = _invoke(
+                summary,
+                m["input_schema"],
+                m["output_schema"],
+                m["max_batch_size"],
+                op,
+                forms(name, info.version) if forms is not None else None,
+                m["example"],
+            )
     generic = _invoke(
         "invoke any function: ref = name, name@alias or name@version",
         {"type": "object"},
         {"type": "object"},
         None,
         "invoke",
+        _GENERIC_FORMS,
     )
     generic["post"]["parameters"] = [
         _path_param("ref", "name, name@alias or name@version", {"type": "string", "maxLength": 100}),

@@ -25,6 +25,7 @@ from serving.errors import LoadFailed, NotFound
 from serving.registry import LATEST, VERSION_RE, Registry, pick_version
 
 if TYPE_CHECKING:
+    from gpu_jobs.models.base import Derived
     from gpu_jobs.models.online import Predictor
     from serving._metrics import GatewayMetrics
     from serving.bundle import Bundle
@@ -33,6 +34,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (function, version)
+
+
+def forms_of(predictor: Any) -> dict[str, Any]:
+    """The other request forms a loaded predictor accepts, by body key (none for a bare predictor)."""
+    return dict(getattr(predictor, "forms", None) or {})
+
+
 LoadPredictor = Callable[["Bundle", str], "Predictor"]
 
 
@@ -128,6 +136,8 @@ class Runtime:
         self._poller: asyncio.Task[None] | None = None
         self.infer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="depin-infer")
         self.loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="depin-load")
+        # other request forms (raw telemetry, plans) run the family's feature code: off the loop, beside inference
+        self.prep = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="depin-prep")
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -146,6 +156,7 @@ class Runtime:
         await asyncio.gather(*(lv.batcher.aclose(drain=True) for lv in loaded), *self._closing)
         self.infer.shutdown(wait=True, cancel_futures=True)
         self.loader.shutdown(wait=True, cancel_futures=True)
+        self.prep.shutdown(wait=True, cancel_futures=True)
 
     async def _poll(self) -> None:
         while True:
@@ -156,6 +167,11 @@ class Runtime:
             except Exception:  # keep serving the current table; the next poll retries
                 log.exception("gateway: refreshing the routing table failed")
             await asyncio.sleep(self.settings.poll_interval_s)
+
+    def derive(self, predictor: Predictor, key: str, value: Any) -> asyncio.Future[Derived]:
+        """``predictor.derive(key, value)`` in the prep thread (another request form → columns)."""
+        loop = asyncio.get_running_loop()
+        return loop.run_in_executor(self.prep, predictor.derive, key, value)
 
     def in_loader(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
         """Run blocking registry / disk work in the loader thread."""
@@ -258,6 +274,11 @@ class Runtime:
             )
             if len(out) != len(example):
                 raise LoadFailed(f"warm-up returned {len(out)} rows for {len(example)} example rows")
+            for key, form in forms_of(predictor).items():  # warms the feature code; its example must work
+                try:
+                    await self.in_loader(predictor.derive, key, form.example)
+                except Exception as exc:
+                    log.error("gateway: %s@%s: the example of its %s form fails: %s", name, version, key, exc)
         except NotFound:
             raise
         except Exception as exc:

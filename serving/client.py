@@ -71,7 +71,7 @@ def _fix(status: int, code: str, field: str | None) -> str:
     if status == 404:
         return "check the name, alias or version (GET /v1/functions lists what the gateway serves)"
     if status in (400, 422):
-        return "the message names the field and the fix"
+        return "send the field the error names as the message says (type, unit, range, an example value)"
     if status >= 500:
         return "see the gateway's log"
     return "see the message"
@@ -125,6 +125,21 @@ class _Failures(Failures):
         return TransientError(
             f"{self.where}: {problem}; gave up after {attempts} attempts — {hint}", retry_after=retry_after
         )
+
+
+INPUT_FORMS = ("inputs", "telemetry", "plan")  # the invoke body's one field (a family may accept fewer)
+
+
+def invoke_body(inputs: list[Any] | dict[str, Any]) -> dict[str, Any]:
+    """The invoke request body: a list is engineered rows (``{"inputs": rows}``); a dict is already a body of one
+    form (``{"inputs": …}``, ``{"telemetry": …}`` or ``{"plan": …}``), sent as is."""
+    if isinstance(inputs, dict):
+        if len(inputs) != 1 or next(iter(inputs)) not in INPUT_FORMS:
+            raise ConfigError(
+                f"an invoke body has exactly one field of {', '.join(INPUT_FORMS)}; got {sorted(inputs)[:5]}"
+            )
+        return inputs
+    return {"inputs": inputs}
 
 
 class GatewayClient:
@@ -224,16 +239,25 @@ class GatewayClient:
 
     # ---- API ---------------------------------------------------------------------------------------------
     def invoke(
-        self, ref: str, inputs: list[Any], *, request_id: str | None = None, timeout_ms: float | None = None
+        self,
+        ref: str,
+        inputs: list[Any] | dict[str, Any],
+        *,
+        request_id: str | None = None,
+        timeout_ms: float | None = None,
     ) -> tuple[dict[str, Any], httpx.Headers]:
-        """``POST /v1/functions/{ref}/invoke`` → (``{"function", "version", "outputs"}``, headers)."""
+        """``POST /v1/functions/{ref}/invoke`` → (``{"function", "version", "outputs", …}``, headers).
+        ``inputs``: engineered rows, or a request body of one form (:func:`invoke_body`)."""
         headers = {}
         if request_id is not None:
             headers["X-Request-Id"] = request_id
         if timeout_ms is not None:
             headers["X-Depin-Timeout-Ms"] = str(timeout_ms)
         r = self.request(
-            "POST", f"/v1/functions/{quote(ref, safe=_SAFE)}/invoke", json={"inputs": inputs}, headers=headers
+            "POST",
+            f"/v1/functions/{quote(ref, safe=_SAFE)}/invoke",
+            json=invoke_body(inputs),
+            headers=headers,
         )
         return r.json(), r.headers
 

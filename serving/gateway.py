@@ -3,8 +3,10 @@
 Routes (errors are ``{"error": {"code", "message", "field"?}}``, never a 5xx for bad input):
 
 - ``POST /v1/functions/{ref}/invoke`` — ``ref`` = ``name``, ``name@alias`` or ``name@version``; body
-  ``{"inputs": [row, …]}`` → ``{"function", "version", "outputs": [row, …]}`` + ``X-Depin-Version``.
-  ``X-Request-Id`` keys sticky weighted splits.
+  ``{"inputs": [row, …]}`` (engineered features) or another form the function's family accepts (e.g.
+  ``{"telemetry": [row, …]}``, raw DIMO telemetry; ``{"plan": {…}}``), derived into rows by the family's own
+  feature code off the event loop → ``{"function", "version", "outputs": [row, …], …form notes}`` +
+  ``X-Depin-Version``. ``X-Request-Id`` keys sticky weighted splits.
 - ``GET /v1/functions``, ``GET /v1/functions/{name}``, ``GET /v1/functions/{name}/versions/{version}``
   (manifest + signature; ``…/manifest.json`` and ``…/signature.json`` give the exact signed bytes).
 - Admin (header ``X-API-Key``): ``PUT /v1/functions/{name}/versions/{version}`` (body = packed bundle),
@@ -25,7 +27,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.applications import Starlette
@@ -48,7 +50,15 @@ from serving._http import (
 )
 from serving._metrics import CONTENT_TYPE, UNKNOWN, GatewayMetrics
 from serving._openapi import build_openapi
-from serving._runtime import FunctionRoute, LoadPredictor, Runtime, default_load_predictor
+from serving._runtime import (
+    FunctionRoute,
+    LoadedVersion,
+    LoadPredictor,
+    Runtime,
+    default_load_predictor,
+    forms_of,
+)
+from serving.batching import row_count
 from serving.errors import (
     BundleError,
     DeadlineExceeded,
@@ -68,6 +78,10 @@ from serving.registry import (
     valid_alias,
 )
 from serving.settings import GatewaySettings
+
+if TYPE_CHECKING:
+    from gpu_jobs.models.base import Derived
+    from gpu_jobs.models.online import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -241,8 +255,10 @@ class Gateway:
                     field="ref",
                 )
             doc = parse_json(await read_body(request, self.settings.max_body_bytes))
-            inputs = _inputs(doc)
-            n = len(inputs)
+            key, inputs = _body(doc)
+            n = len(inputs) if key == "inputs" else 0
+            derived: Derived | None = None
+            derived_by: Predictor | None = None
             headers = request.headers
             deadline = time.monotonic() + self.settings.request_timeout_s
             request_id = headers.get("x-request-id")
@@ -258,26 +274,34 @@ class Gateway:
                     lv = await runtime.ensure_loaded(name, version)
                     runtime.evict_unaliased()
                 lv.last_used = t0
+                if key != "inputs" and derived_by is not lv.predictor:
+                    derived = await self._derive(lv, key, inputs)
+                    derived_by = lv.predictor
+                    n = row_count(derived.cols)
                 if n > lv.max_rows:
+                    what = "rows" if key == "inputs" else f"trips/windows in the {key}"
                     raise GatewayHttpError(
                         413,
                         "too_many_rows",
-                        f"{n} rows exceed max_batch_size {lv.max_rows} of {name}@{version}; send at most "
-                        f"{lv.max_rows} rows per request",
-                        field="inputs",
+                        f"{n} {what} exceed max_batch_size {lv.max_rows} of {name}@{version}; send at most "
+                        f"{lv.max_rows} per request",
+                        field=key,
                     )
-                try:
-                    cols = lv.predictor.columns(inputs)
-                except InvalidInput as exc:
-                    raise GatewayHttpError(422, "invalid_input", str(exc), field=exc.field) from None
-                except Exception as exc:  # a validation bug must still not become a 5xx for bad input
-                    log.warning("gateway: validating inputs of %s@%s raised %r", name, version, exc)
-                    raise GatewayHttpError(
-                        422,
-                        "invalid_input",
-                        f"inputs could not be read ({type(exc).__name__})",
-                        field="inputs",
-                    ) from None
+                if derived is not None:
+                    cols = derived.cols
+                else:
+                    try:
+                        cols = lv.predictor.columns(inputs)
+                    except InvalidInput as exc:
+                        raise GatewayHttpError(422, "invalid_input", str(exc), field=exc.field) from None
+                    except Exception as exc:  # a validation bug must still not become a 5xx for bad input
+                        log.warning("gateway: validating inputs of %s@%s raised %r", name, version, exc)
+                        raise GatewayHttpError(
+                            422,
+                            "invalid_input",
+                            f"inputs could not be read ({type(exc).__name__})",
+                            field="inputs",
+                        ) from None
                 try:
                     rows = await lv.batcher.submit(cols, deadline=deadline)
                     break
@@ -308,9 +332,36 @@ class Gateway:
             return error_response(
                 500, "inference_failed", f"the model failed ({type(exc).__name__}); see the log"
             )
-        content = orjson.dumps({"function": name, "version": version, "outputs": rows})
+        body: dict[str, Any] = {"function": name, "version": version, "outputs": rows}
+        if derived is not None and derived_by is not None:
+            body["outputs"] = derived_by.attach(key, rows, derived)
+            body.update(derived.notes)
+        content = orjson.dumps(body)
         self.metrics.request(name, version, 200, time.perf_counter() - t0)
         return Response(content, headers={"X-Depin-Version": version}, media_type=JSON)
+
+    async def _derive(self, lv: LoadedVersion, key: str, value: Any) -> Derived:
+        """Another request form → the row model's columns, in the runtime's prep thread (feature code)."""
+        pred = lv.predictor
+        forms = forms_of(pred)
+        if key not in forms:
+            accepted = " or ".join(f'{{"{k}": …}}' for k in ("inputs", *forms))
+            raise GatewayHttpError(
+                422,
+                "invalid_input",
+                f"unexpected field {key[:40]!r}; {lv.name} accepts {accepted} (forms and working examples: "
+                "GET /openapi.json)",
+                field=key[:100],
+            )
+        try:
+            return await self.runtime.derive(pred, key, value)
+        except InvalidInput as exc:
+            raise GatewayHttpError(422, "invalid_input", str(exc), field=exc.field) from None
+        except Exception as exc:  # a feature-code bug must still not become a 5xx for bad input
+            log.warning("gateway: deriving %s of %s@%s raised %r", key, lv.name, lv.version, exc)
+            raise GatewayHttpError(
+                422, "invalid_input", f"{key} could not be read ({type(exc).__name__})", field=key
+            ) from None
 
     # ---- read-only endpoints -----------------------------------------------------------------------------
     async def list_functions(self, request: Request) -> Response:
@@ -421,8 +472,12 @@ class Gateway:
     async def openapi(self, request: Request) -> Response:
         table = self.runtime.table
         if self._openapi is None or self._openapi[0] is not table:
-            self._openapi = (table, orjson.dumps(build_openapi(table)))
+            self._openapi = (table, orjson.dumps(build_openapi(table, forms=self._forms)))
         return Response(self._openapi[1], media_type=JSON)
+
+    def _forms(self, name: str, version: str) -> dict[str, Any]:
+        lv = self.runtime.get_loaded(name, version)
+        return forms_of(lv.predictor) if lv is not None else {}
 
     # ---- admin -------------------------------------------------------------------------------------------
     def _check_admin(self, request: Request) -> None:
@@ -604,28 +659,45 @@ class Gateway:
         return json_response({"function": name, "alias": alias, "target": restored})
 
 
-def _inputs(doc: Any) -> list[Any]:
-    """The ``inputs`` list of an invoke body (shape only; rows are validated by the predictor)."""
+_FORMS_TEXT = (
+    '{"inputs": [row, …]} (engineered features), {"telemetry": [row, …]} (raw DIMO telemetry rows) or '
+    '{"plan": {"km": …}} (range); GET /openapi.json shows each function\'s forms with working examples'
+)
+
+
+def _body(doc: Any) -> tuple[str, Any]:
+    """(form, value) of an invoke body: an object with exactly one field (shape only: the predictor validates
+    ``inputs`` rows, the family derives the other forms)."""
     if not isinstance(doc, dict):
         raise GatewayHttpError(
-            422, "invalid_input", 'the body must be a JSON object {"inputs": [row, …]}', field="body"
+            422, "invalid_input", f"the body must be a JSON object; send {_FORMS_TEXT}", field="body"
         )
-    if "inputs" not in doc:
-        raise GatewayHttpError(422, "invalid_input", 'missing; send {"inputs": [row, …]}', field="inputs")
+    if not doc:
+        raise GatewayHttpError(422, "invalid_input", f"missing; send {_FORMS_TEXT}", field="inputs")
+    key = "inputs" if "inputs" in doc else next(iter(doc))
     if len(doc) != 1:
-        extra = sorted(k for k in doc if k != "inputs")[0]
+        extra = sorted(k for k in doc if k != key)[0]
         raise GatewayHttpError(
             422,
             "invalid_input",
-            f"unexpected field {extra[:40]!r}; only inputs is allowed",
+            f"unexpected field {extra[:40]!r}; send one input form only: {_FORMS_TEXT}",
             field=extra[:100],
         )
-    inputs = doc["inputs"]
-    if not isinstance(inputs, list):
-        raise GatewayHttpError(422, "invalid_input", "inputs must be an array of row objects", field="inputs")
-    if not inputs:
-        raise GatewayHttpError(422, "invalid_input", "inputs is empty; send at least one row", field="inputs")
-    return inputs
+    value = doc[key]
+    if key == "inputs":
+        if not isinstance(value, list):
+            raise GatewayHttpError(
+                422,
+                "invalid_input",
+                'inputs must be an array of row objects, e.g. {"inputs": [{"km": 12.5, …}]} (the function\'s '
+                "example: GET /v1/functions/<name>, manifest.example)",
+                field="inputs",
+            )
+        if not value:
+            raise GatewayHttpError(
+                422, "invalid_input", "inputs is empty; send at least one row object", field="inputs"
+            )
+    return key, value
 
 
 def _latest(route: FunctionRoute) -> str | None:

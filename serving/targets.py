@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, SecretStr
 
 from depin_core.errors import ConfigError, PermanentError
 from serving.bundle import DEFAULT_MAX_BATCH_SIZE, FunctionManifest, parse_manifest, predictor
-from serving.client import GatewayClient
+from serving.client import GatewayClient, invoke_body
 from serving.publish import GatewayPublisher, LocalPublisher, PublishResult
 from serving.registry import Registry, valid_alias
 
@@ -52,8 +52,11 @@ class Target(Protocol):
         """The manifest of ``name``@``version`` as the target serves it."""
         ...
 
-    def invoke(self, ref: str, rows: list[Any], *, request_id: str | None = None) -> dict[str, Any]:
-        """Call ``ref`` (name, name@alias, name@version): ``{"function", "version", "outputs"}``."""
+    def invoke(
+        self, ref: str, rows: list[Any] | dict[str, Any], *, request_id: str | None = None
+    ) -> dict[str, Any]:
+        """Call ``ref`` (name, name@alias, name@version) with engineered rows or a request body of one form
+        (``{"telemetry": …}``, ``{"plan": …}``): ``{"function", "version", "outputs", …form notes}``."""
         ...
 
     def set_alias(self, name: str, alias: str, version: str) -> dict[str, float]:
@@ -148,11 +151,13 @@ class LocalTarget(_Closing):
     def manifest(self, name: str, version: str) -> FunctionManifest:
         return self.registry.bundle(name, version).manifest
 
-    def invoke(self, ref: str, rows: list[Any], *, request_id: str | None = None) -> dict[str, Any]:
+    def invoke(
+        self, ref: str, rows: list[Any] | dict[str, Any], *, request_id: str | None = None
+    ) -> dict[str, Any]:
         name, _, selector = ref.partition("@")
         version = self.registry.resolve(name, selector or None, request_key=request_id)
-        outputs = predictor(self.registry.bundle(name, version))(list(rows))
-        return {"function": name, "version": version, "outputs": list(outputs)}
+        answer = predictor(self.registry.bundle(name, version)).invoke(invoke_body(rows))
+        return {"function": name, "version": version, **answer}
 
     def set_alias(self, name: str, alias: str, version: str) -> dict[str, float]:
         self.registry.set_alias(name, alias, version)
@@ -241,7 +246,9 @@ class GatewayTarget(_Closing):
     def manifest(self, name: str, version: str) -> FunctionManifest:
         return parse_manifest(self.client.manifest_bytes(name, version), where=f"{self.url}: ")
 
-    def invoke(self, ref: str, rows: list[Any], *, request_id: str | None = None) -> dict[str, Any]:
+    def invoke(
+        self, ref: str, rows: list[Any] | dict[str, Any], *, request_id: str | None = None
+    ) -> dict[str, Any]:
         doc, _ = self.client.invoke(ref, rows, request_id=request_id)
         return doc
 

@@ -59,13 +59,16 @@ def train_loop(
     *,
     seed: int,
     tag: str,
-) -> dict[str, float]:
-    """Train ``model`` in place over ``n_samples`` with ``loss_fn``; returns ``{"loss", "steps"}``.
+    val_fn: Callable[[], float] | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` in place over ``n_samples`` with ``loss_fn``; returns ``{"loss", "steps", "history"}``
+    (``history``: per epoch, ``epoch``, the mean training loss ``train`` and ``validation`` = ``val_fn()``
+    after the epoch, in eval mode without gradients, or None without ``val_fn``).
 
     ``ctx`` is the :class:`gpu_jobs.context.JobContext`: ``ctx.checkpointer`` saves every N steps and
     ``restore()`` resumes (a checkpoint whose ``tag`` differs, e.g. another family, is ignored);
     ``ctx.report(step, total, epoch=…, loss=…)`` gets progress once per epoch; ``ctx.autocast()`` wraps the
-    forward pass.
+    forward pass. The history is part of the checkpoint, so a resumed run reports every epoch.
     """
     if n_samples < 1:
         raise ConfigError(f"{tag}: no training samples; the dataset has no usable windows for this model")
@@ -73,16 +76,21 @@ def train_loop(
     per_epoch = -(-n_samples // cfg.batch_size)
     total = per_epoch * cfg.epochs
     epoch, batch, step = 0, 0, 0
+    history: dict[str, list[Any]] = {"epoch": [], "train": [], "validation": []}
+    running, count = 0.0, 0  # the current epoch's loss sum and batches (a resumed epoch keeps its own)
     state = ctx.checkpointer.restore()
     if state is not None and state.get("tag") == tag:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng_torch"])
         epoch, batch, step = (int(state["cursor"][k]) for k in ("epoch", "batch", "step"))
+        saved = state.get("history")
+        if isinstance(saved, dict) and set(saved) == set(history):
+            history = {k: list(v) for k, v in saved.items()}
+        running, count = float(state.get("running", 0.0)), int(state.get("count", 0))
         ctx.log(f"{tag}: resumed from step {step} (epoch {epoch}, batch {batch})")
     device = next(model.parameters()).device
     last = float("nan")
-    running, count = 0.0, 0
     while epoch < cfg.epochs:
         order = epoch_order(n_samples, seed, epoch)
         while batch < per_epoch:
@@ -106,10 +114,28 @@ def train_loop(
                         "optimizer": optimizer.state_dict(),
                         "rng_torch": torch.get_rng_state(),
                         "cursor": {"epoch": epoch, "batch": batch, "step": step},
+                        "history": history,
+                        "running": running,
+                        "count": count,
                     },
                 )
-        ctx.report(step, total, epoch=epoch + 1, loss=running / max(count, 1))
+        train_loss = running / max(count, 1)
+        val = _validation(model, val_fn)
+        history["epoch"].append(epoch + 1)
+        history["train"].append(train_loss)
+        history["validation"].append(val)
+        extra = {} if val is None else {"val_loss": val}
+        ctx.report(step, total, epoch=epoch + 1, loss=train_loss, **extra)
         running, count = 0.0, 0
         epoch, batch = epoch + 1, 0
     model.eval()
-    return {"loss": last, "steps": float(step)}
+    return {"loss": last, "steps": float(step), "history": history}
+
+
+def _validation(model: torch.nn.Module, val_fn: Callable[[], float] | None) -> float | None:
+    """``val_fn()`` in eval mode without gradients (no RNG is drawn, so resuming stays bit-exact)."""
+    if val_fn is None:
+        return None
+    model.eval()
+    with torch.no_grad():
+        return float(val_fn())

@@ -2,12 +2,14 @@
 
 A family is a class (instantiated without arguments) registered by name in :mod:`gpu_jobs.registry`. The worker
 calls ``train``/``infer`` (and the verifier ``evaluate``); the gateway asks ``predictor`` for the online model
-of an artifact whose ``model.json`` names the family; the flows judge ``quality`` and print ``summary``. A
-family used only for jobs (an import path in a spec) may implement just ``name``, ``train`` and ``infer``.
+of an artifact whose ``model.json`` names the family; the flows judge ``quality`` and print ``summary``; the
+model report draws ``plots`` (optional: a family without it has a report without plots). A family used only
+for jobs (an import path in a spec) may implement just ``name``, ``train`` and ``infer``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,8 +31,51 @@ class Quality:
     reasons: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Derived:
+    """Another input form turned into the row model's input columns (``n`` rows), and what to tell the caller:
+    ``about[i]`` is added to output row ``i`` under the form's ``row_key`` (e.g. the trip it describes);
+    ``notes`` are top-level response fields (e.g. ``{"assumed": {...}}``)."""
+
+    cols: Columns
+    about: list[dict[str, Any]] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+class InputForm(Protocol):
+    """A request form a function accepts besides engineered rows: the body ``{key: value}`` (e.g.
+    ``{"telemetry": [...]}``, ``{"plan": {...}}``), derived into the row model's columns by the family."""
+
+    key: str  # the body's one field
+    title: str  # one line for the OpenAPI document
+    schema: dict[str, Any]  # JSON Schema (2020-12) of ``value``
+    example: Any  # a value that works as is (shown in the OpenAPI document)
+    row_key: str | None  # the output-row field ``Derived.about`` goes to (None: none)
+    row_schema: dict[str, Any] | None  # JSON Schema of that field
+    notes_schema: dict[str, dict[str, Any]]  # JSON Schema of each top-level response field it adds
+
+    def derive(self, value: Any) -> Derived:
+        """Validate ``value`` (``InvalidInput`` naming e.g. ``telemetry[3].speed`` or ``plan.km``) → columns.
+        May be slow (feature code): servers call it off their event loop. Thread-safe."""
+        ...
+
+
+@dataclass(frozen=True)
+class Plot:
+    """One plot of a model report: ``data()`` computes its JSON-able data (plain lists, what tests check),
+    ``draw(data)`` a matplotlib figure of exactly that data (``depin_core.plots.figure``)."""
+
+    name: str  # file stem: plots/<name>.png in the artifact
+    title: str  # caption for people
+    data: Callable[[], dict[str, Any]]
+    draw: Callable[[dict[str, Any]], Any]
+
+
 class OnlineModel(Protocol):
-    """A loaded model as a row-level function (wrapped by ``gpu_jobs.models.online.Predictor``)."""
+    """A loaded model as a row-level function (wrapped by ``gpu_jobs.models.online.Predictor``).
+
+    Optionally also ``forms: Sequence[InputForm]``: the other request forms it accepts (raw telemetry, a plan).
+    """
 
     input_schema: dict[str, Any]  # JSON Schema (2020-12) of one input row
     output_schema: dict[str, Any]  # JSON Schema of one output row
@@ -78,4 +123,10 @@ class ModelFamily(Protocol):
 
     def summary(self, metrics: dict[str, Any]) -> str:
         """One markdown paragraph on the held-out metrics against the baseline (the model report)."""
+        ...
+
+    def plots(self, model_dir: Path) -> list[Plot]:
+        """The model report's plots of the verified artifact at ``model_dir``, drawn from its ``report/``
+        files (written by ``train`` through ``TrainOutput.files``). Optional: ``gpu_jobs.plots.render``
+        draws none for a family without it."""
         ...

@@ -25,8 +25,8 @@ loses its order when an artifact is written with sorted keys.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -36,7 +36,7 @@ import torch
 from depin_core.errors import ConfigError
 from gpu_jobs.artifacts import load_artifact
 from gpu_jobs.errors import InvalidInput
-from gpu_jobs.models.base import Columns, OnlineModel
+from gpu_jobs.models.base import Columns, Derived, InputForm, OnlineModel
 from gpu_jobs.registry import family_names, load_family
 
 # ------------------------------------------------------------------------------------------- input fields
@@ -54,6 +54,7 @@ class NumberField:
     maximum: float | None = None
     exclusive_minimum: bool = False
     default: float | None = None  # used when absent or null (else NaN: the training centre)
+    example: float | None = None  # a plausible value, for error hints (not part of the schema)
 
     def schema(self) -> dict[str, Any]:
         """JSON Schema (2020-12) of the field."""
@@ -80,6 +81,18 @@ class NumberField:
         hi = "inf" if self.maximum is None else f"{self.maximum:g}"
         return f"{'(' if self.exclusive_minimum else '['}{lo}, {hi}] {self.unit}"
 
+    def hint(self) -> str:
+        """What to send: ``a number in (0, 2000] km (trip distance), e.g. 12.5``."""
+        bounds = self.bounds_text().removesuffix(" 1")  # a share or ratio: no unit to name
+        text = f"a number in {bounds} ({self.description})"
+        if self.example is not None:
+            text += f", e.g. {self.example:g}"
+        if self.required:
+            return text
+        if self.default is not None:
+            return f"{text}; or leave it out / null for {self.default:g}"
+        return text + "; or leave it out / null when not measured"
+
 
 # a family's input bounds: name → (required, minimum, maximum, exclusive minimum)
 Limits = dict[str, tuple[bool, float | None, float | None, bool]]
@@ -87,17 +100,24 @@ SHARE = (True, 0.0, 1.0, False)  # a share of a window: always known, in [0, 1]
 
 
 def feature_fields(
-    features: Sequence[dict[str, Any]], limits: Limits, skip: Iterable[str] = ()
+    features: Sequence[dict[str, Any]],
+    limits: Limits,
+    skip: Iterable[str] = (),
+    centers: Mapping[str, float] | None = None,
 ) -> list[NumberField]:
     """Input fields for ``model_config`` feature descriptions (``{"name", "unit", "description"}``), with the
-    family's plausibility ``limits`` (a feature without limits: required, unbounded)."""
+    family's plausibility ``limits`` (a feature without limits: required, unbounded) and, from ``centers``
+    (the training centres), the example value each field's error hint shows."""
     skip = set(skip)
     out = []
     for f in features:
         if f["name"] in skip:
             continue
         required, lo, hi, excl = limits.get(f["name"], (True, None, None, False))
-        out.append(NumberField(f["name"], f["unit"], f["description"], required, lo, hi, excl))
+        field_ = NumberField(f["name"], f["unit"], f["description"], required, lo, hi, excl)
+        if centers is not None and f["name"] in centers:
+            field_ = replace(field_, example=example_value(centers[f["name"]], field_))
+        out.append(field_)
     return out
 
 
@@ -139,30 +159,42 @@ def json_type(v: Any) -> str:
 def check_rows(rows: Any) -> list[dict[str, Any]]:
     """``rows`` when it is a non-empty list; ``InvalidInput("inputs", …)`` otherwise."""
     if not isinstance(rows, list):
-        raise InvalidInput("inputs", f"expected an array of row objects, got {json_type(rows)}")
+        raise InvalidInput(
+            "inputs", f"expected an array of row objects, got {json_type(rows)}; send [{{field: number, …}}]"
+        )
     if not rows:
         raise InvalidInput("inputs", "empty; send at least one row object")
     return rows
 
 
 def check_keys(
-    rows: Sequence[Any], index: Sequence[int], required: frozenset[str], allowed: frozenset[str]
+    rows: Sequence[Any],
+    index: Sequence[int],
+    required: frozenset[str],
+    allowed: frozenset[str],
+    hints: Mapping[str, str] | None = None,
 ) -> None:
-    """Every row is an object with every required key and no other keys than ``allowed``."""
+    """Every row is an object with every required key and no other keys than ``allowed``; ``hints`` (field →
+    :meth:`NumberField.hint`) say what to send for a missing field."""
     full = required == allowed
     for i, r in zip(index, rows, strict=True):
         if type(r) is not dict:
-            raise InvalidInput(f"inputs[{i}]", f"expected an object, got {json_type(r)}")
+            raise InvalidInput(
+                f"inputs[{i}]", f"expected an object, got {json_type(r)}; send {{field: number, …}}"
+            )
         keys = r.keys()
         if keys == allowed or (not full and required <= keys <= allowed):
             continue
         if missing := sorted(required - keys):
+            want = (hints or {}).get(missing[0])
             raise InvalidInput(
-                f"inputs[{i}].{missing[0]}", f"missing; every row needs {', '.join(sorted(required))}"
+                f"inputs[{i}].{missing[0]}",
+                f"missing; send {want or 'it'} (every row needs {', '.join(sorted(required))})",
             )
         extra = sorted(str(k) for k in keys if k not in allowed)
         raise InvalidInput(
-            f"inputs[{i}].{extra[0]}", f"unexpected field; allowed fields are {', '.join(sorted(allowed))}"
+            f"inputs[{i}].{extra[0]}",
+            f"unexpected field; drop it (allowed fields are {', '.join(sorted(allowed))})",
         )
 
 
@@ -173,7 +205,8 @@ _NULLABLE = frozenset({int, float, type(None)})
 class Matrix:
     """Vectorised validation of a group of numeric fields (precomputed bound vectors)."""
 
-    def __init__(self, fields: Sequence[NumberField]) -> None:
+    def __init__(self, fields: Sequence[NumberField], prefix: str = "inputs") -> None:
+        self.prefix = prefix  # error fields read ``<prefix>[i].<name>``
         self.fields = list(fields)
         self.names = [f.name for f in fields]
         inf = math.inf
@@ -215,27 +248,32 @@ class Matrix:
         for pos, v in enumerate(flat):
             problem = self._problem(self.fields[pos % k], v)
             if problem is not None:
-                raise InvalidInput(f"inputs[{index[pos // k]}].{self.names[pos % k]}", problem)
+                raise InvalidInput(f"{self.prefix}[{index[pos // k]}].{self.names[pos % k]}", problem)
         raise AssertionError("validation found a bad value but no problem")  # pragma: no cover
 
     @staticmethod
     def _problem(f: NumberField, v: Any) -> str | None:
-        if v is None:
-            return None if not f.required else f"null is not allowed; send a number ({f.unit})"
-        if type(v) not in _NUMERIC:
-            return f"expected a number ({f.unit}), got {json_type(v)} {short(v)}; send a JSON number"
-        try:
-            x = float(v)
-        except OverflowError:
-            x = math.inf
-        if not math.isfinite(x):
-            return f"{short(v)} is not a finite number; send a finite value ({f.unit})"
-        if (
-            (f.minimum is not None and (x <= f.minimum if f.exclusive_minimum else x < f.minimum))
-            or (f.maximum is not None and x > f.maximum)
-        ):  # fmt: skip
-            return f"{short(v)} is outside the accepted range {f.bounds_text()}; send a plausible value"
-        return None
+        return number_problem(f, v)
+
+
+def number_problem(f: NumberField, v: Any) -> str | None:
+    """What is wrong with ``v`` as a value of ``f`` and what to send instead (None: nothing)."""
+    if v is None:
+        return None if not f.required else f"null is not allowed; send {f.hint()}"
+    if type(v) not in _NUMERIC:
+        return f"expected a number, got {json_type(v)} {short(v)}; send {f.hint()}"
+    try:
+        x = float(v)
+    except OverflowError:
+        x = math.inf
+    if not math.isfinite(x):
+        return f"{short(v)} is not a finite number; send {f.hint()}"
+    if (
+        (f.minimum is not None and (x <= f.minimum if f.exclusive_minimum else x < f.minimum))
+        or (f.maximum is not None and x > f.maximum)
+    ):  # fmt: skip
+        return f"{short(v)} is outside the accepted range; send {f.hint()}"
+    return None
 
 
 # ------------------------------------------------------------------------------------------- outputs
@@ -279,9 +317,44 @@ class Predictor:
     example: list[dict[str, Any]]
     impl: OnlineModel = field(repr=False)
 
+    @property
+    def forms(self) -> dict[str, InputForm]:
+        """The other request forms the model accepts (``telemetry``, ``plan``, …), by body key."""
+        return {f.key: f for f in getattr(self.impl, "forms", ())}
+
     def columns(self, rows: Any) -> Columns:
         """Validate a JSON-decoded list of rows → columns; raises :class:`InvalidInput` naming the field."""
         return self.impl.columns(rows)
+
+    def derive(self, key: str, value: Any) -> Derived:
+        """Another form's value → columns (:meth:`InputForm.derive`); ``InvalidInput`` naming the field."""
+        form = self.forms.get(key)
+        if form is None:
+            raise InvalidInput(
+                key, f"this {self.family} function does not accept {key}; send {self.keys_text()}"
+            )
+        return form.derive(value)
+
+    def keys_text(self) -> str:
+        """The body forms it accepts, for error messages."""
+        return " or ".join(f'{{"{k}": …}}' for k in ("inputs", *self.forms))
+
+    def invoke(self, body: dict[str, Any]) -> dict[str, Any]:
+        """One request body of any form (``{"inputs": rows}``, ``{"telemetry": rows}``, …) → the gateway's
+        response fields (``outputs`` plus a form's notes), without batching (tests, local use)."""
+        ((key, value),) = body.items()
+        if key == "inputs":
+            return {"outputs": self(value)}
+        d = self.derive(key, value)
+        return {"outputs": self.attach(key, self.rows(self.predict(d.cols)), d), **d.notes}
+
+    def attach(self, key: str, rows: list[dict[str, Any]], derived: Derived) -> list[dict[str, Any]]:
+        """Output rows of a derived form with each row's ``about`` under the form's ``row_key``."""
+        row_key = self.forms[key].row_key
+        if row_key is not None:
+            for row, about in zip(rows, derived.about, strict=True):
+                row[row_key] = about
+        return rows
 
     def predict(self, cols: Columns) -> Columns:
         """Vectorised inference (``torch.inference_mode``); n rows in → n rows out. Thread-safe."""
@@ -378,6 +451,7 @@ __all__ = [
     "json_type",
     "load_predictor",
     "load_state",
+    "number_problem",
     "output_schema",
     "predictor_from",
     "row_schema",

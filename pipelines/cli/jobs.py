@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from depin_core.errors import ConfigError
+from depin_core.plots import sig
 from gpu_jobs.registry import FAMILIES, PLUGINS_ENV
 from pipelines.cli._output import JsonOpt, emit_json, err_console, say
 
@@ -35,7 +36,7 @@ def parse_params(items: list[str]) -> dict[str, Any]:
 
 
 def _metrics_text(metrics: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+    return " ".join(f"{k}={sig(v)}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
 
 
 @contextlib.contextmanager
@@ -132,9 +133,18 @@ def train(
     say(
         "trained ",
         (model, "bold"),
-        f" on {result['runner']} ({result['device']}) in {result['seconds']:.1f}s → {result['artifact']}; "
-        + ", ".join(f"{k}={v:.4g}" for k, v in list(shown.items())[:8]),
+        f" on {result['runner']} ({result['device']}) in {sig(result['seconds'])} s → {result['artifact']}; "
+        + ", ".join(f"{k}={sig(v)}" for k, v in list(shown.items())[:8]),
     )
+    plots = result.get("plots", {})
+    for name, entry in plots.items():
+        if "missing" in entry:
+            say(f"plot {name} missing: {entry['missing']}")
+    if plots:
+        drawn = sum("file" in e for e in plots.values())
+        say(
+            f"plots: {drawn} of {len(plots)} in {result['artifact']}/plots (depin report {result['artifact']})"
+        )
     if as_json:
         emit_json(result)
 

@@ -222,8 +222,11 @@ def publish(
 # ---------------------------------------------------------------------------------------------- invoke
 
 
-def parse_data(data: str) -> list[Any]:
-    """``--data``: a JSON row, a list of rows, or ``{"inputs": [...]}``; ``@FILE`` reads it from a file."""
+def parse_data(data: str) -> list[Any] | dict[str, Any]:
+    """``--data``: a JSON row, a list of rows, or a request body of one form (``{"inputs": [...]}``,
+    ``{"telemetry": [...]}``, ``{"plan": {...}}``); ``@FILE`` reads it from a file."""
+    from serving.client import INPUT_FORMS
+
     text = data
     if data.startswith("@"):
         path = Path(data[1:])
@@ -238,13 +241,16 @@ def parse_data(data: str) -> list[Any]:
             f"--data is not JSON ({exc}); pass a row object, a list of rows, "
             '{"inputs": [...]} or @file.json'
         ) from None
-    if isinstance(doc, dict) and set(doc) == {"inputs"}:
-        doc = doc["inputs"]
+    if isinstance(doc, dict) and len(doc) == 1 and next(iter(doc)) in INPUT_FORMS:
+        return doc  # a request body: sent as is
     if isinstance(doc, dict):
         return [doc]
     if isinstance(doc, list) and doc:
         return doc
-    raise ConfigError('--data must be a row object, a non-empty list of rows, or {"inputs": [...]}')
+    raise ConfigError(
+        '--data must be a row object, a non-empty list of rows, {"inputs": [...]}, {"telemetry": [...]} '
+        'or {"plan": {...}}'
+    )
 
 
 def run_invoke(
@@ -273,7 +279,12 @@ def run_invoke(
 
 def invoke(
     ref: Annotated[str, typer.Argument(help="function: name, name@alias or name@version")],
-    data: Annotated[str, typer.Option(help='a JSON row, a list of rows, {"inputs": [...]}, or @file.json')],
+    data: Annotated[
+        str,
+        typer.Option(
+            help='a JSON row, a list of rows, a body of one form ({"inputs": [...]}, {"telemetry": [...]}, {"plan": {...}}), or @file.json'
+        ),
+    ],
     target: Annotated[
         str | None,
         typer.Option(

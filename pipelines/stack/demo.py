@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 from depin_core.fs import atomic_write_bytes
 from depin_core.net import free_port
+from depin_core.plots import quantity, sig
 
 SUMMARY_FILE = "summary.json"
 # The demo fleet: 30 simulated vehicles, a week of history ending at a fixed time (the fleet and quality of
@@ -303,8 +304,9 @@ def run_demo(*, vehicles: int, days: float, seed: int, out: Path, say: Say = _si
         ("demo done", "bold green"),
         f" in {stages['total']:.1f}s: {summary['rows']:,} rows × "
         f"{summary['vehicles']} vehicles → {result.family} model ({_metric_line(result.metrics, result.baseline)})"
-        f" → {result.function_url}\n    invoke: {len(invoked['inputs'])} row(s) → {json.dumps(first)[:160]} "
-        f"in {invoked['latency_ms']:.1f} ms; summary → {out / SUMMARY_FILE}",
+        f" → {result.function_url}\n    invoke: {len(invoked['inputs'])} row(s) → {_outputs_line(first)} "
+        f"in {invoked['latency_ms']:.1f} ms; summary → {out / SUMMARY_FILE}\n    plots: "
+        f"{Path(result.model_dir) / 'plots'} (one page: depin report {result.model_dir} --dataset {result.dataset})",
     )
     return summary
 
@@ -320,11 +322,21 @@ def _attempts_line(attempts: list[dict[str, Any]]) -> str:
     return "; then ".join(parts) or "?"
 
 
+OUTPUT_UNITS = {"kwh_per_100km": "kWh/100 km", "range_km": "km"}  # the range function's output fields
+
+
+def _outputs_line(row: dict[str, Any]) -> str:
+    """One output row for people: ``kwh_per_100km 20.1 kWh/100 km, range_km 239 km`` (the JSON keeps all)."""
+    return ", ".join(
+        f"{k} {quantity(v, OUTPUT_UNITS.get(k)) if isinstance(v, int | float) else v}" for k, v in row.items()
+    )
+
+
 def _metric_line(metrics: dict[str, Any], baseline: dict[str, Any]) -> str:
     mae, base = metrics.get("mae"), baseline.get("baseline_mae", metrics.get("baseline_mae"))
     if isinstance(mae, int | float) and isinstance(base, int | float):
-        return f"held-out MAE {mae:.3g} vs baseline {base:.3g}"
-    return ", ".join(f"{k}={v:.3g}" for k, v in list(metrics.items())[:4] if isinstance(v, int | float))
+        return f"held-out MAE {quantity(mae, 'kWh/100 km')} vs baseline {quantity(base, 'kWh/100 km')}"
+    return ", ".join(f"{k}={sig(v)}" for k, v in list(metrics.items())[:4] if isinstance(v, int | float))
 
 
 __all__ = ["FLEET", "FLEET_END", "Say", "demo_params", "invoke_once", "range_signals", "run_demo"]

@@ -109,7 +109,9 @@ class FluenceTarget:
     def manifest(self, name: str, version: str) -> FunctionManifest:
         return self.gateway().manifest(name, version)
 
-    def invoke(self, ref: str, rows: list[Any], *, request_id: str | None = None) -> dict[str, Any]:
+    def invoke(
+        self, ref: str, rows: list[Any] | dict[str, Any], *, request_id: str | None = None
+    ) -> dict[str, Any]:
         return self.gateway().invoke(ref, rows, request_id=request_id)
 
     def set_alias(self, name: str, alias: str, version: str) -> dict[str, float]:

@@ -23,6 +23,7 @@ from serving.bundle import Bundle, pack_bundle, predictor, recover_publisher
 from serving.registry import Registry
 from serving.server import GatewayProcess
 from serving.settings import GatewaySettings
+from tests.support.gateway import check_openapi_examples
 from tests.support.serving import MakeBundle
 
 # the real trained models, publishers and bundle factory of tests/serving (session-scoped fixtures)
@@ -239,7 +240,36 @@ def test_bad_input_table(client: httpx.Client, bundles: dict[str, Bundle]) -> No
         ("invalid UTF-8", url, b'{"inputs": ["\xff\xfe"]}', {}, 400, "body"),
         ("empty body", url, b"", {}, 400, "body"),
         ("body is an array", url, js([row]), {}, 422, "body"),
-        ("inputs missing", url, js({"rows": [row]}), {}, 422, "inputs"),
+        ("inputs missing", url, js({}), {}, 422, "inputs"),
+        ("unknown input form", url, js({"rows": [row]}), {}, 422, "rows"),
+        ("two input forms", url, js({"inputs": [row], "plan": {"km": 5}}), {}, 422, "plan"),
+        ("telemetry not an array", url, js({"telemetry": row}), {}, 422, "telemetry"),
+        (
+            "telemetry row without time",
+            url,
+            js({"telemetry": [{"speed": 5}]}),
+            {},
+            422,
+            "telemetry[0].timestamp",
+        ),
+        (
+            "telemetry signal of the wrong type",
+            url,
+            js({"telemetry": [{"timestamp": "2026-05-04T08:00:00Z", "speed": "5"}]}),
+            {},
+            422,
+            "telemetry[0].speed",
+        ),
+        (
+            "telemetry without a trip",
+            url,
+            js({"telemetry": [{"timestamp": "2026-05-04T08:00:00Z"}]}),
+            {},
+            422,
+            "telemetry",
+        ),
+        ("plan without km", url, js({"plan": {"mean_speed": 80}}), {}, 422, "plan.km"),
+        ("plan for anomaly", "/v1/functions/anomaly/invoke", js({"plan": {"km": 5}}), {}, 422, "plan"),
         ("extra top-level field", url, js({"inputs": [row], "debug": True}), {}, 422, "debug"),
         ("inputs not an array", url, js({"inputs": row}), {}, 422, "inputs"),
         ("inputs empty", url, js({"inputs": []}), {}, 422, "inputs"),
@@ -361,3 +391,11 @@ def test_picks_up_a_registry_change_from_another_process(
         time.sleep(0.05)
     r = client.post("/v1/functions/late-fn/invoke", json={"inputs": late.manifest.example})
     assert r.status_code == 200 and r.json()["version"] == late.version
+
+
+async def test_every_openapi_example_works_over_http(gateway: GatewayProcess) -> None:
+    """Each function's OpenAPI request examples (engineered rows, raw telemetry, a plan) get 200 as is."""
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as client:
+        await check_openapi_examples(
+            client, {"range": {"inputs", "telemetry", "plan"}, "anomaly": {"inputs", "telemetry"}}
+        )

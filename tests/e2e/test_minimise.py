@@ -140,6 +140,7 @@ def test_a_node_gets_only_minimised_pseudonymous_data_and_keeps_nothing(
             assert not set(EXTRA) & set(t.column_names) and set(t.column_names) <= allowed
             sent = set(t["token_id"].to_pylist())
             assert sent and not sent & raw_ids
+        assert not any(d.startswith(b"\x89PNG") for d in others)  # the model's plots stay here
         for data in others:  # the model files sent for scoring name no raw vehicle either
             if data.lstrip().startswith(b"{"):
                 listed = json.loads(data)

@@ -212,6 +212,14 @@ def test_serve_publish_invoke_cli(range_artifact: Path, tmp_path: Path) -> None:
             cwd=tmp_path,
         )
         assert bad.returncode == 2 and "inputs[0].km" in bad.stderr and "Traceback" not in bad.stderr
+        planned = last_json(
+            depin(
+                "invoke", "range@prod", "--data", json.dumps({"plan": {"km": 40, "mean_speed": 60}}),
+                "--target", server.url, "--json", cwd=tmp_path,
+            )
+        )  # fmt: skip
+        assert len(planned["outputs"]) == 1
+        assert planned["assumed"]["hours_per_100km"] == pytest.approx(100 / 60, abs=1e-4)  # sent rounded
         missing = depin("invoke", "nope", "--data", "{}", "--target", server.url, cwd=tmp_path)
         assert missing.returncode == 2 and "'nope' not found" in missing.stderr
 

@@ -18,6 +18,7 @@ import pytest
 
 from connectors.dimo.emulator.server import EmulatorProcess
 from connectors.dimo.emulator.state import EmulatorConfig
+from depin_core.plots import quantity
 from pipelines.params import DEFAULT_EMULATOR_CREDENTIALS, IngestParams, TrainAndPublishParams, TrainParams
 from tests.support.flow_fleet import FLEET, FLEET_END, RANGE_HP, SIGNALS, SINCE, UNTIL
 from tests.support.prefect_harness import prefect_session
@@ -76,7 +77,9 @@ def test_train_and_publish_against_the_emulator_then_invoke_through_the_gateway(
 
     report = artifacts("train-and-publish-summary")[0].data
     assert result.function_version in report and result.function_url in report
-    assert f"held-out mae {result.metrics['mae']}" in report  # the family's headline metric
+    # the family's headline metric, for people (3 significant digits, its unit)
+    assert f"held-out mae {quantity(result.metrics['mae'], 'kWh/100 km')}" in report
+    assert "data:image/png;base64," in report  # the model's plots, inline
     json_ = JSONSerializer()
     assert json_.loads(json_.dumps(result)) == result  # the persisted result is JSON, and round-trips
 

@@ -88,6 +88,17 @@ def _wait_for_run_named(api: str, name: str, *, timeout_s: float) -> None:
     )
 
 
+PNG_URI = "data:image/png;base64,"
+# Each inline PNG of the page: its caption, decoded size, whether an ancestor is the markdown renderer of the
+# artifact (prefect-design's p-markdown-renderer), and its ancestors' classes for the failure message.
+IMAGES_JS = """(prefix) => Array.from(document.querySelectorAll(`img[src^="${prefix}"]`)).map(i => {
+  const parents = [];
+  for (let e = i.parentElement; e && parents.length < 8; e = e.parentElement) parents.push(e.className || e.tagName);
+  return {alt: i.alt, width: i.naturalWidth, height: i.naturalHeight,
+          markdown: !!i.closest('[class*="markdown"]'), parents: parents};
+})"""
+
+
 def _shot(page: Any, name: str, tmp_path: Path) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / name), full_page=True)
@@ -179,11 +190,35 @@ def test_ui_runs_train_and_publish_to_completed_with_artifacts(
             page.locator('a[href^="/artifacts/artifact/"]').first.click()  # its latest version
             page.locator(f'a[href^="{doc["gateway"]}/v1/functions/range"]').first.wait_for()
             _shot(page, "5-function-url.png", tmp_path)
+
+            # the model report shows its plots inline: every image loaded, inside the artifact's markdown
+            page.goto(f"{ui}/artifacts")
+            page.get_by_text("range-model-report", exact=True).first.click()
+            page.locator('a[href^="/artifacts/artifact/"]').first.click()
+            page.locator(f'img[src^="{PNG_URI}"]').first.wait_for()
+            page.wait_for_function(f"() => Array.from(document.querySelectorAll('img[src^=\"{PNG_URI}\"]'))"
+                                   ".every(i => i.complete)")  # fmt: skip
+            images = page.evaluate(IMAGES_JS, PNG_URI)
+            page.locator(f'img[src^="{PNG_URI}"]').nth(
+                1
+            ).scroll_into_view_if_needed()  # the page scrolls inside
+            _shot(page, "6-model-report.png", tmp_path)
         except BaseException:
             _shot(page, "failure.png", tmp_path)
             raise
         finally:
             browser.close()
+
+    # the range report's three plots (loss, predicted vs actual, residuals), each decoded by the browser and
+    # rendered inside the markdown of the artifact
+    assert [i["alt"] for i in images] == [
+        "Training and validation loss per epoch",
+        "Held-out trips: predicted vs actual energy use",
+        "Residuals per held-out vehicle",
+    ], images
+    for image in images:
+        assert image["width"] > 0 and image["height"] > 0, image
+        assert image["markdown"], f"{image['alt']} is not inside the artifact's markdown: {image['parents']}"
 
     # the API agrees: the run the browser started completed with the form's parameters
     run = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).json()

@@ -83,7 +83,8 @@ def test_require_better_refuses_with_the_numbers_and_the_fix() -> None:
 def test_metrics_artifacts_are_json_and_name_the_verdict() -> None:
     result = _train_result(mae=1.0, baseline_mae=2.0, history_baseline_mae=1.5, unit="kWh/100km")
     rows = S.metrics_rows(result)
-    assert {"metric": "mae", "value": 1.0} in rows and {"metric": "bar: baseline_mae", "value": 2.0} in rows
+    assert {"metric": "mae", "value": 1.0, "shown": "1.00 kWh/100 km"} in rows
+    assert {"metric": "bar: baseline_mae", "value": 2.0, "shown": "2.00 kWh/100 km"} in rows
     json.dumps(rows, allow_nan=False)
     md = S.metrics_markdown(result)
     assert "accepted" in md and "ratio 0.50" in md and "/m" in md

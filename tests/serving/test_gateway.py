@@ -6,10 +6,9 @@ readiness, metrics, OpenAPI. The same behaviour over a real uvicorn process is i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,41 +23,12 @@ from serving._runtime import default_load_predictor
 from serving.batching import DynamicBatcher
 from serving.bundle import Bundle, pack_bundle, predictor
 from serving.gateway import Gateway
-from serving.registry import Registry
 from serving.settings import GatewaySettings, read_keys_file
 from tests.support.fake_clock import TickingClock
+from tests.support.gateway import ADMIN_HASH, ADMIN_KEY, err, registry, serving, settings_for
 from tests.support.serving import MakeBundle
 
-ADMIN_KEY, ADMIN_HASH = new_admin_key()
 ADMIN = {"X-API-Key": ADMIN_KEY}
-
-
-def settings_for(root: Path, publisher: LocalAccount, **kw: Any) -> GatewaySettings:
-    base: dict[str, Any] = {
-        "registry_dir": root,
-        "trusted_publishers": [publisher.address],
-        "admin_key_hashes": [ADMIN_HASH],
-        "poll_interval_s": 0.05,
-    }
-    base.update(kw)
-    return GatewaySettings(**base)
-
-
-@contextlib.asynccontextmanager
-async def serving(settings: GatewaySettings, **kw: Any) -> AsyncIterator[tuple[Gateway, httpx.AsyncClient]]:
-    gateway = Gateway(settings, **kw)
-    async with gateway.running():
-        await gateway.wait_ready(60)
-        transport = httpx.ASGITransport(app=gateway.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-            yield gateway, client
-
-
-def registry(root: Path, publisher: LocalAccount, *bundles: Bundle) -> Registry:
-    reg = Registry(root, trusted=[publisher.address])
-    for b in bundles:
-        reg.add(b.path)
-    return reg
 
 
 async def until(pred: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
@@ -68,11 +38,6 @@ async def until(pred: Callable[[], bool], what: str, timeout: float = 30.0) -> N
         if loop.time() > end:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.005)
-
-
-def err(r: httpx.Response) -> dict[str, Any]:
-    assert r.headers["content-type"].startswith("application/json"), r.text
-    return r.json()["error"]
 
 
 def trips(bundle: Bundle, n: int) -> list[dict[str, Any]]:
@@ -571,8 +536,9 @@ async def test_readyz_metrics_and_openapi(
             assert spec["openapi"].startswith("3.1")
             op = spec["paths"]["/v1/functions/range-fn/invoke"]["post"]
             schema = op["requestBody"]["content"]["application/json"]["schema"]
-            assert schema["properties"]["inputs"]["maxItems"] == range_bundle.manifest.max_batch_size
-            assert schema["properties"]["inputs"]["items"] == range_bundle.manifest.input_schema
+            rows_form = schema["oneOf"][0]  # the other forms: tests/serving/test_input_forms.py
+            assert rows_form["properties"]["inputs"]["maxItems"] == range_bundle.manifest.max_batch_size
+            assert rows_form["properties"]["inputs"]["items"] == range_bundle.manifest.input_schema
             out = op["responses"]["200"]["content"]["application/json"]["schema"]
             validator = jsonschema.Draft202012Validator
             validator.check_schema(schema)

@@ -106,6 +106,12 @@ def test_every_target_keeps_the_contract(
     assert doc["version"] == v and len(doc["outputs"]) == len(rows)
     assert {"kwh_per_100km", "range_km"} <= set(doc["outputs"][0])
     assert target.invoke("fn", rows[:1])["version"] == v  # latest
+    # a request body of another form passes through every target: a plan answers what its engineered row does
+    plan = {"km": 120, "mean_speed": 100, "air": -5, "soc": 50}
+    planned = target.invoke(f"fn@{v}", {"plan": plan})
+    assert planned["version"] == v and set(planned["assumed"]) >= {"hours_per_100km", "stop_share"}
+    engineered = target.invoke(f"fn@{v}", [{**plan, **planned["assumed"]}])
+    assert planned["outputs"] == engineered["outputs"] and planned["outputs"][0]["range_km"] > 0
     with pytest.raises(PermanentError):
         target.set_alias("fn", "prod", "0" * 16)  # not a version of fn
     assert "prod" not in target.aliases("fn")

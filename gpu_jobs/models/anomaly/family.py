@@ -12,11 +12,12 @@ from gpu_jobs.models import features as F
 from gpu_jobs.models.anomaly.infer import infer as infer_job
 from gpu_jobs.models.anomaly.model import NAME
 from gpu_jobs.models.anomaly.online import AnomalyOnline
+from gpu_jobs.models.anomaly.plots import plots as report_plots
 from gpu_jobs.models.anomaly.quality import quality as quality_bar
 from gpu_jobs.models.anomaly.quality import summary as summary_text
 from gpu_jobs.models.anomaly.train import evaluate as evaluate_artifact
 from gpu_jobs.models.anomaly.train import train as train_job
-from gpu_jobs.models.base import Quality
+from gpu_jobs.models.base import Plot, Quality
 
 
 class AnomalyFamily:
@@ -54,3 +55,7 @@ class AnomalyFamily:
     def summary(self, metrics: dict[str, Any]) -> str:
         """The held-out recall and false-positive rate against the bars (markdown)."""
         return summary_text(metrics)
+
+    def plots(self, model_dir: Path) -> list[Plot]:
+        """Loss per epoch, score timelines, precision/recall vs threshold (:mod:`anomaly.plots`)."""
+        return report_plots(model_dir)

@@ -32,13 +32,10 @@ def visible_windows(scored: pl.DataFrame, faults: pl.DataFrame) -> pl.DataFrame:
     return j.filter(inside & physical).select("fault_id", "fault", "token_id", "window_start", "flagged")
 
 
-def evaluate(scored: pl.DataFrame, faults: pl.DataFrame) -> dict[str, Any]:
-    """Recall, window recall and false-positive rate of ``scored`` windows against ``faults`` (same vehicles)."""
-    faults = faults.filter(pl.col("token_id").is_in(scored["token_id"].unique().implode()))
-    vis = visible_windows(scored, faults)
-    per_fault = vis.group_by("fault_id", "fault").agg(pl.col("flagged").mean().alias("share"), pl.len())
-    detected = per_fault.filter(pl.col("share") >= 0.5)
-    clean = (
+def clean_windows(scored: pl.DataFrame, faults: pl.DataFrame) -> pl.DataFrame:
+    """The windows that overlap no fault (each extended by :data:`FAULT_TAIL`): ``token_id``,
+    ``window_start``, ``flagged``."""
+    return (
         scored.join(faults.select("token_id", "start", "end"), on="token_id", how="left")
         .with_columns(
             (
@@ -49,8 +46,34 @@ def evaluate(scored: pl.DataFrame, faults: pl.DataFrame) -> dict[str, Any]:
         )
         .group_by("token_id", "window_start")
         .agg(pl.col("_hit").any(), pl.col("flagged").first())
+        .filter(~pl.col("_hit"))
+        .drop("_hit")
     )
-    clean = clean.filter(~pl.col("_hit"))
+
+
+def window_labels(scored: pl.DataFrame, faults: pl.DataFrame) -> pl.DataFrame:
+    """``scored`` plus ``label``: ``"fault"`` for a window where a fault is visible (:func:`visible_windows`),
+    ``"clean"`` for one that overlaps no fault (:func:`clean_windows`), null otherwise (a fault not yet
+    visible, or its tail) — the windows behind ``window_recall`` and ``false_positive_rate``."""
+    faults = faults.filter(pl.col("token_id").is_in(scored["token_id"].unique().implode()))
+    keys = ["token_id", "window_start"]
+    vis = visible_windows(scored, faults).select(keys).unique().with_columns(pl.lit("fault").alias("_v"))
+    clean = clean_windows(scored, faults).select(keys).with_columns(pl.lit("clean").alias("_c"))
+    return (
+        scored.join(vis, on=keys, how="left")
+        .join(clean, on=keys, how="left")
+        .with_columns(pl.coalesce("_v", "_c").alias("label"))
+        .drop("_v", "_c")
+    )
+
+
+def evaluate(scored: pl.DataFrame, faults: pl.DataFrame) -> dict[str, Any]:
+    """Recall, window recall and false-positive rate of ``scored`` windows against ``faults`` (same vehicles)."""
+    faults = faults.filter(pl.col("token_id").is_in(scored["token_id"].unique().implode()))
+    vis = visible_windows(scored, faults)
+    per_fault = vis.group_by("fault_id", "fault").agg(pl.col("flagged").mean().alias("share"), pl.len())
+    detected = per_fault.filter(pl.col("share") >= 0.5)
+    clean = clean_windows(scored, faults)
     by_kind = {
         k: {"faults": int(g.height), "detected": int((g["share"] >= 0.5).sum())}
         for (k,), g in per_fault.group_by("fault")

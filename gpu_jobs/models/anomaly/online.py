@@ -2,6 +2,7 @@
 
 Input: ``powertrain`` (one of the model's types) and that type's features of
 ``features.ANOMALY_FEATURES``; output: ``score``, ``threshold``, ``flagged``, as :func:`model.score_windows`.
+It also accepts raw telemetry rows (:mod:`anomaly.forms`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from gpu_jobs.errors import InvalidInput
 from gpu_jobs.models import features as F
 from gpu_jobs.models import online as OL
+from gpu_jobs.models.anomaly.forms import AnomalyTelemetry
 from gpu_jobs.models.anomaly.model import build_net, condition_idx, context_idx, scales_of
 
 # name → (required, minimum, maximum, exclusive minimum): physical plausibility, generous on purpose; the
@@ -53,7 +55,15 @@ class AnomalyOnline:
         self.ctx = {t: context_idx(self.norm[t]) for t in self.types}
         self.scales = {t: scales_of(config, t, self.norm[t]) for t in self.types}
         self.thresholds = {t: float(config["thresholds"][t]) for t in self.types}
-        self.fields = {t: OL.feature_fields(config["features"][t], LIMITS) for t in self.types}
+        self.fields = {
+            t: OL.feature_fields(
+                config["features"][t],
+                LIMITS,
+                centers={n: float(s["center"]) for n, s in self.norm[t].items()},
+            )
+            for t in self.types
+        }
+        self.hints = {t: {f.name: f.hint() for f in fs} for t, fs in self.fields.items()}
         self.matrix = {t: OL.Matrix(fs) for t, fs in self.fields.items()}
         self.required = {t: frozenset(["powertrain", *(f.name for f in fs if f.required)]) for t, fs in self.fields.items()}  # fmt: skip
         self.allowed = {t: frozenset(["powertrain", *(f.name for f in fs)]) for t, fs in self.fields.items()}
@@ -93,6 +103,7 @@ class AnomalyOnline:
             }
             for t in self.types
         ]
+        self.forms = (AnomalyTelemetry(self, config),)
 
     def columns(self, rows: Any) -> OL.Columns:
         rows = OL.check_rows(rows)
@@ -113,7 +124,7 @@ class AnomalyOnline:
         if len(set(kinds)) == 1:
             t = kinds[0]
             index: Sequence[int] = range(n)
-            OL.check_keys(rows, index, self.required[t], self.allowed[t])
+            OL.check_keys(rows, index, self.required[t], self.allowed[t], self.hints[t])
             arr = self.matrix[t].parse(rows, index)
             for j, name in enumerate(self.matrix[t].names):
                 cols[name] = np.ascontiguousarray(arr[:, j])
@@ -128,7 +139,7 @@ class AnomalyOnline:
                 continue
             sub = [rows[i] for i in idx.tolist()]
             index = idx.tolist()
-            OL.check_keys(sub, index, self.required[t], self.allowed[t])
+            OL.check_keys(sub, index, self.required[t], self.allowed[t], self.hints[t])
             arr = self.matrix[t].parse(sub, index)
             for j, name in enumerate(self.matrix[t].names):
                 cols[name][idx] = arr[:, j]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from depin_core.plots import quantity
 from gpu_jobs.models.base import Quality
 
 # the naive baselines a model must beat (only when ground truth makes recall measurable)
@@ -33,8 +34,15 @@ def quality(metrics: dict[str, Any]) -> Quality:
 
 
 def summary(m: dict[str, Any]) -> str:
-    """The held-out recall and false-positive rate against the bars (markdown)."""
+    """The held-out recall and false-positive rate against the bars (markdown, numbers for people)."""
+    recall, fpr = _finite(m, "recall"), _finite(m, "false_positive_rate")
+    if recall is None:
+        return (
+            f"No ground truth: recall not measurable; {quantity(_finite(m, 'heldout_flagged_share'), '%')} of "
+            "the held-out windows flagged."
+        )
+    faults = f" ({m['faults_detected']} of {m['n_faults']} faults)" if "n_faults" in m else ""
     return (
-        f"Held-out recall **{m.get('recall')}**, false-positive rate **{m.get('false_positive_rate')}** "
-        f"(bars: recall ≥ {MIN_RECALL}, FPR ≤ {MAX_FPR})."
+        f"Held-out recall **{quantity(recall, '%')}**{faults}, false-positive rate **{quantity(fpr, '%')}** "
+        f"(bars: recall ≥ {quantity(MIN_RECALL, '%', 2)}, FPR ≤ {quantity(MAX_FPR, '%', 2)})."
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from gpu_jobs.models import features as F
 from gpu_jobs.models._train import LoopConfig, seed_all, train_loop
 from gpu_jobs.models.anomaly import features as AF
 from gpu_jobs.models.anomaly.faults import evaluate as fault_metrics
+from gpu_jobs.models.anomaly.faults import window_labels
 from gpu_jobs.models.anomaly.model import (
     DEFAULTS,
     NAME,
@@ -28,6 +30,14 @@ from gpu_jobs.models.anomaly.model import (
     residuals,
     score_windows,
     threshold_from,
+)
+from gpu_jobs.models.plots import (
+    FAULTS_FILE,
+    HELDOUT_FILE,
+    LOSSES_FILE,
+    check_report,
+    losses_bytes,
+    parquet_bytes,
 )
 
 
@@ -50,13 +60,35 @@ def heldout_metrics(
     net: nn.ModuleDict, config: dict[str, Any], te: pl.DataFrame, faults_path: Path | None
 ) -> dict[str, Any]:
     """Flagged share of the held-out windows ``te``; recall/FPR against ``faults_path`` when given."""
-    scored = score_windows(net, config, te)
+    return _metrics(score_windows(net, config, te), faults_path)
+
+
+def _metrics(scored: pl.DataFrame, faults_path: Path | None) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "heldout_flagged_share": float(scored["flagged"].mean()) if scored.height else 0.0  # type: ignore[arg-type]
     }
     if faults_path is not None:
         metrics |= fault_metrics(scored, pl.read_parquet(faults_path))
     return metrics
+
+
+HELDOUT_COLUMNS = ("token_id", "window_start", "window_end", "powertrain", "score", "threshold", "flagged")
+
+
+def report_files(scored: pl.DataFrame, faults_path: Path | None) -> dict[str, bytes]:
+    """The held-out windows' scores (with each window's ground-truth ``label`` when faults are given) and
+    the held-out vehicles' faults: what the model report plots."""
+    table = scored.select(*HELDOUT_COLUMNS)
+    if faults_path is None:
+        return {HELDOUT_FILE: parquet_bytes(table.with_columns(pl.lit(None, pl.String).alias("label")))}
+    faults = pl.read_parquet(faults_path).filter(
+        pl.col("token_id").is_in(scored["token_id"].unique().implode())
+    )
+    labelled = window_labels(scored, faults).select(*HELDOUT_COLUMNS, "label")
+    return {
+        HELDOUT_FILE: parquet_bytes(labelled),
+        FAULTS_FILE: parquet_bytes(faults.select("token_id", "fault", "start", "end")),
+    }
 
 
 def train(ctx: JobContext) -> TrainOutput:
@@ -97,6 +129,22 @@ def train(ctx: JobContext) -> TrainOutput:
     kind = torch.cat([torch.full((p.height,), i) for i, p in enumerate(parts)]).to(ctx.device)
     local = torch.cat([torch.arange(p.height) for p in parts]).to(ctx.device)
 
+    te_x = [
+        torch.from_numpy(F.apply_norm(te.filter(pl.col("powertrain") == t), norm[t], clip=clip)).to(
+            ctx.device
+        )
+        for t in types
+    ]
+
+    def val_fn() -> float:  # the same forecasting loss on the held-out vehicles' windows
+        total, n = 0.0, 0
+        for i, t in enumerate(types):
+            if len(x := te_x[i]):
+                y = x[:, conds[i]]
+                loss = nn.functional.smooth_l1_loss(net[t](x[:, ctxs[i]]).float(), y, reduction="sum")
+                total, n = total + float(loss) / y.shape[1], n + len(x)
+        return total / max(n, 1)
+
     def loss_fn(idx: torch.Tensor) -> torch.Tensor:
         total = torch.zeros((), device=idx.device)
         for i, t in enumerate(types):
@@ -111,7 +159,9 @@ def train(ctx: JobContext) -> TrainOutput:
                 )
         return total / len(idx)
 
-    fit = train_loop(ctx, net, len(kind), loss_fn, LoopConfig.from_hparams(hp), seed=seed, tag="anomaly")
+    has_val = sum(len(x) for x in te_x) > 0
+    fit = train_loop(ctx, net, len(kind), loss_fn, LoopConfig.from_hparams(hp), seed=seed, tag="anomaly",
+                     val_fn=val_fn if has_val else None)  # fmt: skip
     net = net.cpu().eval()
     q = float(hp["threshold_quantile"])
     config["residual_scales"] = {
@@ -125,18 +175,24 @@ def train(ctx: JobContext) -> TrainOutput:
         for t in types
     }
     metrics: dict[str, Any] = {"n_train_windows": tr.height, "train_loss": fit["loss"]}
-    metrics |= heldout_metrics(net, config, te, faults_path)
+    scored = score_windows(net, config, te)
+    metrics |= _metrics(scored, faults_path)
     if faults_path is not None:
         ctx.log(f"anomaly: held-out recall {metrics['recall']:.3f}, FPR {metrics['false_positive_rate']:.3f}")
     state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-    return TrainOutput(state_dict=state, model_config=config, metrics=metrics)
+    report = {
+        **report_files(scored, faults_path),
+        LOSSES_FILE: losses_bytes(fit["history"], loss="smooth L1 of normalised condition features"),
+    }
+    return TrainOutput(state_dict=state, model_config=config, metrics=metrics, files=report)
 
 
 def evaluate(model_dir: Path, inputs: list[Path], *, seed: int | None = None) -> dict[str, Any]:
     """Recompute the held-out metrics the training job reported, from the artifact at ``model_dir`` and
     the (verified, local) training inputs: the same windows of the artifact's held-out vehicles scored
     with its weights, thresholds and scales, against the ground truth when the inputs hold it. With ``seed``
-    (the spec's), the artifact's split must be the seeded one. ``train_loss`` is not recomputed."""
+    (the spec's), the artifact's split must be the seeded one. The held-out scores and faults the plots are
+    drawn from (``report/``) must be these too (``VerifyError``). ``train_loss`` is not recomputed."""
     art = load_artifact(model_dir)
     config = art.model_config
     if config.get("family") != NAME:
@@ -146,4 +202,7 @@ def evaluate(model_dir: Path, inputs: list[Path], *, seed: int | None = None) ->
     _, windows = _read_windows(files, hp)
     tr, te = F.artifact_split(windows, config, seed=seed)
     net = build_net(config, art.state_dict)
-    return {"n_train_windows": tr.height, **heldout_metrics(net, config, te, faults_path)}
+    scored = score_windows(net, config, te)
+    for name, data in report_files(scored, faults_path).items():  # the plots' data: these scores too
+        check_report(model_dir, name, pl.read_parquet(io.BytesIO(data)))
+    return {"n_train_windows": tr.height, **_metrics(scored, faults_path)}

@@ -9,10 +9,11 @@ import torch
 
 from gpu_jobs.context import InferOutput, JobContext, TrainOutput
 from gpu_jobs.models import features as F
-from gpu_jobs.models.base import Quality
+from gpu_jobs.models.base import Plot, Quality
 from gpu_jobs.models.range.infer import infer as infer_job
 from gpu_jobs.models.range.model import NAME
 from gpu_jobs.models.range.online import RangeOnline
+from gpu_jobs.models.range.plots import plots as report_plots
 from gpu_jobs.models.range.quality import quality as quality_bar
 from gpu_jobs.models.range.quality import summary as summary_text
 from gpu_jobs.models.range.train import evaluate as evaluate_artifact
@@ -54,3 +55,7 @@ class RangeFamily:
     def summary(self, metrics: dict[str, Any]) -> str:
         """The held-out MAE against its baselines (markdown)."""
         return summary_text(metrics)
+
+    def plots(self, model_dir: Path) -> list[Plot]:
+        """Loss per epoch, predicted vs actual, residuals per vehicle (:mod:`range.plots`)."""
+        return report_plots(model_dir)

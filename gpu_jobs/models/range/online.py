@@ -4,7 +4,7 @@ Input: the trip features of :data:`features.RANGE_FEATURES` (``cold`` is derived
 :func:`features.trip_windows` does), plus optional ``soc`` (%), ``usable_kwh`` and ``vehicle_factor`` (a
 per-vehicle calibration, default 1). Output: ``kwh_per_100km`` (the fleet model × vehicle_factor) and
 ``range_km`` (null unless soc and usable_kwh are given). The same numbers as :func:`model.fleet_predict` /
-:func:`model.predict_trips`.
+:func:`model.predict_trips`. It also accepts a trip's raw telemetry and a plan (:mod:`range.forms`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from gpu_jobs.models import features as F
 from gpu_jobs.models import online as OL
 from gpu_jobs.models.range import features as RF
+from gpu_jobs.models.range.forms import RangePlan, RangeTelemetry
 from gpu_jobs.models.range.model import RangeNet
 
 # kWh/100 km is exp(model output); far outside the training data a net extrapolates without bound, so the
@@ -42,10 +43,11 @@ class RangeOnline:
     """``range``: trip features → kWh/100 km (fleet model × vehicle_factor) and remaining range."""
 
     extra = (
-        OL.NumberField("soc", "percent", "state of charge now, for range_km", False, 0.0, 100.0),
-        OL.NumberField("usable_kwh", "kWh", "usable battery energy (gross × SoH), for range_km", False, 0.0, 1000.0, True),
+        OL.NumberField("soc", "percent", "state of charge now, for range_km", False, 0.0, 100.0, example=80.0),
+        OL.NumberField("usable_kwh", "kWh", "usable battery energy (gross × SoH), for range_km", False, 0.0, 1000.0, True,
+                       example=60.0),
         OL.NumberField("vehicle_factor", "1", "per-vehicle calibration of the fleet model's consumption",
-                    False, 0.0, 100.0, True, default=1.0),
+                    False, 0.0, 100.0, True, default=1.0, example=1.0),
     )  # fmt: skip
 
     def __init__(self, state: dict[str, torch.Tensor], config: dict[str, Any], device: torch.device) -> None:
@@ -59,8 +61,10 @@ class RangeOnline:
         OL.load_state(net, state)
         self.net = net.to(device).eval()
         self.derive_cold = "cold" in self.order
-        feats = OL.feature_fields(config["features"], LIMITS, skip={"cold"})
+        centers = {n: float(s["center"]) for n, s in self.norm.items()}
+        feats = OL.feature_fields(config["features"], LIMITS, skip={"cold"}, centers=centers)
         self.fields = [*feats, *self.extra]
+        self.hints = {f.name: f.hint() for f in self.fields}
         self.matrix = OL.Matrix(self.fields)
         names = [f.name for f in self.fields]
         self.required = frozenset(f.name for f in self.fields if f.required)
@@ -88,11 +92,12 @@ class RangeOnline:
         )
         base = {f.name: OL.example_value(self.norm[f.name]["center"], f) for f in feats}
         self.example = [{**base, "soc": 80.0, "usable_kwh": 60.0}, base]
+        self.forms = (RangeTelemetry(self, config), RangePlan(self, config))
 
     def columns(self, rows: Any) -> OL.Columns:
         rows = OL.check_rows(rows)
         index = range(len(rows))
-        OL.check_keys(rows, index, self.required, self.allowed)
+        OL.check_keys(rows, index, self.required, self.allowed, self.hints)
         arr = self.matrix.parse(rows, index)
         return dict(zip(self.matrix.names, np.ascontiguousarray(arr.T), strict=True))
 

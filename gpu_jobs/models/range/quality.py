@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from depin_core.plots import quantity, sig
 from gpu_jobs.models.base import Quality
+
+UNIT = "kWh/100 km"
 
 
 def _finite(metrics: dict[str, Any], key: str) -> float | None:
@@ -29,10 +32,10 @@ def quality(metrics: dict[str, Any]) -> Quality:
 
 
 def summary(m: dict[str, Any]) -> str:
-    """The held-out MAE against the fleet-mean and vehicle-history baselines (markdown)."""
+    """The held-out MAE against the fleet-mean and vehicle-history baselines (markdown, numbers for people)."""
+    mae, base = _finite(m, "mae"), _finite(m, "baseline_mae")
+    ratio = mae / base if mae is not None and base else None
     return (
-        f"Held-out MAE **{m.get('mae', float('nan')):.3f}** kWh/100 km vs the fleet-mean baseline "
-        f"**{m.get('baseline_mae', float('nan')):.3f}** (ratio "
-        f"{(m.get('mae') or 0) / (m.get('baseline_mae') or 1):.2f}); vehicle-history baseline "
-        f"{m.get('history_baseline_mae') or float('nan'):.3f}."
+        f"Held-out MAE **{quantity(mae, UNIT)}** vs the fleet-mean baseline **{quantity(base, UNIT)}** "
+        f"(ratio {sig(ratio)}); vehicle-history baseline {quantity(_finite(m, 'history_baseline_mae'), UNIT)}."
     )

@@ -15,6 +15,7 @@ from gpu_jobs.artifacts import load_artifact
 from gpu_jobs.context import JobContext, TrainOutput
 from gpu_jobs.models import features as F
 from gpu_jobs.models._train import LoopConfig, seed_all, train_loop
+from gpu_jobs.models.plots import HELDOUT_FILE, LOSSES_FILE, check_report, losses_bytes, parquet_bytes
 from gpu_jobs.models.range import features as RF
 from gpu_jobs.models.range.model import (
     CAL_FEATURES,
@@ -69,6 +70,17 @@ def heldout_metrics(
     """The held-out metrics of the fleet model ``net`` + calibration on the held-out trips ``te``."""
     pred = predict_trips(net, config, te.sort("token_id", "start"), calibration(config))
     return _metrics(pred, train_mean, calibration(config))
+
+
+HELDOUT_COLUMNS = ("token_id", "start", "end", "km", TARGET, "predicted_kwh_per_100km", "fleet_kwh_per_100km")
+
+
+def heldout_table(pred: pl.DataFrame, train_mean: float) -> pl.DataFrame:
+    """What the model report plots: per held-out trip, actual and predicted kWh/100 km, the fleet model's and
+    the naive baseline's (the training vehicles' mean) prediction."""
+    return pred.select(*HELDOUT_COLUMNS).with_columns(
+        pl.lit(train_mean, pl.Float64).alias("baseline_kwh_per_100km")
+    )
 
 
 def _metrics(pred: pl.DataFrame, train_mean: float, cal: Calibration) -> dict[str, Any]:
@@ -129,26 +141,44 @@ def train(ctx: JobContext) -> TrainOutput:
     def loss_fn(idx: torch.Tensor) -> torch.Tensor:
         return nn.functional.smooth_l1_loss(model(x[idx], vid[idx]).float(), y[idx])
 
+    # validation: the held-out vehicles' trips under the fleet model (the typical vehicle's offset)
+    x_te = torch.from_numpy(F.apply_norm(te, config["norm"])).to(ctx.device)
+    y_te = (np.log(te[TARGET].to_numpy()) - config["target"]["center"]) / config["target"]["scale"]
+    y_te_t = torch.from_numpy(y_te.astype(np.float32)).to(ctx.device)
+
+    def val_fn() -> float:
+        return float(nn.functional.smooth_l1_loss(net(x_te).float() + model.offsets.mean(), y_te_t))
+
     cfg = LoopConfig.from_hparams(hp)
-    fit = train_loop(ctx, model, tr.height, loss_fn, cfg, seed=seed, tag="range")
+    fit = train_loop(
+        ctx, model, tr.height, loss_fn, cfg, seed=seed, tag="range", val_fn=val_fn if te.height else None
+    )
     # the fleet model is the net plus the typical vehicle (mean offset); new vehicles start there
     config["target"]["center"] += float(model.offsets.detach().mean()) * config["target"]["scale"]
     net = net.cpu().eval()
+    train_mean = config["fleet_mean_kwh_per_100km"]
+    pred = predict_trips(net, config, te.sort("token_id", "start"), calibration(config))
     metrics = {
-        **heldout_metrics(net, config, te, config["fleet_mean_kwh_per_100km"]),
+        **_metrics(pred, train_mean, calibration(config)),
         "n_train_windows": tr.height,
         "train_loss": fit["loss"],
     }
     ctx.log(f"range: held-out mae {metrics['mae']:.3f} vs baseline {metrics['baseline_mae']:.3f} kWh/100km")
     state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-    return TrainOutput(state_dict=state, model_config=config, metrics=metrics)
+    files = {
+        HELDOUT_FILE: parquet_bytes(heldout_table(pred, train_mean)),
+        LOSSES_FILE: losses_bytes(fit["history"], loss="smooth L1 of standardised log kWh/100 km"),
+    }
+    return TrainOutput(state_dict=state, model_config=config, metrics=metrics, files=files)
 
 
 def evaluate(model_dir: Path, inputs: list[Path], *, seed: int | None = None) -> dict[str, Any]:
     """Recompute the held-out metrics the training job reported, from the artifact at ``model_dir`` and
     the (verified, local) training inputs: the same trips, the artifact's held-out vehicles, the training
     vehicles' mean as baseline. With ``seed`` (the spec's), the artifact's split must be the seeded one.
-    ``train_loss`` is not recomputed (it needs the training run)."""
+    The held-out predictions the plots are drawn from (``report/heldout.parquet``) must be these too
+    (``VerifyError``). ``train_loss`` and the per-epoch losses are not recomputed (they need the training
+    run)."""
     art = load_artifact(model_dir)
     config = art.model_config
     if config.get("family") != NAME:
@@ -158,4 +188,7 @@ def evaluate(model_dir: Path, inputs: list[Path], *, seed: int | None = None) ->
     tr, te = F.artifact_split(trips, config, seed=seed)
     train_mean = float(tr[TARGET].mean())  # type: ignore[arg-type]
     net = net_from_config(config, art.state_dict)
-    return {**heldout_metrics(net, config, te, train_mean), "n_train_windows": tr.height}
+    pred = predict_trips(net, config, te.sort("token_id", "start"), calibration(config))
+    # the plots' data must be these predictions too, not numbers the node chose
+    check_report(model_dir, HELDOUT_FILE, heldout_table(pred, float(config["fleet_mean_kwh_per_100km"])))
+    return {**_metrics(pred, train_mean, calibration(config)), "n_train_windows": tr.height}

@@ -297,10 +297,11 @@ def test_error_messages_say_what_and_how(range_pred: Predictor) -> None:
         msgs[case] = str(err.value)
     assert "missing" in msgs["missing"] and "km" in msgs["missing"]
     assert "unexpected field" in msgs["extra"] and "allowed fields" in msgs["extra"]
-    assert "a string" in msgs["string"] and "JSON number" in msgs["string"]
+    assert "a string" in msgs["string"] and "send a number in [-90, 70] celsius" in msgs["string"]
+    assert "e.g. " in msgs["string"] and "e.g. " in msgs["missing"]  # an example value to send
     assert "a boolean" in msgs["bool"]
     assert "not a finite number" in msgs["nan"] and "not a finite number" in msgs["huge int"]
-    assert "[0, 1] 1" in msgs["above max"] and "(0, 2000] km" in msgs["exclusive min"]
+    assert "[0, 1] (" in msgs["above max"] and "(0, 2000] km" in msgs["exclusive min"]
     long = [{**ok, "air": "x" * 10_000}]
     with pytest.raises(InvalidInput) as err:
         range_pred.columns(long)

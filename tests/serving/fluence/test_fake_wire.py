@@ -10,7 +10,6 @@ The document is read from ``<repo>/../shared/reference`` (skipped when absent, f
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,7 +30,7 @@ from tests.support.fluence_openapi import (
 )
 
 PUB = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl test@depin"
-C = str(uuid.uuid4())
+C = "3f2b8c1e-5d4a-4e7b-9c6f-1a2b3c4d5e6f"  # a fixed uuid4: test ids must be the same in every process (xdist)
 RULE = {
     "type": "ipv4",
     "protocolKind": {"tcp": {"ports": {"exact": {"value": 22}}}},
