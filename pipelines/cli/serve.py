@@ -309,7 +309,7 @@ def invoke(
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Call a served function with input rows and print its output rows."""
+    """Call a served function with input rows (or raw telemetry, or a plan) and print its output rows."""
     doc = run_invoke(
         ref=ref,
         data=data,
