@@ -127,16 +127,15 @@ class _Failures(Failures):
         )
 
 
-INPUT_FORMS = ("inputs", "telemetry", "plan")  # the invoke body's one field (a family may accept fewer)
-
-
 def invoke_body(inputs: list[Any] | dict[str, Any]) -> dict[str, Any]:
     """The invoke request body: a list is engineered rows (``{"inputs": rows}``); a dict is already a body of one
-    form (``{"inputs": …}``, ``{"telemetry": …}`` or ``{"plan": …}``), sent as is."""
+    form (``{"inputs": …}``, ``{"telemetry": …}``, ``{"plan": …}`` or another its family accepts), sent as is:
+    the function's family decides which forms it takes."""
     if isinstance(inputs, dict):
-        if len(inputs) != 1 or next(iter(inputs)) not in INPUT_FORMS:
+        if len(inputs) != 1:
             raise ConfigError(
-                f"an invoke body has exactly one field of {', '.join(INPUT_FORMS)}; got {sorted(inputs)[:5]}"
+                f"an invoke body has exactly one field, its input form (inputs, telemetry, plan, …); got "
+                f"{sorted(inputs)[:5]}"
             )
         return inputs
     return {"inputs": inputs}

@@ -225,8 +225,6 @@ def publish(
 def parse_data(data: str) -> list[Any] | dict[str, Any]:
     """``--data``: a JSON row, a list of rows, or a request body of one form (``{"inputs": [...]}``,
     ``{"telemetry": [...]}``, ``{"plan": {...}}``); ``@FILE`` reads it from a file."""
-    from serving.client import INPUT_FORMS
-
     text = data
     if data.startswith("@"):
         path = Path(data[1:])
@@ -241,8 +239,8 @@ def parse_data(data: str) -> list[Any] | dict[str, Any]:
             f"--data is not JSON ({exc}); pass a row object, a list of rows, "
             '{"inputs": [...]} or @file.json'
         ) from None
-    if isinstance(doc, dict) and len(doc) == 1 and next(iter(doc)) in INPUT_FORMS:
-        return doc  # a request body: sent as is
+    if isinstance(doc, dict) and len(doc) == 1 and isinstance(next(iter(doc.values())), list | dict):
+        return doc  # a request body (one form: rows, telemetry, a plan, …), sent as is; a row's fields are scalars
     if isinstance(doc, dict):
         return [doc]
     if isinstance(doc, list) and doc:
