@@ -19,9 +19,10 @@ A size that cannot be measured (emulator start past ``--max-emulator-start-s``, 
 ``--max-rss-mb``, an ingest past ``--timeout-s``, the ``--budget-s`` spent, a failed child) is recorded as
 null with its reason in ``unmeasured``; the run goes on with the next size.
 
-Stores: ``parquet`` (``connectors/dimo/store.py``, one Parquet file per UTC day). ``STORES`` maps a store's
-name to the extra ``depin ingest`` arguments that select it; name several (``--store a,b``) to measure them
-in the same run against the same emulator.
+Stores: ``delta`` (``connectors/dimo/store.py``: a Delta Lake table, append-only commits that carry the
+watermarks). ``STORES`` maps a store's name to the extra ``depin ingest`` arguments that select it; name
+several (``--store a,b``) to measure them in the same run against the same emulator. The per-day Parquet
+store this replaced was measured with this bench before it was removed (README, "Benchmarks").
 
 Output: a table per store (stdout), then the last stdout line, JSON. Its top-level ``per_vehicle_day_ms``
 (size → ms), ``growth_ratio`` (per-vehicle-day time at the largest measured size ÷ at 100),
@@ -56,8 +57,8 @@ from connectors.dimo.emulator.state import EmulatorConfig
 from depin_core.proc.child import Child
 from depin_core.proc.tree import descendants
 
-# store name → extra `depin ingest` arguments selecting it (today's store is the default one)
-STORES: dict[str, list[str]] = {"parquet": []}
+# store name → extra `depin ingest` arguments selecting it (the Delta table is the only store)
+STORES: dict[str, list[str]] = {"delta": []}
 
 TARGET_GROWTH = 1.3
 TARGET_INGEST_RSS_MB = 600.0
@@ -405,7 +406,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="10,100,1000,3000,10000", help="comma-separated vehicle counts")
     ap.add_argument(
         "--store",
-        default="parquet",
+        default="delta",
         help=f"comma-separated stores, the first one's figures top-level in the JSON ({', '.join(STORES)})",
     )
     ap.add_argument("--days", type=float, default=1.0)

@@ -15,7 +15,8 @@ NODES_FILE = HOME / "workers.json"  # registered worker nodes (gpu_jobs.provider
 JOBS_DIR = HOME / "jobs"  # job working directories (gpu_jobs)
 AGENT_DATA_DIR = HOME / "agent"  # a worker agent's blobs, jobs and outputs (depin worker serve)
 
-DATASET_DIR = HOME / "datasets" / "telemetry"  # the ingested telemetry (Parquet)
+DATASET_DIR = HOME / "datasets" / "telemetry"  # the ingested telemetry (a Delta table)
+DATASET_CACHE_DIR = HOME / "cache" / "datasets"  # local copies of job inputs read from object storage
 MODELS_DIR = HOME / "models"  # trained model artifacts
 SCORES_DIR = HOME / "scores"  # batch-scoring outputs
 
@@ -33,6 +34,7 @@ DEMO_DIR = HOME / "demo"  # `depin demo`'s dataset, model and summary
 
 __all__ = [
     "AGENT_DATA_DIR",
+    "DATASET_CACHE_DIR",
     "DATASET_DIR",
     "DEMO_DIR",
     "EMULATOR_CREDENTIALS",

@@ -18,6 +18,7 @@ from typing import Any
 
 from depin_core import paths
 from depin_core.errors import ConfigError, PermanentError, TransientError
+from gpu_jobs import tables
 from gpu_jobs.chain import ChainResult, LogSink, RunnerFactory, StatusSink, Verifier, run_chain
 from gpu_jobs.plots import render as render_plots
 from gpu_jobs.registry import family_names
@@ -83,7 +84,7 @@ def attempts_json(out: ChainResult) -> list[dict[str, Any]]:
 
 def train(
     *,
-    dataset: Path,
+    dataset: Path | str,
     model: str,
     out: Path,
     runners: Sequence[str] | None = None,
@@ -97,6 +98,8 @@ def train(
     on_status: StatusSink | None = None,
     factory: RunnerFactory | None = None,
     max_total_s: float | None = None,
+    dataset_version: int | None = None,
+    storage_options: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Train the family ``model`` on the telemetry dataset into the artifact directory ``out``, through the
     runner chain ``runners`` (default ``["local"]``); the ``depin train --json`` object, with every attempt
@@ -107,7 +110,7 @@ def train(
     spec = JobSpec(
         kind=JobKind.TRAIN,
         model=ModelSpec(family=model, hyperparameters=params or {}),
-        inputs=_inputs(dataset, ground_truth),
+        inputs=_inputs(dataset, ground_truth, version=dataset_version, storage_options=storage_options),
         seed=seed,
         limits=Limits(max_wall_s=max_wall_s),
         checkpoint=CheckpointPolicy(every_steps=checkpoint_every),
@@ -130,6 +133,7 @@ def train(
         "model": model,
         "metrics": result.metrics,
         "artifact": str(out),
+        "dataset": _lineage(spec.inputs[0]),
         "plots": plots,
         "device": result.device.label if result.device else None,
         "spec_hash": result.spec_hash,
@@ -164,7 +168,7 @@ def model_family(model_dir: Path) -> str:
 def score(
     *,
     model_dir: Path,
-    dataset: Path,
+    dataset: Path | str,
     out: Path,
     runners: Sequence[str] | None = None,
     ground_truth: Path | None = None,
@@ -219,15 +223,38 @@ def score(
     }
 
 
+def _lineage(ref: DatasetRef) -> dict[str, Any]:
+    """The data a job saw: table URI and version (Delta tables) and the digest of its files."""
+    return {"path": ref.path, "table": ref.table, "version": ref.version, "sha256": ref.sha256}
+
+
 def _dataset_ref(path: Path, role: str, flag: str) -> DatasetRef:
     if not path.exists():
         raise ConfigError(f"{flag} {path}: does not exist")
     return DatasetRef.from_path(path, role=role)  # type: ignore[arg-type]
 
 
-def _inputs(dataset: Path, ground_truth: Path | None, model_dir: Path | None = None) -> list[DatasetRef]:
+def telemetry_ref(
+    dataset: Path | str, *, version: int | None = None, storage_options: dict[str, str] | None = None
+) -> DatasetRef:
+    """The telemetry input: one version of a Delta table (local or ``s3://``), or a folder/file of Parquet."""
+    if tables.is_remote(dataset) or tables.is_delta_table(dataset):
+        return DatasetRef.from_table(dataset, version=version, storage_options=storage_options)
+    if version is not None:
+        raise ConfigError(f"--dataset-version: {dataset} is not a Delta table, so it has no versions")
+    return _dataset_ref(Path(dataset), "telemetry", "--dataset")
+
+
+def _inputs(
+    dataset: Path | str,
+    ground_truth: Path | None,
+    model_dir: Path | None = None,
+    *,
+    version: int | None = None,
+    storage_options: dict[str, str] | None = None,
+) -> list[DatasetRef]:
     """A job's inputs in the order the families read them: telemetry, the model (scoring), ground truth."""
-    inputs = [_dataset_ref(dataset, "telemetry", "--dataset")]
+    inputs = [telemetry_ref(dataset, version=version, storage_options=storage_options)]
     if model_dir is not None:
         inputs.append(_dataset_ref(model_dir, "model", "--model"))
     if ground_truth is not None:

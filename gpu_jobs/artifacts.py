@@ -103,7 +103,10 @@ def write_artifact(
         "files": hashes,
         "spec_hash": spec.spec_hash if spec else None,
         "family": spec.model.family if spec else model_config.get("family"),
-        "datasets": [{"role": i.role, "sha256": i.sha256, "path": i.path} for i in spec.inputs]
+        "datasets": [
+            {"role": i.role, "sha256": i.sha256, "path": i.path, "table": i.table, "version": i.version}
+            for i in spec.inputs
+        ]
         if spec
         else [],
         "device": device.model_dump(mode="json") if device else None,

@@ -12,8 +12,11 @@ Dataset references. A ``DatasetRef`` names one file or one directory:
 
 ``spec_hash`` identifies the computation, not where it runs: it is the sha256 of the canonical JSON (sorted keys,
 no whitespace) of the spec without ``outputs``, ``limits`` and ``checkpoint`` (where results go, when to give up
-and how often to save cannot change the result) and without each input's local ``path`` (the content digests stand
-for the data, so the same job staged elsewhere has the same hash).
+and how often to save cannot change the result) and without each input's local ``path``, ``table`` and ``version`` (the
+content digests stand for the data, so the same job staged elsewhere has the same hash).
+
+A Delta table input (``table``/``version`` set, see :mod:`gpu_jobs.tables`) lists the files of that table
+version; other files in its directory (compacted away, or left by a crashed writer) are not part of it.
 """
 
 from __future__ import annotations
@@ -88,6 +91,49 @@ class DatasetRef(_Model):
     sha256: str
     role: DatasetRole = "telemetry"
     files: list[DatasetFile] = Field(default_factory=list)
+    # A Delta table input (see gpu_jobs.tables): the table's URI and the version whose files ``files`` lists;
+    # ``path`` is then the local directory holding those files (the table itself, or a cache of it).
+    table: str | None = None
+    version: int | None = Field(None, ge=0)
+
+    @classmethod
+    def from_table(
+        cls,
+        where: str | Path,
+        *,
+        version: int | None = None,
+        role: DatasetRole = "telemetry",
+        storage_options: dict[str, str] | None = None,
+        cache_dir: Path | None = None,
+    ) -> DatasetRef:
+        """The files of one version of the Delta table at ``where`` (latest when None), hashed.
+
+        A table on object storage is copied into ``cache_dir`` first (see :mod:`gpu_jobs.tables`)."""
+        from gpu_jobs import tables
+
+        at, listed = tables.version_files(where, version, storage_options)
+        if not listed:
+            raise JobError(
+                f"dataset {where}: version {at} of the table holds no data files; ingest telemetry first",
+                FailureKind.USER,
+            )
+        if tables.is_remote(where):
+            uri = str(where)
+            root = tables.local_copy(
+                uri, listed, storage_options=storage_options, cache_dir=cache_dir or tables.DEFAULT_CACHE_DIR
+            )
+        else:
+            root = Path(where).resolve()
+            uri = str(root)
+        files = [DatasetFile(path=rel, sha256=sha256_file(root / rel)) for rel, _ in listed]
+        return cls(
+            path=str(root.resolve()),
+            sha256=_files_digest(files),
+            role=role,
+            files=files,
+            table=uri,
+            version=at,
+        )
 
     @classmethod
     def from_path(cls, path: Path | str, role: DatasetRole = "telemetry") -> DatasetRef:
@@ -95,6 +141,8 @@ class DatasetRef(_Model):
         p = Path(path).resolve()
         if p.is_file():
             return cls(path=str(p), sha256=sha256_file(p), role=role)
+        if role != "model" and (p / "_delta_log").is_dir():
+            return cls.from_table(p, role=role)
         if not p.is_dir():
             raise JobError(f"dataset {p}: no such file or directory; pass an existing path", FailureKind.USER)
         files = [DatasetFile(path=rel, sha256=sha256_file(p / rel)) for rel in _dataset_files(p, role)]
@@ -122,6 +170,8 @@ class DatasetRef(_Model):
             )
         present = _dataset_files(p, self.role) if p.is_dir() else []
         listed = [f.path for f in self.files]
+        if self.version is not None:  # a table version: other files of the table directory are not ours
+            present = [f for f in listed if (p / f).is_file()]
         if sorted(present) != sorted(listed):
             extra, missing = sorted(set(present) - set(listed)), sorted(set(listed) - set(present))
             raise JobError(
@@ -205,6 +255,10 @@ class JobSpec(_Model):
         data = self.model_dump(mode="json", exclude={"outputs", "limits", "checkpoint"})
         for ref in data["inputs"]:
             del ref["path"]
+            # Where the table lives and its version number are lineage, not content: the files' digests
+            # stand for the data (an unchanged table at a later version is the same computation).
+            ref.pop("table", None)
+            ref.pop("version", None)
         return hashlib.sha256(canonical_json(data)).hexdigest()
 
     def inputs_with_role(self, role: DatasetRole) -> list[DatasetRef]:

@@ -14,12 +14,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pyarrow.dataset as ds
 from pydantic import BaseModel, ConfigDict
 
 from connectors.dimo.client import DimoClient
 from connectors.dimo.go_duration import parse_interval
 from connectors.dimo.ingest import IngestProgress, ingest
+from connectors.dimo.location import TableLocation
 from connectors.dimo.schema import resolve_signals
 from connectors.dimo.settings import DimoSettings
 from connectors.dimo.store import TelemetryStore
@@ -113,7 +113,7 @@ def plan_batches(token_ids: Sequence[int], batch_size: int) -> list[list[int]]:
 
 def ingest_batch(
     settings: DimoSettings,
-    dataset: Path,
+    dataset: Path | str,
     window: Window,
     token_ids: Sequence[int],
     signals: Sequence[str] | None = None,
@@ -160,14 +160,21 @@ def ingest_batch(
     return run_sync(run)
 
 
-def dataset_info(path: Path, *, with_hash: bool = True) -> DatasetInfo:
-    """Size, extent and content hash (``gpu_jobs.spec.DatasetRef`` digest) of a telemetry dataset."""
-    from gpu_jobs.spec import DatasetRef
+def dataset_info(path: Path | str, *, with_hash: bool = True) -> DatasetInfo:
+    """Size, extent, version and content hash (``gpu_jobs.spec.DatasetRef`` digest of the version's files;
+    local tables only: on object storage it would mean downloading the table) of a telemetry dataset."""
 
-    summary = TelemetryStore(path).summary()
-    digest = DatasetRef.from_path(path).sha256 if with_hash and summary.partitions else None
+    store = TelemetryStore(path)
+    summary = store.summary()
+    local = store.location.is_local
+    digest = (
+        DatasetRef.from_table(store.root, version=summary.version).sha256
+        if with_hash and local and summary.files
+        else None
+    )
     return DatasetInfo(
-        path=str(path),
+        path=store.root,
+        version=summary.version,
         sha256=digest,
         rows=summary.rows,
         vehicles=summary.vehicles,
@@ -179,13 +186,13 @@ def dataset_info(path: Path, *, with_hash: bool = True) -> DatasetInfo:
 
 
 def vehicle_table(
-    path: Path, new_rows: dict[int, int], skipped: Sequence[dict[str, Any]]
+    path: Path | str, new_rows: dict[int, int], skipped: Sequence[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """One row per vehicle for the table artifact: rows added now, rows stored, first/last bucket, status."""
-    files = [str(f) for f in Path(path).glob("date=*/*.parquet")]
+    dataset = TelemetryStore(path).dataset()
     stored: dict[int, tuple[int, Any, Any]] = {}
-    if files:
-        keys = ds.dataset(files, format="parquet").to_table(columns=["token_id", "timestamp"])
+    if dataset is not None:
+        keys = dataset.to_table(columns=["token_id", "timestamp"])
         grouped = keys.group_by("token_id").aggregate(
             [("timestamp", "count"), ("timestamp", "min"), ("timestamp", "max")]
         )
@@ -241,12 +248,14 @@ def check_quality(family: str, metrics: dict[str, Any]) -> QualityVerdict:
 
 
 def train_model_step(
-    params: TrainParams, dataset: Path, out: Path | None = None, on_log: jobs.LogSink | None = None
+    params: TrainParams, dataset: Path | str, out: Path | None = None, on_log: jobs.LogSink | None = None
 ) -> TrainResult:
     """Train, then judge the model against its baseline (the verdict is in the result; see ``require_better``)."""
     out = out or model_dir_for(params)
+    loc = TableLocation.of(dataset)
     doc = jobs.train(
-        dataset=dataset,
+        dataset=dataset if loc.is_local else loc.uri,
+        storage_options=None if loc.is_local else loc.storage_options,
         model=params.family,
         out=out,
         runners=params.runners,
@@ -263,8 +272,9 @@ def train_model_step(
         family=params.family,
         model_dir=str(out),
         model_sha256=sha256_file(out / "manifest.json"),
-        dataset=str(dataset),
-        dataset_sha256=DatasetRef.from_path(dataset).sha256,
+        dataset=str(doc["dataset"]["table"] or dataset),
+        dataset_version=doc["dataset"]["version"],
+        dataset_sha256=doc["dataset"]["sha256"],
         metrics=metrics,
         baseline=verdict.baseline,
         accepted=verdict.accepted,

@@ -55,7 +55,7 @@ def ingest_batch(
     log = get_run_logger()
     report = S.ingest_batch(
         settings,
-        Path(dataset),
+        dataset,
         window,
         token_ids,
         signals,
@@ -75,14 +75,14 @@ def ingest_batch(
 
 @task(name="dataset-info", **_COMMON)
 def dataset_info(dataset: str) -> DatasetInfo:
-    return S.dataset_info(Path(dataset))
+    return S.dataset_info(dataset)
 
 
 @task(name="train-job", retries=1, retry_delay_seconds=5, **_COMMON)
 def train_job(params: TrainParams, dataset: str) -> TrainResult:
     """Run the training job through the runner chain; job log lines stream into the run log."""
     log = get_run_logger()
-    return S.train_model_step(params, Path(dataset), on_log=log.info)
+    return S.train_model_step(params, dataset, on_log=log.info)
 
 
 @task(name="publish-version", retries=2, retry_delay_seconds=exponential_backoff(2), **_COMMON)

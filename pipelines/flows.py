@@ -226,7 +226,7 @@ def train_and_publish(params: TrainAndPublishParams = TrainAndPublishParams()) -
         dataset = params.train.dataset or params.ingest.dataset
     else:
         ingested = ingest_telemetry(params.ingest)
-        dataset = params.train.dataset or Path(ingested.dataset.path)
+        dataset = params.train.dataset or ingested.dataset.path
     stages["ingest"] = round(time.perf_counter() - t, 3)
 
     t = time.perf_counter()
@@ -244,6 +244,7 @@ def train_and_publish(params: TrainAndPublishParams = TrainAndPublishParams()) -
     result = TrainAndPublishResult(
         dataset=str(dataset),
         dataset_sha256=trained.dataset_sha256,
+        dataset_version=trained.dataset_version,
         rows=info.rows,
         vehicles=info.vehicles,
         new_rows=ingested.new_rows if ingested else 0,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from depin_core import paths
 from depin_core.names import FUNCTION_NAME_RULE, function_name_error, is_function_name
@@ -41,6 +41,14 @@ def _known_family(name: str) -> str:
 Family = Annotated[str, AfterValidator(_known_family)]
 
 
+def _location_text(value: Any) -> Any:
+    return str(value) if isinstance(value, Path) else value
+
+
+# a dataset location: a directory (a Path is accepted) or an object-store URI such as s3://bucket/prefix
+DatasetLocation = Annotated[str, BeforeValidator(_location_text)]
+
+
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -48,7 +56,9 @@ class _Params(BaseModel):
 class IngestParams(_Params):
     """What to ingest from DIMO into the Parquet dataset (incremental: per-vehicle watermarks)."""
 
-    dataset: Path = Field(DEFAULT_DATASET, description="dataset directory (Hive-partitioned Parquet)")
+    dataset: DatasetLocation = Field(
+        str(DEFAULT_DATASET), description="dataset: a directory or s3://bucket/prefix (a Delta table)"
+    )
     since: str = Field("7d", description="start: ISO-8601 time or a duration before now (7d, 36h)")
     until: str = Field("now", description="end (exclusive): ISO-8601 time, duration before now, or 'now'")
     interval: str = Field(
@@ -71,8 +81,9 @@ class IngestParams(_Params):
 class TrainParams(_Params):
     """Which model to train on which dataset, where, and where the artifact goes."""
 
-    dataset: Path | None = Field(
-        None, description=f"telemetry dataset; default: the ingested one, else {DEFAULT_DATASET}"
+    dataset: DatasetLocation | None = Field(
+        None,
+        description=f"telemetry dataset (directory or s3://…); default: the ingested one, else {DEFAULT_DATASET}",
     )
     family: Family = Field(
         "range", description=f"model family: one of {', '.join(sorted(FAMILIES))} or a plugin ({PLUGINS_ENV})"

@@ -30,7 +30,8 @@ class DatasetInfo(_Result):
     """A telemetry dataset on disk: where, its content hash, its size and extent."""
 
     path: str
-    sha256: str | None  # DatasetRef digest over the Parquet files; None while empty
+    sha256: str | None  # DatasetRef digest over the version's Parquet files; None while empty or remote
+    version: int | None = None  # the Delta table version described
     rows: int
     vehicles: int
     interval: str | None
@@ -84,6 +85,7 @@ class TrainResult(_Result):
     metrics: dict[str, Any]
     baseline: dict[str, Any]
     accepted: bool
+    dataset_version: int | None = None  # the table version trained on (lineage; time travel reads it back)
     runner: str
     device: str | None
     job_id: str
@@ -123,6 +125,7 @@ class TrainAndPublishResult(_Result):
 
     dataset: str
     dataset_sha256: str
+    dataset_version: int | None = None  # the table version the model was trained on
     rows: int
     vehicles: int
     new_rows: int

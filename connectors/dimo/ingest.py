@@ -1,8 +1,12 @@
 """Incremental ingestion: DIMO telemetry (any :class:`TelemetrySource`) into a :class:`TelemetryStore`.
 
 Re-running over an overlapping window never duplicates or drops rows: each vehicle resumes from its
-watermark, the store deduplicates on ``(token_id, timestamp)``, and watermarks move only after the rows
-they cover are durably written.
+watermark, and each flush appends its rows and the watermarks of the vehicles it completes in one table
+commit (so a crash before a commit loses nothing that a rerun does not redo, and one after it redoes nothing).
+
+Memory is bounded by the flush size, not the fleet: rows are buffered until ``commit_rows`` rows or
+``commit_bytes`` bytes, then appended (a write costs O(new rows)); at most ``max_concurrency`` vehicles are
+being fetched at any time (the client's setting).
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class IngestReport:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     up_to_date: int = 0
     dataset_rows: int = 0
+    dataset_version: int | None = None  # the table version after this run (time travel: DatasetRef, lineage)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,6 +78,7 @@ async def ingest(
     signals: Sequence[str] | None = None,
     token_ids: Sequence[int] | None = None,
     commit_rows: int = 250_000,
+    commit_bytes: int = 64 << 20,
     on_progress: Callable[[IngestProgress], None] | None = None,
 ) -> IngestReport:
     """Fetch ``[since, until)`` at ``interval`` for every vehicle shared with the license and store it.
@@ -82,11 +88,9 @@ async def ingest(
     """
     started = time.perf_counter()
     interval_text = format_go_duration(interval)
-    if store.interval and store.interval != interval_text:
-        raise ConfigError(
-            f"interval: the dataset at {store.root} holds {store.interval} buckets, not {interval_text}; "
-            "use the same --interval or another --out directory"
-        )
+    if commit_rows < 1 or commit_bytes < 1:
+        raise ConfigError("commit_rows/commit_bytes: must be positive (rows and bytes buffered per commit)")
+    store.ensure(interval=interval_text)
     lo, hi = align_down(since, interval), align_down(until, interval)
     if hi <= lo:
         raise ConfigError(
@@ -103,7 +107,7 @@ async def ingest(
             )
         vehicles = [v for v in vehicles if v.token_id in wanted]
 
-    marks = store.watermarks()
+    marks = store.watermarks(v.token_id for v in vehicles)
     starts = {v.token_id: max(lo, marks.get(v.token_id, lo)) for v in vehicles}
     todo = [v for v in vehicles if starts[v.token_id] < hi]
     report = IngestReport(
@@ -123,23 +127,20 @@ async def ingest(
 
     pending: list[pa.Table] = []
     pending_ids: list[int] = []
-    pending_rows = 0
+    pending_rows = pending_bytes = 0
 
     def flush() -> None:
-        nonlocal pending, pending_ids, pending_rows
+        nonlocal pending, pending_ids, pending_rows, pending_bytes
         if not pending_ids:
             return
         tables = [t for t in pending if t.num_rows]
-        if tables:
-            names = signals_of_columns(c for t in tables for c in t.column_names)
-            schema = telemetry_schema(names, interval=interval_text)
-            store.write(
-                pa.concat_tables([conform_table(t, schema) for t in tables]),
-                watermarks={tid: hi for tid in pending_ids},
-            )
-        else:
-            store.set_watermarks({tid: hi for tid in pending_ids})
-        pending, pending_ids, pending_rows = [], [], 0
+        names = signals_of_columns(c for t in tables for c in t.column_names)
+        schema = telemetry_schema(names, interval=interval_text)
+        rows = (
+            pa.concat_tables([conform_table(t, schema) for t in tables]) if tables else schema.empty_table()
+        )
+        store.append(rows, watermarks={tid: hi for tid in pending_ids})
+        pending, pending_ids, pending_rows, pending_bytes = [], [], 0, 0
 
     done = 0
     async for history in source.fetch_fleet(todo, since=starts, until=hi, interval=interval, signals=signals):
@@ -152,7 +153,8 @@ async def ingest(
             pending.append(history.table)
             pending_ids.append(history.vehicle.token_id)
             pending_rows += history.table.num_rows
-            if pending_rows >= commit_rows:
+            pending_bytes += history.table.nbytes
+            if pending_rows >= commit_rows or pending_bytes >= commit_bytes:
                 flush()
         if on_progress:
             on_progress(IngestProgress(done, len(todo), report.rows, history.vehicle.token_id))
@@ -162,5 +164,6 @@ async def ingest(
     report.requests = int(getattr(stats, "requests", 0))
     report.retries = int(getattr(stats, "retries", 0))
     report.seconds = round(time.perf_counter() - started, 3)
-    report.dataset_rows = store.summary().rows
+    summary = store.summary(count_vehicles=False)
+    report.dataset_rows, report.dataset_version = summary.rows, summary.version
     return report

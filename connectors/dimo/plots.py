@@ -37,6 +37,13 @@ MAX_COLS = 24 * 45  # hour columns drawn; longer histories are drawn in blocks o
 
 
 def _dataset(root: Path | str) -> ds.Dataset:
+    """The current version of the telemetry table at ``root`` (a plain Parquet folder also works)."""
+    from connectors.dimo.store import TelemetryStore
+
+    if str(root).startswith("s3") or (Path(root) / "_delta_log").is_dir():
+        dataset = TelemetryStore(root).dataset()
+        if dataset is not None:
+            return dataset
     return ds.dataset(str(root), format="parquet", partitioning="hive")
 
 

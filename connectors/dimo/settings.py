@@ -208,3 +208,47 @@ class DimoSettings(BaseSettings):
         )
         fields = {"environment": "emulator", **{k: doc[k] for k in keys if doc.get(k) is not None}}
         return cls(**{**fields, **overrides})
+
+
+class DatasetSettings(BaseSettings):
+    """Where the telemetry table lives (env prefix ``DEPIN_DATASET_``).
+
+    ``uri`` is a local path (default) or ``s3://bucket/prefix``. The ``s3_*`` fields are passed to delta-rs /
+    the object store; any one left unset falls back to the standard ``AWS_*`` environment variables, which
+    delta-rs reads itself. The secret key is a ``SecretStr`` and never printed.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="DEPIN_DATASET_", extra="ignore", hide_input_in_errors=True)
+
+    uri: str | None = Field(None, description="table location: a directory or s3://bucket/prefix")
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000"
+    )
+    s3_region: str | None = Field(None, description="S3 region (any value for most S3-compatible stores)")
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_allow_http: bool = Field(False, description="allow a plain-http endpoint (loopback test servers)")
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _check_endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", v.strip()):
+            raise ConfigError(
+                "DEPIN_DATASET_S3_ENDPOINT_URL (s3_endpoint_url) must be an http(s) URL, e.g. https://s3.eu-west-1.amazonaws.com"
+            )
+        return v.strip().rstrip("/") if v else v
+
+    def storage_options(self) -> dict[str, str]:
+        """The object-store options for delta-rs, pyarrow and polars (secrets included: never log this)."""
+        opts = {
+            "AWS_ENDPOINT_URL": self.s3_endpoint_url,
+            "AWS_REGION": self.s3_region,
+            "AWS_ACCESS_KEY_ID": self.s3_access_key_id,
+            "AWS_SECRET_ACCESS_KEY": self.s3_secret_access_key.get_secret_value()
+            if self.s3_secret_access_key
+            else None,
+        }
+        out = {k: v for k, v in opts.items() if v}
+        if self.s3_allow_http:
+            out["AWS_ALLOW_HTTP"] = "true"
+        return out

@@ -40,7 +40,7 @@ async def run_ingest(
     interval: str,
     signals: str | None,
     vehicles: str | None,
-    out: Path,
+    out: Path | str,
     credentials: Path | None,
     show_progress: bool = True,
     settings: DimoSettings | None = None,
@@ -117,14 +117,18 @@ def ingest(
         str | None, typer.Option(help="comma-separated token ids; default: all shared")
     ] = None,
     out: Annotated[
-        Path, typer.Option(help="dataset directory (Parquet, partitioned by date)")
-    ] = paths.DATASET_DIR,
+        str,
+        typer.Option(
+            help="dataset: a directory or s3://bucket/prefix (a Delta table; object-store settings from "
+            "DEPIN_DATASET_S3_* or AWS_*)"
+        ),
+    ] = str(paths.DATASET_DIR),
     credentials: Annotated[
         Path | None, typer.Option(help="credentials JSON (from depin emulator --credentials-out)")
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Ingest DIMO telemetry into a Parquet dataset, incrementally (per-vehicle watermarks, no duplicates)."""
+    """Ingest DIMO telemetry into the dataset table, incrementally (per-vehicle watermarks, exactly once)."""
     report = asyncio.run(
         run_ingest(
             since=since,

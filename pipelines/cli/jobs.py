@@ -79,12 +79,21 @@ def job_progress(label: str) -> Iterator[dict[str, Any]]:
             progress.stop()
 
 
-def train_cmd(*, model: str, **kw: Any) -> dict[str, Any]:
+def dataset_storage_options(dataset: Path | str) -> dict[str, str] | None:
+    """Object-store options (``DEPIN_DATASET_S3_*``) for a dataset URI; None for a local path."""
+    from connectors.dimo.location import TableLocation
+
+    loc = TableLocation.of(dataset)
+    return None if loc.is_local else loc.storage_options
+
+
+def train_cmd(*, model: str, dataset: Path | str, **kw: Any) -> dict[str, Any]:
     """:func:`gpu_jobs.api.train` with a progress bar."""
     from gpu_jobs import api
 
     with job_progress(f"train {model}") as callbacks:
-        return api.train(model=model, **kw, **callbacks)
+        opts = dataset_storage_options(dataset)
+        return api.train(model=model, dataset=dataset, storage_options=opts, **kw, **callbacks)
 
 
 def score_cmd(*, model_dir: Path, **kw: Any) -> dict[str, Any]:
@@ -96,7 +105,9 @@ def score_cmd(*, model_dir: Path, **kw: Any) -> dict[str, Any]:
 
 
 def train(
-    dataset: Annotated[Path, typer.Option(help="telemetry dataset directory (from depin ingest)")],
+    dataset: Annotated[
+        str, typer.Option(help="telemetry dataset: directory or s3://bucket/prefix (from depin ingest)")
+    ],
     model: Annotated[
         str, typer.Option(help=f"model family: {' or '.join(sorted(FAMILIES))} (plugins: {PLUGINS_ENV})")
     ],
@@ -114,11 +125,15 @@ def train(
     param: Annotated[list[str] | None, typer.Option(help="hyperparameter key=value (repeatable)")] = None,
     seed: Annotated[int, typer.Option(help="seed (data split, init, shuffling)")] = 0,
     max_wall_s: Annotated[float, typer.Option(help="wall-time limit of the job")] = 3600.0,
+    dataset_version: Annotated[
+        int | None, typer.Option(help="train on this version of the dataset table (default: the latest)")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a model on a telemetry dataset as a job (subprocess; checkpoints; artifact with sha256s)."""
     result = train_cmd(
         dataset=dataset,
+        dataset_version=dataset_version,
         model=model,
         out=out,
         runners=runner or ["local"],

@@ -8,6 +8,7 @@ registry and models under ``.depin/`` of the working directory, no parameters be
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from depin_core.plots import quantity
 from pipelines.params import DEFAULT_EMULATOR_CREDENTIALS, IngestParams, TrainAndPublishParams, TrainParams
 from tests.support.flow_fleet import FLEET, FLEET_END, RANGE_HP, SIGNALS, SINCE, UNTIL
 from tests.support.prefect_harness import prefect_session
+from tests.support.s3 import S3Server
 
 pytestmark = pytest.mark.e2e
 
@@ -39,9 +41,17 @@ def fleet_emulator() -> Iterator[EmulatorProcess]:
         yield emu
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
 def test_train_and_publish_against_the_emulator_then_invoke_through_the_gateway(
-    prefect_backend: None, fleet_emulator: EmulatorProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    prefect_backend: None,
+    fleet_emulator: EmulatorProcess,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    where: str,
 ) -> None:
+    """``local``: the defaults, dataset under .depin/. ``s3``: the dataset is a table on a local S3-compatible
+    server (moto), configured through DEPIN_DATASET_S3_*; the job reads the version's files from it."""
     from prefect.serializers import JSONSerializer
 
     from pipelines import TrainAndPublishResult, train_and_publish
@@ -57,20 +67,38 @@ def test_train_and_publish_against_the_emulator_then_invoke_through_the_gateway(
     DEFAULT_EMULATOR_CREDENTIALS.parent.mkdir(parents=True)
     shutil.copy(fleet_emulator.credentials_path, DEFAULT_EMULATOR_CREDENTIALS)  # as `depin up` leaves it
 
-    params = TrainAndPublishParams(
-        ingest=IngestParams(since=SINCE, until=UNTIL, signals=SIGNALS, rate_limit_per_s=0),
-        train=TrainParams(hyperparameters=RANGE_HP),
-    )
+    ingest = IngestParams(since=SINCE, until=UNTIL, signals=SIGNALS, rate_limit_per_s=0)
+    if where == "s3":
+        s3: S3Server = request.getfixturevalue("s3_server")
+        for var, value in s3.env.items():
+            monkeypatch.setenv(var, value)
+        bucket = s3.new_bucket()
+        ingest = ingest.model_copy(update={"dataset": f"s3://{bucket}/fleet/telemetry"})
+    params = TrainAndPublishParams(ingest=ingest, train=TrainParams(hyperparameters=RANGE_HP))
     result = train_and_publish(params)
 
     assert isinstance(result, TrainAndPublishResult)
     assert result.vehicles == 10 and result.rows == result.new_rows > 10_000
     assert result.family == "range" and result.metrics["mae"] < result.baseline["baseline_mae"]
-    assert Path(result.dataset) == Path(".depin/datasets/telemetry") and Path(result.model_dir).is_dir()
+    assert Path(result.model_dir).is_dir() and result.dataset_version is not None
+    if where == "local":
+        assert Path(result.dataset) == Path(".depin/datasets/telemetry").resolve()
+    else:
+        assert result.dataset == f"s3://{bucket}/fleet/telemetry"
+        assert not Path(".depin/datasets/telemetry").exists()  # nothing written locally but the job's cache
+        keys = s3.keys(bucket, "fleet/telemetry/")
+        assert any(k.startswith("fleet/telemetry/_delta_log/") for k in keys)
+        assert any(k.startswith("fleet/telemetry/date=") and k.endswith(".parquet") for k in keys)
+    lineage = json.loads((Path(result.model_dir) / "manifest.json").read_text())["datasets"][0]
+    assert (lineage["table"], lineage["version"]) == (str(Path(result.dataset).resolve()) if where == "local"
+                                                      else result.dataset, result.dataset_version)  # fmt: skip
     assert result.function_name == "range" and result.function_alias == "prod"
     assert result.function_url == "http://127.0.0.1:8787/v1/functions/range@prod/invoke"
     assert set(result.stage_seconds) == {"ingest", "train", "publish"}
-    assert result.train.dataset_sha256 == result.ingest.dataset.sha256 == result.dataset_sha256  # type: ignore[union-attr]
+    assert result.ingest is not None and result.train.dataset_sha256 == result.dataset_sha256
+    assert result.ingest.dataset.version == result.dataset_version  # trained on the version just ingested
+    if where == "local":  # a table on object storage is not hashed by the ingest (that would download it)
+        assert result.ingest.dataset.sha256 == result.dataset_sha256
     summary = result.summary()
     assert {"rows", "vehicles", "metrics", "baseline", "function_url", "stage_seconds"} <= set(summary)
     from tests.support.prefect_harness import artifacts

@@ -53,7 +53,9 @@ def test_round_trip_and_manifest(artifact) -> None:
     assert loaded.metrics == {"mae": 0.25}
     m = loaded.manifest
     assert m["format"] == "depin-model/1" and m["family"] == "toy" and m["device"]["type"] == "cpu"
-    assert m["datasets"] == [{"role": "telemetry", "sha256": "d" * 64, "path": "/d"}]
+    assert m["datasets"] == [
+        {"role": "telemetry", "sha256": "d" * 64, "path": "/d", "table": None, "version": None}
+    ]
     assert m["spec_hash"] and m["torch_version"] == torch.__version__ and m["created_at"]
     assert m["files"] == {Path(p).name: h for p, h in hashes.items() if not p.endswith(MANIFEST)}
 

@@ -57,7 +57,7 @@ def default_end() -> datetime:
 
 @dataclass(frozen=True)
 class FleetData:
-    telemetry: Path  # TelemetryStore root (Hive-partitioned Parquet)
+    telemetry: Path  # TelemetryStore root (a Delta table)
     truth: Path  # vehicles.parquet + faults.parquet
 
 

@@ -3,6 +3,10 @@
 This is the contract between the fleet builders (``sim.simulator``, ``replay``) and the API handlers
 (``auth``, ``identity``, ``telemetry``). Everything here is plain data; nothing talks HTTP.
 
+Simulated fleets generate rows on demand: ``Fleet.history`` answers windows of a vehicle's rows, and
+``series``/``events`` are read-only mappings that build a vehicle's whole frame when accessed (for tools and
+tests; the server only asks for windows). Replayed fleets hold plain dicts of frames.
+
 Series layout (one polars DataFrame per vehicle, sorted by ``ts``):
 - ``ts``: Datetime("us", "UTC"), strictly increasing;
 - one column per DIMO signal the vehicle reports, named exactly as the signal: Float64 for Float
@@ -12,10 +16,13 @@ Series layout (one polars DataFrame per vehicle, sorted by ``ts``):
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Protocol
 
+import numpy as np
 import polars as pl
 
 from connectors.dimo.settings import VEHICLE_NFT_PROD
@@ -87,19 +94,48 @@ class Vehicle:
         return out
 
 
+class History(Protocol):
+    """Rows generated on demand for some vehicles (``sim.history.SimulatedHistory``); times in µs."""
+
+    def __contains__(self, token_id: object) -> bool: ...
+
+    def columns(self, token_id: int) -> list[str]: ...
+
+    def rows(self, token_id: int, from_us: int, to_us: int) -> tuple[pl.DataFrame, np.ndarray]: ...
+
+    def events(self, token_id: int, from_us: int, to_us: int) -> pl.DataFrame: ...
+
+    def iter_chunks(self, token_id: int) -> Iterator[Chunk]: ...
+
+
+class Chunk(Protocol):
+    """A consecutive part of a vehicle's history: rows, their timestamps (µs) and events."""
+
+    @property
+    def series(self) -> pl.DataFrame: ...
+
+    @property
+    def ts_us(self) -> np.ndarray: ...
+
+    @property
+    def events(self) -> pl.DataFrame: ...
+
+
 @dataclass
 class Fleet:
     """Everything the emulator serves."""
 
     license: DeveloperLicense
     vehicles: dict[int, Vehicle]
-    series: dict[int, pl.DataFrame]
-    events: dict[int, pl.DataFrame]  # columns: ts, name, source, duration_ns (Int64), metadata (Utf8 JSON)
+    series: Mapping[int, pl.DataFrame]
+    events: Mapping[int, pl.DataFrame]  # columns: ts, name, source, duration_ns (Int64), metadata (Utf8 JSON)
     start: datetime
     end: datetime
     # Ground truth a model can learn and a test can check (simulated fleets; empty for pure replays).
     truth_vehicles: pl.DataFrame = field(default_factory=pl.DataFrame)
     truth_faults: pl.DataFrame = field(default_factory=pl.DataFrame)
+    # Vehicles whose rows are generated on demand; the server reads their windows from here.
+    history: History | None = None
 
     def token_ids_desc(self) -> list[int]:
         return sorted(self.vehicles, reverse=True)

@@ -13,6 +13,7 @@ the simulator's physics (``sim.render.VehicleSim``).
 from __future__ import annotations
 
 import math
+from collections import ChainMap
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -368,7 +369,10 @@ def add_cmap_vehicles(fleet: Fleet, cmap_dir: Path, *, seed: int) -> Fleet:
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC3A9]))
     next_id = max(fleet.vehicles, default=FIRST_TOKEN_ID)
     taken = {v.name for v in fleet.vehicles.values()}
-    vehicles, series, events = dict(fleet.vehicles), dict(fleet.series), dict(fleet.events)
+    vehicles = dict(fleet.vehicles)
+    # new frames in front of the (possibly lazily generated) ones: nothing of the input fleet is materialised
+    series: ChainMap[int, pl.DataFrame] = ChainMap({}, fleet.series)  # type: ignore[arg-type]  # read-only below
+    events: ChainMap[int, pl.DataFrame] = ChainMap({}, fleet.events)  # type: ignore[arg-type]
     truth = []
     for path in cmap_files(cmap_dir):
         next_id += int(rng.integers(1, 40))

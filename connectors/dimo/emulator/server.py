@@ -39,6 +39,7 @@ def build_fleet(config: EmulatorConfig) -> Fleet:
         end=end,
         restricted_fraction=config.restricted_fraction,
         idle_fraction=config.idle_fraction,
+        cache_bytes=int(config.history_cache_mb * 2**20),
     )
     if config.cmap_dir is not None:
         from connectors.dimo.emulator import replay

@@ -56,6 +56,11 @@ class EmulatorConfig(BaseModel):
         False,
         description="token exchange ignores asset/permissions like an older token-exchange-api",
     )
+    history_cache_mb: float = Field(
+        96.0,
+        gt=0,
+        description="simulated rows kept in memory (MB, least recently used dropped); rows are generated on demand",
+    )
     log_level: str = "warning"
 
     @field_validator("faults")

@@ -39,6 +39,11 @@ ANOMALY_FEATURES: dict[str, dict[str, tuple[str, str]]] = {
 }
 
 
+# The signals anomaly_windows reads (the lazy readers project to them; the rest conform to nulls)
+ANOMALY_SIGNALS = (*F.TIRES, F.V12, F.SPEED, F.IGNITION, F.CHARGING, F.POWERTRAIN, F.BATT_TEMP, F.AIR, F.POWER,
+                   F.COOLANT, F.LOAD, F.RPM)  # fmt: skip
+
+
 def tire_baselines(df: pl.DataFrame, *, bin_kpa: float = 0.25) -> pl.DataFrame:
     """Per vehicle, each tyre's usual deviation from the mean of the other three (kPa): ``base_0..3``.
 
@@ -135,17 +140,3 @@ def anomaly_windows(
     )
     names = list(dict.fromkeys(n for feats in ANOMALY_FEATURES.values() for n in feats))
     return w.select("token_id", "window_start", "window_end", "powertrain", "rows", *names)
-
-
-def tire_baselines_streaming(files: list[str]) -> pl.DataFrame:
-    """:func:`tire_baselines` over ``files`` reading only the key and tyre columns."""
-    frames = []
-    for path in files:
-        names = pl.read_parquet_schema(path)
-        cols = ["token_id", *(t for t in F.TIRES if t in names)]
-        frames.append(pl.read_parquet(path, columns=cols, hive_partitioning=False))
-    df = pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame({"token_id": []})
-    for t in F.TIRES:
-        if t not in df.columns:
-            df = df.with_columns(pl.lit(None, pl.Float64).alias(t))
-    return tire_baselines(df)

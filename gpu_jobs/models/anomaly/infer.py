@@ -1,4 +1,4 @@
-"""Batch scoring with the anomaly model: streamed telemetry → windows → scores (one Parquet file)."""
+"""Batch scoring with the anomaly model: telemetry by vehicle batches → windows → scores (one Parquet file)."""
 
 from __future__ import annotations
 
@@ -33,25 +33,20 @@ def score_dataset(
     out: Path,
     *,
     faults: Path | None = None,
-    batch_rows: int = 131_072,
+    batch_rows: int | None = None,
 ) -> InferOutput:
-    """Stream ``files`` → windows → scores → ``out`` (one row per window); recall/FPR when ``faults`` given.
-
-    Two passes: the per-vehicle tyre baselines (medians over the whole input; five columns), then the
-    windows in record batches.
-    """
+    """``files`` by vehicle batches (about ``batch_rows`` telemetry rows, default ``F.BATCH_ROWS``) → windows
+    → scores → ``out`` (one row per window); recall/FPR when ``faults`` given. A batch holds each of its
+    vehicles' whole input, so the per-vehicle tyre baselines are those of the whole input."""
     if config.get("family") != NAME:
         raise ConfigError(f"model is a {config.get('family')!r} model, not 'anomaly'; pass an anomaly model")
     net = build_net(config, state)
     minutes = int(config["hyperparameters"]["window_minutes"])
-    base = AF.tire_baselines_streaming(files)
     evals: list[pl.DataFrame] = []
 
     def frames() -> Any:
-        for df in S.stream_windows(files, S.carry_last_window(minutes), batch_rows=batch_rows):
-            scored = score_windows(
-                net, config, AF.anomaly_windows(df, window_minutes=minutes, baselines=base)
-            )
+        for df in F.TelemetryFiles(files, AF.ANOMALY_SIGNALS).batches(batch_rows):
+            scored = score_windows(net, config, AF.anomaly_windows(df, window_minutes=minutes))
             evals.append(scored.select("token_id", "window_start", "window_end", "flagged", "parked_share",
                                        "moving_share"))  # fmt: skip
             yield scored

@@ -49,11 +49,14 @@ def _hparams(ctx: JobContext) -> dict[str, Any]:
     return {**DEFAULTS, **hp}
 
 
-def _read_windows(files: list[str], hp: dict[str, Any]) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(telemetry table, its windows of known vehicle types) — what training and evaluation start from."""
-    table = F.read_telemetry([Path(f) for f in files])
-    windows = AF.anomaly_windows(table, window_minutes=int(hp["window_minutes"]))
-    return table, windows.filter(pl.col("powertrain").is_in(list(TYPES)))
+def _read_windows(files: list[str], hp: dict[str, Any]) -> tuple[dict[str, Any], pl.DataFrame]:
+    """(the telemetry's data summary, its windows of known vehicle types) — what training and evaluation
+    start from; built by vehicle batches, so only one batch of telemetry is in memory at a time."""
+    minutes = int(hp["window_minutes"])
+    windows, summary = F.by_vehicle_batches(
+        files, lambda df: AF.anomaly_windows(df, window_minutes=minutes), columns=AF.ANOMALY_SIGNALS
+    )
+    return summary, windows.filter(pl.col("powertrain").is_in(list(TYPES)))
 
 
 def heldout_metrics(
@@ -97,7 +100,7 @@ def train(ctx: JobContext) -> TrainOutput:
     seed = int(getattr(ctx.spec, "seed", 0))
     seed_all(seed)
     files, faults_path = F.split_inputs(ctx.inputs)
-    table, windows = _read_windows(files, hp)
+    summary, windows = _read_windows(files, hp)
     train_ids, test_ids = F.split_vehicles(windows["token_id"], holdout=float(hp["holdout"]), seed=seed)
     tr, te = F.by_vehicles(windows, train_ids, test_ids)
     types = [t for t in TYPES if tr.filter(pl.col("powertrain") == t).height]
@@ -115,7 +118,7 @@ def train(ctx: JobContext) -> TrainOutput:
         "outputs": [{"name": "score", "unit": "1"}, {"name": "flagged", "unit": "bool"}],
         "train_vehicles": train_ids.tolist(),
         "heldout_vehicles": test_ids.tolist(),
-        "data": F.data_summary(table),
+        "data": summary,
     }
     net = build_net({**config, "thresholds": {}}).to(ctx.device)
     clip = float(hp["clip"])

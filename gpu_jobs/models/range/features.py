@@ -32,6 +32,9 @@ RANGE_FEATURES: dict[str, tuple[str, str]] = {
 # identify the vehicle, and a net fed them learns vehicle levels that do not carry over to new vehicles.
 TRIP_INFO = ("gross_kwh", "soh")
 RANGE_TARGET = ("kwh_per_100km", "kWh/100km")
+# The signals trip_windows reads (the lazy readers project to them; the rest conform to nulls)
+RANGE_SIGNALS = (F.SPEED, F.IGNITION, F.CHARGING, F.SOC, F.ODOMETER, F.GROSS, F.SOH, F.AIR, F.BATT_TEMP,
+                 F.POWERTRAIN)  # fmt: skip
 
 
 def trip_windows(df: pl.DataFrame, *, min_km: float = 2.0) -> pl.DataFrame:

@@ -1,4 +1,4 @@
-"""Batch scoring with the range model: streamed telemetry → trips → predictions (one Parquet file)."""
+"""Batch scoring with the range model: telemetry by vehicle batches → trips → predictions (one Parquet file)."""
 
 from __future__ import annotations
 
@@ -33,9 +33,10 @@ def score_dataset(
     files: list[str],
     out: Path,
     *,
-    batch_rows: int = 131_072,
+    batch_rows: int | None = None,
 ) -> InferOutput:
-    """Stream ``files`` → trips → predictions → ``out`` (one row per trip); metrics where measurable."""
+    """``files`` by vehicle batches (about ``batch_rows`` telemetry rows, default ``F.BATCH_ROWS``) → trips →
+    predictions → ``out`` (one row per trip, by vehicle and start); metrics where measurable."""
     if config.get("family") != NAME:
         raise ConfigError(f"model is a {config.get('family')!r} model, not 'range'; pass a range model")
     net = net_from_config(config, state)
@@ -44,7 +45,7 @@ def score_dataset(
     seen: list[pl.DataFrame] = []
 
     def frames() -> Any:
-        for df in S.stream_windows(files, S.carry_open_trips, batch_rows=batch_rows):
+        for df in F.TelemetryFiles(files, RF.RANGE_SIGNALS).batches(batch_rows):
             trips = RF.trip_windows(df, min_km=float(hp["min_km"])).sort("token_id", "start")
             out_frame = predict_trips(net, config, trips, cal)
             seen.append(out_frame.select(TARGET, "predicted_kwh_per_100km").drop_nulls())

@@ -57,11 +57,14 @@ def _hparams(ctx: JobContext) -> dict[str, Any]:
     return {**DEFAULTS, **hp}
 
 
-def _read_trips(files: list[str], hp: dict[str, Any]) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(telemetry table, its measurable trips) — what training and :func:`evaluate` start from."""
-    table = F.read_telemetry([Path(f) for f in files])
-    trips = RF.trip_windows(table, min_km=float(hp["min_km"]))
-    return table, trips.filter(pl.col(TARGET).is_finite() & (pl.col(TARGET) > 0))
+def _read_trips(files: list[str], hp: dict[str, Any]) -> tuple[dict[str, Any], pl.DataFrame]:
+    """(the telemetry's data summary, its measurable trips) — what training and :func:`evaluate` start
+    from; built by vehicle batches, so only one batch of telemetry is in memory at a time."""
+    min_km = float(hp["min_km"])
+    trips, summary = F.by_vehicle_batches(
+        files, lambda df: RF.trip_windows(df, min_km=min_km), columns=RF.RANGE_SIGNALS
+    )
+    return summary, trips.filter(pl.col(TARGET).is_finite() & (pl.col(TARGET) > 0))
 
 
 def heldout_metrics(
@@ -110,7 +113,7 @@ def train(ctx: JobContext) -> TrainOutput:
     hp = _hparams(ctx)
     seed = int(getattr(ctx.spec, "seed", 0))
     seed_all(seed)
-    table, trips = _read_trips(F.split_inputs(ctx.inputs)[0], hp)
+    summary, trips = _read_trips(F.split_inputs(ctx.inputs)[0], hp)
     if trips["token_id"].n_unique() < 2:
         raise ConfigError("range: need measurable EV trips from at least 2 vehicles; ingest more EV data")
     train_ids, test_ids = F.split_vehicles(trips["token_id"], holdout=float(hp["holdout"]), seed=seed)
@@ -129,7 +132,7 @@ def train(ctx: JobContext) -> TrainOutput:
         "window": "trip (ignition-on run bracketed by parked, not-charging buckets)",
         "train_vehicles": train_ids.tolist(),
         "heldout_vehicles": test_ids.tolist(),
-        "data": F.data_summary(table),
+        "data": summary,
     }  # fmt: skip
     net = net_from_config(config).to(ctx.device)
     x = torch.from_numpy(F.apply_norm(tr, config["norm"])).to(ctx.device)

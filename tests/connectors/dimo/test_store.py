@@ -1,31 +1,27 @@
-"""TelemetryStore: partitioned Parquet dataset with dedupe, schema evolution, watermarks and crash safety."""
+"""TelemetryStore: the Delta table's appends, watermarks, schema merge, reads, and crash and concurrency safety.
+
+The crash and concurrency tests run on a local directory and on a local S3-compatible server (moto).
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import signal
 import subprocess
 import sys
-import textwrap
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+from deltalake import DeltaTable
 
-from connectors.dimo import store as store_mod
+from connectors.dimo import _delta
 from connectors.dimo.schema import TIMESTAMP_TYPE, telemetry_schema
 from connectors.dimo.store import TelemetryStore
 from depin_core.errors import ConfigError
+from tests.support.s3 import S3Server
+from tests.support.store_writer import DAY_END, MINUTES, VEHICLES_PER_COMMIT, vehicle_rows, write_vehicles
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 HOUR = timedelta(hours=1)
@@ -43,12 +39,7 @@ def make_table(
     """A contract table: rows at T0 + hours[i] for tokens[i], with 'speed' and optional extra signals."""
     extra = extra or {}
     schema = telemetry_schema(["speed", *extra], interval=interval)
-    data = {
-        "token_id": tokens,
-        "timestamp": [T0 + h * HOUR for h in hours],
-        "speed": speed,
-        **extra,
-    }
+    data = {"token_id": tokens, "timestamp": [T0 + h * HOUR for h in hours], "speed": speed, **extra}
     return pa.table({f.name: data[f.name] for f in schema}, schema=schema)
 
 
@@ -56,31 +47,21 @@ def rows(table: pa.Table) -> list[tuple]:
     return list(zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True))
 
 
-def files_digest(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.glob("date=*/*.parquet"))
-    }
-
-
-def hidden_temps(root: Path) -> list[Path]:
-    return sorted(root.glob("date=*/.*.tmp")) + sorted(root.glob("_depin/.*.tmp"))
-
-
-def test_same_write_twice_is_idempotent(tmp_path: Path) -> None:
+def test_append_with_watermarks_is_exactly_once(tmp_path: Path) -> None:
     store = TelemetryStore(tmp_path)
     t = make_table([7, 7, 3, 3], [0, 30, 1, 25], [10.0, 20.0, None, 40.0])
-    first = store.write(t)
-    assert (first.rows_in, first.rows_added, first.rows_replaced) == (4, 4, 0)
+    marks = {7: T0 + 31 * HOUR, 3: T0 + 26 * HOUR}
+    first = store.append(t, watermarks=marks)
+    assert (first.rows_in, first.rows_added, first.rows_skipped) == (4, 4, 0)
     assert first.partitions == ["date=2026-03-01", "date=2026-03-02"]
-    before, digest = store.read(), files_digest(tmp_path)
+    assert first.version == store.version() == 1  # 0 created the table
+    before = store.read()
 
-    second = store.write(t)
-    assert (second.rows_in, second.rows_added, second.rows_replaced) == (4, 0, 4)
-    after = store.read()
-    assert after.equals(before)
-    assert files_digest(tmp_path) == digest
-    assert rows(after) == [
+    second = store.append(t, watermarks=marks)  # a retried write: every row is behind its watermark
+    assert (second.rows_added, second.rows_skipped, second.version) == (0, 4, None)
+    assert store.version() == 1
+    assert store.read().equals(before)
+    assert rows(before) == [
         (3, T0 + 1 * HOUR, None),
         (3, T0 + 25 * HOUR, 40.0),
         (7, T0, 10.0),
@@ -88,290 +69,124 @@ def test_same_write_twice_is_idempotent(tmp_path: Path) -> None:
     ]
 
 
-def test_overlap_replaces_overlapping_rows_and_keeps_the_rest(tmp_path: Path) -> None:
+def test_rows_behind_the_watermark_are_dropped_the_rest_appended(tmp_path: Path) -> None:
     store = TelemetryStore(tmp_path)
-    store.write(make_table([1, 1, 1, 2], [0, 1, 2, 0], [1.0, 2.0, 3.0, 9.0]))
-    res = store.write(make_table([1, 1, 1], [2, 3, 24], [30.0, 40.0, 50.0]))
-    assert (res.rows_added, res.rows_replaced) == (2, 1)
+    store.append(make_table([1, 1, 2], [0, 1, 0], [1.0, 2.0, 9.0]), watermarks={1: T0 + 2 * HOUR})
+    res = store.append(make_table([1, 1, 2], [1, 2, 1], [20.0, 30.0, 10.0]), watermarks={1: T0 + 3 * HOUR})
+    assert (res.rows_added, res.rows_skipped) == (2, 1)  # vehicle 2 has no watermark: appended as given
     assert rows(store.read()) == [
         (1, T0, 1.0),
         (1, T0 + HOUR, 2.0),
         (1, T0 + 2 * HOUR, 30.0),
-        (1, T0 + 3 * HOUR, 40.0),
-        (1, T0 + 24 * HOUR, 50.0),
         (2, T0, 9.0),
+        (2, T0 + HOUR, 10.0),
     ]
 
 
 def test_duplicates_within_one_table_keep_the_last_row(tmp_path: Path) -> None:
     store = TelemetryStore(tmp_path)
-    res = store.write(make_table([1, 1, 1], [0, 0, 1], [1.0, 2.0, 3.0]))
-    assert (res.rows_in, res.rows_added, res.rows_replaced) == (3, 2, 0)
+    res = store.append(make_table([1, 1, 1], [0, 0, 1], [1.0, 2.0, 3.0]))
+    assert (res.rows_in, res.rows_added, res.rows_skipped) == (3, 2, 0)
     assert rows(store.read()) == [(1, T0, 2.0), (1, T0 + HOUR, 3.0)]
 
 
-def test_schema_evolution_adds_a_column_null_in_old_rows(tmp_path: Path) -> None:
+def test_a_write_adds_files_and_never_rewrites_old_ones(tmp_path: Path) -> None:
     store = TelemetryStore(tmp_path)
-    store.write(make_table([1, 1], [0, 24], [1.0, 2.0]))
-    # Same day as an old row (merged file) and a new day; day 2 (hour 24) is untouched and lacks the column.
-    store.write(make_table([1, 1], [1, 48], [3.0, 4.0], extra={"powertrainType": ["BEV", "HYBRID"]}))
-    got = store.read()
-    assert got.column_names == ["token_id", "timestamp", "speed", "powertrainType"]
-    assert got.schema.field("powertrainType").type == pa.string()
-    assert got.schema.field("speed").metadata[b"unit"] == b"km/h"
-    assert rows(got) == [
-        (1, T0, 1.0, None),
-        (1, T0 + HOUR, 3.0, "BEV"),
-        (1, T0 + 24 * HOUR, 2.0, None),
-        (1, T0 + 48 * HOUR, 4.0, "HYBRID"),
-    ]
-    # The untouched day was rewritten with the new column, so readers that trust one file's schema see it all.
-    assert {tuple(pq.read_schema(f).names) for f in tmp_path.glob("date=*/part-0.parquet")} == {
-        ("token_id", "timestamp", "speed", "powertrainType")
-    }
-    df = pl.read_parquet(tmp_path / "**" / "*.parquet").sort("timestamp")
-    assert df["powertrainType"].to_list() == [None, "BEV", None, "HYBRID"]
+    store.append(make_table([1, 2], [0, 0], [1.0, 2.0]))
+    old = {f.path: f.size for f in store.version_files()}
+    store.append(make_table([3], [1], [3.0]))
+    new = {f.path: f.size for f in store.version_files()}
+    assert set(old) < set(new) and all(new[p] == s for p, s in old.items())
+    assert len(new) == 2
 
 
-def test_interrupted_schema_rollout_is_finished_by_the_next_write(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_schema_merge_adds_a_column_without_rewriting_old_files(tmp_path: Path) -> None:
     store = TelemetryStore(tmp_path)
-    store.write(make_table([1, 1, 1], [0, 24, 48], [1.0, 2.0, 3.0]))
-    real_replace = os.replace
+    store.append(make_table([1, 1], [0, 1], [1.0, 2.0]))
+    old_files = {f.path: pq.read_schema(tmp_path / f.path).names for f in store.version_files()}
+    store.append(make_table([2], [0], [5.0], extra={"powertrainType": ["ELECTRIC"]}))
 
-    def fail_on_rollout(src: str, dst: str) -> None:
-        if str(dst).endswith(".parquet") and "2026-03-01" not in str(dst):
-            raise OSError("disk gone")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(store_mod.os, "replace", fail_on_rollout)
-    with pytest.raises(OSError):
-        store.write(make_table([1], [1], [4.0], extra={"powertrainType": ["BEV"]}))
-    monkeypatch.undo()
-    got = store.read()  # the state already knows the column; files without it read as nulls
-    assert got.column("powertrainType").to_pylist() == [None, "BEV", None, None]
-
-    store.write(make_table([2], [0], [5.0]))  # touches day 1 only, and finishes the rollout
-    assert {tuple(pq.read_schema(f).names) for f in tmp_path.glob("date=*/part-0.parquet")} == {
-        ("token_id", "timestamp", "speed", "powertrainType")
-    }
-    assert json.loads((tmp_path / "_depin" / "state.json").read_text())["uniform"] is True
-    assert store.read().num_rows == 5
+    schema = store.schema()
+    assert schema is not None and schema.names == ["token_id", "timestamp", "speed", "powertrainType"]
+    assert schema.field("powertrainType").metadata[b"agg"]  # unit/agg metadata kept as column metadata
+    for path, names in old_files.items():  # untouched: same file, still without the new column
+        assert pq.read_schema(tmp_path / path).names == names
+    assert rows(store.read()) == [(1, T0, 1.0, None), (1, T0 + HOUR, 2.0, None), (2, T0, 5.0, "ELECTRIC")]
+    ops = [h["operation"] for h in DeltaTable(str(tmp_path)).history()]
+    assert "ADD COLUMN" in ops
 
 
 def test_type_conflict_is_refused(tmp_path: Path) -> None:
     store = TelemetryStore(tmp_path)
-    store.write(make_table([1], [0], [1.0]))
-    bad = make_table([1], [1], [2.0]).set_column(2, "speed", pa.array(["fast"]))
+    store.append(make_table([1], [0], [1.0]))
+    bad = make_table([1], [1], [1.0]).set_column(2, "speed", pa.array(["fast"]))
     with pytest.raises(ConfigError, match=r"'speed' is double in the dataset .* but string"):
-        store.write(bad)
-    assert store.read().num_rows == 1
+        store.append(bad)
 
 
 def test_aggregation_conflict_is_refused(tmp_path: Path) -> None:
     store = TelemetryStore(tmp_path)
-    store.write(make_table([1], [0], [1.0]))
+    store.append(make_table([1], [0], [1.0]))
     t = make_table([1], [1], [2.0])
-    other = pa.schema(
-        [f.with_metadata({**f.metadata, b"agg": b"MAX"}) if f.name == "speed" else f for f in t.schema],
-        metadata=t.schema.metadata,
-    )
+    f = t.schema.field("speed").with_metadata({"unit": "km/h", "agg": "MAX"})
     with pytest.raises(ConfigError, match=r"AVG aggregates .* but MAX"):
-        store.write(t.cast(other))
+        store.append(t.cast(t.schema.set(2, f)))
 
 
 def test_interval_mismatch_is_refused(tmp_path: Path) -> None:
     store = TelemetryStore(tmp_path)
-    store.write(make_table([1], [0], [1.0], interval="1h"))
-    assert store.interval == "1h"
-    with pytest.raises(ConfigError, match=r"interval 5m .* interval 1h.*another --out directory"):
-        store.write(make_table([1], [1], [2.0], interval="5m"))
-    with pytest.raises(ConfigError, match="interval none"):
-        store.write(make_table([1], [1], [2.0], interval=None))
-    assert store.read().num_rows == 1
-
-
-def test_empty_interval_metadata_means_no_interval_on_every_write(tmp_path: Path) -> None:
-    store = TelemetryStore(tmp_path)
-    t = make_table([1], [0], [1.0], interval=None)
-    t = t.replace_schema_metadata({**t.schema.metadata, b"depin.interval": b""})
-    store.write(t)
-    assert store.interval is None
-    store.write(t)  # the same table again is not an interval mismatch
-    assert store.read().num_rows == 1
+    store.append(make_table([1], [0], [1.0], interval="1h"))
+    with pytest.raises(ConfigError, match=r"interval 1m0s .* holds interval 1h"):
+        store.append(make_table([1], [1], [1.0], interval="1m0s"))
+    store.ensure(interval="1h")
+    with pytest.raises(ConfigError, match="holds 1h buckets, not 5m"):
+        store.ensure(interval="5m")
 
 
 def test_invalid_table_is_refused(tmp_path: Path) -> None:
-    t = make_table([1], [0], [1.0]).set_column(0, "token_id", pa.array([1], pa.int32()))
-    with pytest.raises(ConfigError, match="token_id"):
-        TelemetryStore(tmp_path).write(t)
-    assert not (tmp_path / "_depin" / "state.json").exists()
+    bad = pa.table({"token_id": [1], "timestamp": pa.array([1], pa.int64())})
+    with pytest.raises(ConfigError, match="'timestamp' has type int64"):
+        TelemetryStore(tmp_path).append(bad)
 
 
 def test_watermarks_are_monotonic_and_persisted(tmp_path: Path) -> None:
     store = TelemetryStore(tmp_path)
-    assert store.watermark(1) is None and store.watermarks() == {}
-    store.write(make_table([1, 2], [0, 0], [1.0, 2.0]), watermarks={1: T0 + HOUR, 2: T0 + HOUR})
-    store.write(make_table([1], [1], [3.0]), watermarks={1: T0 + 2 * HOUR, 2: T0})  # 2 would move back
-    # An empty window still completes: the watermark advances with no rows.
-    empty = make_table([], [], [])
-    res = store.write(empty, watermarks={3: datetime(2026, 3, 1, 5)})  # naive means UTC
-    assert (res.rows_in, res.partitions) == (0, [])
-
-    reopened = TelemetryStore(tmp_path)
-    assert reopened.watermarks() == {1: T0 + 2 * HOUR, 2: T0 + HOUR, 3: T0 + 5 * HOUR}
-    assert reopened.watermark(2) == T0 + HOUR
-    assert reopened.watermark(2).tzinfo is not None
-    state = json.loads((tmp_path / "_depin" / "state.json").read_text())
-    assert state["format_version"] == 1 and state["interval"] == "1h"
-    assert [c["name"] for c in state["columns"]] == ["token_id", "timestamp", "speed"]
+    store.append(make_table([1], [0], [1.0]), watermarks={1: T0 + 5 * HOUR})
+    store.set_watermarks({1: T0 + HOUR, 2: T0 + 2 * HOUR})  # 1 would move back: kept
+    assert store.watermarks() == {1: T0 + 5 * HOUR, 2: T0 + 2 * HOUR}
+    again = TelemetryStore(tmp_path)  # a new process sees the same marks (they live in the table's log)
+    assert again.watermarks() == {1: T0 + 5 * HOUR, 2: T0 + 2 * HOUR}
+    assert again.watermark(2) == T0 + 2 * HOUR and again.watermark(3) is None
+    assert again.watermarks([2, 3]) == {2: T0 + 2 * HOUR}
 
 
 def test_set_watermarks_before_any_rows(tmp_path: Path) -> None:
     store = TelemetryStore(tmp_path)
-    store.set_watermarks({4: T0 + 2 * HOUR})
-    store.set_watermarks({4: T0})  # would move back: ignored
-    assert store.watermarks() == {4: T0 + 2 * HOUR}
-    assert store.interval is None and store.schema() is None and store.read().num_rows == 0
-
-    store.write(make_table([4], [2], [1.0], interval="1h"), watermarks={4: T0 + 3 * HOUR})
-    assert store.interval == "1h"
+    store.set_watermarks({4: T0 + 3 * HOUR})
     assert store.watermarks() == {4: T0 + 3 * HOUR}
-    assert rows(store.read()) == [(4, T0 + 2 * HOUR, 1.0)]
+    store.append(make_table([4, 4], [2, 3], [0.5, 1.0]), watermarks={4: T0 + 4 * HOUR})
+    assert store.watermarks() == {4: T0 + 4 * HOUR}
+    assert rows(store.read()) == [(4, T0 + 3 * HOUR, 1.0)]  # hour 2 was behind the watermark
 
 
-def test_failed_replace_leaves_whole_files_and_unchanged_watermarks(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_watermarks_read_in_one_pass_equal_delta_rs_answers(tmp_path: Path) -> None:
     store = TelemetryStore(tmp_path)
-    store.write(make_table([1, 1, 1], [0, 24, 48], [1.0, 2.0, 3.0]), watermarks={1: T0 + 49 * HOUR})
-    update = make_table([1, 1, 1, 1], [0, 24, 48, 72], [10.0, 20.0, 30.0, 40.0])
-
-    real_replace = os.replace
-    calls: list[str] = []
-
-    def replace_then_die(src, dst):
-        if str(dst).endswith(".parquet"):
-            calls.append(str(dst))
-            if len(calls) == 2:
-                raise OSError("disk gone")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(store_mod.os, "replace", replace_then_die)
-    with pytest.raises(OSError, match="disk gone"):
-        store.write(update, watermarks={1: T0 + 73 * HOUR})
-    monkeypatch.undo()
-
-    assert hidden_temps(tmp_path) == []
-    for f in tmp_path.glob("date=*/part-0.parquet"):
-        pq.read_table(f)  # every file is whole
-    assert store.watermarks() == {1: T0 + 49 * HOUR}
-    assert [r[2] for r in rows(store.read())] == [10.0, 2.0, 3.0]  # first partition landed, rest did not
-
-    store.write(update, watermarks={1: T0 + 73 * HOUR})
-    assert rows(store.read()) == [
-        (1, T0 + h * HOUR, v) for h, v in [(0, 10.0), (24, 20.0), (48, 30.0), (72, 40.0)]
-    ]
-    assert store.watermarks() == {1: T0 + 73 * HOUR}
+    for i in range(12):
+        store.append(make_table([i, i + 100], [i, i], [1.0, 2.0]), watermarks={i: T0 + (i + 1) * HOUR})
+        if i == 7:
+            DeltaTable(str(tmp_path)).create_checkpoint()  # later reads start from the checkpoint
+    dt = DeltaTable(str(tmp_path))
+    expected = {i: T0 + (i + 1) * HOUR for i in range(12)}
+    assert TelemetryStore(tmp_path).watermarks() == expected
+    for i, mark in expected.items():
+        us = dt.transaction_version(f"depin-ingest:{i}")
+        assert us is not None and T0 + (us - int((T0.timestamp()) * 1e6)) * timedelta(microseconds=1) == mark
+    assert _delta.app_transactions(store.location, dt.version(), "depin-ingest:") is not None
 
 
-MINUTES = 3 * 1440  # three days a minute apart per vehicle
-
-
-def three_day_table(n: int, speed: np.ndarray) -> pa.Table:
-    """``n`` rows, vehicle ``i // MINUTES`` at minute ``i % MINUTES`` from T0, over three daily partitions."""
-    minute = np.arange(n) % MINUTES
-    return pa.table(
-        {
-            "token_id": np.arange(n) // MINUTES,
-            "timestamp": np.datetime64("2026-03-01T00:00", "us") + minute.astype("timedelta64[m]"),
-            "speed": speed,
-        },
-        schema=telemetry_schema(["speed"], interval="1m"),
-    )
-
-
-_KILL_SCRIPT = textwrap.dedent(
-    """
-    import os, sys, time
-    import numpy as np
-    from connectors.dimo import store as store_mod
-    from tests.connectors.dimo.test_store import T0, three_day_table
-
-    root, hang_at, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-
-    def hang():
-        print("HANGING", flush=True)
-        time.sleep(60)
-
-    if hang_at == "stage":  # after the first temp file is written, before any replace
-        real_write = store_mod.pq.write_table
-        def write_table(*a, **k):
-            real_write(*a, **k)
-            hang()
-        store_mod.pq.write_table = write_table
-    else:  # right after the first partition file was replaced
-        real_replace = os.replace
-        def replace(src, dst):
-            real_replace(src, dst)
-            if str(dst).endswith(".parquet"):
-                hang()
-        store_mod.os.replace = replace
-
-    table = three_day_table(n, np.arange(n, dtype="float64"))
-    store_mod.TelemetryStore(root).write(table, watermarks={1: T0.replace(day=9)})
-    print("DONE", flush=True)
-    """
-)
-
-
-@pytest.mark.parametrize("hang_at", ["stage", "replace"])
-def test_sigkill_mid_write_leaves_a_readable_dataset_that_a_rerun_completes(
-    tmp_path: Path, hang_at: str
-) -> None:
-    n, n_base = 200_000, 5000
+def test_read_filters_columns_days_and_versions(tmp_path: Path) -> None:
     store = TelemetryStore(tmp_path)
-    store.write(three_day_table(n_base, np.full(n_base, -1.0)), watermarks={1: T0})
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-c", _KILL_SCRIPT, str(tmp_path), hang_at, str(n)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "HANGING"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-    assert hidden_temps(tmp_path), "the killed write should have left a temp file behind"
-    for f in tmp_path.glob("date=*/part-0.parquet"):
-        pq.read_table(f)  # every file is whole
-    assert store.watermarks() == {1: T0}
-    assert ds.dataset(tmp_path, partitioning="hive").to_table().num_rows >= n_base  # temps are ignored
-    got = store.read()
-    first_day = pc.less(got.column("timestamp"), pa.scalar(T0 + 24 * HOUR, TIMESTAMP_TYPE)).to_numpy()
-    new_rows = got.column("speed").to_numpy() >= 0
-    if hang_at == "replace":  # day 1 is the new write's, days 2-3 still the old data
-        assert np.array_equal(new_rows, first_day)
-        assert new_rows.sum() == np.count_nonzero(np.arange(n) % MINUTES < 1440)
-    else:
-        assert not new_rows.any() and got.num_rows == n_base
-
-    rerun = store.write(three_day_table(n, np.arange(n, dtype="float64")), watermarks={1: T0.replace(day=9)})
-    assert rerun.rows_added + rerun.rows_replaced == n
-    assert hidden_temps(tmp_path) == []
-    got = store.read()
-    assert got.num_rows == n
-    assert np.array_equal(got.column("speed").to_numpy(), np.arange(n, dtype="float64"))
-    assert store.watermarks() == {1: T0.replace(day=9)}
-
-
-def test_read_filters_columns_and_partition_pruning(tmp_path: Path) -> None:
-    store = TelemetryStore(tmp_path)
-    store.write(
+    store.append(
         make_table(
             [1, 2, 3, 1, 2, 1],
             [0, 0, 0, 24, 30, 49],
@@ -379,6 +194,8 @@ def test_read_filters_columns_and_partition_pruning(tmp_path: Path) -> None:
             extra={"powertrainType": ["a", "b", "c", "d", "e", "f"]},
         )
     )
+    v1 = store.version()
+    store.append(make_table([9], [50], [9.0], extra={"powertrainType": ["z"]}))
     got = store.read(token_ids=[1, 2], since=T0 + 24 * HOUR, until=T0 + 49 * HOUR)
     assert rows(got) == [(1, T0 + 24 * HOUR, "d", 4.0), (2, T0 + 30 * HOUR, "e", 5.0)]
     assert got.schema.field("timestamp").type == TIMESTAMP_TYPE
@@ -389,84 +206,155 @@ def test_read_filters_columns_and_partition_pruning(tmp_path: Path) -> None:
     assert only.schema.metadata[b"depin.interval"] == b"1h"
     with pytest.raises(ConfigError, match="not in the dataset"):
         store.read(columns=["date"])
+    assert store.read(version=v1).num_rows == 6 and store.read().num_rows == 7  # time travel
 
-    # Pruning: a corrupt partition outside [since, until) is never opened.
-    (tmp_path / "date=2026-03-01" / "part-0.parquet").write_bytes(b"not parquet")
-    assert store.read(since=T0 + 24 * HOUR).num_rows == 3
+    # Day pruning: a corrupt file of a day outside [since, until) is never opened.
+    first_day = next(f.path for f in store.version_files() if f.path.startswith("date=2026-03-01"))
+    (tmp_path / first_day).write_bytes(b"not parquet")
+    assert store.read(since=T0 + 24 * HOUR).num_rows == 4
     with pytest.raises(pa.ArrowInvalid):
         store.read(until=T0 + 24 * HOUR)
 
 
-def test_read_of_empty_store(tmp_path: Path) -> None:
-    got = TelemetryStore(tmp_path / "none").read()
+def test_read_of_a_missing_table(tmp_path: Path) -> None:
+    store = TelemetryStore(tmp_path / "none")
+    got = store.read()
     assert got.num_rows == 0 and got.column_names == ["token_id", "timestamp"]
+    assert (store.exists(), store.version(), store.watermarks()) == (False, None, {})
 
 
-def test_summary_numbers(tmp_path: Path) -> None:
+def test_summary_numbers_come_from_the_log(tmp_path: Path) -> None:
     store = TelemetryStore(tmp_path)
     assert store.summary().rows == 0
-    store.write(make_table([5, 6, 5, 6, 5], [0, 3, 24, 25, 70], [1.0, 2.0, 3.0, 4.0, 5.0]))
+    store.append(make_table([5, 6, 5, 6, 5], [0, 3, 24, 25, 70], [1.0, 2.0, 3.0, 4.0, 5.0]))
     s = store.summary()
-    assert (s.rows, s.vehicles, s.partitions, s.interval) == (5, 2, 3, "1h")
+    assert (s.rows, s.vehicles, s.partitions, s.files, s.interval) == (5, 2, 3, 3, "1h")
     assert (s.first, s.last) == (T0, T0 + 70 * HOUR)
     assert s.columns == ["token_id", "timestamp", "speed"]
-    assert s.bytes == sum(p.stat().st_size for p in tmp_path.glob("date=*/part-0.parquet")) > 0
+    assert s.bytes == sum(f.size for f in store.version_files()) > 0
+    assert s.version == store.version()
 
 
-def test_readable_by_pyarrow_dataset_and_polars(tmp_path: Path) -> None:
-    store = TelemetryStore(tmp_path)
-    store.write(make_table([1, 2, 1], [0, 5, 26], [1.0, 2.0, 3.0]))
-    table = ds.dataset(tmp_path, partitioning="hive").to_table()
-    assert table.num_rows == 3
-    assert sorted(table.column("speed").to_pylist()) == [1.0, 2.0, 3.0]
-    assert sorted(map(str, table.column("date").to_pylist())) == ["2026-03-01", "2026-03-01", "2026-03-02"]
-
-    df = pl.read_parquet(tmp_path / "**" / "*.parquet").sort("token_id", "timestamp")
-    assert df["speed"].to_list() == [1.0, 3.0, 2.0]
-    assert df.schema["timestamp"] == pl.Datetime("us", "UTC")
-
-    pdf = pd.read_parquet(tmp_path).sort_values(["token_id", "timestamp"])
-    assert pdf["speed"].tolist() == [1.0, 3.0, 2.0]
+def test_old_parquet_layout_is_refused_with_the_migration_command(tmp_path: Path) -> None:
+    (tmp_path / "_depin").mkdir()
+    (tmp_path / "_depin" / "state.json").write_text("{}")
+    with pytest.raises(ConfigError, match="depin dataset migrate"):
+        TelemetryStore(tmp_path).watermarks()
 
 
-def test_million_row_write_timing(tmp_path: Path) -> None:
-    """Prints timings (not asserted): 1,000,000 rows over 7 daily partitions, fresh and merged."""
-    signals = [
-        "speed",
-        "powertrainTransmissionTravelledDistance",
-        "powertrainType",
-        "currentLocationCoordinates",
+# ------------------------------------------------------------------ crashes and concurrent writers
+
+
+@pytest.fixture(params=["local", "s3"])
+def table(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str, str], dict[str, str]]:
+    """(table URI, storage options, env for child writers) on a local directory or the test S3 server."""
+    if request.param == "local":
+        return str(tmp_path / "telemetry"), {}, {}
+    server: S3Server = request.getfixturevalue("s3_server")
+    return f"s3://{server.new_bucket()}/telemetry", server.storage_options, server.env
+
+
+def _writer(
+    uri: str, env: dict[str, str], mode: str, first: int, count: int, *barrier: str
+) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "tests.support.store_writer", uri, mode, str(first), str(count), *barrier]
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, **env, "PYTHONPATH": str(REPO)}
+    )
+
+
+def _clean_run(tmp_path: Path, first: int, count: int) -> pa.Table:
+    clean = TelemetryStore(tmp_path / "clean")
+    write_vehicles(clean, first, count)
+    return clean.read()
+
+
+def _data_files(store: TelemetryStore) -> set[str]:
+    fs = _delta.filesystem(store.location)
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector("", recursive=True))
+    return {i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+            and not i.path.startswith("_delta_log")}  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["crash-before-commit", "crash-after-commit"])
+def test_a_crash_around_the_commit_then_a_rerun_equals_a_clean_run(
+    table: tuple[str, dict[str, str], dict[str, str]], tmp_path: Path, mode: str
+) -> None:
+    uri, opts, env = table
+    n = 3 * VEHICLES_PER_COMMIT
+    proc = _writer(uri, env, mode, 1, n)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 9
+
+    store = TelemetryStore(uri, storage_options=opts)
+    committed = 2 if mode == "crash-after-commit" else 1
+    assert store.read().num_rows == committed * VEHICLES_PER_COMMIT * MINUTES
+    assert set(store.watermarks()) == set(range(1, 1 + committed * VEHICLES_PER_COMMIT))
+    referenced = {f.path for f in store.version_files()}
+    orphans = _data_files(store) - referenced
+    assert len(orphans) == (1 if mode == "crash-before-commit" else 0)  # staged, never committed
+
+    rerun = _writer(uri, env, "write", 1, n)
+    assert rerun.communicate(timeout=120)[0].strip() == "DONE"
+    after = TelemetryStore(uri, storage_options=opts)
+    assert after.read().equals(_clean_run(tmp_path, 1, n))
+    assert after.watermarks() == dict.fromkeys(range(1, n + 1), DAY_END)
+    again = after.version()
+    rerun = _writer(uri, env, "write", 1, n)  # a third run has nothing to do
+    assert rerun.communicate(timeout=120)[0].strip() == "DONE"
+    assert TelemetryStore(uri, storage_options=opts).version() == again
+
+    if orphans:  # only a full vacuum finds files that no commit ever referenced
+        dt = DeltaTable(uri, storage_options=opts or None)
+        lite = dt.vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=True)
+        full = dt.vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False, full=True)
+        assert not set(lite) & orphans and orphans <= set(full)
+        assert not _data_files(after) & orphans
+        assert after.read().num_rows == n * MINUTES
+
+
+def test_sigkill_while_staging_leaves_the_table_unchanged(tmp_path: Path) -> None:
+    uri = str(tmp_path / "telemetry")
+    proc = _writer(uri, {}, "hang-in-stage", 1, 2 * VEHICLES_PER_COMMIT)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "HANGING"
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    store = TelemetryStore(uri)
+    assert store.read().num_rows == VEHICLES_PER_COMMIT * MINUTES  # only the first commit
+    _writer(uri, {}, "write", 1, 2 * VEHICLES_PER_COMMIT).communicate(timeout=120)
+    assert TelemetryStore(uri).read().equals(_clean_run(tmp_path, 1, 2 * VEHICLES_PER_COMMIT))
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["disjoint", "overlapping"])
+def test_two_concurrent_writers_both_commit_and_equal_one_run(
+    table: tuple[str, dict[str, str], dict[str, str]], tmp_path: Path, overlap: bool
+) -> None:
+    uri, opts, env = table
+    n = 4 * VEHICLES_PER_COMMIT
+    TelemetryStore(uri, storage_options=opts).ensure(interval="1m0s")  # both writers open an existing table
+    barrier = tmp_path / "go"
+    # Disjoint: vehicles 1-12 and 13-24. Overlapping: both write 1-12 (the same watermarks race).
+    second_first = 1 if overlap else n + 1
+    procs = [
+        _writer(uri, env, "write", 1, n, str(barrier)),
+        _writer(uri, env, "write", second_first, n, str(barrier)),
     ]
-    schema = telemetry_schema(signals, interval="1m")
-    vehicles, steps = 100, 10_000  # one row a minute: 10,000 minutes ~ 7 days
-    rng = np.random.default_rng(0)
-    n = vehicles * steps
-    table = pa.table(
-        {
-            "token_id": np.repeat(np.arange(vehicles), steps),
-            "timestamp": np.datetime64("2026-03-01", "us")
-            + np.tile(np.arange(steps), vehicles).astype("timedelta64[m]"),
-            "speed": rng.uniform(0, 130, n),
-            "powertrainTransmissionTravelledDistance": np.cumsum(rng.uniform(0, 2, n)),
-            "powertrainType": rng.choice(["COMBUSTION", "HYBRID", "BEV"], n),
-            "latitude": rng.uniform(-90, 90, n),
-            "longitude": rng.uniform(-180, 180, n),
-        },
-        schema=schema,
-    )
-    store = TelemetryStore(tmp_path)
-    t = time.perf_counter()
-    fresh = store.write(table)
-    t_fresh = time.perf_counter() - t
-    t = time.perf_counter()
-    merged = store.write(table)
-    t_merge = time.perf_counter() - t
-    t = time.perf_counter()
-    back = store.read()
-    t_read = time.perf_counter() - t
-    print(
-        f"\n1M rows / {len(fresh.partitions)} partitions: write {t_fresh:.2f}s, "
-        f"merge-rewrite {t_merge:.2f}s, read {t_read:.2f}s, {store.summary().bytes / 1e6:.1f} MB"
-    )
-    assert (fresh.rows_added, merged.rows_replaced, back.num_rows) == (n, n, n)
-    assert len(fresh.partitions) == 7
+    barrier.touch()
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    total = n if overlap else 2 * n
+    store = TelemetryStore(uri, storage_options=opts)
+    assert store.read().equals(_clean_run(tmp_path, 1, total))
+    assert store.watermarks() == dict.fromkeys(range(1, total + 1), DAY_END)
+
+
+def test_vehicle_rows_helper_is_a_valid_contract_table() -> None:
+    t = vehicle_rows([1, 2])
+    assert t.num_rows == 2 * MINUTES and t.schema.metadata[b"depin.interval"] == b"1m0s"

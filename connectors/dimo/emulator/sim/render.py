@@ -70,6 +70,20 @@ EVENT_SCHEMA: dict[str, Any] = {
 # Location columns a series may carry after its signals (``hdop`` only in recordings).
 LOCATION_COLUMNS = ("latitude", "longitude", "hdop")
 
+# What carries a vehicle from one segment (or chunk of history) to the next.
+CARRIED = (
+    "t",
+    "place",
+    "odometer_km",
+    "soc",
+    "fuel",
+    "batt_temp",
+    "coolant",
+    "tire_warm",
+    "cons",
+    "parked_since",
+)
+
 TIRE_LEAK = "tire_leak"
 WEAK_12V = "weak_12v"
 BATTERY_OVERHEAT = "battery_overheat"
@@ -121,6 +135,27 @@ class Climate:
         return season + daily + np.interp(t, self.knots_t, self.knots_c)
 
 
+KNOT_S = 43200.0  # weather fronts every 12 h
+
+
+def seeded_climate(p: VehicleParams, key: tuple[int, ...], t0: float, t1: float) -> Climate:
+    """The vehicle's climate over ``[t0, t1]``; knot ``j`` (at ``j · 12 h``) is drawn from seed ``(*key, j)``.
+
+    Knots sit at absolute times with their own seeds, so any two time ranges agree where they overlap:
+    a chunk of history built alone sees the same weather as the whole history would.
+    """
+    j0, j1 = math.floor(t0 / KNOT_S) - 2, math.ceil(t1 / KNOT_S) + 4
+    knots_c = [np.random.default_rng([*key, j]).normal(0.0, 3.0) for j in range(j0, j1 + 1)]
+    return Climate(
+        mean_c=p.city.mean_c + p.climate_offset_c,
+        season_amp_c=p.city.season_amp_c,
+        daily_amp_c=p.daily_amp_c,
+        utc_offset_h=p.city.utc_offset_h,
+        knots_t=np.arange(j0, j1 + 1) * KNOT_S,
+        knots_c=np.array(knots_c),
+    )
+
+
 def make_climate(rng: np.random.Generator, p: VehicleParams, t0: float, t1: float) -> Climate:
     """The vehicle's climate over ``[t0, t1]`` with weather fronts every 12 h (±3 °C)."""
     knots = np.arange(t0 - 86400.0, t1 + 2 * 86400.0, 43200.0)
@@ -151,6 +186,7 @@ class VehicleSim:
     soh_window: tuple[float, float] = (0.0, 1.0)
     chunks: list[dict[str, np.ndarray]] = field(default_factory=list)
     events: list[tuple[int, str, int, str]] = field(default_factory=list)
+    parked_since: int | None = None  # when the ignition went off (the 12 V surface charge decays from there)
 
     def __post_init__(self) -> None:
         self.ev = self.p.powertrain == ELECTRIC
@@ -164,6 +200,15 @@ class VehicleSim:
             self.cons = (e.base + 0.2 * e.aero) / 100.0 * cold + e.aux_kw / 35.0
         else:
             self.cons = (e.base + 2.0) / 100.0
+
+    def carried(self) -> dict[str, Any]:
+        """The state a later segment starts from (see :meth:`restore`)."""
+        return {k: getattr(self, k) for k in CARRIED}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`carried` state (possibly of another ``VehicleSim`` of the same vehicle)."""
+        for k in CARRIED:
+            setattr(self, k, state[k])
 
     # ---- helpers -------------------------------------------------------------------------------------
     def _faults(self, kind: str) -> list[Fault]:
@@ -256,7 +301,8 @@ class VehicleSim:
         n = len(ts)
         air = self.climate.air(te)
         warm = relax(te, np.zeros(n + 1), self.tire_warm, 1200.0)
-        dtp = te - t0
+        since = t0 if self.parked_since is None else self.parked_since
+        dtp = te - since
         v12 = self.p.v12_rest + 0.3 * np.exp(-dtp / 2700.0) - 0.025 * dtp / 86400.0
         for f in self._faults(WEAK_12V):
             v12 = np.where(f.active(te), f.magnitude + (v12 - f.magnitude) * np.exp(-dtp / 14400.0), v12)
@@ -279,6 +325,7 @@ class VehicleSim:
         self._emit(ts, cols)
         self.tire_warm = float(warm[-1])
         self.t = t1
+        self.parked_since = since
 
     def _ice_cols(
         self, rpm: np.ndarray, gear: np.ndarray, load: np.ndarray, fuel: np.ndarray, coolant: np.ndarray
@@ -363,6 +410,7 @@ class VehicleSim:
         self.tire_warm = float(warm[-1])
         self.place = route.end if dist[-1] > 0 else self.place
         self.t = t0 + n
+        self.parked_since = None
 
     def charge(self, *, dc: bool, target_soc: float, charger_kw: float, until: int | None = None) -> None:
         """Charge (AC at home or DC fast) to ``target_soc``, stopping early at ``until``; EVs only."""
@@ -395,6 +443,7 @@ class VehicleSim:
         self._emit(ts, cols)
         self.soc, self.batt_temp, self.tire_warm = float(soc[-1]), float(batt[-1]), float(warm[-1])
         self.t = t0 + dur
+        self.parked_since = None
 
     # ---- output ---------------------------------------------------------------------------------------
     def frames(self, t_start: float, t_end: float) -> tuple[pl.DataFrame, pl.DataFrame]:

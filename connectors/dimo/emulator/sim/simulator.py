@@ -1,6 +1,8 @@
 """A seeded, physically plausible simulated fleet: daily routines, energy physics, faults and ground truth.
 
-``simulate_fleet`` is deterministic in its arguments. Each vehicle follows a daily routine (commutes,
+``simulate_fleet`` is deterministic in its arguments. It draws only each vehicle's identity, hidden
+parameters, faults and initial state; the rows are simulated lazily, one vehicle-day at a time, when asked
+for (``history``: how that stays deterministic). Each vehicle follows a daily routine (``routine``: commutes,
 errands, overnight or DC fast charging for EVs, refuelling for combustion cars); its signals come from the
 vectorised physics in ``physics`` driven by 1 Hz speed profiles (``profiles``) and are sampled by
 ``render``. Hidden per-vehicle parameters and injected faults are returned as ground truth.
@@ -10,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -24,7 +25,6 @@ from connectors.dimo.emulator.sim.catalog import (
     NAME_COUNT,
     TIRE_SIGNALS,
     TRUTH_FAULT_SCHEMA,
-    Place,
     VehicleParams,
     checksum_address,
     draw_params,
@@ -33,13 +33,14 @@ from connectors.dimo.emulator.sim.catalog import (
     truth_frame,
     truth_row,
 )
-from connectors.dimo.emulator.sim.physics import COLD_BELOW_C
-from connectors.dimo.emulator.sim.profiles import (
-    SpeedPieces,
-    make_route,
-    synthetic_profile,
-    trace_profile,
+from connectors.dimo.emulator.sim.history import (
+    DEFAULT_CACHE_BYTES,
+    DEFAULT_MAX_STATES,
+    HistoryView,
+    SimulatedHistory,
+    VehicleSpec,
 )
+from connectors.dimo.emulator.sim.profiles import SpeedPieces
 from connectors.dimo.emulator.sim.render import (
     BATTERY_OVERHEAT,
     BATTERY_TEMP,
@@ -55,145 +56,6 @@ from depin_core.errors import ConfigError
 EV_SHARE = 0.6
 FIRST_TOKEN_ID = 10_000
 WARMUP_S = 6 * 3600  # simulated before the window so state (temperatures, charge) looks lived-in
-HOME, WORK = -1, -2
-
-
-@dataclass(frozen=True)
-class PlannedTrip:
-    depart: int  # epoch seconds (may be delayed at run time)
-    dest: int  # HOME, WORK or an errand index
-    day: int
-
-
-def _align(t: float, step: int = 10) -> int:
-    return int(math.ceil(t / step) * step)
-
-
-def plan_trips(rng: np.random.Generator, p: VehicleParams, t0: float, t1: float) -> list[PlannedTrip]:
-    """The vehicle's intended trips between ``t0`` and ``t1``: 0 or 2–4 per local day, ending at home."""
-    off = p.city.utc_offset_h * 3600.0
-    first_day = math.floor((t0 + off) / 86400.0)
-    last_day = math.floor((t1 + off) / 86400.0)
-    out: list[PlannedTrip] = []
-    h = 3600.0
-    for day in range(first_day, last_day + 1):
-        midnight = day * 86400.0 - off
-        weekend = (day + 3) % 7 >= 5  # 1970-01-01 was a Thursday
-        if rng.random() < 0.07:
-            continue
-        legs: list[tuple[float, int]] = []
-        errand = int(rng.integers(len(p.errands)))
-        if p.commuter and not weekend:
-            legs += [(rng.normal(7.75, 0.5) * h, WORK), (rng.normal(17.25, 0.6) * h, HOME)]
-            if rng.random() < 0.15:
-                lunch = rng.normal(12.25, 0.3) * h
-                legs += [(lunch, errand), (lunch + rng.uniform(0.5, 1.0) * h, WORK)]
-            elif rng.random() < 0.35:
-                evening = rng.normal(19.5, 0.7) * h
-                legs += [(evening, errand), (evening + rng.uniform(0.3, 1.5) * h, HOME)]
-        else:
-            if rng.random() < 0.2:
-                other = int(rng.integers(len(p.errands)))
-                t = rng.uniform(9.5, 14.0) * h
-                legs += [
-                    (t, errand),
-                    (t + rng.uniform(0.4, 1.5) * h, other),
-                    (t + rng.uniform(2.0, 3.5) * h, HOME),
-                ]
-            else:
-                for t in sorted(rng.uniform(9.0, 19.0, int(rng.integers(1, 3))) * h):
-                    e = int(rng.integers(len(p.errands)))
-                    legs += [(t, e), (t + rng.uniform(0.3, 2.5) * h, HOME)]
-        legs.sort()
-        out += [PlannedTrip(_align(midnight + t), dest, day) for t, dest in legs]
-    return out
-
-
-def _place(p: VehicleParams, dest: int) -> Place:
-    return p.home if dest == HOME else p.work if dest == WORK else p.errands[dest]
-
-
-def _trip_energy_estimate(p: VehicleParams, km: float, air_c: float) -> float:
-    """Pessimistic energy (kWh) or fuel (L) a trip of ``km`` may need."""
-    e = p.energy
-    cold = 1.0 + e.cold * max(0.0, COLD_BELOW_C - air_c)
-    return km * ((e.base + 1.2 * e.aero + 4.0) / 100.0 * cold + e.aux_kw / 20.0) * 1.3
-
-
-def _fast_charge(sim: VehicleSim, rng: np.random.Generator, *, min_target: float) -> None:
-    """A DC fast-charging stop, now, to a random target between ``min_target`` and 90 %."""
-    sim.charge(
-        dc=True, target_soc=float(rng.uniform(min_target, 90)), charger_kw=float(rng.choice([50, 100, 150]))
-    )
-
-
-def _refuel(sim: VehicleSim, rng: np.random.Generator) -> None:
-    """A 6–10 minute refuelling stop, now, to a 93–100 % full tank."""
-    sim.park(sim.t + int(rng.integers(36, 60)) * 10, fuel_to=float(rng.uniform(93, 100)))
-
-
-def run_vehicle(
-    sim: VehicleSim,
-    rng: np.random.Generator,
-    plan: list[PlannedTrip],
-    t_end: int,
-    pieces: SpeedPieces | None = None,
-) -> None:
-    """Play the planned trips through ``sim`` with charging/refuelling decisions, up to ``t_end``."""
-    p = sim.p
-    loc = HOME
-    for i, trip in enumerate(plan):
-        if trip.dest == loc:
-            continue
-        depart = max(trip.depart, _align(sim.t + 120))
-        if depart >= t_end:
-            break
-        nxt = next((q.depart for q in plan[i + 1 :] if q.depart > depart), t_end)
-        route = make_route(rng, sim.place, _place(p, trip.dest))
-        if pieces is not None:
-            v = trace_profile(rng, route.length_m, pieces)
-        else:
-            v = synthetic_profile(
-                rng,
-                route.length_m,
-                aggression=p.aggression,
-                harsh_brake_prob=p.harsh_brake_prob,
-                harsh_accel_prob=p.harsh_accel_prob,
-            )
-        air = float(sim.climate.air(np.array([float(depart)]))[0])
-        need = _trip_energy_estimate(p, route.length_m / 1000.0, air)
-        sim.park(depart)
-        if sim.ev and sim.soc - need / sim.usable_kwh(depart) * 100.0 < 10.0:
-            _fast_charge(sim, rng, min_target=80.0)
-        elif not sim.ev and sim.fuel - need / p.tank_l * 100.0 < 6.0:
-            _refuel(sim, rng)
-        sim.drive(v, route)
-        loc = trip.dest
-        day_over = i + 1 >= len(plan) or plan[i + 1].day != trip.day
-        if sim.ev:
-            if sim.soc < 20.0 and not (loc == HOME and p.home_charging):
-                sim.park(_align(sim.t + rng.uniform(60, 600)))
-                _fast_charge(sim, rng, min_target=75.0)
-            elif (
-                day_over
-                and loc == HOME
-                and p.home_charging
-                and (sim.soc < p.plug_threshold or rng.random() < 0.2)
-            ):
-                off = p.city.utc_offset_h * 3600.0
-                if p.offpeak_charging:
-                    start = _align((trip.day * 86400.0 - off) + 23 * 3600.0)
-                else:
-                    start = _align(sim.t + rng.uniform(120, 2400))
-                if start < min(nxt, t_end):
-                    sim.park(max(start, sim.t))
-                    sim.charge(
-                        dc=False, target_soc=p.charge_limit, charger_kw=p.ac_kw, until=min(nxt, t_end) - 60
-                    )
-        elif sim.fuel < 15.0:
-            sim.park(_align(sim.t + rng.uniform(60, 900)))
-            _refuel(sim, rng)
-    sim.park(t_end)
 
 
 def draw_faults(
@@ -304,6 +166,8 @@ def simulate_fleet(
     restricted_fraction: float = 0.0,
     speed_traces: list[np.ndarray] | None = None,
     idle_fraction: float = 0.0,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    max_states: int = DEFAULT_MAX_STATES,
 ) -> Fleet:
     """Simulate ``vehicles`` cars over ``[end − days, end)``; same arguments, identical fleet.
 
@@ -312,6 +176,8 @@ def simulate_fleet(
     arrays, e.g. CMAP recordings) replace the synthetic speed profiles with recorded stop-to-stop pieces.
     An ``idle_fraction`` share of vehicles lost their device early: their data stops at a random time in the
     first half of the history, and the first of them never reported at all (see :func:`idle_cutoffs`).
+    Rows are simulated on demand (``Fleet.history``); ``cache_bytes`` bounds the rows kept in memory,
+    ``max_states`` the vehicle-day start states.
     """
     if not 0 <= vehicles <= NAME_COUNT or not 0 < days < math.inf:
         raise ConfigError(
@@ -346,9 +212,7 @@ def simulate_fleet(
     idle = idle_cutoffs(seed, vehicles, idle_fraction, start, end)
     names: set[str] = set()
     fleet_vehicles: dict[int, Vehicle] = {}
-    series: dict[int, pl.DataFrame] = {}
-    events: dict[int, pl.DataFrame] = {}
-    t0 = int(t_start - WARMUP_S) // 60 * 60
+    specs: dict[int, VehicleSpec] = {}
     for i, p in enumerate(params):
         rng = rngs[i]
         perms = None if i in no_grant else (1,) if i in restricted else FULL_GRANT
@@ -362,29 +226,39 @@ def simulate_fleet(
             history_end=end,
             permissions=perms,
         )
-        sim = initial_sim(
-            p,
-            rng,
-            t0=t0,
-            t_start=t_start,
-            t_end=t_end,
-            faults=faults.get(p.token_id, []),
+        age = max(0.2, end.year - p.year + 0.5)
+        if p.powertrain == ELECTRIC:
+            p.soh_end = p.soh_start - p.soh_rate_per_year * (t_end - t_start) / (365.25 * 86400.0)
+        cutoff = idle.get(i)
+        specs[p.token_id] = VehicleSpec(
+            index=i,
+            params=p,
+            faults=tuple(faults.get(p.token_id, [])),
             source=vehicle.source,
-            end_year=end.year,
+            odometer_km=float(age * rng.uniform(8000, 18000)),
+            soc=float(rng.uniform(45, 90)) if p.powertrain == ELECTRIC else math.nan,
+            fuel=float(rng.uniform(30, 95)) if p.powertrain == COMBUSTION else math.nan,
+            stop_s=t_end if cutoff is None else cutoff.timestamp(),
         )
-        run_vehicle(sim, rng, plan_trips(rng, p, t0, t_end), math.ceil(t_end), pieces)
-        series[p.token_id], events[p.token_id] = sim.frames(t_start, t_end)
-        if (cutoff := idle.get(i)) is not None:
-            series[p.token_id] = series[p.token_id].filter(pl.col("ts") < cutoff)
-            events[p.token_id] = events[p.token_id].filter(pl.col("ts") < cutoff)
         fleet_vehicles[p.token_id] = vehicle
+    history = SimulatedHistory(
+        seed=seed,
+        specs=specs,
+        t0=int(t_start - WARMUP_S) // 60 * 60,
+        t_start=t_start,
+        t_end=t_end,
+        pieces=pieces,
+        cache_bytes=cache_bytes,
+        max_states=max_states,
+    )
     return Fleet(
         license=license,
         vehicles=fleet_vehicles,
-        series=series,
-        events=events,
+        series=HistoryView(history, "series"),
+        events=HistoryView(history, "events"),
         start=start,
         end=end,
         truth_vehicles=truth_frame([truth_row(p) for p in params]),
         truth_faults=faults_frame(faults),
+        history=history,
     )

@@ -158,7 +158,7 @@ def _data_summary(_root: Any, info: GraphQLResolveInfo, tokenId: int, filter: An
     vd = _vehicle(ctx, tokenId, filter)
     names = vd.available if vd else []
     sums = [vd.summaries[n] for n in names] if vd else []
-    events = _event_summary(vd.events) if vd else []
+    events = vd.summary.events if vd else []
     firsts = [s.first_seen for s in sums] + [e["firstSeen"] for e in events]
     lasts = [s.last_seen for s in sums] + [e["lastSeen"] for e in events]
     return {
@@ -172,21 +172,6 @@ def _data_summary(_root: Any, info: GraphQLResolveInfo, tokenId: int, filter: An
         ],
         "eventDataSummary": events,
     }
-
-
-def _event_summary(events: pl.DataFrame) -> list[dict[str, Any]]:
-    if events.is_empty():
-        return []
-    rows = (
-        events.group_by("name")
-        .agg(
-            pl.len().alias("numberOfEvents"),
-            pl.col(TS).min().alias("firstSeen"),
-            pl.col(TS).max().alias("lastSeen"),
-        )
-        .sort("name")
-    )
-    return rows.to_dicts()
 
 
 def _string_filter(col: str, f: dict[str, Any] | None) -> pl.Expr | None:
@@ -215,10 +200,11 @@ def _events(
     if frm > to:
         raise _bad_request("invalid argument: from timestamp is after to timestamp")
     vd = ctx.cache.get(tokenId)
-    if vd is None or vd.events.is_empty():
+    if vd is None:
         return []
-    lo, hi = (int(i) for i in vd.event_ts_us.searchsorted([to_us(frm), to_us(to)], side="left"))
-    window = vd.events.slice(lo, max(0, hi - lo))
+    window = vd.events(to_us(frm), to_us(to))
+    if window.is_empty():
+        return []
     for cond in (
         _string_filter("name", (filter or {}).get("name")),
         _string_filter("source", (filter or {}).get("source")),

@@ -263,10 +263,10 @@ def aggregate(vd: VehicleData | None, cols: list[OutColumn], w: Window) -> str:
     """The ``signals`` result for ``cols`` as a JSON array (row objects keyed by response key, ascending)."""
     if vd is None or not source_matches(w.source, vd.source):
         return "[]"
-    lo, hi = vd.window(w.from_us, w.to_us)
-    if hi <= lo:
+    window, ts_us = vd.rows(w.from_us, w.to_us)
+    if not len(ts_us):
         return "[]"
-    kk = (vd.ts_us[lo:hi] - w.from_us) // w.interval_us  # bucket index, non-decreasing
+    kk = (ts_us - w.from_us) // w.interval_us  # bucket index, non-decreasing
     extra: dict[str, Any] = {}
     aggs: list[pl.Expr] = []
     data_keys: list[str] = []
@@ -276,7 +276,7 @@ def aggregate(vd: VehicleData | None, cols: list[OutColumn], w: Window) -> str:
         rank = None
         if c.agg == "RAND":
             rank = f"__r{i}"
-            extra[rank] = _rand_order(vd.ts_us[lo:hi], w.token_id, c.name)
+            extra[rank] = _rand_order(ts_us, w.token_id, c.name)
         data_keys.append(c.key)
         if c.kind == "Location":
             expr = _location_expr(c, rank) if LAT in vd.columns and LON in vd.columns else pl.lit(None)
@@ -292,11 +292,9 @@ def aggregate(vd: VehicleData | None, cols: list[OutColumn], w: Window) -> str:
     if any(c.kind == "Location" for c in cols):
         needed |= {LAT, LON, HDOP} & vd.columns
         if HDOP not in vd.columns:
-            extra[HDOP] = np.zeros(hi - lo)
-    sub = (
-        vd.frame.slice(lo, hi - lo)
-        .select(sorted(needed))
-        .with_columns(pl.Series(_K, kk), *(pl.Series(k, v) for k, v in extra.items()))
+            extra[HDOP] = np.zeros(len(ts_us))
+    sub = window.select(sorted(needed)).with_columns(
+        pl.Series(_K, kk), *(pl.Series(k, v) for k, v in extra.items())
     )
     # Eager group_by with maintain_order measured faster here than lazy group_by + sort (polars 2.1).
     grouped = (
