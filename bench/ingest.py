@@ -260,7 +260,7 @@ def main() -> None:
     table = pa.concat_tables(tables, promote_options="default")
     store_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"depin-bench-store-{os.getpid()}"
     t = time.perf_counter()
-    TelemetryStore(store_dir).write(table)
+    TelemetryStore(store_dir).append(table)
     store_write_s = time.perf_counter() - t
     shutil.rmtree(store_dir, ignore_errors=True)
 

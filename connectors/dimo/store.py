@@ -428,8 +428,6 @@ class TelemetryStore:
             "make each writer own its vehicles (disjoint --vehicles) and retry"
         )
 
-    write = append  # the earlier name
-
     def _committed_version(self, dt: DeltaTable, read_version: int, write_id: str) -> int | None:
         """The version our commit got: other writers may have committed before or after it."""
         for entry in dt.history(max(1, dt.version() - read_version)):

@@ -130,7 +130,7 @@ def _write(store: TelemetryStore, rows: list[tuple[int, int]]) -> None:
             "speed": [1.0] * len(rows),
         }
     ).cast(schema)
-    store.write(table)
+    store.append(table)
 
 
 def test_dataset_info_and_vehicle_table(tmp_path: Path) -> None:

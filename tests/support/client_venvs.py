@@ -113,6 +113,10 @@ class ClientVenv:
 DIMO_SDK = ClientVenv(".venv-dimo-sdk", "dimo-python-sdk", "1.8.0", "dimo", extra=("typing_extensions",))
 VASTAI = ClientVenv(".venv-vastai", "vastai", "1.9.1", "vastai")
 IONET = ClientVenv(".venv-ionet", "ionet-cloud", "0.4.1", "iocloud")
+# DuckDB's own Delta reader (delta_scan): the extension ships as a PyPI wheel built for DuckDB 1.4.4 only
+DUCKDB_DELTA = ClientVenv(
+    ".venv-duckdb-delta", "duckdb-ext-delta", "1.4.4.20260205", "duckdb_ext", extra=("duckdb==1.4.4",)
+)
 
 
 def obtain(venv: ClientVenv, ensure: Callable[[], Path] | None = None) -> Path:

@@ -53,7 +53,7 @@ def fleet_table(location: bool = True) -> pa.Table:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("fleet")
-    TelemetryStore(root).write(fleet_table())
+    TelemetryStore(root).append(fleet_table())
     assert len(list(root.glob("date=*/*.parquet"))) == 2
     return root
 
@@ -143,7 +143,7 @@ def test_tracks_figure_draws_the_points(dataset: Path) -> None:
 
 def test_render_fleet_reports_a_missing_plot_and_draws_the_rest(tmp_path: Path) -> None:
     root = tmp_path / "noloc"
-    TelemetryStore(root).write(fleet_table(location=False))
+    TelemetryStore(root).append(fleet_table(location=False))
     out = FP.render_fleet(root, tmp_path / "png")
     assert "latitude/longitude" in out["tracks"]["missing"]
     assert out["coverage"]["png"] == (tmp_path / "png" / "coverage.png").read_bytes()

@@ -135,3 +135,41 @@ def test_readers_of_a_table_written_by_ingest(where: Where, emulator: EmulatorPr
     assert set(want.column_names) >= {"speed", "exteriorAirTemperature", "latitude", "longitude"}
     version = store.version()
     assert len(pc.unique(want.column("token_id"))) == 3 and version is not None and version >= 2
+
+
+_DELTA_SCAN = """
+import json, pathlib, sys
+import duckdb, duckdb_ext
+ext = pathlib.Path(list(duckdb_ext.__path__)[0]) / "extensions"
+con = duckdb.connect()
+con.execute("SET autoinstall_known_extensions = false")  # never download: load the wheel's extension
+con.execute("SET extension_directory = ?", [str(ext)])
+con.execute("LOAD delta")
+rows = con.execute(
+    "SELECT token_id, count(*), count(speed), sum(speed) FROM delta_scan(?) GROUP BY 1 ORDER BY 1", [sys.argv[1]]
+).fetchall()
+print(json.dumps([[int(t), int(n), int(c), float(s or 0)] for t, n, c, s in rows]))
+"""
+
+
+def test_duckdb_delta_scan_reads_a_table_written_by_ingest(tmp_path: Path, emulator: EmulatorProcess) -> None:
+    """DuckDB's delta extension (PyPI wheel ``duckdb-ext-delta``, DuckDB 1.4.4, in a venv of its own)."""
+    import json
+    import subprocess
+
+    from tests.support.client_venvs import DUCKDB_DELTA, obtain
+
+    python = obtain(DUCKDB_DELTA)
+    store = TelemetryStore(tmp_path / "telemetry")
+    ingested(store, emulator)
+    out = subprocess.run(
+        [str(python), "-c", _DELTA_SCAN, store.root], capture_output=True, text=True, timeout=300, check=True
+    )
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    want = store.read(columns=["speed"])
+    expected = []
+    for tok in sorted(set(want.column("token_id").to_pylist())):
+        speed = want.filter(pc.equal(want.column("token_id"), tok)).column("speed")
+        expected.append([tok, len(speed), len(speed) - speed.null_count, float(pc.sum(speed).as_py() or 0)])
+    assert [g[:3] for g in got] == [e[:3] for e in expected] and len(got) == 3
+    assert all(g[3] == pytest.approx(e[3], rel=1e-9) for g, e in zip(got, expected, strict=True))
