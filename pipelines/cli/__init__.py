@@ -4,7 +4,7 @@ object as its last stdout line; progress and human text go to stderr.
 This package only parses flags and prints; the work is done by the library calls the commands make. One
 module per command group: :mod:`~pipelines.cli.emulator`, :mod:`~pipelines.cli.ingest` (and ``signals``),
 :mod:`~pipelines.cli.dataset` (``dataset info|optimize|vacuum|migrate``), :mod:`~pipelines.cli.jobs` (``train``, ``score``), :mod:`~pipelines.cli.report` (``report``), :mod:`~pipelines.cli.serve` (``serve``, ``publish``,
-``invoke``), :mod:`~pipelines.cli.stack` (``up``, ``down``, ``demo``), :mod:`~pipelines.cli.fluence` and
+``invoke``), :mod:`~pipelines.cli.stack` (``up``, ``down``, ``demo``), :mod:`~pipelines.cli.deploy` (``deploy``, ``pool-worker``), :mod:`~pipelines.cli.fluence` and
 :mod:`~pipelines.cli.worker` (with :mod:`~pipelines.cli.nodes`); output helpers in ``_output``."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import typer
 from pydantic import ValidationError
 
 from depin_core.errors import DepinError
-from pipelines.cli import dataset, emulator, fluence, ingest, jobs, report, serve, stack, worker
+from pipelines.cli import dataset, deploy, emulator, fluence, ingest, jobs, report, serve, stack, worker
 from pipelines.cli._output import error
 
 app = typer.Typer(
@@ -40,6 +40,8 @@ app.command()(serve.publish)
 app.command()(serve.invoke)
 app.command()(stack.up)
 app.command()(stack.down)
+app.command()(deploy.deploy)
+app.command(name="pool-worker")(deploy.pool_worker)
 app.command(name="signals")(ingest.list_signals)
 app.add_typer(dataset.app)
 app.add_typer(fluence.app)

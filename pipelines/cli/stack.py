@@ -50,6 +50,15 @@ def up(
         str | None, typer.Option(help="end of the emulated history, ISO-8601 (default: start-up time)")
     ] = None,
     runner_poll_s: Annotated[int, typer.Option(help="how often served deployments look for runs (s)")] = 5,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            help="the Prefect server's database, e.g. postgresql+asyncpg://USER:PASSWORD@HOST:5432/prefect "
+            "(default: DEPIN_UP_DATABASE_URL, else PREFECT_SERVER_DATABASE_CONNECTION_URL, else SQLite in "
+            "the Prefect home); shown redacted",
+            show_default=False,
+        ),
+    ] = None,
     background: Annotated[
         bool, typer.Option("--background", help=f"detach; `depin down` stops it (log {paths.UP_LOG})")
     ] = False,
@@ -62,8 +71,12 @@ def up(
 ) -> None:
     """Start the Prefect server + UI, the DIMO emulator and the gateway, and serve the deployments; Ctrl-C
     stops everything."""
-    from pipelines.stack.up import UpOptions, ready_text, start_background, supervise
+    from pydantic import SecretStr
 
+    from pipelines.stack.up import UpOptions, check_database_url, ready_text, start_background, supervise
+
+    if database_url is not None:
+        check_database_url(database_url, "--database-url")
     opts = UpOptions(
         host=host,
         port=port,
@@ -75,6 +88,7 @@ def up(
         seed=seed,
         end=end,
         runner_poll_s=runner_poll_s,
+        database_url=SecretStr(database_url) if database_url is not None else None,
     )
     if background:
         doc = start_background(opts)

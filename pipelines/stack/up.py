@@ -5,7 +5,11 @@
 
 1. a real ``prefect server start`` on ``host:port`` (default 127.0.0.1:4200) with
    ``PREFECT_HOME`` :data:`depin_core.paths.PREFECT_HOME` and analytics off, unless ``PREFECT_API_URL``
-   points at a server already;
+   points at a server already; its database is SQLite in ``PREFECT_HOME`` unless a database URL is given
+   (``--database-url``, else ``DEPIN_UP_DATABASE_URL``, else Prefect's own
+   ``PREFECT_SERVER_DATABASE_CONNECTION_URL``; see :func:`resolve_database`). That URL holds a password: it
+   reaches the server through its environment only, and every message, the state file and ``--json`` show
+   it redacted;
 2. the DIMO emulator (credentials at :data:`pipelines.params.DEFAULT_EMULATOR_CREDENTIALS`, where the flows
    look by default), unless real DIMO is configured (``DEPIN_DIMO_ENV`` production/dev or
    ``DEPIN_DIMO_CLIENT_ID``);
@@ -37,13 +41,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import SettingsConfigDict
 
 from depin_core import paths
 from depin_core.errors import ConfigError, DepinError
 from depin_core.fs import atomic_write_bytes
 from depin_core.net import free_port, listen_socket, url_host
 from depin_core.proc import Child, alive, start_time, stop_tree
+from depin_core.settings import EnvSettings
 from pipelines.params import (
     DEFAULT_EMULATOR_CREDENTIALS,
     DEFAULT_GROUND_TRUTH,
@@ -60,6 +66,21 @@ PREFECT_HOME = paths.PREFECT_HOME
 REGISTRY_DIR = paths.REGISTRY_DIR
 # "module:function" returning the RunnerDeployments to serve (tests may serve others)
 DEPLOYMENTS_ENV = "DEPIN_UP_DEPLOYMENTS"
+# the database setting: ours (UpSettings.database_url) and Prefect's own, which the server reads
+DATABASE_URL_ENV = "DEPIN_UP_DATABASE_URL"
+PREFECT_DATABASE_ENV = "PREFECT_SERVER_DATABASE_CONNECTION_URL"
+DATABASE_SCHEMES = ("postgresql+asyncpg", "sqlite+aiosqlite")
+DATABASE_EXAMPLE = "postgresql+asyncpg://USER:PASSWORD@HOST:5432/prefect"
+
+
+class UpSettings(EnvSettings):
+    """``depin up`` settings from the environment (prefix ``DEPIN_UP_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="DEPIN_UP_", extra="ignore")
+
+    database_url: SecretStr | None = Field(
+        None, description=f"the Prefect server's database, e.g. {DATABASE_EXAMPLE} (default: SQLite)"
+    )
 
 
 class UpOptions(BaseModel):
@@ -78,6 +99,11 @@ class UpOptions(BaseModel):
     runner_poll_s: int = Field(5, ge=1, description="how often served deployments look for scheduled runs")
     startup_timeout_s: float = Field(180.0, gt=0)
     stop_grace_s: float = Field(15.0, ge=0)
+    # never in the JSON handed to the background supervisor (its command line is world-readable): that one
+    # gets it in its environment as DEPIN_UP_DATABASE_URL
+    database_url: SecretStr | None = Field(
+        None, exclude=True, description="the Prefect server's database (--database-url)"
+    )
 
 
 class _Stopped(Exception):
@@ -91,6 +117,58 @@ def real_dimo_configured(env: dict[str, str] | None = None) -> bool:
         "production",
         "dev",
     ) or bool(env.get("DEPIN_DIMO_CLIENT_ID", "").strip())
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (SQLAlchemy's rendering; "(unparsable URL)" if it is
+    not a URL at all, never the text itself)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return "(unparsable URL)"
+
+
+def check_database_url(url: str, source: str) -> str:
+    """Validate a Prefect database URL (``source`` names where it came from, e.g. ``--database-url``);
+    returns it redacted. ConfigError naming ``source`` and an example otherwise; the URL itself is never
+    quoted in the error (it may hold a password)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    fix = f"expected {DATABASE_EXAMPLE} or sqlite+aiosqlite:///PATH/prefect.db"
+    try:
+        parsed = make_url(url.strip())
+    except (ArgumentError, ValueError):
+        raise ConfigError(f"{source}: not a database URL; {fix}") from None
+    if parsed.drivername not in DATABASE_SCHEMES:
+        raise ConfigError(
+            f"{source}: scheme {parsed.drivername!r} is not supported by the Prefect server; {fix}"
+        )
+    if parsed.drivername.startswith("postgresql") and not (parsed.host and parsed.database):
+        raise ConfigError(f"{source}: a PostgreSQL URL needs a host and a database name; {fix}")
+    return parsed.render_as_string(hide_password=True)
+
+
+def resolve_database(
+    opts: UpOptions, env: dict[str, str] | None = None
+) -> tuple[SecretStr | None, str | None]:
+    """The Prefect server's database URL and where it came from: ``--database-url``, else
+    ``DEPIN_UP_DATABASE_URL``, else Prefect's own ``PREFECT_SERVER_DATABASE_CONNECTION_URL``; (None, None)
+    for the default SQLite in ``PREFECT_HOME``. Validated (ConfigError naming the source)."""
+    env = dict(os.environ) if env is None else env
+    if opts.database_url is not None:
+        url, source = opts.database_url, "--database-url"
+    elif (ours := UpSettings.from_env(env).database_url) is not None:
+        url, source = ours, DATABASE_URL_ENV
+    elif env.get(PREFECT_DATABASE_ENV, "").strip():
+        url, source = SecretStr(env[PREFECT_DATABASE_ENV].strip()), PREFECT_DATABASE_ENV
+    else:
+        return None, None
+    check_database_url(url.get_secret_value(), source)
+    return url, source
 
 
 def _check_port(host: str, port: int, what: str) -> int:
@@ -158,11 +236,14 @@ def wait_ready(
 
 
 def prefect_server_command(
-    host: str, port: int, home: Path, env: dict[str, str]
+    host: str, port: int, home: Path, env: dict[str, str], database_url: SecretStr | None = None
 ) -> tuple[list[str], dict[str, str], str]:
-    """``prefect server start`` on ``host:port`` with ``PREFECT_HOME=home`` and analytics off: (command,
-    environment, API URL)."""
+    """``prefect server start`` on ``host:port`` with ``PREFECT_HOME=home`` and analytics off, on
+    ``database_url`` if given (else SQLite in ``home``): (command, environment, API URL)."""
     base = f"http://{url_host(host)}:{port}"
+    env = {k: v for k, v in env.items() if k not in (DATABASE_URL_ENV, PREFECT_DATABASE_ENV)}
+    if database_url is not None:
+        env[PREFECT_DATABASE_ENV] = database_url.get_secret_value()
     env = {
         **env,
         "PREFECT_HOME": str(home),
@@ -204,6 +285,7 @@ class UpStack:
         self.urls: dict[str, str | None] = {}
         self.deployments: list[str] = []
         self.notes: list[str] = []
+        self.database: str | None = None  # the Prefect server's database URL, redacted
         # started children not yet ready: (child, what, ready check); the first three start side by side
         self._pending: list[tuple[Child, str, Callable[[], bool]]] = []
         self.state: dict[str, Any] = {
@@ -217,8 +299,9 @@ class UpStack:
     # ---------------------------------------------------------------------------------------- helpers
 
     def _env(self, **extra: str) -> dict[str, str]:
+        """Our environment for a child, without the database URL (only the Prefect server gets that)."""
         env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k not in (DATABASE_URL_ENV, PREFECT_DATABASE_ENV)},
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "DO_NOT_TRACK": "1",
             "PYTHONUNBUFFERED": "1",
@@ -249,10 +332,20 @@ class UpStack:
         home = str(self.cwd / PREFECT_HOME)
         api = os.environ.get("PREFECT_API_URL", "").strip().rstrip("/")
         if api:
+            if self.opts.database_url is not None:
+                raise ConfigError(
+                    "--database-url sets the database of the Prefect server depin up starts, but "
+                    "PREFECT_API_URL points at a server already: unset PREFECT_API_URL or drop --database-url"
+                )
             self.notes.append("using the Prefect server at PREFECT_API_URL")
             return api, {"PREFECT_HOME": os.environ.get("PREFECT_HOME", home)}
+        database_url, _source = resolve_database(self.opts)
         port = _check_port(self.opts.host, self.opts.port, "--port (Prefect server)")
-        cmd, env, api = prefect_server_command(self.opts.host, port, Path(home), self._env())
+        if database_url is None:
+            self.database = f"sqlite+aiosqlite:///{home}/prefect.db"
+        else:
+            self.database = redact_url(database_url.get_secret_value())
+        cmd, env, api = prefect_server_command(self.opts.host, port, Path(home), self._env(), database_url)
         child = self._start("prefect-server", cmd, env)
         self._pending.append((child, "the Prefect server", lambda: http_ok(f"{api}/health")))
         return api, {"PREFECT_HOME": home}
@@ -363,6 +456,7 @@ class UpStack:
             "deployments": self.deployments,
             "state_file": str(self.cwd / STATE_FILE),
             "logs": str(self.cwd / LOG_DIR),
+            "database": self.database,
             "seconds": round(time.perf_counter() - t0, 2),
         }
         self.state.update(ready=True, urls=self.urls, doc=doc)
@@ -398,6 +492,7 @@ def ready_text(doc: dict[str, Any], notes: list[str]) -> str:
         f"depin up: ready in {doc['seconds']:.1f}s",
         f"  Prefect UI     {doc['ui']}",
         f"  Prefect API    {doc['api']}",
+        f"  Prefect DB     {doc.get('database') or '(the one of PREFECT_API_URL)'}",
         f"  gateway        {doc['gateway']}",
         f"  DIMO emulator  {doc['emulator'] or '(none: real DIMO)'}",
         f"  deployments    {', '.join(doc['deployments'])}",
@@ -450,9 +545,13 @@ def start_background(opts: UpOptions) -> dict[str, Any]:
     """Start the supervisor detached (own session, log ``SUPERVISOR_LOG``); return its ready document."""
     if (state := read_state()) is not None:
         raise ConfigError(f"depin up already runs here (pid {state['pid']}); run `depin down` first")
+    resolve_database(opts)  # a bad URL fails here, not in the detached log
+    env = dict(os.environ)
+    if opts.database_url is not None:  # through the environment: the options JSON is on a command line
+        env[DATABASE_URL_ENV] = opts.database_url.get_secret_value()
     log_path = Path.cwd() / SUPERVISOR_LOG
     cmd = [sys.executable, "-m", "pipelines.stack", "--options-json", opts.model_dump_json()]
-    child = Child("supervisor", cmd, log_path=log_path, env=dict(os.environ), cwd=Path.cwd())
+    child = Child("supervisor", cmd, log_path=log_path, env=env, cwd=Path.cwd())
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_bytes(b"")
     child.start(die_with_parent=False)
