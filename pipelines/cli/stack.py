@@ -50,6 +50,13 @@ def up(
         str | None, typer.Option(help="end of the emulated history, ISO-8601 (default: start-up time)")
     ] = None,
     runner_poll_s: Annotated[int, typer.Option(help="how often served deployments look for runs (s)")] = 5,
+    serve: Annotated[
+        bool,
+        typer.Option(
+            "--serve/--no-serve",
+            help="serve the deployments in this process; --no-serve when workers run them (depin deploy --pool)",
+        ),
+    ] = True,
     database_url: Annotated[
         str | None,
         typer.Option(
@@ -88,6 +95,7 @@ def up(
         seed=seed,
         end=end,
         runner_poll_s=runner_poll_s,
+        serve=serve,
         database_url=SecretStr(database_url) if database_url is not None else None,
     )
     if background:

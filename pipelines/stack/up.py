@@ -97,6 +97,9 @@ class UpOptions(BaseModel):
     end: datetime | None = Field(None, description="end of the emulated history; default: start-up time")
     dimo_limit: int = Field(DIMO_API_SLOTS, ge=1, description="slots of the dimo-api concurrency limit")
     runner_poll_s: int = Field(5, ge=1, description="how often served deployments look for scheduled runs")
+    serve: bool = Field(
+        True, description="serve the deployments here; False when workers run them (depin deploy --pool)"
+    )
     startup_timeout_s: float = Field(180.0, gt=0)
     stop_grace_s: float = Field(15.0, ge=0)
     # never in the JSON handed to the background supervisor (its command line is world-readable): that one
@@ -443,12 +446,12 @@ class UpStack:
         api, prefect_env = self._prefect_server()
         emulator = self._emulator()
         gateway = self._gateway()
-        names_file = self._serve_deployments(api, prefect_env, gateway)
+        names_file = self._serve_deployments(api, prefect_env, gateway) if self.opts.serve else None
         for child, what, ready in self._pending:  # all four start side by side
             self._wait(child, what, ready)
         self._pending.clear()
         ensure_concurrency_limit(api, self.opts.dimo_limit)
-        self.deployments = sorted(json.loads(names_file.read_text()))
+        self.deployments = sorted(json.loads(names_file.read_text())) if names_file is not None else []
         self.urls = {"ui": api.removesuffix("/api"), "api": api, "gateway": gateway, "emulator": emulator}
         doc = {
             **self.urls,
@@ -495,7 +498,7 @@ def ready_text(doc: dict[str, Any], notes: list[str]) -> str:
         f"  Prefect DB     {doc.get('database') or '(the one of PREFECT_API_URL)'}",
         f"  gateway        {doc['gateway']}",
         f"  DIMO emulator  {doc['emulator'] or '(none: real DIMO)'}",
-        f"  deployments    {', '.join(doc['deployments'])}",
+        f"  deployments    {', '.join(doc['deployments']) or '(not served here: depin deploy --pool, workers)'}",
         *(f"  {n}" for n in notes),
         f"  logs in {doc['logs']}",
     ]

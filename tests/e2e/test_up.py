@@ -144,6 +144,24 @@ def test_up_background_and_down(tmp_path: Path) -> None:
     assert nothing.returncode == 0 and last_json(nothing.stdout)["stopped"] is False
 
 
+def test_up_no_serve_leaves_the_deployments_to_workers(tmp_path: Path) -> None:
+    """``--no-serve``: the server, emulator and gateway start, but no process of ours serves a deployment (so
+    workers of a pool, ``depin deploy --pool``, are the only ones that take runs)."""
+    started = depin(*up_args(), "--no-serve", "--background", "--json", cwd=tmp_path)
+    assert started.returncode == 0, started.stderr[-3000:]
+    doc = last_json(started.stdout)
+    try:
+        assert doc["deployments"] == []
+        listed = httpx.post(f"{doc['api']}/deployments/filter", json={"limit": 10}, timeout=10)
+        assert listed.status_code == 200 and listed.json() == []
+        assert httpx.get(f"{doc['gateway']}/healthz", timeout=10).status_code == 200
+        state = json.loads((tmp_path / STATE_FILE).read_text())
+        assert "deployments" not in state["children"] and "gateway" in state["children"]
+    finally:
+        stopped = depin("down", "--json", cwd=tmp_path, timeout=120)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+
+
 def test_child_stop_kills_group_and_escaped_descendants(tmp_path: Path) -> None:
     """A service that ignores SIGTERM and has a grandchild in a new session (like a flow run): both die."""
     script = (
