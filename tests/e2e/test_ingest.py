@@ -146,6 +146,55 @@ def test_cli_ingest_into_a_table_on_object_storage(emulator, window, s3_server, 
     assert store.read().num_rows == 6 * 6 * 12 and len(store.watermarks()) == 6
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+async def test_two_concurrent_ingest_processes_on_one_table_equal_one_run(
+    emulator, window, tmp_path, request, where
+) -> None:
+    """Two ``depin ingest`` processes, each for half the fleet, write one table at the same time (a local
+    directory, or a table on the S3-compatible test server, created by whichever starts first): both commit, and
+    the table equals one run's."""
+    since, until = window
+    await run(emulator, tmp_path / "single", since, until)
+    single = TelemetryStore(tmp_path / "single").read()
+    ids = sorted(set(single.column("token_id").to_pylist()))
+    env = {**os.environ, "DEPIN_DIMO_RATE_LIMIT_PER_S": "0"}
+    opts: dict[str, str] = {}
+    if where == "s3":
+        server = request.getfixturevalue("s3_server")
+        uri, opts = f"s3://{server.new_bucket()}/telemetry", server.storage_options
+        env.update(server.env)
+    else:
+        uri = str(tmp_path / "shared")
+    common = ["--since", since.isoformat(), "--until", until.isoformat(), "--interval", "1m", "--signals",
+              ",".join(SIGNALS), "--credentials", str(emulator.credentials_path), "--out", uri, "--json"]  # fmt: skip
+    halves = [ids[: len(ids) // 2], ids[len(ids) // 2 :]]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pipelines.cli",
+                "ingest",
+                "--vehicles",
+                ",".join(map(str, half)),
+                *common,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for half in halves
+    ]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    reports = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
+    assert [r["vehicles"] for r in reports] == [len(h) for h in halves]
+    shared = TelemetryStore(uri, storage_options=opts)
+    assert shared.read().equals(single)
+    assert shared.watermarks() == TelemetryStore(tmp_path / "single").watermarks()
+
+
 def test_cli_bad_input_is_a_clear_error(emulator, tmp_path) -> None:
     proc = subprocess.run(
         [
