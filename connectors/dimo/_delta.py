@@ -31,7 +31,6 @@ from connectors.dimo.location import TableLocation
 log = logging.getLogger(__name__)
 
 LOG_DIR = "_delta_log"
-_COMMIT = re.compile(r"^(\d{20})\.json$")
 _CHECKPOINT = re.compile(r"^(\d{20})\.checkpoint(?:\.(\d{10})\.(\d{10}))?\.parquet$")
 
 
@@ -96,29 +95,26 @@ def remove_files(fs: pafs.FileSystem, rels: Iterable[str]) -> None:
             log.debug("could not delete staged file %s: %s", rel, exc)
 
 
-def _log_names(fs: pafs.FileSystem) -> tuple[dict[int, list[str]], dict[int, str]]:
-    """(checkpoint parts by version, commit file by version) in ``_delta_log``."""
+def _checkpoints(fs: pafs.FileSystem) -> dict[int, list[str]]:
+    """Checkpoint parts by version in ``_delta_log`` (one listing)."""
     checkpoints: dict[int, list[str]] = {}
-    commits: dict[int, str] = {}
     for info in fs.get_file_info(pafs.FileSelector(LOG_DIR, allow_not_found=True)):
-        if info.type != pafs.FileType.File:
-            continue
-        if m := _CHECKPOINT.match(info.base_name):
+        if info.type == pafs.FileType.File and (m := _CHECKPOINT.match(info.base_name)):
             checkpoints.setdefault(int(m.group(1)), []).append(info.base_name)
-        elif m := _COMMIT.match(info.base_name):
-            commits[int(m.group(1))] = info.base_name
-    return checkpoints, commits
+    return checkpoints
 
 
-def _commit_txns(
-    fs: pafs.FileSystem, commits: dict[int, str], lo: int, hi: int, prefix: str, out: dict[str, int]
-) -> bool:
-    """Apply the ``txn`` actions of commits ``lo+1 … hi`` to ``out``; False when one is missing."""
+def _commit_txns(fs: pafs.FileSystem, lo: int, hi: int, prefix: str, out: dict[str, int]) -> bool:
+    """Apply the ``txn`` actions of commits ``lo+1 … hi`` to ``out``; False when one is missing.
+
+    Commit files are opened by name, not listed: the log keeps every commit until log cleanup, so a listing
+    would grow with the table's history on every append."""
     for v in range(lo + 1, hi + 1):
-        name = commits.get(v)
-        if name is None:
+        try:
+            fh = fs.open_input_stream(f"{LOG_DIR}/{v:020d}.json")
+        except FileNotFoundError:
             return False
-        with fs.open_input_stream(f"{LOG_DIR}/{name}") as fh:
+        with fh:
             for line in fh.read().splitlines():
                 if b'"txn"' not in line:
                     continue
@@ -135,7 +131,7 @@ def app_transactions(loc: TableLocation, version: int, prefix: str) -> dict[str,
     compacted logs): the caller then asks delta-rs id by id.
     """
     fs = filesystem(loc)
-    checkpoints, commits = _log_names(fs)
+    checkpoints = _checkpoints(fs)
     usable = [v for v, parts in checkpoints.items() if v <= version and _complete(parts)]
     start = max(usable, default=-1)
     out: dict[str, int] = {}
@@ -146,15 +142,13 @@ def app_transactions(loc: TableLocation, version: int, prefix: str) -> dict[str,
             for row in txn.drop_null().to_pylist():
                 if row and row["appId"].startswith(prefix):
                     out[row["appId"]] = int(row["version"])
-    return out if _commit_txns(fs, commits, start, version, prefix, out) else None
+    return out if _commit_txns(fs, start, version, prefix, out) else None
 
 
 def app_transactions_between(loc: TableLocation, after: int, upto: int, prefix: str) -> dict[str, int] | None:
     """The application transactions set by commits ``after+1 … upto`` (None when one is missing)."""
-    fs = filesystem(loc)
-    _, commits = _log_names(fs)
     out: dict[str, int] = {}
-    return out if _commit_txns(fs, commits, after, upto, prefix, out) else None
+    return out if _commit_txns(filesystem(loc), after, upto, prefix, out) else None
 
 
 def _complete(parts: list[str]) -> bool:
