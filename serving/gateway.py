@@ -15,6 +15,11 @@ Routes (errors are ``{"error": {"code", "message", "field"?}}``, never a 5xx for
 - ``/healthz``, ``/readyz`` (200 when every aliased version is loaded and warm), ``/metrics``,
   ``/openapi.json``.
 
+With ``registry_url`` (a registry on object storage shared by several gateways, ``serving.replica``), the
+local registry is this gateway's verified cache of it: admin writes go to the store first, changes made
+through other gateways arrive by a background sync, and ``/readyz`` also waits for the first sync (its body's
+``registry`` shows the revision applied here and the seconds since the last sync).
+
 The invoke path reads only memory (the routing table, see ``serving._runtime``), decodes with orjson,
 validates with the function's predictor, and awaits the version's dynamic batcher; the model runs in one
 dedicated inference thread under ``torch.inference_mode()`` — except a lone request on an idle model whose
@@ -36,6 +41,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from depin_core.errors import DepinError, TransientError
 from depin_core.names import function_name_error
 from gpu_jobs.errors import InvalidInput
 from serving._auth import AdminKeys
@@ -82,6 +88,7 @@ from serving.settings import GatewaySettings
 if TYPE_CHECKING:
     from gpu_jobs.models.base import Derived
     from gpu_jobs.models.online import Predictor
+    from serving.replica import Replica
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +136,12 @@ class Gateway:
         )
         self.admin = AdminKeys(self.settings.admin_digests())
         self.metrics = GatewayMetrics(self._queue_state, self._ready)
+        self.replica: Replica | None = None
+        if self.settings.registry_url:
+            from serving.replica import Replica
+
+            self.replica = Replica.from_settings(self.settings, self.registry)
+            self.replica.register_metrics(self.metrics.registry)
         self.runtime = Runtime(self.settings, self.registry, self.metrics, load_predictor=load_predictor)
         self._admin_lock: Any = None
         self._openapi: tuple[object, bytes] | None = None
@@ -173,9 +186,13 @@ class Gateway:
         self._admin_lock = asyncio.Lock()
         configure_torch(self.settings)
         await self.runtime.start()
+        if self.replica is not None:
+            await self.replica.start(self.runtime.refresh)
         try:
             yield self
         finally:
+            if self.replica is not None:
+                await self.replica.stop()
             await self.runtime.stop()
 
     @contextlib.asynccontextmanager
@@ -188,16 +205,20 @@ class Gateway:
         import asyncio
 
         end = time.monotonic() + timeout
-        while not self.runtime.ready():
+        while not self._ready():
             if time.monotonic() > end:
-                raise TimeoutError(f"gateway not ready after {timeout:.0f}s: {self.runtime.problems()}")
+                raise TimeoutError(f"gateway not ready after {timeout:.0f}s: {self._problems()}")
             await asyncio.sleep(0.02)
 
     def _queue_state(self) -> Any:
         return self.runtime.queue_state()
 
+    def _problems(self) -> dict[str, str]:
+        shared = self.replica.problems() if self.replica is not None else {}
+        return {**shared, **self.runtime.problems()}
+
     def _ready(self) -> bool:
-        return self.runtime.ready()
+        return self.runtime.ready() and (self.replica is None or not self.replica.problems())
 
     # ---- errors ------------------------------------------------------------------------------------------
     async def _api_error(self, request: Request, exc: Exception) -> Response:
@@ -454,8 +475,10 @@ class Gateway:
     async def readyz(self, request: Request) -> Response:
         runtime = self.runtime
         table = runtime.table
-        problems = runtime.problems()
+        problems = self._problems()
         body: dict[str, Any] = {"status": "not_ready" if problems else "ready", "revision": table.revision}
+        if self.replica is not None:
+            body["registry"] = self.replica.status()
         if problems:
             body["problems"] = problems
         else:
@@ -527,11 +550,16 @@ class Gateway:
             )
         runtime = self.runtime
         async with self._admin_lock:
+            await self._sync_replica()
             route = runtime.route(name)
             existed = route is not None and version in route.info.versions
             try:
                 bundle = await runtime.in_loader(
-                    self.registry.add, data, expect_name=name, expect_version=version
+                    self.registry.add,
+                    data,
+                    expect_name=name,
+                    expect_version=version,
+                    move_latest=self.replica is None,  # a replica's aliases come from the store
                 )
             except BundleError as exc:
                 untrusted = isinstance(exc, UntrustedPublisher)
@@ -541,10 +569,14 @@ class Gateway:
                     _strip_paths(str(exc)),
                     field="body",
                 ) from None
+            failure = None
+            if self.replica is not None:
+                created, failure = await self._publish_shared(bundle)
+                existed = not created
             await runtime.refresh(force=True)
             if runtime.get_loaded(name, version) is None:
-                reason = runtime.table.problems.get(f"{name}@latest", "it failed to load")
-                if not existed:
+                reason = failure or runtime.table.problems.get(f"{name}@latest", "it failed to load")
+                if not existed and self.replica is None:
                     with contextlib.suppress(NoHistory, NotFound):
                         await runtime.in_loader(self.registry.rollback, name, "latest")
                     await runtime.refresh(force=True)
@@ -565,6 +597,39 @@ class Gateway:
             },
             200 if existed else 201,
         )
+
+    async def _sync_replica(self) -> None:
+        """With a shared registry: catch up with the store before an admin change (503 if unreachable)."""
+        if self.replica is not None and await self._shared(self.replica.sync):
+            await self.runtime.refresh()
+
+    async def _shared(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run a replica method in its store thread; an unreachable store is a 503 naming it."""
+        assert self.replica is not None
+        try:
+            return await self.replica.run(fn, *args, **kwargs)
+        except TransientError as exc:
+            raise GatewayHttpError(
+                503, "registry_unavailable", str(exc), headers=retry_after_header(2)
+            ) from None
+        except (NotFound, InvalidTarget, NoHistory):
+            raise
+        except DepinError as exc:
+            raise GatewayHttpError(502, "registry_error", str(exc)) from None
+
+    async def _publish_shared(self, bundle: Any) -> tuple[bool, str | None]:
+        """Load and warm a version installed in this cache, then publish it to the shared registry, moving
+        ``latest`` only if it loaded (otherwise it is stored but not served, as on a local registry). Returns
+        (new to the shared registry, why it failed to load or None)."""
+        assert self.replica is not None
+        await self.runtime.refresh(force=True)  # the version is installed here, no alias points at it yet
+        failure = None
+        try:
+            await self.runtime.ensure_loaded(bundle.manifest.name, bundle.manifest.version)
+        except LoadFailed as exc:
+            failure = str(exc)
+        created = await self._shared(self.replica.publish, bundle, move_latest=failure is None)
+        return bool(created), failure
 
     def _target_versions(self, route: FunctionRoute, doc: Any) -> tuple[str | dict[str, float], list[str]]:
         """The alias target in a PUT body and the versions it names (checked against the routing table)."""
@@ -618,13 +683,17 @@ class Gateway:
             valid_alias(alias)
         except InvalidTarget as exc:
             raise GatewayHttpError(422, "invalid_alias", str(exc), field="alias") from None
-        route = self._route(name)
+        await self._sync_replica()
+        self._route(name)
         doc = parse_json(await read_body(request, _ADMIN_BODY_LIMIT))
-        target, versions = self._target_versions(route, doc)
         async with self._admin_lock:
+            target, versions = self._target_versions(self._route(name), doc)
             await self._preload(name, versions)  # load + warm before the alias moves
             try:
-                previous = await self.runtime.in_loader(self.registry.set_alias, name, alias, target)
+                if self.replica is not None:
+                    previous = await self._shared(self.replica.set_alias, name, alias, target)
+                else:
+                    previous = await self.runtime.in_loader(self.registry.set_alias, name, alias, target)
             except InvalidTarget as exc:
                 raise GatewayHttpError(422, "invalid_target", str(exc), field=exc.field) from None
             except NotFound as exc:
@@ -636,15 +705,17 @@ class Gateway:
     async def rollback(self, request: Request) -> Response:
         self._check_admin(request)
         name, alias = request.path_params["name"], request.path_params["alias"]
-        route = self._route(name)
-        if alias not in route.info.aliases:
-            raise GatewayHttpError(
-                404,
-                "alias_not_found",
-                f"alias {alias[:40]!r} of {name!r} not found; aliases: {', '.join(route.info.aliases) or 'none'}",
-                field="alias",
-            )
         async with self._admin_lock:
+            await self._sync_replica()
+            route = self._route(name)
+            if alias not in route.info.aliases:
+                raise GatewayHttpError(
+                    404,
+                    "alias_not_found",
+                    f"alias {alias[:40]!r} of {name!r} not found; aliases: "
+                    f"{', '.join(route.info.aliases) or 'none'}",
+                    field="alias",
+                )
             history = await self.runtime.in_loader(self.registry.history, name, alias)
             if not history:
                 raise GatewayHttpError(
@@ -652,7 +723,10 @@ class Gateway:
                 )
             await self._preload(name, list(history[-1]))
             try:
-                restored = await self.runtime.in_loader(self.registry.rollback, name, alias)
+                if self.replica is not None:
+                    restored = await self._shared(self.replica.rollback, name, alias)
+                else:
+                    restored = await self.runtime.in_loader(self.registry.rollback, name, alias)
             except NoHistory as exc:
                 raise GatewayHttpError(409, "no_history", str(exc), field="alias") from None
             await self.runtime.refresh(force=True)

@@ -259,10 +259,13 @@ class Registry:
         *,
         expect_name: str | None = None,
         expect_version: str | None = None,
+        move_latest: bool = True,
     ) -> Bundle:
         """Verify a bundle (a directory, a packed tar file, or packed tar bytes) and install it; move alias
-        ``latest`` to it. Idempotent: adding a version that is already here changes nothing and returns it.
-        ``expect_name``/``expect_version`` (e.g. from an upload URL) must match the manifest if given."""
+        ``latest`` to it (unless ``move_latest`` is False: a replica's cache installs versions first and takes
+        its aliases from the shared store). Idempotent: adding a version that is already here changes nothing
+        and returns it. ``expect_name``/``expect_version`` (e.g. from an upload URL) must match the manifest
+        if given."""
         tmp_root = self.root / ".tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
         self._sweep_tmp(tmp_root)
@@ -281,7 +284,7 @@ class Registry:
                 raise BundleError(
                     f"bundle manifest.json name {m.name!r} / version {m.version!r} are malformed"
                 )
-            return self._install(staged, bundle, work)
+            return self._install(staged, bundle, work, move_latest=move_latest)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -320,6 +323,32 @@ class Registry:
             self._commit(name, state)
             log.info("alias %s@%s rolled back -> %s", name, alias, restored)
             return dict(restored)
+
+    def apply_state(
+        self,
+        name: str,
+        aliases: Mapping[str, Target],
+        history: Mapping[str, list[Target]],
+        added: Mapping[str, int],
+    ) -> bool:
+        """Replace ``name``'s aliases, history and added-revisions with a shared store's (a replica's cache).
+        Every version an alias points to must be installed here already (``NotFound`` otherwise), so an alias
+        never points at a version this replica lacks. True when something changed (REVISION bumped)."""
+        with self._locked():
+            versions = self._view(name, fresh=True).versions
+            for alias, target in aliases.items():
+                valid_alias(alias)
+                if missing := sorted(set(target) - versions):
+                    raise NotFound("version", missing[0], versions, function=name)
+            new = _State(
+                aliases={a: dict(t) for a, t in aliases.items()},
+                history={a: [dict(t) for t in ts] for a, ts in history.items() if ts},
+                added={v: int(n) for v, n in added.items() if v in versions},
+            )
+            if new.to_bytes() == self._read_state(name).to_bytes():
+                return False
+            self._commit(name, new)
+            return True
 
     # -- internals -----------------------------------------------------------------------------------------
 
@@ -382,7 +411,10 @@ class Registry:
         except (ValueError, TypeError, AttributeError) as e:
             raise PermanentError(f"{f} is not a valid aliases file ({e}); restore it from a backup") from e
 
-    def _target(self, name: str, target: str | Mapping[str, float], state: _State, versions: Collection[str]):
+    @staticmethod
+    def _target(
+        name: str, target: str | Mapping[str, float], state: _State, versions: Collection[str]
+    ) -> Target:
         if isinstance(target, str):
             if VERSION_RE.fullmatch(target) and target in versions:
                 return {target: 1.0}
@@ -442,7 +474,7 @@ class Registry:
             return unpack_bundle(data, dest)
         return unpack_bundle(data, dest, max_bytes=self.max_bundle_bytes)
 
-    def _install(self, staged: Path, bundle: Bundle, work: Path) -> Bundle:
+    def _install(self, staged: Path, bundle: Bundle, work: Path, *, move_latest: bool = True) -> Bundle:
         name, version = bundle.manifest.name, bundle.manifest.version
         final = self._versions_dir(name) / version
         with self._locked():
@@ -454,7 +486,7 @@ class Registry:
                     log.warning("replacing damaged %s@%s: %s", name, version, e)
                     final.rename(work / "damaged")
                 else:
-                    if LATEST not in state.aliases:  # a crash between rename and commit left it unset
+                    if move_latest and LATEST not in state.aliases:  # a crash between rename and commit
                         self._move(state, LATEST, {version: 1.0})
                         self._commit(name, state)
                     return existing
@@ -464,7 +496,8 @@ class Registry:
             final.parent.mkdir(parents=True, exist_ok=True)
             staged.rename(final)
             state.added[version] = self.revision() + 1
-            self._move(state, LATEST, {version: 1.0})
+            if move_latest:
+                self._move(state, LATEST, {version: 1.0})
             self._commit(name, state)
         installed = dataclasses.replace(bundle, path=final)
         self._bundle_cache[(name, version)] = (_fingerprint(final), installed)

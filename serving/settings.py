@@ -75,7 +75,27 @@ class GatewaySettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 exposes the gateway to the network")
     port: int = Field(8787, ge=0, le=65535, description="TCP port; 0 picks a free one")
-    registry_dir: Path = Field(paths.REGISTRY_DIR, description="the function registry directory")
+    registry_dir: Path = Field(
+        paths.REGISTRY_DIR,
+        description="the function registry directory (with registry_url: this gateway's local cache of it)",
+    )
+    registry_url: str | None = Field(
+        None,
+        description="s3://bucket/prefix of a registry shared by several gateways (the source of truth; "
+        "registry_dir becomes a verified cache, synced every poll_interval_s); unset = local registry only",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint of registry_url (default: AWS_ENDPOINT_URL, else AWS)"
+    )
+    s3_region: str | None = Field(None, description="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)")
+    s3_access_key_id: str | None = Field(None, description="S3 access key id (default: AWS_ACCESS_KEY_ID)")
+    s3_secret_access_key: SecretStr | None = Field(
+        None, description="S3 secret key (default: AWS_SECRET_ACCESS_KEY)"
+    )
+    s3_allow_http: bool = Field(
+        False,
+        description="allow a plain-http s3_endpoint_url (loopback test servers; default AWS_ALLOW_HTTP)",
+    )
     trusted_publishers: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="publisher addresses (0x…) whose bundles are accepted"
     )
@@ -150,6 +170,29 @@ class GatewaySettings(BaseSettings):
                 )
             out.append(digest)
         return out
+
+    @field_validator("registry_url")
+    @classmethod
+    def _check_registry_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip().rstrip("/")
+        if not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?", value):
+            raise ConfigError(
+                f"DEPIN_GATEWAY_REGISTRY_URL (registry_url) {value[:80]!r} is not an s3://bucket/prefix URL; "
+                "give e.g. s3://my-bucket/registry, or unset it to serve the local registry_dir only"
+            )
+        return value
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _check_s3_endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value.strip()):
+            raise ConfigError(
+                "DEPIN_GATEWAY_S3_ENDPOINT_URL (s3_endpoint_url) must be an http(s) URL, e.g. "
+                "https://s3.eu-west-1.amazonaws.com"
+            )
+        return value.strip().rstrip("/") if value else None
 
     @field_validator("host")
     @classmethod

@@ -51,10 +51,12 @@ def _announce(ready_file: Path, stop: threading.Event, settings: GatewaySettings
             url = doc["url"]
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{url}/healthz", timeout=2, verify=verify).status_code == 200:
+                    where = f"registry {settings.registry_dir}"
+                    if settings.registry_url:
+                        where = f"registry {settings.registry_url}, cached in {settings.registry_dir}"
                     say(
                         ("depin gateway", "bold green"),
-                        f" on {url} (registry {settings.registry_dir}); "
-                        f"invoke: POST {url}/v1/functions/<name>/invoke; Ctrl-C stops",
+                        f" on {url} ({where}); invoke: POST {url}/v1/functions/<name>/invoke; Ctrl-C stops",
                     )
                     if pin:
                         say(f"TLS certificate sha256 {pin} (clients pin it: depin invoke --tls-cert FILE)")
@@ -66,6 +68,7 @@ def _announce(ready_file: Path, stop: threading.Event, settings: GatewaySettings
                                 "port": doc["port"],
                                 "pid": doc["pid"],
                                 "registry": str(settings.registry_dir),
+                                "registry_url": settings.registry_url,
                                 "admin_keys_file": str(settings.admin_keys_file or ""),
                                 "trusted_publishers": settings.trusted_publishers,
                                 "tls_fingerprint": pin,
@@ -75,11 +78,41 @@ def _announce(ready_file: Path, stop: threading.Event, settings: GatewaySettings
         stop.wait(0.05)
 
 
-def run_serve(*, host: str | None, port: int | None, registry: Path | None, as_json: bool) -> None:
-    """Serve the gateway in this process until Ctrl-C / SIGTERM."""
+def _shared_registry(
+    settings: GatewaySettings, registry_url: str | None
+) -> tuple[GatewaySettings, list[str]]:
+    """Apply ``--registry-url`` and reach the shared registry's bucket once: a missing bucket or refused
+    credentials stop here (``ConfigError``); an unreachable store only warns (the gateway keeps retrying)."""
+    from depin_core.errors import TransientError
+    from serving.object_store import ObjectStore
+    from serving.settings import GatewaySettings
+
+    if registry_url is not None:
+        settings = GatewaySettings.model_validate({**dict(settings), "registry_url": registry_url})
+    if not settings.registry_url:
+        return settings, []
+    try:
+        ObjectStore.from_settings(settings).check()
+    except TransientError as exc:
+        return settings, [f"warning: {exc}"]
+    return settings, []
+
+
+def run_serve(
+    *,
+    host: str | None,
+    port: int | None,
+    registry: Path | None,
+    as_json: bool,
+    registry_url: str | None = None,
+) -> None:
+    """Serve the gateway in this process until Ctrl-C / SIGTERM (``registry_url``: a registry on object
+    storage shared with other gateways; ``registry`` is then this gateway's cache of it)."""
     from serving.server import serve
 
     settings, notes, new_key = serve_settings(host, port, registry)
+    settings, more = _shared_registry(settings, registry_url)
+    notes += more
     if new_key is not None:
         key_file = settings.registry_dir / KEY_FILE
         # plain write, not rich: the key must come out exactly, unwrapped, once
@@ -109,14 +142,24 @@ def serve(
     ] = None,
     port: Annotated[int | None, typer.Option(help="port (0 = any free port) (default: 8787)")] = None,
     registry: Annotated[
-        Path | None, typer.Option(help=f"registry directory (default: {paths.REGISTRY_DIR})")
+        Path | None,
+        typer.Option(
+            help=f"registry directory (default: {paths.REGISTRY_DIR}); with --registry-url, this gateway's cache"
+        ),
+    ] = None,
+    registry_url: Annotated[
+        str | None,
+        typer.Option(
+            help="s3://bucket/prefix: serve a registry shared with other gateways (default: "
+            "DEPIN_GATEWAY_REGISTRY_URL; credentials DEPIN_GATEWAY_S3_* or AWS_*)"
+        ),
     ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="print one JSON line (url, port, …) on stdout once listening")
     ] = False,
 ) -> None:
     """Run the function gateway on the registry until Ctrl-C (admin key generated on first start)."""
-    run_serve(host=host, port=port, registry=registry, as_json=as_json)
+    run_serve(host=host, port=port, registry=registry, as_json=as_json, registry_url=registry_url)
 
 
 # ---------------------------------------------------------------------------------------------- publish
@@ -134,6 +177,7 @@ def run_publish(
     fluence_target: str | None = None,
     max_usd_per_day: float | None = None,
     tls_cert: Path | None = None,
+    replicas: int | None = None,
 ) -> dict[str, Any]:
     """Build, sign and publish ``model`` as function ``name``, smoke-call the new version with its example,
     then move ``alias`` (``serving.targets.publish_function``); returns the ``depin publish --json`` object:
@@ -149,6 +193,7 @@ def run_publish(
         fluence_target=fluence_target,
         max_usd_per_day=max_usd_per_day,
         max_batch_size=max_batch_size,
+        fluence_replicas=replicas,
     ) as where:
         done = publish_function(where, model, name, alias)
         return {**done.result.to_json(), "function_url": done.function_url, **where.details()}
@@ -193,6 +238,13 @@ def publish(
     tls_cert: Annotated[
         Path | None, typer.Option(help="--target https://…: the gateway's certificate (PEM) to pin")
     ] = None,
+    replicas: Annotated[
+        int | None,
+        typer.Option(
+            help="--target fluence: gateway VMs, each in another datacenter (default DEPIN_FLUENCE_REPLICAS, "
+            "else as many as the target has, 1 for a new one)"
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Sign a model as a versioned function bundle and publish it: verified upload, a smoke call of the new
@@ -208,6 +260,7 @@ def publish(
         fluence_target=fluence_target,
         max_usd_per_day=max_usd_per_day,
         tls_cert=tls_cert,
+        replicas=replicas,
     )
     moved = ", ".join(result["moved"]) or "none (version already present)"
     say(

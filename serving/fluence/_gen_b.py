@@ -25,6 +25,7 @@ from serving.fluence.errors import FluenceNotFound, FluenceRefused
 from serving.fluence.models import (
     Cluster,
     CostResult,
+    DatacenterB,
     DefaultImage,
     NetworkInterface,
     SecurityGroup,
@@ -76,6 +77,10 @@ class V2Cluster:
     def clusters(self) -> list[Cluster]:
         """``GET /v1/clusters`` (``{"items"}`` or a bare list)."""
         return [Cluster.model_validate(c) for c in self._c.get_items("/v1/clusters", gen="B")]
+
+    def datacenters(self) -> list[DatacenterB]:
+        """``GET /v1/datacenters``: where each cluster's ``dcId`` is (country, city)."""
+        return [DatacenterB.model_validate(d) for d in self._c.get_items("/v1/datacenters", gen="B")]
 
     def configurations(self) -> list[VmConfiguration]:
         """``GET /v1/configurations/virtual_machines``: VM sizes (``{"items"}`` or a bare list)."""

@@ -2,6 +2,9 @@
 
 The VM is created with ``openPorts = [22, port]`` (``openPorts`` replaces the list: 22 is always kept), and once
 ``Active`` the bootstrap script runs over SSH as the image's user. Prices are USDC per epoch (24 h).
+
+Replicas are spread by country: the create constraints name datacenters only by ``countries``, so each replica
+gets a country of its own among those the marketplace offers (``POST /marketplace/offers``), cheapest first.
 """
 
 from __future__ import annotations
@@ -13,7 +16,15 @@ from serving.fluence import bootstrap as boot
 from serving.fluence._gen_a import VmsV3
 from serving.fluence.models import VmA
 from serving.fluence.state import Deployment
-from serving.fluence.vms import VM_PREFIX, LiveVm, Quote, VmHost, pick_image
+from serving.fluence.vms import (
+    VM_PREFIX,
+    LiveVm,
+    Placement,
+    Quote,
+    VmHost,
+    pick_image,
+    too_few_datacenters,
+)
 
 
 class LifecycleA:
@@ -27,6 +38,8 @@ class LifecycleA:
 
     def _live(self, vm: VmA) -> LiveVm:
         per_day = vm.price_per_epoch
+        dc = vm.datacenter
+        country = dc.country_code if dc is not None else None
         return LiveVm(
             id=vm.id,
             name=vm.vm_name,
@@ -35,6 +48,9 @@ class LifecycleA:
             running=vm.status == "Active",
             failed=vm.gone,
             usd_per_hour=per_day / 24 if per_day is not None else None,
+            datacenter=country,
+            country=country,
+            location=" ".join(x for x in (country, dc.city_code) if x) if dc is not None else None,
         )
 
     def find(self, name: str) -> list[LiveVm]:
@@ -47,17 +63,36 @@ class LifecycleA:
     def list_ours(self) -> list[LiveVm]:
         return [self._live(v) for v in self.api.list() if v.vm_name.startswith(VM_PREFIX)]
 
-    def constraints(self) -> dict[str, Any]:
+    def constraints(self, country: str | None = None) -> dict[str, Any]:
+        """The create/estimate constraints: the configured size and countries, or exactly ``country``."""
         s = self.p.settings
         out: dict[str, Any] = {}
         if s.basic_configuration:
             out["basicConfiguration"] = s.basic_configuration
-        if s.countries:
-            out["datacenter"] = {"countries": list(s.countries)}
+        countries = [country] if country else list(s.countries)
+        if countries:
+            out["datacenter"] = {"countries": countries}
         return out
 
-    def quote(self) -> Quote:
-        est = self.api.estimate(self.constraints(), instances=1)
+    def placements(self, count: int, *, taken: set[str], replicas: int) -> list[Placement]:
+        if replicas == 1:
+            return [Placement(None, None, "the marketplace's choice")] * count
+        cheapest: dict[str, float] = {}
+        for offer in self.api.offers(self.constraints()):
+            country = offer.datacenter.country_code if offer.datacenter else None
+            if not country or offer.available_instances < 1:
+                continue
+            price = offer.configuration.price if offer.configuration.price is not None else float("inf")
+            cheapest[country] = min(price, cheapest.get(country, price))
+        have = sorted(cheapest, key=lambda c: (cheapest[c], c))
+        free = [c for c in have if c not in taken]
+        if len(free) < count:
+            raise too_few_datacenters(replicas, have, taken, "countries (generation A places by country) are")
+        return [Placement(c, c, c) for c in free[:count]]
+
+    def quote(self, placement: Placement | None = None) -> Quote:
+        country = placement.country if placement is not None else None
+        est = self.api.estimate(self.constraints(country), instances=1)
         per_day = est.total_price_per_epoch
         return Quote(
             usd_per_day=per_day,
@@ -85,7 +120,7 @@ class LifecycleA:
             ssh_keys=[public_key],
             open_ports=[22, dep.port],  # openPorts replaces the list: 22 stays
             hostname=dep.vm_name,
-            constraints=self.constraints(),
+            constraints=self.constraints(dep.country),
         )
         if not created:
             raise PermanentError(f"POST /vms/v3 created no VM for {dep.vm_name}; see the Fluence console")

@@ -2,6 +2,9 @@
 
 The bootstrap goes in as cloud-init user data at create; once ``launched``, a security group opening 22 and the
 gateway port is attached to the VM's interface. Deleting the VM deletes that group too. Prices are USD per hour.
+
+Replicas are spread by datacenter: each goes to a cluster whose ``dcId`` no other replica uses (the first such
+cluster in ``GET /v1/clusters`` order); ``GET /v1/datacenters`` says where each is (country, city).
 """
 
 from __future__ import annotations
@@ -12,9 +15,17 @@ from depin_core.errors import ConfigError, PermanentError
 from serving.fluence import bootstrap as boot
 from serving.fluence._gen_b import V2Cluster
 from serving.fluence.errors import FluenceNotFound, FluenceRefused, FluenceUnavailable
-from serving.fluence.models import VmB
+from serving.fluence.models import Cluster, DatacenterB, VmB
 from serving.fluence.state import Deployment
-from serving.fluence.vms import VM_PREFIX, LiveVm, Quote, VmHost, pick_image
+from serving.fluence.vms import (
+    VM_PREFIX,
+    LiveVm,
+    Placement,
+    Quote,
+    VmHost,
+    pick_image,
+    too_few_datacenters,
+)
 
 _ENDED = ("terminating", "terminated")  # still listed for a while: history, not ours to reuse or delete
 
@@ -28,8 +39,11 @@ class LifecycleB:
         self.p = host
         self.api = api
         self._placement: tuple[str, str] | None = None
+        self._clusters: list[Cluster] | None = None
+        self._datacenters: dict[str, DatacenterB] | None = None
 
     def _live(self, vm: VmB) -> LiveVm:
+        where = self.where(vm.cluster_id) if vm.cluster_id else None
         return LiveVm(
             id=vm.id,
             name=vm.name,
@@ -38,7 +52,61 @@ class LifecycleB:
             running=vm.status == "launched",
             failed=vm.status == "failed",
             usd_per_hour=vm.price_hourly_usd,
+            datacenter=where.datacenter if where else None,
+            country=where.country if where else None,
+            location=where.location if where else None,
         )
+
+    def clusters(self) -> list[Cluster]:
+        if self._clusters is None:
+            self._clusters = self.api.clusters()
+        return self._clusters
+
+    def datacenters(self) -> dict[str, DatacenterB]:
+        """Datacenters by id; empty when the key may not list them (countries are then unknown)."""
+        if self._datacenters is None:
+            try:
+                self._datacenters = {d.id: d for d in self.api.datacenters()}
+            except FluenceRefused:
+                self._datacenters = {}
+        return self._datacenters
+
+    def where(self, cluster_id: str) -> Placement | None:
+        """The placement of cluster ``cluster_id`` (None when the account does not list it)."""
+        cluster = next((c for c in self.clusters() if c.id == cluster_id), None)
+        if cluster is None:
+            return None
+        dc_id = cluster.dc_id or cluster.id
+        dc = self.datacenters().get(dc_id)
+        city = (dc.city_name or dc.city_code) if dc is not None else None
+        country = dc.country_code if dc is not None else None
+        label = f"{cluster.name} ({', '.join(x for x in (city, country) if x) or 'datacenter ' + dc_id})"
+        return Placement(dc_id, country, label, cluster_id=cluster.id)
+
+    def placements(self, count: int, *, taken: set[str], replicas: int) -> list[Placement]:
+        s = self.p.settings
+        if s.cluster and replicas > 1:
+            raise ConfigError(
+                f"DEPIN_FLUENCE_CLUSTER {s.cluster!r} pins every gateway VM to one cluster, but --replicas "
+                f"{replicas} needs one datacenter each; unset it (DEPIN_FLUENCE_COUNTRIES narrows the choice)"
+            )
+        if replicas == 1:
+            cluster_id, _ = self.placement()
+            one = self.where(cluster_id) or Placement(None, None, cluster_id, cluster_id=cluster_id)
+            return [one] * count
+        per_dc: dict[str, Placement] = {}
+        for cluster in self.clusters():
+            place = self.where(cluster.id)
+            if place is None or place.datacenter is None or place.datacenter in per_dc:
+                continue
+            if s.countries and place.country not in s.countries:
+                continue
+            per_dc[place.datacenter] = place
+        free = [p for dc, p in per_dc.items() if dc not in taken]
+        if len(free) < count:
+            have = [p.location for p in per_dc.values()]
+            raise too_few_datacenters(replicas, have, taken, "datacenters are")
+        return free[:count]
 
     def find(self, name: str) -> list[LiveVm]:
         return [self._live(v) for v in self.api.find(name) if v.status not in _ENDED]
@@ -64,7 +132,7 @@ class LifecycleB:
         configuration."""
         if self._placement is None:
             s = self.p.settings
-            clusters = self.api.clusters()
+            clusters = self.clusters()
             if s.cluster:
                 cluster = next((c for c in clusters if s.cluster in (c.id, c.name)), None)
                 if cluster is None:
@@ -89,8 +157,10 @@ class LifecycleB:
             self._placement = (cluster.id, config.id)
         return self._placement
 
-    def quote(self) -> Quote:
+    def quote(self, placement: Placement | None = None) -> Quote:
         cluster_id, config_id = self.placement()
+        if placement is not None and placement.cluster_id:
+            cluster_id = placement.cluster_id
         hourly = self.api.vm_hourly_usd(cluster_id, config_id, volume_gb=self.p.settings.volume_gb)
         return Quote(
             usd_per_day=hourly * 24,
@@ -101,6 +171,7 @@ class LifecycleB:
 
     def create(self, dep: Deployment, public_key: str) -> str:
         cluster_id, config_id = self.placement()
+        cluster_id = dep.cluster_id or cluster_id
         image_url = self.image_url()
         key = self.api.ensure_ssh_key(f"depin-{dep.target}", public_key)
         s = self.p.settings
@@ -128,9 +199,9 @@ class LifecycleB:
 
     def prepare(self, dep: Deployment, vm: LiveVm) -> Deployment:
         """Once launched: a security group opening 22 + the gateway port, attached to the VM's interface."""
-        cluster_id, _ = self.placement() if dep.security_group_id is None else ("", "")
         group_id = dep.security_group_id
         if group_id is None:
+            cluster_id = dep.cluster_id or self.api.get_vm(vm.id).cluster_id or self.placement()[0]
             existing = [g for g in self.api.security_groups() if g.name == dep.vm_name]
             if existing:
                 group_id = existing[0].id

@@ -169,6 +169,18 @@ class ServiceStatus(BaseModel):
     version: str = ""
 
 
+class DatacenterB(BaseModel):
+    """``GET /v1/datacenters`` entry (``DatacenterDto``): where a cluster's ``dcId`` is."""
+
+    model_config = _CAMEL
+
+    id: str
+    country_code: str | None = Field(None, alias="countryCode")
+    city_code: str | None = Field(None, alias="cityCode")
+    city_name: str | None = Field(None, alias="cityName")
+    slug: str | None = None
+
+
 class Cluster(BaseModel):
     model_config = _CAMEL
 

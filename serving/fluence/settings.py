@@ -30,6 +30,13 @@ class FluenceSettings(BaseSettings):
         None, description="API generation A or B; default: detected with authenticated calls"
     )
     target: str = Field("default", description="deployment name; the VM is named depin-gw-<target>")
+    replicas: int | None = Field(
+        None,
+        ge=1,
+        le=10,
+        description="gateway VMs, each in a different datacenter (replica i ≥ 1: depin-gw-<target>-r<i>); "
+        "default: as many as the target has, 1 for a new one",
+    )
     port: int = Field(8787, ge=1, le=65535, description="gateway port opened on the VM")
     ssh_port: int = Field(22, ge=1, le=65535, description="SSH port of generation-A VMs (bootstrap)")
     max_usd_per_day: float = Field(
@@ -46,9 +53,12 @@ class FluenceSettings(BaseSettings):
         None, description="gen A VM size slug, e.g. cpu-2-ram-4gb-storage-25gb (default: the cheapest)"
     )
     countries: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="gen A datacenter countries (ISO codes, comma-separated)"
+        default_factory=list,
+        description="datacenter countries to place gateway VMs in (ISO codes, comma-separated; default any)",
     )
-    cluster: str | None = Field(None, description="gen B cluster id or name (default: the first)")
+    cluster: str | None = Field(
+        None, description="gen B cluster id or name (default: the first); one replica only"
+    )
     configuration: str | None = Field(
         None, description="gen B VM configuration id or slug (default: smallest)"
     )

@@ -1,11 +1,12 @@
 """What ``depin publish --target fluence`` created, kept on this machine: ``state.json`` in the state directory
 (default :data:`depin_core.paths.FLUENCE_STATE_DIR`).
 
-One :class:`Deployment` per target (a gateway VM): its Fluence id and name, API generation, address, ports,
-price, the sha256 of its admin key and the versions published to it. The admin key itself is in a separate
-file ``<target>.admin.key`` (mode 0600) beside the state; it is never printed, logged or put in the state
-JSON. The gateway's TLS certificate (pinned by every connection to it) and key are ``<target>.tls-cert.pem``
-and ``<target>.tls-key.pem`` (0600). The files are written atomically (temp file + rename) with mode 0600,
+One :class:`Deployment` per gateway VM: its Fluence id and name, API generation, address, datacenter, ports,
+price, the sha256 of its admin key and the versions published to it. A target with replicas has one per
+replica, keyed ``<target>`` (replica 0, what a single gateway always was) and ``<target>.r<i>``
+(:func:`replica_key`). The admin key itself is in a separate file ``<key>.admin.key`` (mode 0600) beside the
+state; it is never printed, logged or put in the state JSON. The gateway's TLS certificate (pinned by every
+connection to it) and key are ``<key>.tls-cert.pem`` and ``<key>.tls-key.pem`` (0600). The files are written atomically (temp file + rename) with mode 0600,
 under an exclusive lock (``state.lock``) so two publishes on one machine do not lose each other's records.
 """
 
@@ -32,6 +33,8 @@ DEFAULT_STATE_DIR = paths.FLUENCE_STATE_DIR
 STATE_FILE = "state.json"
 LOCK_FILE = "state.lock"
 _TARGET = re.compile(r"[a-z0-9][a-z0-9-]{0,30}")
+_REPLICA_SUFFIX = re.compile(r"-r[0-9]+$")  # VM names of replicas 1.. end like this
+_KEY = re.compile(r"(?P<target>[a-z0-9][a-z0-9-]{0,30})(?:\.r(?P<replica>[1-9][0-9]{0,2}))?")
 
 
 def now_iso() -> str:
@@ -39,10 +42,30 @@ def now_iso() -> str:
 
 
 def valid_target(target: str) -> str:
-    """A target name: 1-31 of a-z, 0-9, '-' (it becomes part of the VM name ``depin-gw-<target>``)."""
+    """A target name: 1-31 of a-z, 0-9, '-' (it becomes part of the VM name ``depin-gw-<target>``), not ending
+    in ``-r<digits>`` (replica 1.. of a target is ``depin-gw-<target>-r<i>``)."""
     if not _TARGET.fullmatch(target):
         raise ConfigError(f"fluence target {target!r}: use 1-31 of a-z, 0-9, '-' (starting a-z or 0-9)")
+    if _REPLICA_SUFFIX.search(target):
+        raise ConfigError(
+            f"fluence target {target!r}: must not end in -r<digits> (replica VMs are named "
+            "depin-gw-<target>-r<i>); pick another name"
+        )
     return target
+
+
+def replica_key(target: str, replica: int) -> str:
+    """The state key and file stem of ``target``'s gateway replica ``replica``: the target itself for replica 0
+    (what a single gateway always used), ``<target>.r<i>`` for the others."""
+    return target if replica == 0 else f"{target}.r{replica}"
+
+
+def split_key(key: str) -> tuple[str, int]:
+    """(target, replica) of a state key (:func:`replica_key`); ``ConfigError`` for anything else."""
+    m = _KEY.fullmatch(key)
+    if m is None:
+        raise ConfigError(f"Fluence state key {key!r}: not <target> or <target>.r<replica>")
+    return valid_target(m["target"]), int(m["replica"] or 0)
 
 
 class PublishedVersion(BaseModel):
@@ -57,11 +80,12 @@ class PublishedVersion(BaseModel):
 
 
 class Deployment(BaseModel):
-    """A gateway VM created by the publisher for ``target``."""
+    """A gateway VM created by the publisher for ``target`` (its replica ``replica``; 0 when not replicated)."""
 
     model_config = ConfigDict(extra="forbid")
 
     target: str
+    replica: int = Field(0, ge=0)
     vm_name: str
     vm_id: str | None = None  # None between "about to create" and the create's answer
     generation: Literal["A", "B"]
@@ -70,6 +94,10 @@ class Deployment(BaseModel):
     ssh_port: int = 22
     ssh_host_key: str | None = None  # gen A: the VM's SSH host key seen at bootstrap (pinned afterwards)
     security_group_id: str | None = None  # gen B
+    cluster_id: str | None = None  # gen B: the cluster the VM was created in
+    datacenter: str | None = None  # what replicas must not share: gen A a country code, gen B a datacenter id
+    country: str | None = None
+    location: str | None = None  # the datacenter for people ("FR PAR", a cluster and its city)
     admin_key_hash: str
     tls_fingerprint: str | None = None  # sha256 of the gateway's pinned certificate (<target>.tls-cert.pem)
     usd_per_hour: float | None = None
@@ -79,6 +107,11 @@ class Deployment(BaseModel):
     created_at: str = Field(default_factory=now_iso)
     updated_at: str = Field(default_factory=now_iso)
     published: list[PublishedVersion] = Field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        """Its key in the state file and the stem of its key/certificate files (:func:`replica_key`)."""
+        return replica_key(self.target, self.replica)
 
     @property
     def url(self) -> str | None:
@@ -148,99 +181,109 @@ class StateStore:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
-    def get(self, target: str) -> Deployment | None:
-        return self.load().deployments.get(target)
+    def get(self, target: str, replica: int = 0) -> Deployment | None:
+        return self.load().deployments.get(replica_key(target, replica))
+
+    def replicas(self, target: str) -> list[Deployment]:
+        """Every recorded replica of ``target``, by replica number."""
+        found = [d for d in self.load().deployments.values() if d.target == target]
+        return sorted(found, key=lambda d: d.replica)
 
     def put(self, deployment: Deployment) -> Deployment:
         """Record (insert or replace) ``deployment``; returns it with ``updated_at`` refreshed."""
         deployment = deployment.model_copy(update={"updated_at": now_iso()})
         with self.locked() as state:
-            state.deployments[deployment.target] = deployment
+            state.deployments[deployment.key] = deployment
         return deployment
 
-    def remove(self, target: str) -> None:
-        """Forget ``target`` and delete its admin key and TLS files."""
+    def remove(self, key: str) -> None:
+        """Forget the deployment ``key`` (a target: its replica 0) and delete its admin key and TLS files."""
         with self.locked() as state:
-            state.deployments.pop(target, None)
-        for path in (self.key_path(target), self.tls_cert_path(target), self.tls_key_path(target)):
+            state.deployments.pop(key, None)
+        for path in (self.key_path(key), self.tls_cert_path(key), self.tls_key_path(key)):
             path.unlink(missing_ok=True)
 
-    def add_published(self, target: str, item: PublishedVersion) -> None:
-        """Append a published version to ``target``'s record (a re-publish of a version replaces it)."""
+    def add_published(self, key: str, item: PublishedVersion) -> None:
+        """Append a published version to ``key``'s record (a re-publish of a version replaces it)."""
         with self.locked() as state:
-            dep = state.deployments.get(target)
+            dep = state.deployments.get(key)
             if dep is None:
                 return
             kept = [p for p in dep.published if (p.name, p.version) != (item.name, item.version)]
-            state.deployments[target] = dep.model_copy(
+            state.deployments[key] = dep.model_copy(
                 update={"published": [*kept, item], "updated_at": now_iso()}
             )
 
     # ---- admin key --------------------------------------------------------------------------------------
-    def key_path(self, target: str) -> Path:
-        return self.root / f"{valid_target(target)}.admin.key"
+    def key_path(self, key: str) -> Path:
+        return self.root / f"{_stem(key)}.admin.key"
 
-    def write_admin_key(self, target: str, key: SecretStr) -> Path:
-        """Store ``target``'s gateway admin key (mode 0600, atomic)."""
+    def write_admin_key(self, key: str, secret: SecretStr) -> Path:
+        """Store deployment ``key``'s gateway admin key (mode 0600, atomic)."""
         self._ensure_dir()
-        path = self.key_path(target)
-        atomic_write_bytes(path, key.get_secret_value().encode() + b"\n")
+        path = self.key_path(key)
+        atomic_write_bytes(path, secret.get_secret_value().encode() + b"\n")
         os.chmod(path, 0o600)
         return path
 
-    def admin_key(self, target: str) -> SecretStr | None:
-        """``target``'s admin key, or None when this machine has none."""
-        path = self.key_path(target)
+    def admin_key(self, key: str) -> SecretStr | None:
+        """Deployment ``key``'s admin key, or None when this machine has none."""
+        path = self.key_path(key)
         try:
             mode = path.stat().st_mode & 0o777
         except FileNotFoundError:
             return None
         if mode & 0o077:
             raise ConfigError(f"admin key file {path} is readable by others (mode {mode:o}); chmod 600 it")
-        key = path.read_text().strip()
-        return SecretStr(key) if key else None
+        text = path.read_text().strip()
+        return SecretStr(text) if text else None
 
     # ---- the gateway's TLS certificate (pinned) and key (until the VM has it) ------------------------
-    def tls_cert_path(self, target: str) -> Path:
-        return self.root / f"{valid_target(target)}.tls-cert.pem"
+    def tls_cert_path(self, key: str) -> Path:
+        return self.root / f"{_stem(key)}.tls-cert.pem"
 
-    def tls_key_path(self, target: str) -> Path:
-        return self.root / f"{valid_target(target)}.tls-key.pem"
+    def tls_key_path(self, key: str) -> Path:
+        return self.root / f"{_stem(key)}.tls-key.pem"
 
-    def write_tls(self, target: str, cert: NodeCertificate) -> None:
-        """Store ``target``'s gateway certificate (the pin) and its private key (mode 0600, atomic)."""
+    def write_tls(self, key: str, cert: NodeCertificate) -> None:
+        """Store deployment ``key``'s gateway certificate (the pin) and its private key (mode 0600, atomic)."""
         self._ensure_dir()
-        atomic_write_bytes(self.tls_key_path(target), cert.key_pem.encode())  # mkstemp: 0600
-        atomic_write_bytes(self.tls_cert_path(target), cert.cert_pem.encode())
-        os.chmod(self.tls_cert_path(target), 0o600)
+        atomic_write_bytes(self.tls_key_path(key), cert.key_pem.encode())  # mkstemp: 0600
+        atomic_write_bytes(self.tls_cert_path(key), cert.cert_pem.encode())
+        os.chmod(self.tls_cert_path(key), 0o600)
 
-    def tls_cert(self, target: str) -> str | None:
-        """``target``'s pinned gateway certificate (PEM), or None when it has none."""
-        path = self.tls_cert_path(target)
+    def tls_cert(self, key: str) -> str | None:
+        """Deployment ``key``'s pinned gateway certificate (PEM), or None when it has none."""
+        path = self.tls_cert_path(key)
         return path.read_text() if path.exists() else None
 
     def pinned_cert(self, dep: Deployment) -> str:
         """``dep``'s gateway certificate (PEM): the only one its connections trust. ``ConfigError`` when the
         deployment has none (made before TLS) or the file does not match the recorded fingerprint."""
-        pem = self.tls_cert(dep.target)
+        pem = self.tls_cert(dep.key)
         if dep.tls_fingerprint is None or pem is None or fingerprint(pem) != dep.tls_fingerprint:
             raise ConfigError(
                 f"Fluence target {dep.target!r} has no pinned TLS certificate in {self.root} "
-                f"({self.tls_cert_path(dep.target).name}) matching the state (a gateway deployed "
+                f"({self.tls_cert_path(dep.key).name}) matching the state (a gateway deployed "
                 f"without TLS, or the file was lost); run `depin fluence down --fluence-target {dep.target}` "
                 "and publish again — the admin key is never sent to a gateway in clear"
             )
         return pem
 
-    def tls_pair(self, target: str) -> NodeCertificate | None:
-        """``target``'s certificate and key (for the VM's bootstrap), or None when either is missing."""
-        cert, key = self.tls_cert_path(target), self.tls_key_path(target)
-        if not (cert.exists() and key.exists()):
+    def tls_pair(self, key: str) -> NodeCertificate | None:
+        """Deployment ``key``'s certificate and key (for the VM's bootstrap), or None when either is missing."""
+        cert, private = self.tls_cert_path(key), self.tls_key_path(key)
+        if not (cert.exists() and private.exists()):
             return None
-        mode = key.stat().st_mode & 0o777
+        mode = private.stat().st_mode & 0o777
         if mode & 0o077:
-            raise ConfigError(f"TLS key file {key} is readable by others (mode {mode:o}); chmod 600 it")
-        return NodeCertificate(cert.read_text(), key.read_text())
+            raise ConfigError(f"TLS key file {private} is readable by others (mode {mode:o}); chmod 600 it")
+        return NodeCertificate(cert.read_text(), private.read_text())
+
+
+def _stem(key: str) -> str:
+    split_key(key)  # refuses anything that could leave the directory
+    return key
 
 
 __all__ = [
@@ -249,5 +292,7 @@ __all__ = [
     "FluenceState",
     "PublishedVersion",
     "StateStore",
+    "replica_key",
+    "split_key",
     "valid_target",
 ]

@@ -15,7 +15,34 @@ from serving.fluence.models import DefaultImage
 from serving.fluence.settings import FluenceSettings
 from serving.fluence.state import Deployment
 
-VM_PREFIX = "depin-gw-"  # a target's gateway VM is named VM_PREFIX + target
+VM_PREFIX = "depin-gw-"  # a target's gateway VM is named VM_PREFIX + target (replica i ≥ 1: + "-r<i>")
+
+
+def vm_name(target: str, replica: int = 0) -> str:
+    """The VM name of ``target``'s gateway replica ``replica``: ``depin-gw-<target>`` for replica 0 (the name a
+    single gateway always had), ``depin-gw-<target>-r<i>`` for the others."""
+    return VM_PREFIX + target + (f"-r{replica}" if replica else "")
+
+
+def replica_of(target: str, name: str) -> int | None:
+    """Which replica of ``target`` the VM named ``name`` is, or None when it is not one of them."""
+    if name == vm_name(target):
+        return 0
+    rest = name.removeprefix(vm_name(target) + "-r")
+    if rest != name and rest.isdigit() and not rest.startswith("0"):
+        return int(rest)
+    return None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a new gateway VM goes. ``datacenter`` is what replicas must not share (generation A: a country
+    code, the finest its constraints name; generation B: a datacenter id); None leaves it to the API."""
+
+    datacenter: str | None
+    country: str | None
+    location: str
+    cluster_id: str | None = None  # generation B
 
 
 @dataclass(frozen=True)
@@ -39,6 +66,9 @@ class LiveVm:
     running: bool  # Active / launched
     failed: bool  # failed, ended, stopped: will not come back
     usd_per_hour: float | None
+    datacenter: str | None = None  # as Placement.datacenter, when the API says
+    country: str | None = None
+    location: str | None = None
 
 
 class VmHost(Protocol):
@@ -83,12 +113,18 @@ class VmBackend(Protocol):
         """Every VM of the account named ``depin-gw-*`` (generation B: terminated ones left out)."""
         ...
 
-    def quote(self) -> Quote:
-        """What a new gateway VM would cost (``NoOffer`` when nothing matches)."""
+    def placements(self, count: int, *, taken: set[str], replicas: int) -> list[Placement]:
+        """Where ``count`` new gateway VMs of a target with ``replicas`` go: with more than one replica each in
+        a datacenter of its own, none in ``taken`` (``ConfigError`` naming ``--replicas`` when too few are
+        offered); with one, the configured/default place."""
+        ...
+
+    def quote(self, placement: Placement | None = None) -> Quote:
+        """What a new gateway VM (at ``placement``) would cost (``NoOffer`` when nothing matches)."""
         ...
 
     def create(self, dep: Deployment, public_key: str) -> str:
-        """Create ``dep``'s VM and return its id. Not idempotent: on ``FluenceUnavailable`` look it up by name."""
+        """Create ``dep``'s VM (in its recorded placement) and return its id. Not idempotent: on ``FluenceUnavailable`` look it up by name."""
         ...
 
     def prepare(self, dep: Deployment, vm: LiveVm) -> Deployment:
@@ -98,6 +134,16 @@ class VmBackend(Protocol):
     def delete(self, dep: Deployment, vm_ids: list[str]) -> list[str]:
         """Delete ``vm_ids`` (may be empty) and what else ``dep`` owns; the problems that did not stop it."""
         ...
+
+
+def too_few_datacenters(replicas: int, have: list[str], taken: set[str], how: str) -> ConfigError:
+    """The error for ``--replicas`` asking more datacenters than are offered (nothing was created)."""
+    kept = f"; {len(taken)} of them already hold a replica" if taken else ""
+    return ConfigError(
+        f"--replicas {replicas} (DEPIN_FLUENCE_REPLICAS) needs {replicas} gateway VMs in different datacenters, "
+        f"but only {len(have)} {how} available ({', '.join(have) or 'none'}){kept}; lower --replicas to at "
+        f"most {len(have)} or widen the choice (DEPIN_FLUENCE_COUNTRIES, the VM size) — nothing was created"
+    )
 
 
 def pick_image(images: list[DefaultImage], want: str | None) -> DefaultImage:
@@ -114,4 +160,15 @@ def pick_image(images: list[DefaultImage], want: str | None) -> DefaultImage:
     return sorted(ubuntu, key=lambda i: i.slug)[-1] if ubuntu else images[0]
 
 
-__all__ = ["VM_PREFIX", "LiveVm", "Quote", "VmBackend", "VmHost", "pick_image"]
+__all__ = [
+    "VM_PREFIX",
+    "LiveVm",
+    "Placement",
+    "Quote",
+    "VmBackend",
+    "VmHost",
+    "pick_image",
+    "replica_of",
+    "too_few_datacenters",
+    "vm_name",
+]
