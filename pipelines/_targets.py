@@ -90,17 +90,24 @@ def make_fluence_publisher(
     state_dir: Path | None = None,
     max_batch_size: int = 1024,
     account: LocalAccount | None = None,
+    replicas: int | None = None,
     **overrides: Any,
 ) -> FluencePublisher:
-    """A :class:`FluencePublisher` for the settings in the environment plus these overrides (other
-    ``FluenceSettings`` fields by name in ``overrides``), signing with ``account`` (default: the local
+    """A :class:`FluencePublisher` for the settings in the environment plus these overrides (``replicas``:
+    gateway VMs, default ``DEPIN_FLUENCE_REPLICAS``; other ``FluenceSettings`` fields by name in
+    ``overrides``), signing with ``account`` (default: the local
     publisher key, ``DEPIN_PUBLISHER_KEY`` or :data:`depin_core.paths.PUBLISHER_KEY_FILE`). Close it (context
     manager)."""
     from serving.bundle import load_publisher_account
     from serving.fluence.publisher import FluencePublisher
 
     settings = fluence_settings(
-        target=fluence_target, max_usd_per_day=max_usd_per_day, port=port, state_dir=state_dir, **overrides
+        target=fluence_target,
+        max_usd_per_day=max_usd_per_day,
+        port=port,
+        state_dir=state_dir,
+        replicas=replicas,
+        **overrides,
     )
     client = settings.client()
     try:
@@ -148,11 +155,13 @@ def make_target(
     max_usd_per_day: float | None = None,
     max_batch_size: int = 1024,
     insecure_http: bool = False,
+    fluence_replicas: int | None = None,
     **client_options: Any,
 ) -> Target:
     """The :class:`serving.targets.Target` ``target`` names. 'local': the registry directory ``registry``
     (served at ``gateway_url``); 'fluence': the recorded gateway VM of ``fluence_target`` (created by the
-    first publish, price-capped at ``max_usd_per_day``); an ``http(s)://`` URL: that gateway, with the admin
+    first publish, price-capped at ``max_usd_per_day``; ``fluence_replicas`` gateway VMs, each in another
+    datacenter, default ``DEPIN_FLUENCE_REPLICAS``); an ``http(s)://`` URL: that gateway, with the admin
     key of ``admin_key_file`` and the certificate ``tls_cert`` pinned (a recorded Fluence VM's by itself).
     Keys are read only when a call needs them. ``client_options`` go to ``serving.client.GatewayClient``."""
     from serving.bundle import load_publisher_account
@@ -175,7 +184,10 @@ def make_target(
             StateStore(settings.state_dir),
             settings.target,
             lambda: make_fluence_publisher(
-                fluence_target=fluence_target, max_usd_per_day=max_usd_per_day, max_batch_size=max_batch_size
+                fluence_target=fluence_target,
+                max_usd_per_day=max_usd_per_day,
+                max_batch_size=max_batch_size,
+                replicas=fluence_replicas,
             ),
             **client_options,
         )
@@ -209,6 +221,7 @@ def open_target(params: PublishParams, **client_options: Any) -> Target:
         fluence_target=params.fluence_target,
         max_usd_per_day=params.max_usd_per_day,
         max_batch_size=params.max_batch_size,
+        fluence_replicas=params.fluence_replicas,
         **client_options,
     )
 

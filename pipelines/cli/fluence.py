@@ -2,7 +2,8 @@
 
 Settings come from ``DEPIN_FLUENCE_*`` (``serving.fluence.settings.FluenceSettings``): the API key
 (``DEPIN_FLUENCE_API_KEY``), the price cap (``DEPIN_FLUENCE_MAX_USD_PER_DAY``, default 5), the gateway port,
-the deployment name (``DEPIN_FLUENCE_TARGET``, default ``default``), the state directory
+the deployment name (``DEPIN_FLUENCE_TARGET``, default ``default``), how many gateway VMs
+(``DEPIN_FLUENCE_REPLICAS``, default 1, each in another datacenter), the state directory
 (``DEPIN_FLUENCE_STATE_DIR``).
 Flags given here win over the environment.
 
@@ -73,9 +74,11 @@ def run_fluence_publish(
     max_batch_size: int,
     fluence_target: str | None = None,
     max_usd_per_day: float | None = None,
+    replicas: int | None = None,
 ) -> dict[str, Any]:
-    """``depin publish --target fluence``: ensure the gateway VM, publish, smoke-call, move the alias.
-    Returns the ``PublishResult`` JSON plus ``function_url`` and ``fluence`` (VM id, generation, price)."""
+    """``depin publish --target fluence``: ensure the gateway VMs, publish to each, smoke-call, move the
+    alias on each. Returns the ``PublishResult`` JSON (``urls``: every replica's gateway) plus
+    ``function_url`` and ``fluence`` (VM id, generation, price, ``replicas``)."""
     return run_publish(
         model=model,
         name=name,
@@ -86,6 +89,7 @@ def run_fluence_publish(
         max_batch_size=max_batch_size,
         fluence_target=fluence_target,
         max_usd_per_day=max_usd_per_day,
+        replicas=replicas,
     )
 
 
@@ -97,17 +101,19 @@ def status(
     state_dir: StateOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show the gateway VMs `depin publish --target fluence` created: state file + live Fluence API."""
+    """Show the gateway VMs `depin publish --target fluence` created, every replica: its datacenter, VM state,
+    URL, /readyz (and its latency), the versions published — state file + live Fluence API."""
     with make_fluence_publisher(fluence_target=fluence_target, state_dir=state_dir) as pub:
         doc = pub.status()
     if not doc["deployments"] and not doc["untracked"]:
         say(f"no Fluence gateway recorded in {doc['state_file']}")
     for d in doc["deployments"]:
         price = f"{d['usd_per_day']:.2f} USD/day" if d["usd_per_day"] is not None else "price unknown"
-        ready = ("ready", "green") if d["ready"] else ("not ready", "yellow")
+        ready = (f"ready ({d['readyz_ms']:.0f} ms)", "green") if d["ready"] else ("not ready", "yellow")
+        where = d["location"] or d["country"] or "datacenter unknown"
         say(
-            (d["target"], "bold"),
-            f": VM {d['vm_name']} ({d['vm_id']}, gen {d['generation']}) {d['vm_status']}, "
+            (f"{d['target']} replica {d['replica']}", "bold"),
+            f": VM {d['vm_name']} ({d['vm_id']}, gen {d['generation']}, {where}) {d['vm_status']}, "
             f"{d['url'] or 'no address'} ",
             ready,
             f", {price}",
@@ -134,7 +140,8 @@ def down(
     state_dir: StateOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Delete the gateway VM(s) (and security group) and forget them: the functions on them go offline."""
+    """Delete the gateway VMs, every replica (and security groups), and forget them: the functions on them go
+    offline."""
     with make_fluence_publisher(fluence_target=fluence_target, state_dir=state_dir) as pub:
         doc = pub.down(all_targets=all_targets)
     if not any(d["vm_ids"] for d in doc["deleted"]):

@@ -30,6 +30,7 @@ from tests.support.fluence_openapi import (
 FLOW_OPERATIONS = {
     ("GET", "/v2/vms"),  # generation detection (authenticated) and reconcile-by-name
     ("GET", "/v1/clusters"),
+    ("GET", "/v1/datacenters"),  # where each cluster's dcId is (replicas: one datacenter each)
     ("GET", "/v1/configurations/virtual_machines"),
     ("POST", "/v1/prices/cost"),
     ("GET", "/v1/storages/default_images"),

@@ -30,10 +30,17 @@ VM): a launched generation-B VM applies its user data's ``write_files`` and ``ru
 installs the package with uv and starts the gateway through its systemd unit, and the VM's gateway port is
 forwarded to 127.0.0.1. The SSH client gets the script's real exit status and output.
 
+Datacenters: ``datacenters`` (country, city) pairs, default one in Paris. Generation B has a cluster per
+datacenter (``GET /v1/clusters`` with its ``dcId``, ``GET /v1/datacenters``); generation A has an offer per
+datacenter and places a VM in the first datacenter matching ``constraints.datacenter.countries``. Each VM's
+public address is a loopback address of its own (127.0.0.1, then .2, … for VMs running at the same time), and
+its gateway binds it, so replicas on one port do not collide.
+
 Failure knobs: ``no_offer`` (every create/estimate → 422 "No suitable offer found"), ``insufficient_balance``
 (creates → B 422 ``insufficient_balance``, GPU 400 ``{"detail": "Insufficient balance ..."}``), ``fail_next = "failed"``
 (the next VM fails: B ``failed``, A ``Terminated``, GPU ``FAILED``), ``fail_next = "never_ready"`` (the next VM
-comes up but never runs a gateway), prices (``price_per_epoch_usd``, ``price_hourly_usd``, ``gpu_price_hour``),
+comes up but never runs a gateway), ``creates_left`` (after that many more creates, creates answer 422 "No
+suitable offer found": capacity gone between the estimate and the create), prices (``price_per_epoch_usd``, ``price_hourly_usd``, ``gpu_price_hour``),
 and ``inject_errors(status, times, retry_after=None)`` (the next requests answer that status).
 """
 
@@ -48,6 +55,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,6 +238,7 @@ class _Vm:
     iface_id: str = ""
     security_group_id: str | None = None
     boot_disk_id: str = ""
+    datacenter: dict[str, Any] = field(default_factory=dict)  # A: the datacenter's JSON; B: the cluster's dc
     # GPU
     gpu: dict[str, Any] = field(default_factory=dict)
     # gateway
@@ -256,6 +265,7 @@ class FakeFluence:
         api_key: str | None = None,
         step_s: float = 0.3,
         gateway_startup_timeout_s: float = 120.0,
+        datacenters: Sequence[tuple[str, str]] = (("FR", "PAR"),),
     ) -> None:
         if generation not in ("A", "B"):
             raise ValueError("generation must be 'A' or 'B'")
@@ -269,6 +279,7 @@ class FakeFluence:
         self.insufficient_balance = False
         self.legacy_lists = False
         self.fail_next: str | None = None
+        self.creates_left: int | None = None
         self.price_per_epoch_usd = 2.4352
         self.price_hourly_usd = 0.05
         self.gpu_price_hour = 1.22
@@ -280,7 +291,25 @@ class FakeFluence:
         self._vms: dict[str, _Vm] = {}
         self._ssh_keys: dict[str, dict[str, Any]] = {}
         self._security_groups: dict[str, dict[str, Any]] = {}
-        self.cluster = {"id": str(uuid.uuid4()), "name": "fake-eu-1", "dcId": str(uuid.uuid4())}
+        self.datacenters = [
+            {
+                "id": str(uuid.uuid4()),
+                "countryCode": country,
+                "cityCode": city,
+                "cityName": city.title(),
+                "index": 1,
+                "tier": 4,
+                "certifications": [],
+                "slug": f"{country}-{city}-1".lower(),
+            }
+            for country, city in datacenters
+        ]
+        self.clusters = [
+            {"id": str(uuid.uuid4()), "name": f"fake-{dc['slug']}", "dcId": dc["id"]}
+            for dc in self.datacenters
+        ]
+        self.clusters[0]["name"] = "fake-eu-1"
+        self.cluster = self.clusters[0]
         self.configurations = [
             {
                 "id": str(uuid.uuid4()),
@@ -350,6 +379,8 @@ class FakeFluence:
             "generation": vm.generation,
             "status": vm.status,
             "public_ip": vm.public_ip,
+            "datacenter": dict(vm.datacenter),
+            "cluster_id": vm.cluster_id or None,
             "open_ports": [dict(p) for p in vm.open_ports],
             "security_group_id": vm.security_group_id,
             "security_group": self._security_groups.get(vm.security_group_id or ""),
@@ -457,6 +488,26 @@ class FakeFluence:
             fate, self.fail_next = self.fail_next or "ok", None
         return fate
 
+    def _take_create(self) -> bool:
+        """Whether one more create is allowed (``creates_left``); counts it."""
+        with self._lock:
+            if self.creates_left is None:
+                return True
+            if self.creates_left <= 0:
+                return False
+            self.creates_left -= 1
+            return True
+
+    def _address(self) -> str:
+        """The lowest loopback address no running VM holds (each VM has an address of its own)."""
+        with self._lock:
+            held = {v.public_ip for v in self._vms.values() if not v.ended and v.public_ip}
+        return next(f"127.0.0.{i}" for i in range(1, 255) if f"127.0.0.{i}" not in held)
+
+    def _dc_of_cluster(self, cluster_id: str) -> dict[str, Any]:
+        cluster = next(c for c in self.clusters if c["id"] == cluster_id)
+        return next(d for d in self.datacenters if d["id"] == cluster["dcId"])
+
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(min(0.05, self.step_s / 4 or 0.05))
@@ -489,7 +540,7 @@ class FakeFluence:
                     vm.log.append("terminated by the provider (injected failure)")
                     return
                 vm.status = "Active"
-                vm.public_ip = "127.0.0.1"
+                vm.public_ip = self._address()
 
     def _advance_b(self, vm: _Vm, steps: int) -> None:
         start_env: dict[str, str] | None = None
@@ -513,7 +564,7 @@ class FakeFluence:
             if steps >= 2 and vm.status == "launching":
                 vm.status = "launched"
                 user_data, vm.user_data = vm.user_data, None  # erased once launched (never echoed back)
-                vm.public_ip = "127.0.0.1" if vm.public_ip_id else None
+                vm.public_ip = self._address() if vm.public_ip_id else None
                 if vm.env is not None and vm.fate == "ok":
                     start_env = vm.env
         if start_env is not None and self.run_bootstrap and user_data is not None:
@@ -585,7 +636,8 @@ class FakeFluence:
                 local.write_text(vm.tls_files[path])
                 local.chmod(0o600)
                 kwargs[key] = str(local)
-        kwargs["host"] = "127.0.0.1"  # the VM would bind 0.0.0.0; the fake stays on loopback
+        # the VM would bind 0.0.0.0; the fake stays on loopback, on the VM's own address
+        kwargs["host"] = vm.public_ip if vm is not None and vm.public_ip else "127.0.0.1"
         kwargs["registry_dir"] = str(registry)
         if port is not None:
             kwargs["port"] = port
@@ -723,7 +775,7 @@ class FakeFluence:
         try:
             vm.ssh_server = await asyncssh.create_server(
                 Server,
-                "127.0.0.1",
+                vm.public_ip or "127.0.0.1",  # the VM's own address
                 vm.ssh_port or 0,
                 server_host_keys=[vm.host_key],
                 process_factory=handle,
@@ -915,30 +967,32 @@ class FakeFluence:
                 "createdAt": vm.created_at,
                 "nextBillingAt": None,
                 "osImage": vm.os_image,
-                "datacenter": {
-                    "countryCode": "FR",
-                    "cityCode": "PAR",
-                    "cityIndex": 1,
-                    "tier": 4,
-                    "certifications": [],
-                },
+                "datacenter": dict(vm.datacenter),
                 "publicIp": vm.public_ip if vm.status == "Active" else None,
                 "ports": [dict(p) for p in vm.open_ports],
                 "reservedBalance": _money(vm.price * 2),
                 "totalSpent": _money(vm.price * 2),
             }
 
-        def offer() -> dict[str, Any]:
+        def dc_json(dc: dict[str, Any]) -> dict[str, Any]:
+            return {
+                "countryCode": dc["countryCode"],
+                "cityCode": dc["cityCode"],
+                "cityIndex": dc["index"],
+                "tier": dc["tier"],
+                "certifications": [],
+            }
+
+        def matching(c: Any) -> list[dict[str, Any]]:
+            """The datacenters ``constraints.datacenter.countries`` allows (all when it names none)."""
+            countries = ((c or {}).get("datacenter") or {}).get("countries") or []
+            return [d for d in fake.datacenters if not countries or d["countryCode"] in countries]
+
+        def offer(dc: dict[str, Any]) -> dict[str, Any]:
             return {
                 "configuration": {"slug": BASIC_CONFIGURATIONS[0], "price": _money(fake.price_per_epoch_usd)},
                 "resources": [{"type": "VCPU", "metadata": {"manufacturer": "AMD"}, "price": "0.005"}],
-                "datacenter": {
-                    "countryCode": "FR",
-                    "cityCode": "PAR",
-                    "cityIndex": 1,
-                    "tier": 4,
-                    "certifications": [],
-                },
+                "datacenter": dc_json(dc),
                 "servers": [{"availableBasicInstances": 5, "additionalResources": []}],
                 "maxAdditionalSupply": [],
             }
@@ -973,7 +1027,9 @@ class FakeFluence:
             problem = check_constraints(body)
             if problem:
                 return err(400, problem)
-            return JSONResponse([] if fake.no_offer or not price_ok(body) else [offer()])
+            if fake.no_offer or not price_ok(body):
+                return JSONResponse([])
+            return JSONResponse([offer(dc) for dc in matching(body)])
 
         async def basic_configurations(request: Request) -> Response:
             return JSONResponse(BASIC_CONFIGURATIONS)
@@ -991,7 +1047,11 @@ class FakeFluence:
             problem = check_constraints(body.get("constraints"))
             if problem:
                 return err(400, problem)
-            if fake.no_offer or not price_ok(body.get("constraints")):
+            if (
+                fake.no_offer
+                or not price_ok(body.get("constraints"))
+                or not matching(body.get("constraints"))
+            ):
                 return err(422, "Not enough offers found")
             total = fake.price_per_epoch_usd * n
             return JSONResponse(
@@ -1056,7 +1116,10 @@ class FakeFluence:
                 isinstance(k, str) and k.startswith("ssh-") for k in keys
             ):
                 return err(400, "vmConfiguration.sshKeys: a list of OpenSSH public keys")
-            if fake.no_offer or not price_ok(body.get("constraints")):
+            places = matching(body.get("constraints"))
+            if fake.no_offer or not price_ok(body.get("constraints")) or not places:
+                return err(422, "No suitable offer found")
+            if not fake._take_create():
                 return err(422, "No suitable offer found")
             user = next((i["username"] for i in DEFAULT_IMAGES if i["downloadUrl"] == image), "ubuntu")
             out = []
@@ -1075,6 +1138,7 @@ class FakeFluence:
                     username=user,
                     os_image=image,
                     ssh_port=free_port(),  # fixed up front; refuses connections until the VM is Active
+                    datacenter=dc_json(places[0]),
                 )
                 with fake._lock:
                     fake._vms[vm.id] = vm
@@ -1216,7 +1280,7 @@ class FakeFluence:
                 "clusterId": vm.cluster_id,
                 "name": f"{vm.name}-ip",
                 "addressType": "V4",
-                "address": "127.0.0.1" if vm.public_ip else None,
+                "address": vm.public_ip,
                 "status": "ready",
                 "allowedActions": ["update"],
                 "attachedTo": {"id": vm.id, "name": vm.name},
@@ -1297,9 +1361,15 @@ class FakeFluence:
 
         async def clusters(request: Request) -> Response:
             if fake.legacy_lists:  # the 0.8.210 snapshot: a bare list, dc_id
-                c = fake.cluster
-                return JSONResponse([{"id": c["id"], "name": c["name"], "dc_id": c["dcId"]}])
-            return JSONResponse({"items": [fake.cluster]})
+                return JSONResponse(
+                    [{"id": c["id"], "name": c["name"], "dc_id": c["dcId"]} for c in fake.clusters]
+                )
+            return JSONResponse({"items": fake.clusters})
+
+        async def datacenters(request: Request) -> Response:
+            return JSONResponse({"items": fake.datacenters})
+
+        cluster_ids = {c["id"] for c in fake.clusters}
 
         async def configurations(request: Request) -> Response:
             return JSONResponse(fake.configurations if fake.legacy_lists else {"items": fake.configurations})
@@ -1359,7 +1429,7 @@ class FakeFluence:
             body = await body_of(request)
             if isinstance(body, Response):
                 return body
-            if body["clusterId"] != fake.cluster["id"]:
+            if body["clusterId"] not in cluster_ids:
                 return err(422, "unprocessable_entity", "clusterId: unknown cluster")
             config = next((c for c in fake.configurations if c["id"] == body["configurationId"]), None)
             if config is None:
@@ -1391,6 +1461,8 @@ class FakeFluence:
                 return err(422, "unprocessable_entity", "No suitable offer found")
             if fake.insufficient_balance:
                 return err(422, "insufficient_balance", "Insufficient balance to create the VM")
+            if not fake._take_create():
+                return err(422, "unprocessable_entity", "No suitable offer found")
             pip = body.get("publicIp")
             vm = _Vm(
                 id=str(uuid.uuid4()),
@@ -1408,6 +1480,7 @@ class FakeFluence:
                 public_ip_id=(pip if isinstance(pip, str) else str(uuid.uuid4())) if pip else None,
                 iface_id=str(uuid.uuid4()),
                 boot_disk_id=disk if isinstance(disk, str) else str(uuid.uuid4()),
+                datacenter=fake._dc_of_cluster(body["clusterId"]),
             )
             with fake._lock:
                 fake._vms[vm.id] = vm
@@ -1478,7 +1551,7 @@ class FakeFluence:
             body = await body_of(request)
             if isinstance(body, Response):
                 return body
-            if body["clusterId"] != fake.cluster["id"]:
+            if body["clusterId"] not in cluster_ids:
                 return err(422, "unprocessable_entity", "clusterId: unknown cluster")
             doc = {
                 "id": str(uuid.uuid4()),
@@ -1528,7 +1601,7 @@ class FakeFluence:
             for res in body["resources"]:
                 ((kind, spec),) = res.items()
                 rid = spec["resource_id"]
-                if rid["clusterId"] != fake.cluster["id"]:
+                if rid["clusterId"] not in cluster_ids:
                     return err(
                         422, "unprocessable_entity", f"resources[].{kind}.resource_id.clusterId: unknown"
                     )
@@ -1554,6 +1627,7 @@ class FakeFluence:
 
         return [
             Route("/v1/clusters", clusters, methods=["GET"]),
+            Route("/v1/datacenters", datacenters, methods=["GET"]),
             Route("/v1/configurations/virtual_machines", configurations, methods=["GET"]),
             Route("/v1/ssh_keys", ssh_keys, methods=["GET", "POST"]),
             Route("/v1/ssh_keys/delete", delete_ssh_keys, methods=["POST"]),
