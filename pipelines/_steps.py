@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from connectors.dimo.client import DimoClient
+from connectors.dimo.client import Admission, DimoClient
 from connectors.dimo.go_duration import parse_interval
 from connectors.dimo.ingest import IngestProgress, ingest
 from connectors.dimo.location import TableLocation
@@ -89,11 +89,14 @@ def batch_settings(settings: DimoSettings, params: IngestParams, parallel: int) 
     return settings.model_copy(update={"rate_limit_per_s": rate})
 
 
-def discover_vehicles(settings: DimoSettings, wanted: Sequence[int] | None = None) -> list[int]:
-    """Token ids of the vehicles shared with the license (``wanted`` filters; unknown ids are an error)."""
+def discover_vehicles(
+    settings: DimoSettings, wanted: Sequence[int] | None = None, admit: Admission | None = None
+) -> list[int]:
+    """Token ids of the vehicles shared with the license (``wanted`` filters; unknown ids are an error).
+    ``admit`` gates each DIMO request (a fleet-wide rate limit: ``pipelines.fleet_rate``)."""
 
     async def run() -> list[int]:
-        async with DimoClient(settings) as client:
+        async with DimoClient(settings, admit=admit) as client:
             return sorted(v.token_id for v in await client.discover_vehicles())
 
     ids = run_sync(run)
@@ -118,9 +121,11 @@ def ingest_batch(
     token_ids: Sequence[int],
     signals: Sequence[str] | None = None,
     on_vehicle: Callable[[int, int], None] | None = None,
+    admit: Admission | None = None,
 ) -> BatchReport:
     """Ingest ``token_ids`` over ``window`` into the dataset (``connectors.dimo.ingest``: incremental,
-    idempotent). ``on_vehicle(token_id, rows)`` is called as each vehicle completes."""
+    idempotent). ``on_vehicle(token_id, rows)`` is called as each vehicle completes; ``admit`` gates each
+    DIMO request."""
     per_vehicle: dict[int, int] = {}
     last = 0
 
@@ -133,7 +138,7 @@ def ingest_batch(
         last = p.rows
 
     async def run() -> BatchReport:
-        async with DimoClient(settings) as client:
+        async with DimoClient(settings, admit=admit) as client:
             report = await ingest(
                 client,
                 TelemetryStore(dataset),

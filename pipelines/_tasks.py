@@ -14,6 +14,7 @@ from prefect.tasks import exponential_backoff
 from connectors.dimo.settings import DimoSettings
 from depin_core.errors import TransientError
 from pipelines import _steps as S
+from pipelines import fleet_rate
 from pipelines.params import PublishParams, ScoreParams, TrainParams
 from pipelines.results import BatchReport, DatasetInfo, ScoreResult, TrainResult
 
@@ -33,8 +34,8 @@ _COMMON: dict[str, Any] = {"cache_policy": NO_CACHE, "retry_condition_fn": only_
 
 
 @task(name="discover-vehicles", retries=3, retry_delay_seconds=exponential_backoff(2), **_COMMON)
-def discover_vehicles(settings: DimoSettings, wanted: list[int] | None) -> list[int]:
-    return S.discover_vehicles(settings, wanted)
+def discover_vehicles(settings: DimoSettings, wanted: list[int] | None, fleet: bool = False) -> list[int]:
+    return S.discover_vehicles(settings, wanted, admit=fleet_rate.admit if fleet else None)
 
 
 @task(
@@ -51,6 +52,7 @@ def ingest_batch(
     token_ids: list[int],
     signals: list[str] | None,
     label: str,
+    fleet: bool = False,
 ) -> BatchReport:
     log = get_run_logger()
     report = S.ingest_batch(
@@ -60,6 +62,7 @@ def ingest_batch(
         token_ids,
         signals,
         on_vehicle=lambda tid, rows: log.info("vehicle %d: %d rows", tid, rows),
+        admit=fleet_rate.admit if fleet else None,
     )
     log.info(
         "%d rows from %d vehicles (%d up to date, %d skipped) in %d requests, %.1fs",

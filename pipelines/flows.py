@@ -12,6 +12,7 @@ returns a small pydantic result (persisted as JSON). From Python::
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
@@ -25,12 +26,16 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.concurrency.sync import concurrency
+from prefect.context import FlowRunContext
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from connectors.dimo.location import TableLocation
+from connectors.dimo.settings import DimoSettings
 from depin_core.errors import ConfigError
 from pipelines import _steps as S
 from pipelines import _tasks as T
+from pipelines import fleet_rate, shards
 from pipelines.blocks import resolve_dimo_settings
 from pipelines.params import (
     DEFAULT_DATASET,
@@ -67,79 +72,176 @@ def _label(batch: list[int]) -> str:
 def ingest_telemetry(params: IngestParams = IngestParams()) -> IngestResult:
     """Discover the shared vehicles and ingest them in batches (``INGEST_WORKERS`` tasks at once, sharing the
     DIMO request rate) while holding one slot of the ``dimo-api`` global concurrency limit (non-strict: without
-    the limit it runs, with a warning); report progress as batches finish; end with a per-vehicle table."""
+    the limit it runs, with a warning); report progress as batches finish; end with a per-vehicle table.
+
+    With ``shards > 1`` the vehicles are split into child runs of ``shard_deployment`` instead, run by the
+    pool's workers under one fleet-wide DIMO rate limit (``pipelines.shards``, ``pipelines.fleet_rate``)."""
     log = get_run_logger()
     started = time.perf_counter()
     window = S.resolve_window(params)
     signals = S.resolve_signal_names(params)
     settings, source = resolve_dimo_settings(params.credentials, params.credentials_block)
     log.info("DIMO %s settings from %s", settings.environment, source)
-    # One slot of the global limit per ingestion run (not per task): each acquisition is a database write,
-    # and on a SQLite server it contends with the task-run recorder (measured: ~2 s client backoffs each).
-    with concurrency(DIMO_CONCURRENCY_LIMIT, occupy=1, strict=False):
-        token_ids = T.discover_vehicles(settings, params.vehicles)
-        batches = S.plan_batches(token_ids, params.batch_size)
-        task_settings = S.batch_settings(settings, params, min(len(batches), INGEST_WORKERS))
-        log.info(
-            "%d vehicles in %d batches, %s → %s", len(token_ids), len(batches), window.since, window.until
-        )
-        progress = (
-            cast(  # called from a sync flow: the UUID (Prefect types it as UUID | its async twin's coroutine)
-                UUID,
-                create_progress_artifact(
-                    progress=0.0,
-                    key="ingest-progress",
-                    description=f"ingest: share of {len(token_ids)} vehicles done",
-                ),
+    fleet = params.rate_limit_scope == "fleet" or params.shards > 1
+    if fleet:
+        rate = settings.rate_limit_per_s if params.rate_limit_per_s is None else params.rate_limit_per_s
+        if created := fleet_rate.ensure_limits(rate):
+            log.info(
+                "created the fleet-wide DIMO rate limits %s (%g requests/s each)", ", ".join(created), rate
             )
-        )
-        futures = {
-            T.ingest_batch.submit(task_settings, str(params.dataset), window, b, signals, _label(b)): b
-            for b in batches
-        }
+    if params.shards > 1:
+        # One slot of dimo-api for the whole sharded run: its shards share the fleet-wide rate limit instead.
+        with concurrency(DIMO_CONCURRENCY_LIMIT, occupy=1, strict=False):
+            token_ids = T.discover_vehicles(settings, params.vehicles, fleet=True)
+            shard_runs = _run_shards(params, window, token_ids)
         reports: list[BatchReport] = []
         errors: list[BaseException] = []
-        done = 0
-        for future in as_completed(list(futures)):
-            outcome = future.result(raise_on_failure=False)
-            if isinstance(outcome, BaseException):
-                errors.append(outcome)
-            else:
-                reports.append(outcome)
-            done += len(futures[future])
-            update_progress_artifact(progress, progress=100.0 * done / len(token_ids))
-        if not batches:
-            update_progress_artifact(progress, progress=100.0)
+    else:
+        # One slot of the global limit per ingestion run (not per task): each acquisition is a database write,
+        # and on a SQLite server it contends with the task-run recorder (measured: ~2 s client backoffs each).
+        # A shard (fleet scope) takes none: the fleet-wide rate limit paces it, its parent holds the slot.
+        slot = nullcontext() if fleet else concurrency(DIMO_CONCURRENCY_LIMIT, occupy=1, strict=False)
+        with slot:
+            token_ids = T.discover_vehicles(settings, params.vehicles, fleet=fleet)
+            reports, errors = _ingest_batches(params, settings, window, signals, token_ids, fleet)
+        shard_runs = []
 
     info = T.dataset_info(str(params.dataset))
     new_rows = {t: n for r in reports for t, n in r.per_vehicle.items()}
     skipped = [s for r in reports for s in r.skipped]
-    table = S.vehicle_table(params.dataset, new_rows, skipped)
-    create_table_artifact(
-        table=table,
-        key="ingest-vehicles",
-        description=f"{info.rows:,} rows, {info.vehicles} vehicles in {params.dataset} ({info.interval} buckets)",
-    )
+    totals = {
+        "new_rows": sum(r.rows for r in reports) + sum(s.result.get("new_rows", 0) for s in shard_runs),
+        "vehicles_ingested": sum(r.vehicles for r in reports)
+        + sum(s.result.get("vehicles_ingested", 0) for s in shard_runs),
+        "up_to_date": sum(r.up_to_date for r in reports)
+        + sum(s.result.get("up_to_date", 0) for s in shard_runs),
+        "requests": sum(r.requests for r in reports) + sum(s.result.get("requests", 0) for s in shard_runs),
+        "retries": sum(r.retries for r in reports) + sum(s.result.get("retries", 0) for s in shard_runs),
+    }
+    if shard_runs:
+        create_table_artifact(
+            table=[s.row() for s in shard_runs],
+            key="ingest-shards",
+            description=f"{len(shard_runs)} shards of {len(token_ids)} vehicles: child runs and their rows",
+        )
+    else:
+        create_table_artifact(
+            table=S.vehicle_table(params.dataset, new_rows, skipped),
+            key="ingest-vehicles",
+            description=f"{info.rows:,} rows, {info.vehicles} vehicles in {params.dataset} ({info.interval} buckets)",
+        )
     create_markdown_artifact(
-        markdown=S.ingest_markdown(info, sum(r.rows for r in reports), skipped),
+        markdown=S.ingest_markdown(info, totals["new_rows"], skipped),
         key="ingest-report",
         description=f"{info.rows:,} rows, {info.vehicles} vehicles: tracks and rows per vehicle-hour",
     )
-    if errors:
-        raise errors[0]
-    return IngestResult(
+    result = IngestResult(
         dataset=info,
-        new_rows=sum(r.rows for r in reports),
-        vehicles_ingested=sum(r.vehicles for r in reports),
-        up_to_date=sum(r.up_to_date for r in reports),
+        **totals,
         skipped=skipped,
-        requests=sum(r.requests for r in reports),
-        retries=sum(r.retries for r in reports),
         since=window.since.isoformat(),
         until=window.until.isoformat(),
         interval=params.interval,
         seconds=round(time.perf_counter() - started, 3),
+        shards=[s.row() for s in shard_runs],
     )
+    # what a sharded parent reads back (workers share no disk; the Prefect server is what they share)
+    create_table_artifact(table=[result.shard_summary()], key=shards.RESULT_ARTIFACT)
+    if errors:
+        raise errors[0]
+    if failed := [s for s in shard_runs if not s.ok]:
+        raise shards.ShardsFailed(failed)
+    return result
+
+
+def _ingest_batches(
+    params: IngestParams,
+    settings: DimoSettings,
+    window: S.Window,
+    signals: list[str] | None,
+    token_ids: list[int],
+    fleet: bool,
+) -> tuple[list[BatchReport], list[BaseException]]:
+    """Ingest ``token_ids`` here, in batches of tasks; progress in the ``ingest-progress`` artifact."""
+    log = get_run_logger()
+    batches = S.plan_batches(token_ids, params.batch_size)
+    task_settings = S.batch_settings(settings, params, min(len(batches), INGEST_WORKERS))
+    log.info("%d vehicles in %d batches, %s → %s", len(token_ids), len(batches), window.since, window.until)
+    progress = _progress_artifact(f"ingest: share of {len(token_ids)} vehicles done")
+    futures = {
+        T.ingest_batch.submit(task_settings, str(params.dataset), window, b, signals, _label(b), fleet): b
+        for b in batches
+    }
+    reports: list[BatchReport] = []
+    errors: list[BaseException] = []
+    done = 0
+    for future in as_completed(list(futures)):
+        outcome = future.result(raise_on_failure=False)
+        if isinstance(outcome, BaseException):
+            errors.append(outcome)
+        else:
+            reports.append(outcome)
+        done += len(futures[future])
+        update_progress_artifact(progress, progress=100.0 * done / len(token_ids))
+    if not batches:
+        update_progress_artifact(progress, progress=100.0)
+    return reports, errors
+
+
+def _run_shards(params: IngestParams, window: S.Window, token_ids: list[int]) -> list[shards.ShardRun]:
+    """Split ``token_ids`` into ``params.shards`` child runs of ``params.shard_deployment`` and wait for them
+    (crashed ones are rescheduled); progress in the ``ingest-progress`` artifact as shards finish."""
+    log = get_run_logger()
+    parent = FlowRunContext.get()
+    if parent is None or parent.flow_run is None:
+        raise ConfigError("shards: a sharded ingest must run as a Prefect flow run (it starts child runs)")
+    if TableLocation.of(params.dataset, storage_options={}).is_local:
+        log.warning(
+            "shards: the dataset %s is a local path; shards run by workers on other hosts write their own "
+            "copies. Put it on object storage (s3://bucket/prefix) when the workers are on several machines",
+            params.dataset,
+        )
+    parts = shards.split(token_ids, params.shards)
+    # every shard asks for the same buckets, also when it is run again later
+    pinned = {"since": window.since.isoformat(), "until": window.until.isoformat()}
+
+    def child_params(_: int, ids: list[int]) -> dict[str, Any]:
+        return {
+            "params": {
+                **params.model_dump(mode="json"),
+                **pinned,
+                "vehicles": ids,
+                "shards": 1,
+                "rate_limit_scope": "fleet",
+            }
+        }
+
+    runs = shards.start_shards(params.shard_deployment, parent.flow_run.id, parts, child_params)
+    log.info(
+        "%d vehicles in %d shards (%s) → %s",
+        len(token_ids),
+        len(runs),
+        ", ".join(str(len(r.vehicles)) for r in runs),
+        params.shard_deployment,
+    )
+    progress = _progress_artifact(f"ingest: share of {len(runs)} shards done")
+    finished: set[int] = set()
+
+    def on_change(run: shards.ShardRun) -> None:
+        log.info("shard %d (%s): %s %s", run.index, run.flow_run_name, run.state.title(), run.message)
+        if run.state in shards.FINAL_STATES:
+            finished.add(run.index)
+            update_progress_artifact(progress, progress=100.0 * len(finished) / max(len(runs), 1))
+
+    shards.wait_shards(runs, on_change=on_change)
+    if not runs:
+        update_progress_artifact(progress, progress=100.0)
+    return runs
+
+
+def _progress_artifact(description: str) -> UUID:
+    # called from a sync flow: the UUID (Prefect types it as UUID | its async twin's coroutine)
+    return cast(UUID, create_progress_artifact(progress=0.0, key="ingest-progress", description=description))
 
 
 @flow(

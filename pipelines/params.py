@@ -8,7 +8,7 @@ Paths are relative to the working directory of the process that runs the flow (`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
@@ -29,6 +29,9 @@ DIMO_CREDENTIALS_BLOCK = "dimo"
 DIMO_CONCURRENCY_LIMIT = "dimo-api"
 DIMO_API_SLOTS = 1  # ingest runs calling DIMO at once (a run holds one slot for its whole DIMO phase)
 INGEST_WORKERS = 4  # ingestion tasks of one flow run at once; they split the run's DIMO request rate
+SHARD_DEPLOYMENT = (
+    "ingest-telemetry/on-demand"  # what a sharded ingest runs once per shard (workers pick it up)
+)
 
 
 def _known_family(name: str) -> str:
@@ -76,6 +79,21 @@ class IngestParams(_Params):
     rate_limit_per_s: float | None = Field(
         None, ge=0, description="DIMO requests/s per service, shared by all tasks (default: the settings')"
     )
+    shards: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="split the fleet (stable hash of token_id) into this many child runs of shard_deployment, "
+        "run by whichever workers are free; 1 = ingest in this run",
+    )
+    shard_deployment: str = Field(
+        SHARD_DEPLOYMENT, description="flow/deployment each shard runs (registered by depin deploy --pool)"
+    )
+    rate_limit_scope: Literal["run", "fleet"] = Field(
+        "run",
+        description="run: this run paces its own DIMO requests; fleet: every request also takes a slot of "
+        "the Prefect rate limits dimo-rate-<service>, shared by all workers (shards use it)",
+    )
 
 
 class TrainParams(_Params):
@@ -122,6 +140,13 @@ class PublishParams(_Params):
         None,
         ge=0,
         description="target fluence: price cap of a new VM (default DEPIN_FLUENCE_MAX_USD_PER_DAY, 5)",
+    )
+    fluence_replicas: int | None = Field(
+        None,
+        ge=1,
+        le=10,
+        description="target fluence: gateway VMs, each in another datacenter (default DEPIN_FLUENCE_REPLICAS, "
+        "else as many as the target has, 1 for a new one)",
     )
     registry: Path | None = Field(
         None, description=f"registry for target local; default {paths.REGISTRY_DIR}"

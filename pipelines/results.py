@@ -66,6 +66,22 @@ class IngestResult(_Result):
     until: str
     interval: str
     seconds: float
+    shards: list[dict[str, Any]] = Field(
+        default_factory=list, description="sharded ingest: one entry per shard (its child run and numbers)"
+    )
+
+    def shard_summary(self) -> dict[str, Any]:
+        """The flat numbers a sharded parent adds up (the ``ingest-result`` artifact's one row)."""
+        return {
+            "new_rows": self.new_rows,
+            "vehicles_ingested": self.vehicles_ingested,
+            "up_to_date": self.up_to_date,
+            "skipped": len(self.skipped),
+            "requests": self.requests,
+            "retries": self.retries,
+            "seconds": self.seconds,
+            "dataset_version": self.dataset.version,
+        }
 
 
 class QualityVerdict(_Result):

@@ -36,6 +36,9 @@ RETRY_AFTER_CAP_S = 60.0  # a server asking for longer is treated as 'a minute'
 USER_AGENT = "depin-pipeline/0.1 (+httpx)"
 
 Sleep = Callable[[float], Awaitable[None]]
+# Called with the service's name before each request, after the client's own rate limiter: a gate shared with
+# other processes, such as a fleet-wide rate limit held by the orchestrator (``pipelines.fleet_rate``).
+Admission = Callable[[str], Awaitable[None]]
 
 
 # httpcore may write a request's headers and body separately; without TCP_NODELAY, Nagle's algorithm and
@@ -216,11 +219,13 @@ class Service:
         policy: RetryPolicy,
         stats: ClientStats,
         transport: httpx.AsyncBaseTransport | None = None,
+        admit: Admission | None = None,
     ) -> None:
         self.name = name
         self.policy = policy
         self.stats = stats
         self.limiter = RateLimiter(rate, sleep=policy.sleep)
+        self.admit = admit
         self.slots = asyncio.Semaphore(concurrency)
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         self.http = httpx.AsyncClient(
@@ -236,6 +241,8 @@ class Service:
     async def _send(self, method: str, url: str, what: str, **kwargs: Any) -> httpx.Response:
         async with self.slots:
             await self.limiter.acquire()
+            if self.admit is not None:
+                await self.admit(self.name)
             started = time.perf_counter()
             self.stats.requests += 1
             try:

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from connectors.dimo import _telemetry as tm
 from connectors.dimo._auth import DeveloperToken, VehicleTokens
-from connectors.dimo._http import ClientStats, RetryPolicy, Service, TokenSource, graphql_data
+from connectors.dimo._http import Admission, ClientStats, RetryPolicy, Service, TokenSource, graphql_data
 from connectors.dimo._identity import VehicleInfo, discover_vehicles
 from connectors.dimo.catalog import ALL_TIME_LOCATION, NON_LOCATION, current_signals, signal_catalog
 from connectors.dimo.errors import DimoPrivilegeError, DimoQueryError
@@ -34,7 +34,7 @@ from connectors.dimo.settings import DimoSettings
 from depin_core.errors import ConfigError
 from depin_core.timeparse import parse_instant
 
-__all__ = ["ClientStats", "DimoClient", "TelemetrySource", "VehicleHistory", "VehicleInfo"]
+__all__ = ["Admission", "ClientStats", "DimoClient", "TelemetrySource", "VehicleHistory", "VehicleInfo"]
 
 # Signal privilege (catalog) → privilege id the license needs.
 _PRIVILEGE_ID = {NON_LOCATION: NON_LOCATION_HISTORY, ALL_TIME_LOCATION: LOCATION_HISTORY}
@@ -82,7 +82,8 @@ class DimoClient(TelemetrySource):
     """Async DIMO client: auth, discovery and planned, concurrent, retried telemetry → Arrow.
 
     Use as ``async with DimoClient(settings) as client``. All requests to one service share a keep-alive
-    connection pool, a concurrency bound (``max_concurrency``) and a rate limiter.
+    connection pool, a concurrency bound (``max_concurrency``) and a rate limiter; ``admit`` (optional) is
+    awaited with the service's name before every request, for a limit shared with other processes.
     """
 
     def __init__(
@@ -92,6 +93,7 @@ class DimoClient(TelemetrySource):
         logger: logging.Logger | None = None,
         policy: RetryPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        admit: Admission | None = None,
     ) -> None:
         self.settings = settings
         self.log = logger or logging.getLogger("connectors.dimo")
@@ -111,6 +113,7 @@ class DimoClient(TelemetrySource):
                 policy=self.policy,
                 stats=self.stats,
                 transport=transport,
+                admit=admit,
             )
 
         self._auth = service("auth")

@@ -16,20 +16,35 @@ from pipelines.cli._output import JsonOpt, emit_json, say
 
 def deploy(
     pool: Annotated[str, typer.Option(help="process work pool to register on (created if missing)")],
+    crash_after: Annotated[
+        float,
+        typer.Option(
+            help="seconds without a heartbeat after which a flow run counts as crashed (its worker is gone)"
+        ),
+    ] = 90.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Register every deployment on the process work pool POOL (created if missing); re-running updates them."""
-    from pipelines.deploy import deploy_to_pool, ensure_process_pool
+    """Register every deployment on the process work pool POOL (created if missing); re-running updates them.
+    Also creates the automation that marks runs of a vanished worker Crashed."""
+    from pipelines.deploy import CRASH_AUTOMATION, deploy_to_pool, ensure_process_pool
 
     created = ensure_process_pool(pool)
     say(("created", "bold green") if created else "using", f" process work pool {pool}")
-    infos = deploy_to_pool(pool)
+    infos = deploy_to_pool(pool, crash_after_s=crash_after)
+    say(f"automation {CRASH_AUTOMATION}: a run without a heartbeat for {crash_after:g} s is set to Crashed")
     for info in infos:
         cron = f" ({', '.join(info.schedules)})" if info.schedules else ""
         say("deployed ", (info.name, "bold"), cron)
     say(f"{len(infos)} deployments on {pool}; run `prefect worker start --pool {pool}` on each host")
     if as_json:
-        emit_json({"pool": pool, "created": created, "deployments": [i.model_dump() for i in infos]})
+        emit_json(
+            {
+                "pool": pool,
+                "created": created,
+                "deployments": [i.model_dump() for i in infos],
+                "crash_after_s": crash_after,
+            }
+        )
 
 
 def pool_worker(

@@ -49,6 +49,13 @@ def up(
     end: Annotated[
         str | None, typer.Option(help="end of the emulated history, ISO-8601 (default: start-up time)")
     ] = None,
+    emulator_rate_limit: Annotated[
+        float,
+        typer.Option(
+            help="the emulator answers 429 past this many requests/s per DIMO service and client host, as DIMO "
+            "does (0 = no limit)"
+        ),
+    ] = 0.0,
     runner_poll_s: Annotated[int, typer.Option(help="how often served deployments look for runs (s)")] = 5,
     serve: Annotated[
         bool,
@@ -94,6 +101,7 @@ def up(
         days=days,
         seed=seed,
         end=end,
+        emulator_rate_limit=emulator_rate_limit,
         runner_poll_s=runner_poll_s,
         serve=serve,
         database_url=SecretStr(database_url) if database_url is not None else None,

@@ -94,6 +94,7 @@ class UpOptions(BaseModel):
     vehicles: int = Field(20, ge=1)
     days: float = Field(7.0, gt=0)
     seed: int = 0
+    emulator_rate_limit: float = Field(0.0, ge=0, description="emulator: 429 past this many requests/s")
     end: datetime | None = Field(None, description="end of the emulated history; default: start-up time")
     dimo_limit: int = Field(DIMO_API_SLOTS, ge=1, description="slots of the dimo-api concurrency limit")
     runner_poll_s: int = Field(5, ge=1, description="how often served deployments look for scheduled runs")
@@ -371,6 +372,7 @@ class UpStack:
             days=self.opts.days,
             seed=self.opts.seed,
             end=self.opts.end,
+            rate_limit_per_s=self.opts.emulator_rate_limit,
             credentials_out=creds,
             ground_truth_out=self.cwd / DEFAULT_GROUND_TRUTH,
         )

@@ -123,7 +123,7 @@ def test_only_transient_errors_are_retried(monkeypatch: pytest.MonkeyPatch) -> N
     calls: list[str] = []
 
     def flaky(kind: type[Exception]) -> Any:
-        def discover(settings: Any, wanted: Any) -> list[int]:
+        def discover(settings: Any, wanted: Any, admit: Any = None) -> list[int]:
             calls.append(kind.__name__)
             if len(calls) == 1:
                 raise kind("first call fails")

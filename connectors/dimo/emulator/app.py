@@ -16,10 +16,19 @@ from connectors.dimo.emulator.state import EmulatorState
 
 
 def create_app(state: EmulatorState) -> ASGIApp:
-    """Build the app for ``state``; fault injection and the rate limit wrap it when enabled."""
+    """Build the app for ``state``; fault injection and the rate limit wrap it when enabled. ``/healthz``
+    also reports the rate limiter's counts per service (``rate_limit.passed``/``limited``: 429s sent)."""
+    limiter: RateLimiter | None = None
 
     async def healthz(_: Request) -> Response:
-        return json_response({"status": "ok", "vehicles": len(state.fleet.vehicles)})
+        doc: dict[str, object] = {"status": "ok", "vehicles": len(state.fleet.vehicles)}
+        if limiter is not None:
+            doc["rate_limit"] = {
+                "per_s": limiter.rate,
+                "passed": dict(limiter.passed),
+                "limited": dict(limiter.limited),
+            }
+        return json_response(doc)
 
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
@@ -33,5 +42,5 @@ def create_app(state: EmulatorState) -> ASGIApp:
     if state.faults.enabled:
         wrapped = FaultInjector(wrapped, state.faults)
     if state.rate_limit_per_s > 0:  # outermost: the ingress limits before anything else runs
-        wrapped = RateLimiter(wrapped, state.rate_limit_per_s, clock=state.rate_limit_clock)
+        wrapped = limiter = RateLimiter(wrapped, state.rate_limit_per_s, clock=state.rate_limit_clock)
     return wrapped

@@ -1,0 +1,337 @@
+"""Past one machine, end to end: a Prefect server on a real PostgreSQL (``depin up --database-url --no-serve``),
+the deployments on a process work pool (``depin deploy --pool``), two ``prefect worker`` processes standing for
+two hosts (each its own working directory and Prefect home; no shared local path), the dataset on the
+S3-compatible test server, and the emulator enforcing DIMO's rate limit (429 past 10 requests/s per service).
+
+1. A 4-shard ingest run from the deployment: the shards are child runs spread over both workers, all under
+   the fleet-wide rate limit: the emulator sent no 429, and the table equals one plain ``depin ingest``'s.
+2. A worker killed (SIGKILL, its whole process tree, like a lost host) while running shards: Prefect's
+   heartbeat automation marks them Crashed, the parent runs them again on the other worker, and the table
+   again equals the clean run's. The detection time is printed (``-s``) and kept in the test's log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from connectors.dimo.store import TelemetryStore
+from depin_core.proc import descendants
+from depin_core.proc.tree import stop_tree
+from pipelines.shards import split
+from tests.support.postgres import PostgresServer, postgres_server  # noqa: F401 (the fixture)
+from tests.support.s3 import S3Server
+from tests.support.telemetry_tables import sorted_rows
+from tests.support.up_stack import DEPIN, clean_env, last_json, up_args
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+LICENSE_RATE = 10.0  # DIMO's documented limit; the emulator enforces it per service
+END = datetime(2026, 1, 12, tzinfo=UTC)
+WINDOW = {"since": (END - timedelta(hours=12)).isoformat(), "until": END.isoformat()}
+INGEST = {**WINDOW, "interval": "1m", "signals": ["speed", "exteriorAirTemperature"]}
+CRASH_AFTER_S = 45  # > the 30 s heartbeat; detection takes 15-45 s plus the 5 s evaluation tick
+RUN_DEADLINE_S = 300.0
+
+
+@dataclass
+class Fleet:
+    root: Path
+    api: str
+    emulator: str
+    pool: str
+    s3: S3Server
+    env: dict[str, str]
+    workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def uri(self) -> str:
+        return f"s3://{self.s3.new_bucket()}/telemetry"
+
+    def start_worker(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
+        """A worker 'host': its own directory and Prefect home, the API and the bucket's settings only."""
+        home = self.root / name
+        (home / "prefect").mkdir(parents=True, exist_ok=True)
+        env = {**self.env, "PREFECT_HOME": str(home / "prefect"), "PREFECT_WORKER_QUERY_SECONDS": "1"}
+        with (home / "worker.log").open("ab") as log:
+            proc = subprocess.Popen(
+                [*command, "--pool", self.pool, "--name", name, "--limit", "2"],
+                cwd=home,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.workers[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.root / name / "worker.log").read_text(errors="replace")[-4000:]
+
+
+def _prefect(api: str) -> Any:
+    """Prefect settings pointing at the fleet's server (the session's test server stays the default)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    return temporary_settings({PREFECT_API_URL: api})
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    tmp_path_factory: pytest.TempPathFactory,
+    postgres_server: PostgresServer,  # noqa: F811
+    s3_server: S3Server,
+) -> Iterator[Fleet]:
+    root = tmp_path_factory.mktemp("fleet")
+    control = root / "control"
+    control.mkdir()
+    env = {
+        **clean_env(),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    args = [*up_args(vehicles=12, days=1), "--end", END.isoformat(), "--database-url", postgres_server.url,
+            "--no-serve", "--emulator-rate-limit", str(LICENSE_RATE), "--background", "--json"]  # fmt: skip
+    started = subprocess.run(
+        [*DEPIN, *args], cwd=control, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert started.returncode == 0, started.stderr[-3000:]
+    doc = last_json(started.stdout)
+    pool = f"fleet-{uuid.uuid4().hex[:6]}"
+    worker_env = {**env, **s3_server.env, "PREFECT_API_URL": doc["api"], "DEPIN_DIMO_RATE_LIMIT_PER_S": "10"}
+    fleet = Fleet(root, doc["api"], doc["emulator"], pool, s3_server, worker_env)
+    try:
+        deployed = subprocess.run(
+            [*DEPIN, "deploy", "--pool", pool, "--crash-after", str(CRASH_AFTER_S), "--json"],
+            cwd=control,
+            env=worker_env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert deployed.returncode == 0, deployed.stderr[-3000:]
+        with _prefect(doc["api"]):
+            from connectors.dimo.settings import DimoSettings
+            from pipelines.blocks import DimoCredentials
+
+            creds = DimoSettings.from_credentials_file(control / ".depin/emulator/credentials.json")
+            DimoCredentials.from_settings(creds).save("dimo", overwrite=True)  # what workers resolve
+        yield fleet
+    finally:
+        for proc in fleet.workers.values():
+            stop_tree([proc.pid], [proc.pid])
+            proc.wait()
+        subprocess.run([*DEPIN, "down"], cwd=control, env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def clean_table(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> TelemetryStore:
+    """The reference: one plain ``depin ingest`` of the same window (no Prefect), into a local table."""
+    out = tmp_path_factory.mktemp("clean") / "telemetry"
+    creds = fleet.root / "control/.depin/emulator/credentials.json"
+    cmd = [*DEPIN, "ingest", "--since", INGEST["since"], "--until", INGEST["until"], "--interval",
+           INGEST["interval"], "--signals", ",".join(INGEST["signals"]), "--credentials", str(creds),
+           "--out", str(out), "--json"]  # fmt: skip
+    done = subprocess.run(cmd, env=fleet.env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert last_json(done.stdout)["vehicles"] == 12
+    return TelemetryStore(out)
+
+
+def _limited(fleet: Fleet) -> dict[str, Any]:
+    return httpx.get(f"{fleet.emulator}/healthz", timeout=10).json()["rate_limit"]
+
+
+def _wait_final(api: str, run_id: uuid.UUID, fleet: Fleet) -> Any:
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + RUN_DEADLINE_S
+    with _prefect(api), get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(run_id)
+            if run.state is not None and run.state.is_final():
+                return run
+            logs = "\n".join(f"{n}: {fleet.log(n)}" for n in fleet.workers)
+            assert time.monotonic() < deadline, f"run still {run.state_name}\n{logs}"
+            time.sleep(0.5)
+
+
+def _children(api: str, parent: uuid.UUID) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    with _prefect(api), get_client(sync_client=True) as client:
+        return client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent]))
+        )
+
+
+def _assert_same_table(uri: str, fleet: Fleet, clean: TelemetryStore) -> None:
+    """Same rows, keys, nulls and watermarks as the clean run; float values equal to the last bits.
+
+    A vehicle fetched twice (killed mid-shard, then run again) gets its bucket means recomputed by the
+    emulator, whose parallel aggregation (polars) may round the last bit differently between two requests of
+    the same window (measured: 6 of 8,640 values, relative 1e-16); anything more is a real difference."""
+    import numpy as np
+    import pyarrow.types as pat
+
+    shared = TelemetryStore(uri, storage_options=fleet.s3.storage_options)
+    got, want = sorted_rows(shared.read()), sorted_rows(clean.read())
+    assert got.schema.equals(want.schema, check_metadata=False), f"{got.schema}\n!=\n{want.schema}"
+    assert got.num_rows == want.num_rows
+    for name in want.column_names:
+        a, b = got.column(name), want.column(name)
+        if not pat.is_floating(b.type):
+            assert a.equals(b), name
+            continue
+        x, y = a.to_numpy(zero_copy_only=False), b.to_numpy(zero_copy_only=False)
+        assert np.array_equal(np.isnan(x), np.isnan(y)), f"{name}: nulls differ"
+        assert np.allclose(x, y, rtol=1e-12, atol=0.0, equal_nan=True), f"{name}: values differ"
+    assert shared.watermarks() == clean.watermarks()
+
+
+def _params(uri: str, **extra: Any) -> dict[str, Any]:
+    return {"params": {**INGEST, "dataset": uri, "shards": 4, **extra}}
+
+
+def test_sharded_ingest_on_two_workers_under_one_rate_limit(
+    fleet: Fleet, clean_table: TelemetryStore
+) -> None:
+    from prefect.client.orchestration import get_client
+
+    fleet.start_worker("host-a", [sys.executable, "-m", "prefect", "worker", "start"])
+    fleet.start_worker("host-b", [sys.executable, "-m", "pipelines.cli", "pool-worker"])
+    before = _limited(fleet)
+    uri = fleet.uri()
+    with _prefect(fleet.api), get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("ingest-telemetry/on-demand")
+        assert dep.work_pool_name == fleet.pool
+        parent = client.create_flow_run_from_deployment(dep.id, parameters=_params(uri))
+    run = _wait_final(fleet.api, parent.id, fleet)
+    assert run.state is not None and run.state.is_completed(), f"{run.state}\n{fleet.log('host-a')}"
+
+    children = _children(fleet.api, parent.id)
+    parts = [p for p in split(sorted(clean_table.watermarks()), 4) if p]  # an empty shard starts no run
+    assert len(children) == len(parts) >= 2
+    assert all(c.state is not None and c.state.is_completed() for c in children)
+    assert sorted(sorted(c.parameters["params"]["vehicles"]) for c in children) == sorted(parts)
+    ran_on = {c.labels.get("prefect.worker.name") for c in children}
+    # each worker runs at most 2 runs at once and one slot holds the parent: both workers took shards
+    assert ran_on == {"host-a", "host-b"}
+    for c in children:
+        assert c.parameters["params"]["rate_limit_scope"] == "fleet"
+        assert c.parameters["params"]["since"] == INGEST["since"] and c.parameters["params"]["shards"] == 1
+
+    _assert_same_table(uri, fleet, clean_table)
+    after = _limited(fleet)
+    assert after["per_s"] == LICENSE_RATE
+    assert after["limited"] == before["limited"], "the emulator answered 429: the fleet went over the license"
+    assert sum(after["passed"].values()) > sum(before["passed"].values())
+
+
+def test_a_killed_worker_s_shards_are_run_again_elsewhere(fleet: Fleet, clean_table: TelemetryStore) -> None:
+    """The parent runs here (the control host); a worker running shards is killed outright."""
+    from prefect.client.orchestration import get_client
+
+    for name, cmd in [("host-a", ["-m", "prefect", "worker", "start"]), ("host-b", ["-m", "pipelines.cli", "pool-worker"])]:  # fmt: skip
+        if name not in fleet.workers or fleet.workers[name].poll() is not None:
+            fleet.start_worker(name, [sys.executable, *cmd])
+    uri = fleet.uri()
+    # a slower fleet-wide rate keeps the shards running for a while (the emulator still enforces 10/s)
+    params = _params(uri, rate_limit_per_s=2)["params"]
+    script = (
+        "import json, sys\n"
+        "from pipelines.flows import ingest_telemetry\n"
+        "from pipelines.params import IngestParams\n"
+        "state = ingest_telemetry(IngestParams(**json.loads(sys.argv[1])), return_state=True)\n"
+        "print(json.dumps({'state': state.type.value, 'run': str(state.state_details.flow_run_id)}))\n"
+    )
+    control = fleet.root / "control"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script, json.dumps(params)],
+        cwd=control,
+        env={**fleet.env, "PREFECT_HOME": str(control / ".depin/prefect-client")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        victim, killed_at, lost = _kill_a_worker_mid_shard(fleet, parent)
+        out, err = parent.communicate(timeout=RUN_DEADLINE_S)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert parent.returncode == 0, err[-4000:]
+    doc = json.loads(out.strip().splitlines()[-1])
+    assert doc["state"] == "COMPLETED", err[-4000:]
+
+    with _prefect(fleet.api), get_client(sync_client=True) as client:
+        detected = []
+        for run_id in lost:
+            states = client.read_flow_run_states(run_id)
+            crashed = [s for s in states if s.type.value == "CRASHED"]
+            assert crashed, f"shard {run_id} was never marked Crashed: {[s.type.value for s in states]}"
+            assert "no heartbeat" in (crashed[0].message or "")
+            detected.append(crashed[0].timestamp.timestamp() - killed_at)
+            final = client.read_flow_run(run_id)
+            assert final.state is not None and final.state.is_completed()
+            assert final.run_count >= 2  # ran again, on the worker still alive
+            assert final.labels.get("prefect.worker.name") not in (None, victim)
+    message = (
+        f"worker {victim} killed: its shards marked Crashed after {', '.join(f'{d:.1f}' for d in detected)} s"
+    )
+    print(message)
+    (fleet.root / "crash-detection.txt").write_text(message + "\n")
+    _assert_same_table(uri, fleet, clean_table)
+
+
+def _pid(infrastructure_pid: str) -> int:
+    return int(infrastructure_pid.rsplit(":", 1)[-1])  # "pid" or "host:pid"
+
+
+def _kill_a_worker_mid_shard(
+    fleet: Fleet, parent: subprocess.Popen[str]
+) -> tuple[str, float, list[uuid.UUID]]:
+    """Wait until some worker runs a shard, then SIGKILL that worker's whole process tree."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    deadline = time.monotonic() + RUN_DEADLINE_S
+    running = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])))
+    with _prefect(fleet.api), get_client(sync_client=True) as client:
+        while True:
+            assert parent.poll() is None, parent.stderr.read() if parent.stderr else ""
+            assert time.monotonic() < deadline, "no shard started running"
+            for fr in client.read_flow_runs(flow_run_filter=running):
+                if "depin-shard" not in fr.tags or not fr.infrastructure_pid:
+                    continue
+                pid = _pid(fr.infrastructure_pid)
+                for name, worker in fleet.workers.items():
+                    tree = {worker.pid, *descendants(worker.pid)}
+                    if pid in tree:
+                        for p in tree:
+                            with contextlib.suppress(ProcessLookupError):
+                                os.kill(p, signal.SIGKILL)
+                        killed_at = time.time()
+                        worker.wait()
+                        mine = [
+                            r.id
+                            for r in client.read_flow_runs(flow_run_filter=running)
+                            if r.infrastructure_pid and _pid(r.infrastructure_pid) in tree
+                        ]
+                        return name, killed_at, mine
+            time.sleep(0.1)
