@@ -3,8 +3,10 @@ the deployments on a process work pool (``depin deploy --pool``), two ``prefect 
 two hosts (each its own working directory and Prefect home; no shared local path), the dataset on the
 S3-compatible test server, and the emulator enforcing DIMO's rate limit (429 past 10 requests/s per service).
 
-1. A 4-shard ingest run from the deployment: the shards are child runs spread over both workers, all under
-   the fleet-wide rate limit: the emulator sent no 429, and the table equals one plain ``depin ingest``'s.
+1. ``train-and-publish`` run from its deployment by a worker: its ingest is 4 shards, child runs spread over
+   both workers under the fleet-wide rate limit (the emulator sent no 429; the table equals one plain
+   ``depin ingest``'s); it trains on the table and publishes to one of two gateway replicas sharing a
+   registry on the S3 server; both replicas then answer the function.
 2. A worker killed (SIGKILL, its whole process tree, like a lost host) while running shards: Prefect's
    heartbeat automation marks them Crashed, the parent runs them again on the other worker, and the table
    again equals the clean run's. The detection time is printed (``-s``) and kept in the test's log.
@@ -22,17 +24,22 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from eth_account import Account
 
 from connectors.dimo.store import TelemetryStore
 from depin_core.proc import descendants
 from depin_core.proc.tree import stop_tree
 from pipelines.shards import split
+from serving._auth import new_admin_key
+from tests.e2e.test_gateway_replicas import store_env
+from tests.e2e.test_publish import DepinServe, wait_for
+from tests.support.flow_fleet import FLEET, FLEET_END, RANGE_HP, SIGNALS, SINCE, UNTIL
 from tests.support.postgres import PostgresServer, postgres_server  # noqa: F401 (the fixture)
 from tests.support.s3 import S3Server
 from tests.support.telemetry_tables import sorted_rows
@@ -42,9 +49,8 @@ pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 LICENSE_RATE = 10.0  # DIMO's documented limit; the emulator enforces it per service
-END = datetime(2026, 1, 12, tzinfo=UTC)
-WINDOW = {"since": (END - timedelta(hours=12)).isoformat(), "until": END.isoformat()}
-INGEST = {**WINDOW, "interval": "1m", "signals": ["speed", "exteriorAirTemperature"]}
+# the flow tests' fleet (10 EVs x 2 days at 20 s): the range model beats its baseline on it
+INGEST = {"since": SINCE, "until": UNTIL, "interval": "20s", "signals": SIGNALS}
 CRASH_AFTER_S = 45  # > the 30 s heartbeat; detection takes 15-45 s plus the 5 s evaluation tick
 RUN_DEADLINE_S = 300.0
 
@@ -57,6 +63,7 @@ class Fleet:
     pool: str
     s3: S3Server
     env: dict[str, str]
+    gateways: list[DepinServe] = field(default_factory=list)
     workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def uri(self) -> str:
@@ -103,7 +110,8 @@ def fleet(
         **clean_env(),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
-    args = [*up_args(vehicles=12, days=1), "--end", END.isoformat(), "--database-url", postgres_server.url,
+    args = [*up_args(vehicles=FLEET["vehicles"], days=FLEET["days"]), "--seed", str(FLEET["seed"]),
+            "--end", FLEET_END.isoformat(), "--database-url", postgres_server.url,
             "--no-serve", "--emulator-rate-limit", str(LICENSE_RATE), "--background", "--json"]  # fmt: skip
     started = subprocess.run(
         [*DEPIN, *args], cwd=control, env=env, capture_output=True, text=True, timeout=240
@@ -111,9 +119,24 @@ def fleet(
     assert started.returncode == 0, started.stderr[-3000:]
     doc = last_json(started.stdout)
     pool = f"fleet-{uuid.uuid4().hex[:6]}"
-    worker_env = {**env, **s3_server.env, "PREFECT_API_URL": doc["api"], "DEPIN_DIMO_RATE_LIMIT_PER_S": "10"}
+    publisher = Account.create()
+    admin_key, admin_hash = new_admin_key()
+    worker_env = {
+        **env,
+        **s3_server.env,
+        "PREFECT_API_URL": doc["api"],
+        "DEPIN_DIMO_RATE_LIMIT_PER_S": str(LICENSE_RATE),
+        "DEPIN_PUBLISHER_KEY": publisher.key.hex(),  # the flows sign what they publish
+        "DEPIN_ADMIN_KEY": admin_key,  # and publish through a gateway's admin API
+    }
     fleet = Fleet(root, doc["api"], doc["emulator"], pool, s3_server, worker_env)
+    registry = f"s3://{s3_server.new_bucket()}/functions"
+    gateway_env = {**store_env(s3_server, publisher), "DEPIN_GATEWAY_REGISTRY_URL": registry}
+    gateway_env["DEPIN_GATEWAY_ADMIN_KEY_HASHES"] = admin_hash
     try:
+        for name in ("gateway-a", "gateway-b"):  # two replicas, each its own cache, one registry
+            (root / name).mkdir()
+            fleet.gateways.append(DepinServe(root / name, root / name / "cache", env=gateway_env).start())
         deployed = subprocess.run(
             [*DEPIN, "deploy", "--pool", pool, "--crash-after", str(CRASH_AFTER_S), "--json"],
             cwd=control,
@@ -134,6 +157,8 @@ def fleet(
         for proc in fleet.workers.values():
             stop_tree([proc.pid], [proc.pid])
             proc.wait()
+        for gateway in fleet.gateways:
+            gateway.stop()
         subprocess.run([*DEPIN, "down"], cwd=control, env=env, capture_output=True, timeout=120)
 
 
@@ -147,7 +172,7 @@ def clean_table(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Telem
            "--out", str(out), "--json"]  # fmt: skip
     done = subprocess.run(cmd, env=fleet.env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert last_json(done.stdout)["vehicles"] == 12
+    assert last_json(done.stdout)["vehicles"] == FLEET["vehicles"]
     return TelemetryStore(out)
 
 
@@ -207,39 +232,58 @@ def _params(uri: str, **extra: Any) -> dict[str, Any]:
     return {"params": {**INGEST, "dataset": uri, "shards": 4, **extra}}
 
 
-def test_sharded_ingest_on_two_workers_under_one_rate_limit(
+def test_train_and_publish_with_a_sharded_ingest_on_two_workers(
     fleet: Fleet, clean_table: TelemetryStore
 ) -> None:
     from prefect.client.orchestration import get_client
 
     fleet.start_worker("host-a", [sys.executable, "-m", "prefect", "worker", "start"])
     fleet.start_worker("host-b", [sys.executable, "-m", "pipelines.cli", "pool-worker"])
+    gateway_a, gateway_b = fleet.gateways
     before = _limited(fleet)
     uri = fleet.uri()
+    params = {
+        "ingest": {**INGEST, "dataset": uri, "shards": 4},
+        "train": {"hyperparameters": RANGE_HP},
+        "publish": {"target": gateway_a.url},
+    }
     with _prefect(fleet.api), get_client(sync_client=True) as client:
-        dep = client.read_deployment_by_name("ingest-telemetry/on-demand")
+        dep = client.read_deployment_by_name("train-and-publish/on-demand")
         assert dep.work_pool_name == fleet.pool
-        parent = client.create_flow_run_from_deployment(dep.id, parameters=_params(uri))
+        parent = client.create_flow_run_from_deployment(dep.id, parameters={"params": params})
     run = _wait_final(fleet.api, parent.id, fleet)
     assert run.state is not None and run.state.is_completed(), f"{run.state}\n{fleet.log('host-a')}"
 
-    children = _children(fleet.api, parent.id)
+    shard_runs = [c for sub in _children(fleet.api, parent.id) for c in _children(fleet.api, sub.id)]
     parts = [p for p in split(sorted(clean_table.watermarks()), 4) if p]  # an empty shard starts no run
-    assert len(children) == len(parts) >= 2
-    assert all(c.state is not None and c.state.is_completed() for c in children)
-    assert sorted(sorted(c.parameters["params"]["vehicles"]) for c in children) == sorted(parts)
-    ran_on = {c.labels.get("prefect.worker.name") for c in children}
-    # each worker runs at most 2 runs at once and one slot holds the parent: both workers took shards
-    assert ran_on == {"host-a", "host-b"}
-    for c in children:
+    assert len(shard_runs) == len(parts) >= 2
+    assert all(c.state is not None and c.state.is_completed() for c in shard_runs)
+    assert sorted(sorted(c.parameters["params"]["vehicles"]) for c in shard_runs) == sorted(parts)
+    # each worker runs at most 2 runs at once and the parent and its ingest hold 2: both took shards
+    assert {c.labels.get("prefect.worker.name") for c in shard_runs} == {"host-a", "host-b"}
+    for c in shard_runs:
         assert c.parameters["params"]["rate_limit_scope"] == "fleet"
-        assert c.parameters["params"]["since"] == INGEST["since"] and c.parameters["params"]["shards"] == 1
+        assert (
+            datetime.fromisoformat(c.parameters["params"]["since"]) == datetime.fromisoformat(SINCE)
+            and c.parameters["params"]["shards"] == 1
+        )
 
     _assert_same_table(uri, fleet, clean_table)
     after = _limited(fleet)
     assert after["per_s"] == LICENSE_RATE
     assert after["limited"] == before["limited"], "the emulator answered 429: the fleet went over the license"
     assert sum(after["passed"].values()) > sum(before["passed"].values())
+
+    # published through replica A, served by both
+    body = {"plan": {"km": 120}}
+
+    def answer(url: str) -> dict[str, Any] | None:
+        r = httpx.post(f"{url}/v1/functions/range@prod/invoke", json=body, timeout=30)
+        return r.json() if r.status_code == 200 else None
+
+    on_a = wait_for(lambda: answer(gateway_a.url), "replica A to serve range@prod")
+    on_b = wait_for(lambda: answer(gateway_b.url), "replica B to serve range@prod")
+    assert on_a["version"] == on_b["version"] and on_a["outputs"] == on_b["outputs"]
 
 
 def test_a_killed_worker_s_shards_are_run_again_elsewhere(fleet: Fleet, clean_table: TelemetryStore) -> None:
@@ -250,8 +294,7 @@ def test_a_killed_worker_s_shards_are_run_again_elsewhere(fleet: Fleet, clean_ta
         if name not in fleet.workers or fleet.workers[name].poll() is not None:
             fleet.start_worker(name, [sys.executable, *cmd])
     uri = fleet.uri()
-    # a slower fleet-wide rate keeps the shards running for a while (the emulator still enforces 10/s)
-    params = _params(uri, rate_limit_per_s=2)["params"]
+    params = _params(uri)["params"]
     script = (
         "import json, sys\n"
         "from pipelines.flows import ingest_telemetry\n"
