@@ -126,7 +126,7 @@ def _check_alias(alias: str | None) -> None:
         valid_alias(alias)
 
 
-def _moved(
+def moved_aliases(
     before: dict[str, dict[str, float]], after: dict[str, dict[str, float]], version: str
 ) -> list[str]:
     return sorted(a for a, t in after.items() if t == {version: 1.0} and before.get(a) != t)
@@ -191,7 +191,7 @@ class LocalPublisher:
             signature=stored.signature,
             created=version not in known,
             aliases=after,
-            moved=_moved(before, after, version),
+            moved=moved_aliases(before, after, version),
         )
 
 
@@ -269,7 +269,7 @@ class GatewayPublisher:
             signature=signature,
             created=created,
             aliases=after,
-            moved=_moved(before, after, version),
+            moved=moved_aliases(before, after, version),
         )
 
     def verify_upload(

@@ -135,6 +135,22 @@ class _State:
         body = {"aliases": self.aliases, "history": self.history, "added": self.added}
         return json.dumps(body, indent=2, sort_keys=True, allow_nan=False).encode() + b"\n"
 
+    def roll_back(self, name: str, alias: str) -> Target:
+        """Point ``alias`` back at its previous target (popped from the history) and return it."""
+        if alias not in self.aliases:
+            raise NotFound("alias", alias, self.aliases, function=name)
+        past = self.history.get(alias)
+        if not past:
+            raise NoHistory(
+                f"alias {alias!r} of function {name!r} has no earlier target to roll back to; point it "
+                "somewhere with set_alias instead"
+            )
+        restored = past.pop()
+        if not past:
+            del self.history[alias]
+        self.aliases[alias] = restored
+        return dict(restored)
+
 
 @dataclasses.dataclass(frozen=True)
 class _View:
@@ -308,21 +324,10 @@ class Registry:
         with self._locked():
             self._require(name, fresh=True)
             state = self._read_state(name)
-            if alias not in state.aliases:
-                raise NotFound("alias", alias, state.aliases, function=name)
-            past = state.history.get(alias)
-            if not past:
-                raise NoHistory(
-                    f"alias {alias!r} of function {name!r} has no earlier target to roll back to; point it "
-                    "somewhere with set_alias instead"
-                )
-            restored = past.pop()
-            if not past:
-                del state.history[alias]
-            state.aliases[alias] = restored
+            restored = state.roll_back(name, alias)
             self._commit(name, state)
             log.info("alias %s@%s rolled back -> %s", name, alias, restored)
-            return dict(restored)
+            return restored
 
     def apply_state(
         self,

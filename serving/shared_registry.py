@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from depin_core.errors import PermanentError, TransientError
-from serving.errors import NoHistory, NotFound
+from serving.errors import NotFound
 from serving.object_store import ObjectStore
 from serving.registry import LATEST, NAME_RE, VERSION_RE, Registry, Target, _State, valid_alias
 
@@ -297,20 +297,7 @@ class SharedRegistry:
         """Restore ``alias``'s previous target (popping the history); returns it."""
 
         def change(snap: Snapshot) -> Target:
-            state = snap.require(name).state
-            if alias not in state.aliases:
-                raise NotFound("alias", alias, state.aliases, function=name)
-            past = state.history.get(alias)
-            if not past:
-                raise NoHistory(
-                    f"alias {alias!r} of function {name!r} has no earlier target to roll back to; point it "
-                    "somewhere with set_alias instead"
-                )
-            restored = past.pop()
-            if not past:
-                del state.history[alias]
-            state.aliases[alias] = restored
-            return dict(restored)
+            return snap.require(name).state.roll_back(name, alias)
 
         return self.commit(change, f"rollback {name}@{alias}")[1]
 

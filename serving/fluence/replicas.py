@@ -19,7 +19,7 @@ from eth_account.signers.local import LocalAccount
 from depin_core.errors import PermanentError
 from depin_core.tls import client_context
 from serving.bundle import MANIFEST, pack_bundle
-from serving.publish import GatewayPublisher, PublishResult, prepare_bundle
+from serving.publish import GatewayPublisher, PublishResult, moved_aliases, prepare_bundle
 
 
 class FluencePublishResult(PublishResult):
@@ -84,7 +84,6 @@ def publish_to_all(
     results = []
     for gw, (created, data, publisher, signature, before) in zip(gateways, uploads, strict=True):
         after = gw.client.function(name).get("aliases") or {}
-        now = {version: 1.0}
         results.append(
             PublishResult(
                 name=name,
@@ -95,7 +94,7 @@ def publish_to_all(
                 signature=signature,
                 created=created,
                 aliases=after,
-                moved=sorted(a for a, t in after.items() if t == now and before.get(a) != t),
+                moved=moved_aliases(before, after, version),
             )
         )
     return results
