@@ -39,10 +39,12 @@ from pipelines.shards import split
 from serving._auth import new_admin_key
 from tests.e2e.test_gateway_replicas import store_env
 from tests.e2e.test_publish import DepinServe, wait_for
+from tests.support.browser import require_browser
 from tests.support.flow_fleet import FLEET, FLEET_END, RANGE_HP, SIGNALS, SINCE, UNTIL
 from tests.support.postgres import PostgresServer, postgres_server  # noqa: F401 (the fixture)
 from tests.support.s3 import S3Server
 from tests.support.telemetry_tables import sorted_rows
+from tests.support.ui_pool import check_work_pool_page
 from tests.support.up_stack import DEPIN, clean_env, last_json, up_args
 
 pytestmark = pytest.mark.e2e
@@ -254,7 +256,8 @@ def test_train_and_publish_with_a_sharded_ingest_on_two_workers(
     run = _wait_final(fleet.api, parent.id, fleet)
     assert run.state is not None and run.state.is_completed(), f"{run.state}\n{fleet.log('host-a')}"
 
-    shard_runs = [c for sub in _children(fleet.api, parent.id) for c in _children(fleet.api, sub.id)]
+    by_sub = {sub.id: _children(fleet.api, sub.id) for sub in _children(fleet.api, parent.id)}
+    [(ingest_run, shard_runs)] = [(sub, kids) for sub, kids in by_sub.items() if kids]  # the ingest's shards
     parts = [p for p in split(sorted(clean_table.watermarks()), 4) if p]  # an empty shard starts no run
     assert len(shard_runs) == len(parts) >= 2
     assert all(c.state is not None and c.state.is_completed() for c in shard_runs)
@@ -284,6 +287,18 @@ def test_train_and_publish_with_a_sharded_ingest_on_two_workers(
     on_a = wait_for(lambda: answer(gateway_a.url), "replica A to serve range@prod")
     on_b = wait_for(lambda: answer(gateway_b.url), "replica B to serve range@prod")
     assert on_a["version"] == on_b["version"] and on_a["outputs"] == on_b["outputs"]
+
+    # the Prefect UI shows the pool, both workers online and the shards, also under their parent run
+    require_browser()
+    check_work_pool_page(
+        fleet.api.removesuffix("/api"),
+        fleet.pool,
+        ["host-a", "host-b"],
+        [c.name for c in shard_runs],
+        fleet.root / "ui",
+        run_state="Completed",
+        parent_run_id=str(ingest_run),
+    )
 
 
 def test_a_killed_worker_s_shards_are_run_again_elsewhere(fleet: Fleet, clean_table: TelemetryStore) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -25,21 +24,13 @@ from playwright import sync_api
 
 from pipelines.stack.demo import FLEET, FLEET_END, invoke_once, range_signals
 from serving.client import GatewayClient, GatewayRefused
-from tests.support.ci import require
+from tests.support.browser import launch_chromium, require_browser
 from tests.support.up_stack import depin, last_json, ports_free, survivors, tree, up_args
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 
-CHROMIUM = os.environ.get("DEPIN_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / ".depin" / "test-artifacts" / "ui-browser"
 RUN_TIMEOUT_MS = 300_000
-
-
-def _require_browser() -> None:
-    """A skip where the system's chromium is missing (a failure under CI, which must have it)."""
-    if not Path(CHROMIUM).exists():
-        reason = f"browser test needs chromium ({CHROMIUM}; apt-get install chromium)"
-        require(reason, in_ci=reason + "; .ci/run installs chromium")
 
 
 @pytest.fixture(scope="module")
@@ -108,13 +99,13 @@ def _shot(page: Any, name: str, tmp_path: Path) -> None:
 def test_ui_runs_train_and_publish_to_completed_with_artifacts(
     stack: tuple[dict[str, Any], Path], tmp_path: Path
 ) -> None:
-    _require_browser()
+    require_browser()
     doc, _cwd = stack
     ui, api = doc["ui"], doc["api"]
     deployment = httpx.get(f"{api}/deployments/name/train-and-publish/on-demand", timeout=10).json()
 
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        browser = launch_chromium(pw)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(30_000)
