@@ -60,8 +60,11 @@ def read_admin_key(admin_key_file: Path | None, registry: Path) -> SecretStr:
 
 
 def gateway_pin(url: str, tls_cert: Path | None) -> str | None:
-    """The certificate (PEM) to pin for ``url``: ``--tls-cert``, else the one recorded for a Fluence gateway
-    at that URL (``depin publish --target fluence``), else None (system CAs for https)."""
+    """The certificate (PEM) to pin for ``url``: ``--tls-cert``, else ``DEPIN_GATEWAY_CERT`` (PEM text), else
+    the one recorded for a Fluence gateway at that URL (``depin publish --target fluence``), else None (system
+    CAs for https)."""
+    from serving.settings import GatewayClientSettings
+
     if tls_cert is not None:
         try:
             return tls_cert.read_text()
@@ -69,6 +72,10 @@ def gateway_pin(url: str, tls_cert: Path | None) -> str | None:
             raise ConfigError(
                 f"--tls-cert {tls_cert}: cannot read it ({exc.strerror}); fix the path"
             ) from None
+    if (pem := GatewayClientSettings().gateway_cert) and pem.strip():
+        if "BEGIN CERTIFICATE" not in pem:
+            raise ConfigError("DEPIN_GATEWAY_CERT must hold a PEM certificate (-----BEGIN CERTIFICATE-----)")
+        return pem
     return fluence_pin_for(url)
 
 

@@ -243,8 +243,9 @@ class GatewaySettings(BaseSettings):
 
 
 class GatewayClientSettings(EnvSettings):
-    """Which gateway ``depin publish`` / ``depin invoke`` and the flows talk to, and its admin key
-    (``DEPIN_GATEWAY_URL``, ``DEPIN_ADMIN_KEY``; an empty variable counts as unset)."""
+    """Which gateway ``depin publish`` / ``depin invoke`` and the flows talk to, its admin key and the
+    certificate to pin (``DEPIN_GATEWAY_URL``, ``DEPIN_ADMIN_KEY``, ``DEPIN_GATEWAY_CERT``; an empty variable
+    counts as unset)."""
 
     model_config = SettingsConfigDict(
         env_prefix="DEPIN_", extra="ignore", hide_input_in_errors=True, env_ignore_empty=True
@@ -252,6 +253,11 @@ class GatewayClientSettings(EnvSettings):
 
     gateway_url: str = Field(DEFAULT_GATEWAY_URL, description="the gateway serving the local registry")
     admin_key: SecretStr | None = Field(None, description="the gateway's admin key (X-API-Key)")
+    gateway_cert: str | None = Field(
+        None,
+        description="PEM text of the certificate an https gateway serves, pinned (a worker host's setting; "
+        "--tls-cert / PublishParams.tls_cert, a file, win)",
+    )
 
     def admin_key_value(self) -> SecretStr | None:
         """``admin_key`` stripped; None when unset or blank."""

@@ -38,6 +38,12 @@ def emulator(
     rate_limit: Annotated[
         float, typer.Option(help="requests/s per service and client before 429 (DIMO: 10); 0 = off")
     ] = 0.0,
+    rate_limit_per: Annotated[
+        str,
+        typer.Option(
+            help="whose requests share a bucket: client-host (as DIMO documents) or license (all clients)"
+        ),
+    ] = "client-host",
     exchange_legacy_only: Annotated[
         bool, typer.Option(help="token exchange accepts only the legacy nftContractAddress/privileges body")
     ] = False,
@@ -65,6 +71,7 @@ def emulator(
         restricted_fraction=restricted_fraction,
         idle_fraction=idle_fraction,
         rate_limit_per_s=rate_limit,
+        rate_limit_per=rate_limit_per,  # checked by the model
         exchange_legacy_only=exchange_legacy_only,
         log_level=log_level,
     )

@@ -56,6 +56,10 @@ def up(
             "does (0 = no limit)"
         ),
     ] = 0.0,
+    emulator_rate_limit_per: Annotated[
+        str,
+        typer.Option(help="the emulator's rate limit buckets: client-host (as DIMO documents) or license"),
+    ] = "client-host",
     runner_poll_s: Annotated[int, typer.Option(help="how often served deployments look for runs (s)")] = 5,
     serve: Annotated[
         bool,
@@ -102,6 +106,7 @@ def up(
         seed=seed,
         end=end,
         emulator_rate_limit=emulator_rate_limit,
+        emulator_rate_limit_per=emulator_rate_limit_per,  # checked by the model
         runner_poll_s=runner_poll_s,
         serve=serve,
         database_url=SecretStr(database_url) if database_url is not None else None,

@@ -44,6 +44,7 @@ import httpx
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from connectors.dimo.emulator.ratelimit import RateLimitKey
 from depin_core import paths
 from depin_core.errors import ConfigError, DepinError
 from depin_core.fs import atomic_write_bytes
@@ -95,6 +96,7 @@ class UpOptions(BaseModel):
     days: float = Field(7.0, gt=0)
     seed: int = 0
     emulator_rate_limit: float = Field(0.0, ge=0, description="emulator: 429 past this many requests/s")
+    emulator_rate_limit_per: RateLimitKey = "client-host"
     end: datetime | None = Field(None, description="end of the emulated history; default: start-up time")
     dimo_limit: int = Field(DIMO_API_SLOTS, ge=1, description="slots of the dimo-api concurrency limit")
     runner_poll_s: int = Field(5, ge=1, description="how often served deployments look for scheduled runs")
@@ -373,6 +375,7 @@ class UpStack:
             seed=self.opts.seed,
             end=self.opts.end,
             rate_limit_per_s=self.opts.emulator_rate_limit,
+            rate_limit_per=self.opts.emulator_rate_limit_per,
             credentials_out=creds,
             ground_truth_out=self.cwd / DEFAULT_GROUND_TRUTH,
         )

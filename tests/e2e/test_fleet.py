@@ -35,12 +35,15 @@ from eth_account import Account
 from connectors.dimo.store import TelemetryStore
 from depin_core.proc import descendants
 from depin_core.proc.tree import stop_tree
+from depin_core.tls import client_context, make_certificate
 from pipelines.shards import split
 from serving._auth import new_admin_key
 from tests.e2e.test_gateway_replicas import store_env
 from tests.e2e.test_publish import DepinServe, wait_for
+from tests.support import netns
 from tests.support.browser import require_browser
 from tests.support.flow_fleet import FLEET, FLEET_END, RANGE_HP, SIGNALS, SINCE, UNTIL
+from tests.support.netns import Lan
 from tests.support.postgres import PostgresServer, postgres_server  # noqa: F401 (the fixture)
 from tests.support.s3 import S3Server
 from tests.support.telemetry_tables import sorted_rows
@@ -65,6 +68,8 @@ class Fleet:
     pool: str
     s3: S3Server
     env: dict[str, str]
+    lan: Lan | None = None  # the workers' network namespaces, when this machine can make them
+    gateway_cert: str = ""  # PEM, pinned by whoever talks to the gateways
     gateways: list[DepinServe] = field(default_factory=list)
     workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -72,13 +77,19 @@ class Fleet:
         return f"s3://{self.s3.new_bucket()}/telemetry"
 
     def start_worker(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
-        """A worker 'host': its own directory and Prefect home, the API and the bucket's settings only."""
+        """A worker 'host': its own network namespace on the LAN (when possible), directory and Prefect home;
+        the API and the bucket's settings only."""
         home = self.root / name
         (home / "prefect").mkdir(parents=True, exist_ok=True)
         env = {**self.env, "PREFECT_HOME": str(home / "prefect"), "PREFECT_WORKER_QUERY_SECONDS": "1"}
+        argv = [*command, "--pool", self.pool, "--name", name, "--limit", "2"]
+        if self.lan is not None:
+            if name not in self.lan.hosts:
+                self.lan.add_host(name)
+            argv = self.lan.command(name, argv)
         with (home / "worker.log").open("ab") as log:
             proc = subprocess.Popen(
-                [*command, "--pool", self.pool, "--name", name, "--limit", "2"],
+                argv,
                 cwd=home,
                 env=env,
                 stdout=log,
@@ -103,8 +114,10 @@ def _prefect(api: str) -> Any:
 def fleet(
     tmp_path_factory: pytest.TempPathFactory,
     postgres_server: PostgresServer,  # noqa: F811
-    s3_server: S3Server,
 ) -> Iterator[Fleet]:
+    """The control plane on a LAN address when network namespaces can be made here (root), else on loopback:
+    Prefect on PostgreSQL with the emulator and a gateway (``depin up``), an S3 server, two gateway replicas
+    on one registry there, the pool with its deployments and the ``dimo`` credentials block."""
     root = tmp_path_factory.mktemp("fleet")
     control = root / "control"
     control.mkdir()
@@ -112,30 +125,50 @@ def fleet(
         **clean_env(),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
-    args = [*up_args(vehicles=FLEET["vehicles"], days=FLEET["days"]), "--seed", str(FLEET["seed"]),
-            "--end", FLEET_END.isoformat(), "--database-url", postgres_server.url,
-            "--no-serve", "--emulator-rate-limit", str(LICENSE_RATE), "--background", "--json"]  # fmt: skip
-    started = subprocess.run(
-        [*DEPIN, *args], cwd=control, env=env, capture_output=True, text=True, timeout=240
-    )
-    assert started.returncode == 0, started.stderr[-3000:]
-    doc = last_json(started.stdout)
-    pool = f"fleet-{uuid.uuid4().hex[:6]}"
-    publisher = Account.create()
-    admin_key, admin_hash = new_admin_key()
-    worker_env = {
-        **env,
-        **s3_server.env,
-        "PREFECT_API_URL": doc["api"],
-        "DEPIN_DIMO_RATE_LIMIT_PER_S": str(LICENSE_RATE),
-        "DEPIN_PUBLISHER_KEY": publisher.key.hex(),  # the flows sign what they publish
-        "DEPIN_ADMIN_KEY": admin_key,  # and publish through a gateway's admin API
-    }
-    fleet = Fleet(root, doc["api"], doc["emulator"], pool, s3_server, worker_env)
-    registry = f"s3://{s3_server.new_bucket()}/functions"
-    gateway_env = {**store_env(s3_server, publisher), "DEPIN_GATEWAY_REGISTRY_URL": registry}
-    gateway_env["DEPIN_GATEWAY_ADMIN_KEY_HASHES"] = admin_hash
-    try:
+    with contextlib.ExitStack() as stack:
+        why_not = netns.unavailable()
+        lan = None if why_not else stack.enter_context(netns.Lan())
+        if lan is None:
+            print(f"workers as plain processes on loopback: {why_not}")
+        address = lan.address if lan else "127.0.0.1"
+        s3 = stack.enter_context(S3Server(host=address))
+        args = [*up_args(vehicles=FLEET["vehicles"], days=FLEET["days"]), "--seed", str(FLEET["seed"]),
+                "--end", FLEET_END.isoformat(), "--host", address, "--database-url", postgres_server.url,
+                "--no-serve", "--emulator-rate-limit", str(LICENSE_RATE), "--emulator-rate-limit-per",
+                "license", "--background", "--json"]  # fmt: skip
+        started = subprocess.run(
+            [*DEPIN, *args], cwd=control, env=env, capture_output=True, text=True, timeout=240
+        )
+        stack.callback(
+            subprocess.run, [*DEPIN, "down"], cwd=control, env=env, capture_output=True, timeout=120
+        )
+        assert started.returncode == 0, started.stderr[-3000:]
+        doc = last_json(started.stdout)
+        publisher = Account.create()
+        admin_key, admin_hash = new_admin_key()
+        # the gateways serve HTTPS (plain HTTP only on loopback); the workers pin their certificate
+        cert = make_certificate(addresses=[address])
+        cert_file, key_file = cert.write(root / "gateway-tls")
+        worker_env = {
+            **env,
+            **s3.env,
+            "PREFECT_API_URL": doc["api"],
+            "DEPIN_DIMO_RATE_LIMIT_PER_S": str(LICENSE_RATE),
+            "DEPIN_PUBLISHER_KEY": publisher.key.hex(),  # the flows sign what they publish
+            "DEPIN_ADMIN_KEY": admin_key,  # and publish through a gateway's admin API
+            "DEPIN_GATEWAY_CERT": cert.cert_pem,
+        }
+        pool = f"fleet-{uuid.uuid4().hex[:6]}"
+        fleet = Fleet(root, doc["api"], doc["emulator"], pool, s3, worker_env, lan, cert.cert_pem)
+        stack.callback(_stop_all, fleet)
+        gateway_env = {
+            **store_env(s3, publisher),
+            "DEPIN_GATEWAY_REGISTRY_URL": f"s3://{s3.new_bucket()}/functions",
+            "DEPIN_GATEWAY_ADMIN_KEY_HASHES": admin_hash,
+            "DEPIN_GATEWAY_HOST": address,
+            "DEPIN_GATEWAY_TLS_CERT_FILE": str(cert_file),
+            "DEPIN_GATEWAY_TLS_KEY_FILE": str(key_file),
+        }
         for name in ("gateway-a", "gateway-b"):  # two replicas, each its own cache, one registry
             (root / name).mkdir()
             fleet.gateways.append(DepinServe(root / name, root / name / "cache", env=gateway_env).start())
@@ -155,13 +188,14 @@ def fleet(
             creds = DimoSettings.from_credentials_file(control / ".depin/emulator/credentials.json")
             DimoCredentials.from_settings(creds).save("dimo", overwrite=True)  # what workers resolve
         yield fleet
-    finally:
-        for proc in fleet.workers.values():
-            stop_tree([proc.pid], [proc.pid])
-            proc.wait()
-        for gateway in fleet.gateways:
-            gateway.stop()
-        subprocess.run([*DEPIN, "down"], cwd=control, env=env, capture_output=True, timeout=120)
+
+
+def _stop_all(fleet: Fleet) -> None:
+    for proc in fleet.workers.values():
+        stop_tree([proc.pid], [proc.pid])
+        proc.wait()
+    for gateway in fleet.gateways:
+        gateway.stop()
 
 
 @pytest.fixture(scope="module")
@@ -279,9 +313,11 @@ def test_train_and_publish_with_a_sharded_ingest_on_two_workers(
 
     # published through replica A, served by both
     body = {"plan": {"km": 120}}
+    pinned = client_context(fleet.gateway_cert)
+    assert gateway_a.url.startswith("https://")
 
     def answer(url: str) -> dict[str, Any] | None:
-        r = httpx.post(f"{url}/v1/functions/range@prod/invoke", json=body, timeout=30)
+        r = httpx.post(f"{url}/v1/functions/range@prod/invoke", json=body, timeout=30, verify=pinned)
         return r.json() if r.status_code == 200 else None
 
     on_a = wait_for(lambda: answer(gateway_a.url), "replica A to serve range@prod")

@@ -29,15 +29,19 @@ SECRET_KEY = "depin-test-secret"  # moto accepts any credentials; these only hav
 
 
 class S3Server(ServerProcess):
-    """moto's S3 on 127.0.0.1 (a free port); ``storage_options`` reach it from delta-rs/pyarrow/polars."""
+    """moto's S3 on 127.0.0.1 (or ``host``; a free port); ``storage_options`` reach it from
+    delta-rs/pyarrow/polars."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         super().__init__("moto s3", startup_timeout=60)
+        self.host = host
 
     def start(self) -> Self:
         path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
         self._launch(
-            [sys.executable, "-m", "tests.support.s3", str(self.ready_path)], {"PYTHONPATH": path}, []
+            [sys.executable, "-m", "tests.support.s3", str(self.ready_path), self.host],
+            {"PYTHONPATH": path},
+            [],
         )
         return self
 
@@ -104,11 +108,11 @@ def s3_table_uri(s3_server: S3Server) -> str:
     return f"s3://{s3_server.new_bucket()}/telemetry"
 
 
-def _serve(ready: Path) -> None:
+def _serve(ready: Path, host: str) -> None:
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server = ThreadedMotoServer(ip_address=host, port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     stop = threading.Event()
@@ -121,4 +125,4 @@ def _serve(ready: Path) -> None:
 
 
 if __name__ == "__main__":
-    _serve(Path(sys.argv[1]))
+    _serve(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1")

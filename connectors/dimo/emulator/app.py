@@ -25,6 +25,7 @@ def create_app(state: EmulatorState) -> ASGIApp:
         if limiter is not None:
             doc["rate_limit"] = {
                 "per_s": limiter.rate,
+                "per": limiter.per,
                 "passed": dict(limiter.passed),
                 "limited": dict(limiter.limited),
             }
@@ -42,5 +43,7 @@ def create_app(state: EmulatorState) -> ASGIApp:
     if state.faults.enabled:
         wrapped = FaultInjector(wrapped, state.faults)
     if state.rate_limit_per_s > 0:  # outermost: the ingress limits before anything else runs
-        wrapped = limiter = RateLimiter(wrapped, state.rate_limit_per_s, clock=state.rate_limit_clock)
+        wrapped = limiter = RateLimiter(
+            wrapped, state.rate_limit_per_s, per=state.rate_limit_per, clock=state.rate_limit_clock
+        )
     return wrapped

@@ -2,7 +2,9 @@
 
 DIMO documents "10 requests per second per API service per client host" (reference §3, Rate limits); its
 ingresses run nginx ``limit_req``. Here each (service, client host) pair has a token bucket refilled at ``rate``
-per second holding up to one second's worth (``rate`` requests, at least 1). A request finding the bucket empty
+per second holding up to one second's worth (``rate`` requests, at least 1). With ``per="license"`` all
+clients share one bucket per service instead: the limit of a developer license used from several hosts (the
+emulator has one license), which is what a fleet of workers must stay within. A request finding the bucket empty
 gets nginx's 429 page with ``Retry-After``: the whole seconds until a token is back (at least 1).
 
 A client that spaces its requests with a token bucket of the same rate never sees a 429 here as long as its own
@@ -15,10 +17,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import Literal
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 # Path prefix → service; other paths (/healthz, /keys, /.well-known) are not limited.
+RateLimitKey = Literal["client-host", "license"]
 SERVICES = (
     ("/auth/", "auth"),
     ("/v1/tokens", "token-exchange"),
@@ -39,11 +43,19 @@ def service_of(path: str) -> str | None:
 class RateLimiter:
     """ASGI middleware: at most ``rate`` requests/s (burst ``rate``) per service and client host."""
 
-    def __init__(self, app: ASGIApp, rate: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        rate: float,
+        *,
+        per: RateLimitKey = "client-host",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if rate <= 0:
             raise ValueError(f"rate must be > 0 requests/s, got {rate}")
         self.app = app
         self.rate = rate
+        self.per = per
         self.capacity = max(1.0, rate)
         self._clock = clock
         self._buckets: dict[tuple[str, str], tuple[float, float]] = {}  # key → (tokens, at)
@@ -68,7 +80,7 @@ class RateLimiter:
         if service is None:
             await self.app(scope, receive, send)
             return
-        host = (scope.get("client") or ("?", 0))[0]
+        host = (scope.get("client") or ("?", 0))[0] if self.per == "client-host" else "license"
         wait = self.admit(service, host)
         if not wait:
             await self.app(scope, receive, send)

@@ -71,6 +71,7 @@ def build_state(config: EmulatorConfig, public_url: str) -> EmulatorState:
         faults=FaultSpec.parse(config.faults),
         exchange_legacy_only=config.exchange_legacy_only,
         rate_limit_per_s=config.rate_limit_per_s,
+        rate_limit_per=config.rate_limit_per,
     )
 
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, field_validator
 from connectors.dimo.emulator.faults import FaultSpec
 from connectors.dimo.emulator.fleet import DeveloperLicense, Fleet
 from connectors.dimo.emulator.keys import SigningKey
+from connectors.dimo.emulator.ratelimit import RateLimitKey
 
 DEFAULT_DOMAIN = "http://localhost:8765/callback"
 
@@ -51,6 +52,11 @@ class EmulatorConfig(BaseModel):
         ge=0,
         description="per service and client host: more than this many requests/s get 429 + Retry-After "
         "(DIMO documents 10); 0 = no limit",
+    )
+    rate_limit_per: RateLimitKey = Field(
+        "client-host",
+        description="whose requests share a bucket: each client host's (DIMO's documentation) or the "
+        "license's, all clients together (the emulator has one license)",
     )
     exchange_legacy_only: bool = Field(
         False,
@@ -103,6 +109,7 @@ class EmulatorState:
     faults: FaultSpec = field(default_factory=FaultSpec)
     exchange_legacy_only: bool = False
     rate_limit_per_s: float = 0.0
+    rate_limit_per: RateLimitKey = "client-host"
     rate_limit_clock: Callable[[], float] = time.monotonic  # tests swap in a virtual clock
     challenges: dict[str, Challenge] = field(default_factory=dict)
     clock: Callable[[], float] = time.time

@@ -213,6 +213,30 @@ def test_rate_limiter_buckets_per_service_and_host() -> None:
     assert limiter.limited == {"telemetry": 2} and limiter.passed["telemetry"] == 13
 
 
+async def test_rate_limiter_per_license_shares_one_bucket_across_hosts() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def status(limiter: RateLimiter, host: str) -> int:
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "path": "/telemetry/query", "client": (host, 40000)}
+        await limiter(scope, None, send)  # type: ignore[arg-type]
+        return int(sent[0]["status"])
+
+    now = [0.0]
+    hosts = ["10.0.0.2", "10.0.0.3"] * 6  # two workers, 12 requests in the same instant
+    per_host = RateLimiter(app, 5, clock=lambda: now[0])
+    assert [await status(per_host, h) for h in hosts].count(429) == 2  # each host: its own 5
+    per_license = RateLimiter(app, 5, per="license", clock=lambda: now[0])
+    assert [await status(per_license, h) for h in hosts].count(429) == 7  # 5 for the license, whoever asks
+    assert per_license.limited == {"telemetry": 7}
+
+
 def test_rate_limiter_rejects_a_non_positive_rate() -> None:
     fn: Callable[..., Any] = RateLimiter
     with pytest.raises(ValueError, match="rate must be > 0"):
