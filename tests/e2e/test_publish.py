@@ -284,6 +284,15 @@ def test_serve_over_https_with_a_pinned_certificate(range_artifact: Path, tmp_pa
             )
         )  # fmt: skip
         assert invoked["version"] == done["version"] and len(invoked["outputs"]) == len(rows)
+        # a worker host pins it through its environment instead (DEPIN_GATEWAY_CERT: the PEM text)
+        pinned = clean_env(DEPIN_GATEWAY_CERT=cert.cert_pem)
+        again = last_json(depin(*publish, *where, cwd=tmp_path, env=pinned))
+        assert again["version"] == done["version"] and again["created"] is False
+        other = clean_env(DEPIN_GATEWAY_CERT=make_certificate().cert_pem)
+        refused = depin(*publish, *where, cwd=tmp_path, env=other)
+        assert refused.returncode == 2 and "other than the pinned one" in refused.stderr, refused.stderr
+        garbled = depin(*publish, *where, cwd=tmp_path, env=clean_env(DEPIN_GATEWAY_CERT="not a pem"))
+        assert garbled.returncode == 2 and "DEPIN_GATEWAY_CERT must hold a PEM certificate" in garbled.stderr
 
 
 def test_cli_publish_smoke_calls_the_version_before_moving_the_alias(
