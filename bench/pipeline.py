@@ -61,8 +61,8 @@ def plain_train_and_publish(params: TrainAndPublishParams) -> tuple[dict[str, An
     window = S.resolve_window(ip)
     signals = S.resolve_signal_names(ip)
     settings, _ = resolve_dimo_settings(ip.credentials, None)
-    ids = S.discover_vehicles(settings, ip.vehicles)
-    batches = S.plan_batches(ids, ip.batch_size)
+    vehicles = S.discover_vehicles(settings, ip.vehicles)
+    batches = S.plan_batches(vehicles, ip.batch_size)
     per_task = S.batch_settings(settings, ip, min(len(batches), INGEST_WORKERS))
     with ThreadPoolExecutor(INGEST_WORKERS) as pool:
         reports = list(pool.map(lambda b: S.ingest_batch(per_task, ip.dataset, window, b, signals), batches))

@@ -12,11 +12,11 @@ from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from connectors.dimo.client import Admission, DimoClient
+from connectors.dimo.client import Admission, DimoClient, VehicleInfo
 from connectors.dimo.go_duration import parse_interval
 from connectors.dimo.ingest import IngestProgress, ingest
 from connectors.dimo.location import TableLocation
@@ -26,7 +26,6 @@ from connectors.dimo.store import TelemetryStore
 from depin_core import plots as P
 from depin_core.errors import ConfigError, PermanentError
 from depin_core.timeparse import parse_instant
-from gpu_jobs import api as jobs
 from gpu_jobs.registry import family_names, load_family
 from gpu_jobs.spec import DatasetRef, sha256_file
 from pipelines.params import DEFAULT_SCORES, IngestParams, PublishParams, ScoreParams, TrainParams
@@ -40,6 +39,9 @@ from pipelines.results import (
     TrainResult,
     clean_metrics,
 )
+
+if TYPE_CHECKING:
+    from gpu_jobs import api as jobs
 
 T = TypeVar("T")
 
@@ -91,24 +93,25 @@ def batch_settings(settings: DimoSettings, params: IngestParams, parallel: int) 
 
 def discover_vehicles(
     settings: DimoSettings, wanted: Sequence[int] | None = None, admit: Admission | None = None
-) -> list[int]:
-    """Token ids of the vehicles shared with the license (``wanted`` filters; unknown ids are an error).
+) -> list[VehicleInfo]:
+    """The vehicles shared with the license, by token id (``wanted`` filters; unknown ids are an error).
     ``admit`` gates each DIMO request (a fleet-wide rate limit: ``pipelines.fleet_rate``)."""
 
-    async def run() -> list[int]:
+    async def run() -> list[VehicleInfo]:
         async with DimoClient(settings, admit=admit) as client:
-            return sorted(v.token_id for v in await client.discover_vehicles())
+            return sorted(await client.discover_vehicles(), key=lambda v: v.token_id)
 
-    ids = run_sync(run)
+    found = run_sync(run)
     if wanted is not None:
-        missing = sorted(set(wanted) - set(ids))
+        keep = set(wanted)
+        missing = sorted(keep - {v.token_id for v in found})
         if missing:
             raise ConfigError(f"vehicles: {missing} are not shared with this license; check the token ids")
-        return [t for t in ids if t in set(wanted)]
-    return ids
+        return [v for v in found if v.token_id in keep]
+    return found
 
 
-def plan_batches(token_ids: Sequence[int], batch_size: int) -> list[list[int]]:
+def plan_batches(token_ids: Sequence[T], batch_size: int) -> list[list[T]]:
     """Consecutive batches of at most ``batch_size`` vehicles."""
     ids = list(token_ids)
     return [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
@@ -118,14 +121,15 @@ def ingest_batch(
     settings: DimoSettings,
     dataset: Path | str,
     window: Window,
-    token_ids: Sequence[int],
+    vehicles: Sequence[VehicleInfo],
     signals: Sequence[str] | None = None,
     on_vehicle: Callable[[int, int], None] | None = None,
     admit: Admission | None = None,
 ) -> BatchReport:
-    """Ingest ``token_ids`` over ``window`` into the dataset (``connectors.dimo.ingest``: incremental,
-    idempotent). ``on_vehicle(token_id, rows)`` is called as each vehicle completes; ``admit`` gates each
-    DIMO request."""
+    """Ingest ``vehicles`` (from :func:`discover_vehicles`: not discovered again per batch) over ``window``
+    into the dataset (``connectors.dimo.ingest``: incremental, idempotent). ``on_vehicle(token_id, rows)`` is
+    called as each vehicle completes; ``admit`` gates each DIMO request."""
+    token_ids = [v.token_id for v in vehicles]
     per_vehicle: dict[int, int] = {}
     last = 0
 
@@ -146,12 +150,12 @@ def ingest_batch(
                 until=window.until,
                 interval=window.interval,
                 signals=signals,
-                token_ids=list(token_ids),
+                vehicles=list(vehicles),
                 on_progress=progress,
             )
         skipped = {int(s["token_id"]) for s in report.skipped}
         return BatchReport(
-            token_ids=list(token_ids),
+            token_ids=token_ids,
             rows=report.rows,
             vehicles=report.vehicles,
             requests=report.requests,
@@ -258,6 +262,8 @@ def train_model_step(
     """Train, then judge the model against its baseline (the verdict is in the result; see ``require_better``)."""
     out = out or model_dir_for(params)
     loc = TableLocation.of(dataset)
+    from gpu_jobs import api as jobs  # torch: imported by the runs that train, not by every ingest
+
     doc = jobs.train(
         dataset=dataset if loc.is_local else loc.uri,
         storage_options=None if loc.is_local else loc.storage_options,
@@ -548,6 +554,8 @@ def score_step(params: ScoreParams, on_log: jobs.LogSink | None = None) -> Score
     model = resolve_model(params)
     label = params.function.replace("@", "-") if params.function else Path(model).name
     out = params.out or DEFAULT_SCORES / f"{label}.parquet"
+    from gpu_jobs import api as jobs
+
     doc = jobs.score(
         model_dir=model,
         dataset=params.dataset,

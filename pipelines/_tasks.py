@@ -11,6 +11,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from connectors.dimo.client import VehicleInfo
 from connectors.dimo.settings import DimoSettings
 from depin_core.errors import TransientError
 from pipelines import _steps as S
@@ -34,7 +35,9 @@ _COMMON: dict[str, Any] = {"cache_policy": NO_CACHE, "retry_condition_fn": only_
 
 
 @task(name="discover-vehicles", retries=3, retry_delay_seconds=exponential_backoff(2), **_COMMON)
-def discover_vehicles(settings: DimoSettings, wanted: list[int] | None, fleet: bool = False) -> list[int]:
+def discover_vehicles(
+    settings: DimoSettings, wanted: list[int] | None, fleet: bool = False
+) -> list[VehicleInfo]:
     return S.discover_vehicles(settings, wanted, admit=fleet_rate.admit if fleet else None)
 
 
@@ -49,7 +52,7 @@ def ingest_batch(
     settings: DimoSettings,
     dataset: str,
     window: S.Window,
-    token_ids: list[int],
+    vehicles: list[VehicleInfo],
     signals: list[str] | None,
     label: str,
     fleet: bool = False,
@@ -59,7 +62,7 @@ def ingest_batch(
         settings,
         dataset,
         window,
-        token_ids,
+        vehicles,
         signals,
         on_vehicle=lambda tid, rows: log.info("vehicle %d: %d rows", tid, rows),
         admit=fleet_rate.admit if fleet else None,
@@ -77,8 +80,8 @@ def ingest_batch(
 
 
 @task(name="dataset-info", **_COMMON)
-def dataset_info(dataset: str) -> DatasetInfo:
-    return S.dataset_info(dataset)
+def dataset_info(dataset: str, with_hash: bool = True) -> DatasetInfo:
+    return S.dataset_info(dataset, with_hash=with_hash)
 
 
 @task(name="train-job", retries=1, retry_delay_seconds=5, **_COMMON)

@@ -70,10 +70,24 @@ def ensure_limits(rate: float) -> list[str]:
 
 
 async def admit(service: str) -> None:
-    """Wait for one slot of ``service``'s fleet-wide rate limit (a ``connectors.dimo.client.Admission``)."""
+    """Wait for one slot of ``service``'s fleet-wide rate limit (a ``connectors.dimo.client.Admission``).
+
+    A Prefect server that cannot grant it now (unreachable, or a 5xx such as a SQLite server's locked
+    database under load) is a ``DimoTransientError``: the DIMO client retries the request with backoff."""
+    import httpx
+    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
     from prefect.concurrency.asyncio import rate_limit
 
-    await rate_limit(limit_name(service), occupy=1, strict=True)
+    from connectors.dimo.errors import DimoTransientError
+
+    name = limit_name(service)
+    try:
+        await rate_limit(name, occupy=1, strict=True)
+    except (ConcurrencySlotAcquisitionError, httpx.TransportError) as exc:
+        raise DimoTransientError(
+            f"fleet rate limit {name}: the Prefect server did not grant a slot ({type(exc).__name__}: "
+            f"{str(exc)[:200]}); the request is retried"
+        ) from None
 
 
 __all__ = ["PREFIX", "SERVICES", "admit", "burst", "ensure_limits", "limit_name"]

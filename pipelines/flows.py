@@ -30,6 +30,7 @@ from prefect.context import FlowRunContext
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from connectors.dimo.client import VehicleInfo
 from connectors.dimo.location import TableLocation
 from connectors.dimo.settings import DimoSettings
 from depin_core.errors import ConfigError
@@ -59,8 +60,9 @@ from pipelines.results import (
 _RESULTS: dict[str, Any] = {"persist_result": True, "result_serializer": "json"}
 
 
-def _label(batch: list[int]) -> str:
-    return f"{batch[0]}" if len(batch) == 1 else f"{batch[0]}-to-{batch[-1]}"
+def _label(batch: list[VehicleInfo]) -> str:
+    first, last = batch[0].token_id, batch[-1].token_id
+    return f"{first}" if len(batch) == 1 else f"{first}-to-{last}"
 
 
 @flow(
@@ -92,8 +94,8 @@ def ingest_telemetry(params: IngestParams = IngestParams()) -> IngestResult:
     if params.shards > 1:
         # One slot of dimo-api for the whole sharded run: its shards share the fleet-wide rate limit instead.
         with concurrency(DIMO_CONCURRENCY_LIMIT, occupy=1, strict=False):
-            token_ids = T.discover_vehicles(settings, params.vehicles, fleet=True)
-            shard_runs = _run_shards(params, window, token_ids)
+            vehicles = T.discover_vehicles(settings, params.vehicles, fleet=True)
+            shard_runs = _run_shards(params, window, [v.token_id for v in vehicles])
         reports: list[BatchReport] = []
         errors: list[BaseException] = []
     else:
@@ -102,11 +104,11 @@ def ingest_telemetry(params: IngestParams = IngestParams()) -> IngestResult:
         # A shard (fleet scope) takes none: the fleet-wide rate limit paces it, its parent holds the slot.
         slot = nullcontext() if fleet else concurrency(DIMO_CONCURRENCY_LIMIT, occupy=1, strict=False)
         with slot:
-            token_ids = T.discover_vehicles(settings, params.vehicles, fleet=fleet)
-            reports, errors = _ingest_batches(params, settings, window, signals, token_ids, fleet)
+            vehicles = T.discover_vehicles(settings, params.vehicles, fleet=fleet)
+            reports, errors = _ingest_batches(params, settings, window, signals, vehicles, fleet)
         shard_runs = []
 
-    info = T.dataset_info(str(params.dataset))
+    info = T.dataset_info(str(params.dataset), with_hash=params.report)
     new_rows = {t: n for r in reports for t, n in r.per_vehicle.items()}
     skipped = [s for r in reports for s in r.skipped]
     totals = {
@@ -122,19 +124,20 @@ def ingest_telemetry(params: IngestParams = IngestParams()) -> IngestResult:
         create_table_artifact(
             table=[s.row() for s in shard_runs],
             key="ingest-shards",
-            description=f"{len(shard_runs)} shards of {len(token_ids)} vehicles: child runs and their rows",
+            description=f"{len(shard_runs)} shards of {len(vehicles)} vehicles: child runs and their rows",
         )
-    else:
+    elif params.report:
         create_table_artifact(
             table=S.vehicle_table(params.dataset, new_rows, skipped),
             key="ingest-vehicles",
             description=f"{info.rows:,} rows, {info.vehicles} vehicles in {params.dataset} ({info.interval} buckets)",
         )
-    create_markdown_artifact(
-        markdown=S.ingest_markdown(info, totals["new_rows"], skipped),
-        key="ingest-report",
-        description=f"{info.rows:,} rows, {info.vehicles} vehicles: tracks and rows per vehicle-hour",
-    )
+    if params.report:  # reads the whole table: once per sharded ingest (its parent), not per shard
+        create_markdown_artifact(
+            markdown=S.ingest_markdown(info, totals["new_rows"], skipped),
+            key="ingest-report",
+            description=f"{info.rows:,} rows, {info.vehicles} vehicles: tracks and rows per vehicle-hour",
+        )
     result = IngestResult(
         dataset=info,
         **totals,
@@ -159,15 +162,15 @@ def _ingest_batches(
     settings: DimoSettings,
     window: S.Window,
     signals: list[str] | None,
-    token_ids: list[int],
+    vehicles: list[VehicleInfo],
     fleet: bool,
 ) -> tuple[list[BatchReport], list[BaseException]]:
-    """Ingest ``token_ids`` here, in batches of tasks; progress in the ``ingest-progress`` artifact."""
+    """Ingest ``vehicles`` here, in batches of tasks; progress in the ``ingest-progress`` artifact."""
     log = get_run_logger()
-    batches = S.plan_batches(token_ids, params.batch_size)
+    batches = S.plan_batches(vehicles, params.batch_size)
     task_settings = S.batch_settings(settings, params, min(len(batches), INGEST_WORKERS))
-    log.info("%d vehicles in %d batches, %s → %s", len(token_ids), len(batches), window.since, window.until)
-    progress = _progress_artifact(f"ingest: share of {len(token_ids)} vehicles done")
+    log.info("%d vehicles in %d batches, %s → %s", len(vehicles), len(batches), window.since, window.until)
+    progress = _progress_artifact(f"ingest: share of {len(vehicles)} vehicles done")
     futures = {
         T.ingest_batch.submit(task_settings, str(params.dataset), window, b, signals, _label(b), fleet): b
         for b in batches
@@ -182,7 +185,7 @@ def _ingest_batches(
         else:
             reports.append(outcome)
         done += len(futures[future])
-        update_progress_artifact(progress, progress=100.0 * done / len(token_ids))
+        update_progress_artifact(progress, progress=100.0 * done / len(vehicles))
     if not batches:
         update_progress_artifact(progress, progress=100.0)
     return reports, errors
@@ -213,6 +216,7 @@ def _run_shards(params: IngestParams, window: S.Window, token_ids: list[int]) ->
                 "vehicles": ids,
                 "shards": 1,
                 "rate_limit_scope": "fleet",
+                "report": False,
             }
         }
 

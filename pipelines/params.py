@@ -89,6 +89,11 @@ class IngestParams(_Params):
     shard_deployment: str = Field(
         SHARD_DEPLOYMENT, description="flow/deployment each shard runs (registered by depin deploy --pool)"
     )
+    report: bool = Field(
+        True,
+        description="write the dataset report (per-vehicle table, tracks, coverage; reads the whole table) and "
+        "hash the version; the shards of a sharded ingest leave it to their parent",
+    )
     rate_limit_scope: Literal["run", "fleet"] = Field(
         "run",
         description="run: this run paces its own DIMO requests; fleet: every request also takes a slot of "

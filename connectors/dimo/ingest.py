@@ -20,7 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from connectors.dimo.client import TelemetrySource
+from connectors.dimo.client import TelemetrySource, VehicleInfo
 from connectors.dimo.go_duration import format_go_duration
 from connectors.dimo.schema import conform_table, signals_of_columns, telemetry_schema
 from connectors.dimo.store import TelemetryStore
@@ -77,6 +77,7 @@ async def ingest(
     interval: timedelta,
     signals: Sequence[str] | None = None,
     token_ids: Sequence[int] | None = None,
+    vehicles: Sequence[VehicleInfo] | None = None,
     commit_rows: int = 250_000,
     commit_bytes: int = 64 << 20,
     on_progress: Callable[[IngestProgress], None] | None = None,
@@ -84,7 +85,8 @@ async def ingest(
     """Fetch ``[since, until)`` at ``interval`` for every vehicle shared with the license and store it.
 
     ``source`` is a :class:`connectors.dimo.client.TelemetrySource` (``DimoClient``). Bounds are floored to
-    the interval grid; each vehicle starts at ``max(since, its watermark)``.
+    the interval grid; each vehicle starts at ``max(since, its watermark)``. ``vehicles`` (already discovered,
+    e.g. once for many batches) skips the discovery; else every shared vehicle, or those of ``token_ids``.
     """
     started = time.perf_counter()
     interval_text = format_go_duration(interval)
@@ -97,7 +99,8 @@ async def ingest(
             f"since/until: the window [{since.isoformat()}, {until.isoformat()}) holds no whole {interval_text} "
             "bucket; widen it"
         )
-    vehicles = await source.discover_vehicles()
+    if vehicles is None:
+        vehicles = await source.discover_vehicles()
     if token_ids is not None:
         wanted = set(token_ids)
         missing = wanted - {v.token_id for v in vehicles}

@@ -299,7 +299,10 @@ def test_train_and_publish_with_a_sharded_ingest_on_two_workers(
     # each worker runs at most 2 runs at once and the parent and its ingest hold 2: both took shards
     assert {c.labels.get("prefect.worker.name") for c in shard_runs} == {"host-a", "host-b"}
     for c in shard_runs:
-        assert c.parameters["params"]["rate_limit_scope"] == "fleet"
+        assert (
+            c.parameters["params"]["rate_limit_scope"] == "fleet"
+            and c.parameters["params"]["report"] is False
+        )
         assert (
             datetime.fromisoformat(c.parameters["params"]["since"]) == datetime.fromisoformat(SINCE)
             and c.parameters["params"]["shards"] == 1

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from connectors.dimo.errors import DimoTransientError
 from depin_core.errors import ConfigError
 from pipelines import fleet_rate, shards
 from pipelines.params import IngestParams
@@ -73,6 +74,9 @@ async def test_admit_takes_a_slot_of_the_service_limit() -> None:
     async with get_client() as client:
         limit = await client.read_global_concurrency_limit_by_name("dimo-rate-telemetry")
     assert limit.slot_decay_per_second == 10.0  # a rate limit: the slot decays, nothing to release
+    # a slot the server cannot grant is a transient DIMO error: the client retries that request with backoff
+    with pytest.raises(DimoTransientError, match="fleet rate limit dimo-rate-no-such-service"):
+        await fleet_rate.admit("no-such-service")
 
 
 def test_crash_automation_is_idempotent_and_arms_on_start_too() -> None:
