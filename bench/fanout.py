@@ -8,7 +8,8 @@ the workers resolve), and ``--workers`` ``prefect worker start --pool P --limit 
 own working directory and Prefect home (``PREFECT_WORKER_QUERY_SECONDS`` = ``--worker-query-s``; Prefect's
 default is 10). ``L`` defaults to enough slots for the parent and every shard at once. Use ``--postgres`` at the
 default size: on SQLite (2026-12-07, 1,000 vehicles) the server answered 503 (database is locked) to shards'
-rate-limit calls, ``pipelines.fleet_rate.admit`` does not retry that, and two of the four shards failed.
+rate-limit calls and two of the four shards failed (``pipelines.fleet_rate.admit`` now turns that into a
+retried transient error; not re-measured on SQLite).
 
 Both phases are flow runs of the deployment ``ingest-telemetry/on-demand``, picked up and run by the pool's
 workers (a process per flow run, as in production), with the same window, signals, interval and rate:
@@ -24,10 +25,10 @@ path: on one machine every worker writes the same table; object storage would on
 both phases on a 2-core machine). Both tables must be equal (rows sorted, and the per-vehicle watermarks).
 
 **The rate limit dominates**: each vehicle costs a token exchange and a telemetry query (more over long
-windows), and each ingest task (``batch_size`` 5 vehicles) discovers the whole fleet again (Identity pages of
-100: at 1,000 vehicles 200 tasks × 10 pages = 2,000 identity requests, the binding service), each service
-paced at ``--rate``, so a phase cannot take less than its busiest service's requests ÷ rate (about 200 s for
-1,000 vehicles at DIMO's 10/s, 20 s for 200) whatever the number of shards. Sharding a license-bound ingest
+windows), each service paced at ``--rate``, so a phase cannot take less than its busiest service's requests ÷
+rate (about 100 s for 1,000 vehicles at DIMO's 10/s, 20 s for 200) whatever the number of shards. (Until
+2026-12-07 each ingest task of 5 vehicles discovered the whole fleet again: 2,000 identity requests at 1,000
+vehicles, the binding service; a run now discovers once and hands the vehicles to its tasks.) Sharding a license-bound ingest
 cannot make it faster; it spreads the CPU over hosts. At the defaults (1,000 vehicles, 6 h, 10/s) the whole
 bench takes about 12 minutes on 2 cores, nearly all of it waiting on the rate limit; ``--vehicles 200`` takes
 about 4, ``--vehicles 40 --hours 2`` about 2. On 2 cores the workers share the
