@@ -83,10 +83,15 @@ def resolve_signal_names(params: IngestParams) -> list[str] | None:
     return resolve_signals(params.signals) if params.signals else None
 
 
+def request_rate(settings: DimoSettings, params: IngestParams) -> float:
+    """DIMO requests/s per service for this run: ``params.rate_limit_per_s``, else the settings' (0 = off)."""
+    return settings.rate_limit_per_s if params.rate_limit_per_s is None else params.rate_limit_per_s
+
+
 def batch_settings(settings: DimoSettings, params: IngestParams, parallel: int) -> DimoSettings:
-    """Per-task client settings: the request rate (``params.rate_limit_per_s`` or the settings') split
-    between the ``parallel`` tasks running at once, so together they stay within DIMO's limit."""
-    total = settings.rate_limit_per_s if params.rate_limit_per_s is None else params.rate_limit_per_s
+    """Per-task client settings: the run's :func:`request_rate` split between the ``parallel`` tasks running
+    at once, so together they stay within DIMO's limit."""
+    total = request_rate(settings, params)
     rate = total / max(parallel, 1) if total else 0.0
     return settings.model_copy(update={"rate_limit_per_s": rate})
 

@@ -58,6 +58,14 @@ from pipelines.results import (
 )
 
 _RESULTS: dict[str, Any] = {"persist_result": True, "result_serializer": "json"}
+# IngestResult count ← BatchReport field
+_COUNTS = {
+    "new_rows": "rows",
+    "vehicles_ingested": "vehicles",
+    "up_to_date": "up_to_date",
+    "requests": "requests",
+    "retries": "retries",
+}
 
 
 def _label(batch: list[VehicleInfo]) -> str:
@@ -86,11 +94,9 @@ def ingest_telemetry(params: IngestParams = IngestParams()) -> IngestResult:
     log.info("DIMO %s settings from %s", settings.environment, source)
     fleet = params.rate_limit_scope == "fleet" or params.shards > 1
     if fleet:
-        rate = settings.rate_limit_per_s if params.rate_limit_per_s is None else params.rate_limit_per_s
-        if created := fleet_rate.ensure_limits(rate):
-            log.info(
-                "created the fleet-wide DIMO rate limits %s (%g requests/s each)", ", ".join(created), rate
-            )
+        rate = S.request_rate(settings, params)
+        if changed := fleet_rate.ensure_limits(rate):
+            log.info("fleet-wide DIMO rate limits %s set to %g requests/s", ", ".join(changed), rate)
     if params.shards > 1:
         # One slot of dimo-api for the whole sharded run: its shards share the fleet-wide rate limit instead.
         with concurrency(DIMO_CONCURRENCY_LIMIT, occupy=1, strict=False):
@@ -112,13 +118,8 @@ def ingest_telemetry(params: IngestParams = IngestParams()) -> IngestResult:
     new_rows = {t: n for r in reports for t, n in r.per_vehicle.items()}
     skipped = [s for r in reports for s in r.skipped]
     totals = {
-        "new_rows": sum(r.rows for r in reports) + sum(s.result.get("new_rows", 0) for s in shard_runs),
-        "vehicles_ingested": sum(r.vehicles for r in reports)
-        + sum(s.result.get("vehicles_ingested", 0) for s in shard_runs),
-        "up_to_date": sum(r.up_to_date for r in reports)
-        + sum(s.result.get("up_to_date", 0) for s in shard_runs),
-        "requests": sum(r.requests for r in reports) + sum(s.result.get("requests", 0) for s in shard_runs),
-        "retries": sum(r.retries for r in reports) + sum(s.result.get("retries", 0) for s in shard_runs),
+        count: sum(getattr(r, batch) for r in reports) + sum(s.result.get(count, 0) for s in shard_runs)
+        for count, batch in _COUNTS.items()
     }
     if shard_runs:
         create_table_artifact(

@@ -130,8 +130,7 @@ def start_shards(
                 ),
             )
             run = ShardRun(i, list(ids), fr.id, fr.name)
-            state = fr.state.type.value if fr.state else "SCHEDULED"
-            if state in FAILED_STATES:  # a retried parent: this shard failed last time
+            if _state_of(fr) in FAILED_STATES:  # a retried parent: this shard failed last time
                 client.set_flow_run_state(fr.id, Scheduled(), force=True)
                 run.reruns += 1
             runs.append(run)
@@ -159,7 +158,7 @@ def wait_shards(
             )
             for fr in seen:
                 run = pending[fr.id]
-                state = fr.state.type.value if fr.state else "SCHEDULED"
+                state = _state_of(fr)
                 changed = state != run.state
                 run.state, run.message = state, (fr.state.message or "") if fr.state else ""
                 if state in RERUN_STATES and run.reruns < max_reruns:
@@ -177,6 +176,10 @@ def wait_shards(
             if pending:
                 time.sleep(poll_s)
     return runs
+
+
+def _state_of(fr: FlowRun) -> str:
+    return fr.state.type.value if fr.state else "SCHEDULED"
 
 
 def _shard_result(client: Any, flow_run_id: UUID) -> dict[str, Any]:
