@@ -14,9 +14,11 @@ retried transient error; not re-measured on SQLite).
 Both phases are flow runs of the deployment ``ingest-telemetry/on-demand``, picked up and run by the pool's
 workers (a process per flow run, as in production), with the same window, signals, interval and rate:
 
-- **sharded** (``shards=S``): the parent discovers the fleet and starts S child runs (``pipelines.shards``);
-  every DIMO request of the children takes a slot of the fleet-wide Prefect rate limits (``pipelines.fleet_rate``);
-- **single** (``shards=1``): one run ingests everything, pacing its own requests (the normal single-host run).
+- **sharded** (``shards=S``): the parent discovers the fleet, starts a child run for every shard but the first
+  and ingests that one itself (``pipelines.shards``); every DIMO request of the shards is admitted by the
+  fleet-wide Prefect rate limits (``pipelines.fleet_rate``);
+- **single** (``shards=1``): one run ingests everything, its tasks sharing one pace per DIMO service (the normal
+  single-host run).
 
 The sharded phase runs first: vehicle-days the emulator simulates on first request and keeps (LRU) then
 favour the single run, so the overhead is, if anything, overstated. Each phase is timed from creating the
@@ -361,21 +363,15 @@ def run_phase(stack: Stack, name: str, params: dict[str, Any], sampler: PeakSamp
 
 
 def compare_tables(a: Path, b: Path) -> tuple[bool, int, str]:
-    """(equal, rows, why not): sorted rows and the per-vehicle watermarks of two tables."""
+    """(equal, rows, why not): sorted rows, keys and the per-vehicle watermarks of two tables; float values
+    to the last bits (``tests.support.telemetry_tables.table_differences``: the emulator's parallel means may
+    round the last bit differently when a vehicle is fetched again, as the second phase does)."""
     from connectors.dimo.store import TelemetryStore
-    from tests.support.telemetry_tables import sorted_rows
+    from tests.support.telemetry_tables import table_differences
 
     sa, sb = TelemetryStore(str(a)), TelemetryStore(str(b))
-    ra, rb = sorted_rows(sa.read()), sorted_rows(sb.read())
-    if not ra.schema.equals(rb.schema, check_metadata=False):
-        return False, ra.num_rows, f"schemas differ:\n{ra.schema}\n{rb.schema}"
-    if ra.num_rows != rb.num_rows:
-        return False, ra.num_rows, f"rows differ: {ra.num_rows} vs {rb.num_rows}"
-    if differ := [n for n in ra.column_names if not ra.column(n).equals(rb.column(n))]:
-        return False, ra.num_rows, f"columns differ: {differ}"
-    if sa.watermarks() != sb.watermarks():
-        return False, ra.num_rows, "watermarks differ"
-    return True, ra.num_rows, ""
+    differ = table_differences(sa, sb)
+    return not differ, sa.read(columns=["token_id"]).num_rows, "; ".join(differ)
 
 
 def breakdown(phase: dict[str, Any]) -> dict[str, Any]:
@@ -425,6 +421,8 @@ def _admit_many(api: str, name: str, n: int, callers: int, out: Any) -> None:
     os.environ["PREFECT_API_URL"] = api
     from prefect.concurrency.asyncio import rate_limit
 
+    from pipelines.fleet_rate import UNITS
+
     async def main() -> tuple[float, list[float]]:
         lat: list[float] = []
         gate = asyncio.Semaphore(callers)
@@ -432,7 +430,7 @@ def _admit_many(api: str, name: str, n: int, callers: int, out: Any) -> None:
         async def one() -> None:
             async with gate:
                 t = time.perf_counter()
-                await rate_limit(name, occupy=1, strict=True)
+                await rate_limit(name, occupy=UNITS, strict=True)
                 lat.append(time.perf_counter() - t)
 
         t0 = time.perf_counter()
@@ -445,14 +443,14 @@ def _admit_many(api: str, name: str, n: int, callers: int, out: Any) -> None:
 def probe_admission(api: str, rate: float, processes: int, total: int, callers: int = 8) -> dict[str, Any]:
     """What ``pipelines.fleet_rate.admit`` can pass: ``total`` admissions from ``processes`` processes with
     ``callers`` concurrent requests each (the DIMO client's default concurrency), on a limit like
-    ``dimo-rate-*`` (``burst(rate)`` slots decaying at ``rate``/s) and on one too wide to bind (the bare cost
-    of the Prefect API call per request)."""
+    ``dimo-rate-*`` (``burst(rate)`` requests of ``UNITS`` slots, decaying at ``rate``/s) and on one too wide
+    to bind (the bare cost of the Prefect API call per request)."""
     import multiprocessing as mp
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
-    from pipelines.fleet_rate import burst
+    from pipelines.fleet_rate import UNITS, burst
 
     cases = {
         "unbound_1_process": (1e6, 1),
@@ -465,7 +463,9 @@ def probe_admission(api: str, rate: float, processes: int, total: int, callers: 
         for case, (r, procs) in cases.items():
             name = f"bench-probe-{case}"
             client.create_global_concurrency_limit(
-                GlobalConcurrencyLimitCreate(name=name, limit=burst(r), slot_decay_per_second=r)
+                GlobalConcurrencyLimitCreate(
+                    name=name, limit=burst(r) * UNITS, slot_decay_per_second=r * UNITS
+                )
             )
             q = ctx.Queue()
             ps = [
@@ -608,7 +608,7 @@ def main() -> None:
     out = {
         "vehicles": args.vehicles,
         "shards": args.shards,
-        "shard_runs": len(sharded["children"]),
+        "shard_runs": len(sharded["children"]),  # child runs: the parent ingests the first shard itself
         "workers": args.workers,
         "worker_limit": limit,
         "worker_query_s": args.worker_query_s,
@@ -645,7 +645,8 @@ def main() -> None:
           f"license rate {args.rate:g}/s per service, enforced by the emulator")  # fmt: skip
     print(f"single  (1 run):                {single['seconds']:8.1f} s  body {b['single']['body_s']} s, "
           f"{single['requests_per_s']:.1f} requests/s passed, {sum(single['limited'].values())} × 429")  # fmt: skip
-    print(f"sharded ({len(sharded['children'])} shards, {args.workers} workers): {sharded['seconds']:8.1f} s  "
+    print(f"sharded ({args.shards} shards: the parent and {len(sharded['children'])} child runs on {args.workers} workers): "
+          f"{sharded['seconds']:8.1f} s  "
           f"shard bodies {b['sharded'].get('children_body_s')} s, {sharded['requests_per_s']:.1f} requests/s "
           f"passed, {sum(sharded['limited'].values())} × 429")  # fmt: skip
     print(f"overhead: {overhead:.1f} s, {overhead / args.shards:.2f} s per shard (target ≤ {TARGET_PER_SHARD_S:g}); "

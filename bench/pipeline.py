@@ -63,7 +63,7 @@ def plain_train_and_publish(params: TrainAndPublishParams) -> tuple[dict[str, An
     settings, _ = resolve_dimo_settings(ip.credentials, None)
     vehicles = S.discover_vehicles(settings, ip.vehicles)
     batches = S.plan_batches(vehicles, ip.batch_size)
-    per_task = S.batch_settings(settings, ip, min(len(batches), INGEST_WORKERS))
+    per_task = S.batch_settings(settings, ip)
     with ThreadPoolExecutor(INGEST_WORKERS) as pool:
         reports = list(pool.map(lambda b: S.ingest_batch(per_task, ip.dataset, window, b, signals), batches))
     info = S.dataset_info(ip.dataset)

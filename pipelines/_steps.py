@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import threading
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from connectors.dimo.client import Admission, DimoClient, VehicleInfo
+from connectors.dimo.client import Admission, DimoClient, Pacer, VehicleInfo
 from connectors.dimo.go_duration import parse_interval
 from connectors.dimo.ingest import IngestProgress, ingest
 from connectors.dimo.location import TableLocation
@@ -88,12 +89,31 @@ def request_rate(settings: DimoSettings, params: IngestParams) -> float:
     return settings.rate_limit_per_s if params.rate_limit_per_s is None else params.rate_limit_per_s
 
 
-def batch_settings(settings: DimoSettings, params: IngestParams, parallel: int) -> DimoSettings:
-    """Per-task client settings: the run's :func:`request_rate` split between the ``parallel`` tasks running
-    at once, so together they stay within DIMO's limit."""
-    total = request_rate(settings, params)
-    rate = total / max(parallel, 1) if total else 0.0
-    return settings.model_copy(update={"rate_limit_per_s": rate})
+def batch_settings(settings: DimoSettings, params: IngestParams) -> DimoSettings:
+    """Per-task client settings: the run's :func:`request_rate` (its tasks share one :func:`process_pacer`)."""
+    return settings.model_copy(update={"rate_limit_per_s": request_rate(settings, params)})
+
+
+_PACERS: dict[tuple[str, str, float], Pacer] = {}
+_PACERS_LOCK = threading.Lock()
+
+
+def process_pacer(settings: DimoSettings) -> Pacer:
+    """The one :class:`~connectors.dimo.client.Pacer` of this process for ``settings``' license, DIMO endpoints
+    and rate: every task (thread) of every run here paces its requests with it. Each task pacing itself at a
+    share of the rate left the rate of finished tasks unused, and the tasks' bursts stacked (the emulator
+    answered 429 to token exchanges)."""
+    key = (settings.client_id or "", settings.urls.auth, settings.rate_limit_per_s)
+    with _PACERS_LOCK:
+        return _PACERS.setdefault(key, Pacer(settings.rate_limit_per_s))
+
+
+def paced(settings: DimoSettings, admit: Admission | None) -> tuple[DimoSettings, Admission | None]:
+    """The client settings and admission of one DIMO client: ``admit`` when given (the fleet-wide limit),
+    else this process's :func:`process_pacer` instead of the client's own limiter."""
+    if admit is not None or settings.rate_limit_per_s <= 0:
+        return settings, admit
+    return settings.model_copy(update={"rate_limit_per_s": 0.0}), process_pacer(settings)
 
 
 def discover_vehicles(
@@ -101,6 +121,8 @@ def discover_vehicles(
 ) -> list[VehicleInfo]:
     """The vehicles shared with the license, by token id (``wanted`` filters; unknown ids are an error).
     ``admit`` gates each DIMO request (a fleet-wide rate limit: ``pipelines.fleet_rate``)."""
+
+    settings, admit = paced(settings, admit)
 
     async def run() -> list[VehicleInfo]:
         async with DimoClient(settings, admit=admit) as client:
@@ -137,6 +159,7 @@ def ingest_batch(
     token_ids = [v.token_id for v in vehicles]
     per_vehicle: dict[int, int] = {}
     last = 0
+    settings, admit = paced(settings, admit)
 
     def progress(p: IngestProgress) -> None:
         nonlocal last

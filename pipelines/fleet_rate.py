@@ -6,12 +6,18 @@ to N times it. Instead every DIMO request takes one slot of the Prefect global c
 ``dimo-rate-<service>`` (``auth``, ``token-exchange``, ``identity``, ``telemetry``), whose slots decay at the
 license's rate (Prefect's ``rate_limit``): the Prefect server, shared by every worker, is the one bucket.
 
-The bucket holds ``max(1, rate // 2)`` slots. A request is admitted by the Prefect server and reaches DIMO a
+The bucket holds ``max(1, rate // 2)`` requests. A request is admitted by the Prefect server and reaches DIMO a
 little later; DIMO's own bucket (nginx ``limit_req``) holds one second's worth, so admitting at most half a
 second's burst leaves the other half for requests in flight (the emulator's rate limiter admits
 ``in_flight + burst + rate·T`` arrivals in any window of T seconds: see ``connectors.dimo.emulator.ratelimit``).
 
-Each request costs one Prefect API call (measured in ``bench/fanout.py``). The limits are created on first use
+A request occupies ``UNITS`` (100) slots, and the limit holds and decays 100 times as many: Prefect's server
+decays a limit by ``floor(decay × seconds since its last write)`` and restarts that clock at every write, so
+with one slot per request the fraction of a slot decayed between two writes is lost at each of them. At DIMO's
+10/s, with writes every few tens of milliseconds, admissions passed only 8.1–8.6 requests/s from 1 or 4
+processes (8 callers each, PostgreSQL server, 200 admissions); at 100 slots per request the loss is a
+hundredth of a request per write and they pass 10.1–10.2/s, with at most 14 in any 1-s window (the bucket's
+5 plus 10/s). Each request costs one Prefect API call (measured in ``bench/fanout.py --probe-admission``). The limits are created on first use
 and set to the rate of the run that starts (the license's: ``DEPIN_DIMO_RATE_LIMIT_PER_S`` or the flow's
 ``rate_limit_per_s``); they show in the UI under Concurrency and with ``prefect gcl ls``.
 """
@@ -22,6 +28,7 @@ import math
 
 SERVICES = ("auth", "token-exchange", "identity", "telemetry")
 PREFIX = "dimo-rate-"
+UNITS = 100  # slots per request: see the module docstring (Prefect drops the fraction of a slot per write)
 
 
 def limit_name(service: str) -> str:
@@ -44,7 +51,7 @@ def ensure_limits(rate: float) -> list[str]:
 
     if rate <= 0:
         return []
-    slots = burst(rate)
+    slots, decay = burst(rate) * UNITS, rate * UNITS
     changed = []
     with get_client(sync_client=True) as client:
         for service in SERVICES:
@@ -54,16 +61,16 @@ def ensure_limits(rate: float) -> list[str]:
             except ObjectNotFound:
                 try:
                     client.create_global_concurrency_limit(
-                        GlobalConcurrencyLimitCreate(name=name, limit=slots, slot_decay_per_second=rate)
+                        GlobalConcurrencyLimitCreate(name=name, limit=slots, slot_decay_per_second=decay)
                     )
                     changed.append(name)
                 except ObjectAlreadyExists:  # created meanwhile by another shard
                     pass
                 continue
-            if (have.limit, have.slot_decay_per_second, have.active) != (slots, rate, True):
+            if (have.limit, have.slot_decay_per_second, have.active) != (slots, decay, True):
                 client.update_global_concurrency_limit(
                     name,
-                    GlobalConcurrencyLimitUpdate(limit=slots, slot_decay_per_second=rate, active=True),
+                    GlobalConcurrencyLimitUpdate(limit=slots, slot_decay_per_second=decay, active=True),
                 )
                 changed.append(name)
     return changed
@@ -82,7 +89,7 @@ async def admit(service: str) -> None:
 
     name = limit_name(service)
     try:
-        await rate_limit(name, occupy=1, strict=True)
+        await rate_limit(name, occupy=UNITS, strict=True)
     except (ConcurrencySlotAcquisitionError, httpx.TransportError) as exc:
         raise DimoTransientError(
             f"fleet rate limit {name}: the Prefect server did not grant a slot ({type(exc).__name__}: "
@@ -90,4 +97,4 @@ async def admit(service: str) -> None:
         ) from None
 
 
-__all__ = ["PREFIX", "SERVICES", "admit", "burst", "ensure_limits", "limit_name"]
+__all__ = ["PREFIX", "SERVICES", "UNITS", "admit", "burst", "ensure_limits", "limit_name"]

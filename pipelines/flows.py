@@ -101,8 +101,7 @@ def ingest_telemetry(params: IngestParams = IngestParams()) -> IngestResult:
         # One slot of dimo-api for the whole sharded run: its shards share the fleet-wide rate limit instead.
         with concurrency(DIMO_CONCURRENCY_LIMIT, occupy=1, strict=False):
             vehicles = T.discover_vehicles(settings, params.vehicles, fleet=True)
-            shard_runs = _run_shards(params, window, [v.token_id for v in vehicles])
-        reports: list[BatchReport] = []
+            shard_runs, reports = _run_shards(params, settings, window, signals, vehicles)
         errors: list[BaseException] = []
     else:
         # One slot of the global limit per ingestion run (not per task): each acquisition is a database write,
@@ -118,14 +117,15 @@ def ingest_telemetry(params: IngestParams = IngestParams()) -> IngestResult:
     new_rows = {t: n for r in reports for t, n in r.per_vehicle.items()}
     skipped = [s for r in reports for s in r.skipped]
     totals = {
-        count: sum(getattr(r, batch) for r in reports) + sum(s.result.get(count, 0) for s in shard_runs)
+        count: sum(getattr(r, batch) for r in reports)
+        + sum(s.result.get(count, 0) for s in shard_runs if not s.in_parent)  # its rows are in `reports`
         for count, batch in _COUNTS.items()
     }
     if shard_runs:
         create_table_artifact(
             table=[s.row() for s in shard_runs],
             key="ingest-shards",
-            description=f"{len(shard_runs)} shards of {len(vehicles)} vehicles: child runs and their rows",
+            description=f"{len(shard_runs)} shards of {len(vehicles)} vehicles: their runs and rows",
         )
     elif params.report:
         create_table_artifact(
@@ -165,13 +165,14 @@ def _ingest_batches(
     signals: list[str] | None,
     vehicles: list[VehicleInfo],
     fleet: bool,
+    track: bool = True,
 ) -> tuple[list[BatchReport], list[BaseException]]:
-    """Ingest ``vehicles`` here, in batches of tasks; progress in the ``ingest-progress`` artifact."""
+    """Ingest ``vehicles`` here, in batches of tasks; progress in the ``ingest-progress`` artifact (``track``)."""
     log = get_run_logger()
     batches = S.plan_batches(vehicles, params.batch_size)
-    task_settings = S.batch_settings(settings, params, min(len(batches), INGEST_WORKERS))
+    task_settings = S.batch_settings(settings, params)
     log.info("%d vehicles in %d batches, %s → %s", len(vehicles), len(batches), window.since, window.until)
-    progress = _progress_artifact(f"ingest: share of {len(vehicles)} vehicles done")
+    progress = _progress_artifact(f"ingest: share of {len(vehicles)} vehicles done") if track else None
     futures = {
         T.ingest_batch.submit(task_settings, str(params.dataset), window, b, signals, _label(b), fleet): b
         for b in batches
@@ -186,15 +187,27 @@ def _ingest_batches(
         else:
             reports.append(outcome)
         done += len(futures[future])
-        update_progress_artifact(progress, progress=100.0 * done / len(vehicles))
-    if not batches:
+        if progress is not None:
+            update_progress_artifact(progress, progress=100.0 * done / len(vehicles))
+    if not batches and progress is not None:
         update_progress_artifact(progress, progress=100.0)
     return reports, errors
 
 
-def _run_shards(params: IngestParams, window: S.Window, token_ids: list[int]) -> list[shards.ShardRun]:
-    """Split ``token_ids`` into ``params.shards`` child runs of ``params.shard_deployment`` and wait for them
-    (crashed ones are rescheduled); progress in the ``ingest-progress`` artifact as shards finish."""
+def _run_shards(
+    params: IngestParams,
+    settings: DimoSettings,
+    window: S.Window,
+    signals: list[str] | None,
+    vehicles: list[VehicleInfo],
+) -> tuple[list[shards.ShardRun], list[BatchReport]]:
+    """Split ``vehicles`` into ``params.shards`` shards: the first non-empty one is ingested here, the others
+    are child runs of ``params.shard_deployment``, waited for (crashed ones are rescheduled); progress in the
+    ``ingest-progress`` artifact as shards finish. Returns every shard and this run's own batch reports.
+
+    The parent ingests a shard itself because the license's rate would otherwise sit unused while the
+    children's processes start (interpreter, imports, flow load: about 10 s for 4 at once on 2 cores,
+    measured in ``bench/fanout.py``): it has the fleet-wide rate to itself until they join."""
     log = get_run_logger()
     parent = FlowRunContext.get()
     if parent is None or parent.flow_run is None:
@@ -205,7 +218,8 @@ def _run_shards(params: IngestParams, window: S.Window, token_ids: list[int]) ->
             "copies. Put it on object storage (s3://bucket/prefix) when the workers are on several machines",
             params.dataset,
         )
-    parts = shards.split(token_ids, params.shards)
+    parts = shards.split([v.token_id for v in vehicles], params.shards)
+    own = next((i for i, ids in enumerate(parts) if ids), None)
     # every shard asks for the same buckets, also when it is run again later
     pinned = {"since": window.since.isoformat(), "until": window.until.isoformat()}
 
@@ -221,27 +235,44 @@ def _run_shards(params: IngestParams, window: S.Window, token_ids: list[int]) ->
             }
         }
 
-    runs = shards.start_shards(params.shard_deployment, parent.flow_run.id, parts, child_params)
+    children = [[] if i == own else ids for i, ids in enumerate(parts)]  # an empty shard starts no run
+    runs = shards.start_shards(params.shard_deployment, parent.flow_run.id, children, child_params)
     log.info(
-        "%d vehicles in %d shards (%s) → %s",
-        len(token_ids),
-        len(runs),
-        ", ".join(str(len(r.vehicles)) for r in runs),
+        "%d vehicles in %d shards (%s): shard %s here, the others → %s",
+        len(vehicles),
+        len(runs) + (own is not None),
+        ", ".join(str(len(ids)) for ids in parts if ids),
+        own,
         params.shard_deployment,
     )
-    progress = _progress_artifact(f"ingest: share of {len(runs)} shards done")
+    total = len(runs) + (own is not None)
+    progress = _progress_artifact(f"ingest: share of {total} shards done")
     finished: set[int] = set()
 
     def on_change(run: shards.ShardRun) -> None:
         log.info("shard %d (%s): %s %s", run.index, run.flow_run_name, run.state.title(), run.message)
         if run.state in shards.FINAL_STATES:
             finished.add(run.index)
-            update_progress_artifact(progress, progress=100.0 * len(finished) / max(len(runs), 1))
+            update_progress_artifact(progress, progress=100.0 * len(finished) / max(total, 1))
 
+    reports: list[BatchReport] = []
+    here: shards.ShardRun | None = None
+    if own is not None:
+        by_id = {v.token_id: v for v in vehicles}
+        here = shards.ShardRun(own, parts[own], parent.flow_run.id, parent.flow_run.name, in_parent=True)
+        reports, errors = _ingest_batches(
+            params, settings, window, signals, [by_id[t] for t in parts[own]], fleet=True, track=False
+        )
+        here.state = shards.FINAL_OK if not errors else "FAILED"
+        here.message = "; ".join(str(e)[:200] for e in errors[:3])
+        here.result = {"new_rows": sum(r.rows for r in reports), "requests": sum(r.requests for r in reports),
+                       "seconds": round(max((r.seconds for r in reports), default=0.0), 3)}  # fmt: skip
+        on_change(here)
     shards.wait_shards(runs, on_change=on_change)
-    if not runs:
+    if here is None:  # no vehicles
         update_progress_artifact(progress, progress=100.0)
-    return runs
+        return runs, reports
+    return sorted([*runs, here], key=lambda r: r.index), reports
 
 
 def _progress_artifact(description: str) -> UUID:

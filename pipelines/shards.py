@@ -1,9 +1,11 @@
 """Sharded ingest: the fleet split by a stable hash into child runs of the ingest deployment, run by workers.
 
-``ingest_telemetry(shards=N)`` calls :func:`run_shards`: each non-empty shard becomes one flow run of the
-ingest deployment (``run_deployment``, linked to the parent as a subflow) with the shard's vehicles; whichever
-workers of the deployment's pool are free run them, all writing to the same table (the store's exactly-once
-commits make that safe). The parent polls their states, and:
+``ingest_telemetry(shards=N)`` splits the fleet with :func:`split`. The parent ingests the first non-empty
+shard itself (the license's rate would otherwise sit unused while the other shards' processes start); every
+other non-empty shard becomes one flow run of the ingest deployment (:func:`start_shards`: ``run_deployment``,
+linked to the parent as a subflow) with the shard's vehicles; whichever workers of the deployment's pool are
+free run them, all writing to the same table (the store's exactly-once commits make that safe). The parent
+polls their states (:func:`wait_shards`), and:
 
 - a shard that ends **Crashed** (its worker died: Prefect's heartbeat automation marks it, see
   ``pipelines.deploy``) is set back to Scheduled, up to ``max_attempts`` times, so another worker runs it
@@ -76,6 +78,7 @@ class ShardRun:
     message: str = ""
     reruns: int = 0
     result: dict[str, Any] = field(default_factory=dict)
+    in_parent: bool = False  # ingested by the parent run itself, not a child run
 
     @property
     def ok(self) -> bool:
@@ -86,7 +89,7 @@ class ShardRun:
         return {
             "shard": self.index,
             "vehicles": len(self.vehicles),
-            "flow_run": self.flow_run_name,
+            "flow_run": f"{self.flow_run_name} (the parent)" if self.in_parent else self.flow_run_name,
             "state": self.state.title(),
             "reruns": self.reruns,
             "new_rows": self.result.get("new_rows"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection
@@ -114,6 +115,49 @@ class RateLimiter:
                     self._tokens -= 1
                     return
                 await self._sleep((1 - self._tokens) / self.rate)
+
+
+class Pacer:
+    """An :data:`Admission` pacing each DIMO service at ``rate`` requests/s (``burst`` at once) for every client
+    of a process that shares it, across threads and event loops (a Prefect run's tasks each run their own loop
+    in a thread). DIMO's limit belongs to the license, so a run's tasks share one pace rather than each taking a
+    fixed share: their bursts do not stack, and the tasks still running get the rate the finished ones left.
+
+    A request reserves its send time under a thread lock (GCRA: a theoretical arrival time advanced by
+    ``1/rate`` per request, ``burst - 1`` of them early), then sleeps until then; waiters are served in
+    reservation order. ``rate <= 0`` disables it."""
+
+    def __init__(
+        self,
+        rate: float,
+        burst: int = 2,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self.rate = rate
+        self.burst = max(1, burst)
+        self._clock = clock
+        self._sleep = sleep
+        self._next: dict[str, float] = {}  # service -> theoretical arrival time of its next request
+        self._lock = threading.Lock()
+
+    def reserve(self, service: str) -> float:
+        """Reserve the next send time of a ``service`` request; return the seconds to wait for it."""
+        if self.rate <= 0:
+            return 0.0
+        interval = 1.0 / self.rate
+        with self._lock:
+            now = self._clock()
+            due = max(self._next.get(service, now), now)
+            send_at = max(now, due - (self.burst - 1) * interval)
+            self._next[service] = due + interval
+        return send_at - now
+
+    async def __call__(self, service: str) -> None:
+        wait = self.reserve(service)
+        if wait > 0:
+            await self._sleep(wait)
 
 
 @dataclass

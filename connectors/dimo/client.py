@@ -23,7 +23,15 @@ import pyarrow as pa
 
 from connectors.dimo import _telemetry as tm
 from connectors.dimo._auth import DeveloperToken, VehicleTokens
-from connectors.dimo._http import Admission, ClientStats, RetryPolicy, Service, TokenSource, graphql_data
+from connectors.dimo._http import (
+    Admission,
+    ClientStats,
+    Pacer,
+    RetryPolicy,
+    Service,
+    TokenSource,
+    graphql_data,
+)
 from connectors.dimo._identity import VehicleInfo, discover_vehicles
 from connectors.dimo.catalog import ALL_TIME_LOCATION, NON_LOCATION, current_signals, signal_catalog
 from connectors.dimo.errors import DimoPrivilegeError, DimoQueryError
@@ -34,7 +42,15 @@ from connectors.dimo.settings import DimoSettings
 from depin_core.errors import ConfigError
 from depin_core.timeparse import parse_instant
 
-__all__ = ["Admission", "ClientStats", "DimoClient", "TelemetrySource", "VehicleHistory", "VehicleInfo"]
+__all__ = [
+    "Admission",
+    "ClientStats",
+    "DimoClient",
+    "Pacer",
+    "TelemetrySource",
+    "VehicleHistory",
+    "VehicleInfo",
+]
 
 # Signal privilege (catalog) → privilege id the license needs.
 _PRIVILEGE_ID = {NON_LOCATION: NON_LOCATION_HISTORY, ALL_TIME_LOCATION: LOCATION_HISTORY}

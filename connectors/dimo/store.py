@@ -239,15 +239,20 @@ class TelemetryStore:
             )
 
     def _create(self, schema: pa.Schema, interval: str | None) -> DeltaTable:
-        DeltaTable.create(
-            self.location.uri,
-            pa.schema([*schema, _DATE_FIELD]),
-            mode="ignore",  # a concurrent creator may win: then its table is ours too
-            partition_by=[PARTITION],
-            name=TABLE_NAME,
-            description=json.dumps({"schema": SCHEMA_ID, "interval": interval}),
-            storage_options=self.location.storage_options or None,
-        )
+        try:
+            DeltaTable.create(
+                self.location.uri,
+                pa.schema([*schema, _DATE_FIELD]),
+                mode="ignore",  # a table created before we looked is ours too
+                partition_by=[PARTITION],
+                name=TABLE_NAME,
+                description=json.dumps({"schema": SCHEMA_ID, "interval": interval}),
+                storage_options=self.location.storage_options or None,
+            )
+        except CommitFailedError:
+            # A concurrent creator committed version 0 first ("protocol changed": seen with 4 shards starting
+            # on a new table). Its table is ours too: the caller checks its schema and adds missing columns.
+            log.info("dataset %s: created meanwhile by another writer", self.root)
         self._dt = None
         dt = self._table()
         assert dt is not None

@@ -59,10 +59,12 @@ def test_fleet_rate_limits_follow_the_license_rate() -> None:
 
     names = sorted(fleet_rate.limit_name(s) for s in fleet_rate.SERVICES)
     fleet_rate.ensure_limits(10)  # created, or set from an earlier test's rate
-    assert stored() == {n: (5, 10.0) for n in names}
+    # a request occupies UNITS slots (Prefect drops the fraction of a slot decayed at every write)
+    assert fleet_rate.UNITS == 100
+    assert stored() == {n: (500, 1000.0) for n in names}
     assert fleet_rate.ensure_limits(10) == []  # nothing to change
     assert sorted(fleet_rate.ensure_limits(4)) == names
-    assert stored() == {n: (2, 4.0) for n in names}
+    assert stored() == {n: (200, 400.0) for n in names}
     fleet_rate.ensure_limits(10)
 
 
@@ -73,7 +75,8 @@ async def test_admit_takes_a_slot_of_the_service_limit() -> None:
     await fleet_rate.admit("telemetry")
     async with get_client() as client:
         limit = await client.read_global_concurrency_limit_by_name("dimo-rate-telemetry")
-    assert limit.slot_decay_per_second == 10.0  # a rate limit: the slot decays, nothing to release
+    assert limit.slot_decay_per_second == 1000.0  # a rate limit: the slots decay, nothing to release
+    assert 0 < limit.active_slots <= 5 * fleet_rate.UNITS  # requests in UNITS, at most the burst of 5
     # a slot the server cannot grant is a transient DIMO error: the client retries that request with backoff
     with pytest.raises(DimoTransientError, match="fleet rate limit dimo-rate-no-such-service"):
         await fleet_rate.admit("no-such-service")

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
+from connectors.dimo.client import Pacer
 from connectors.dimo.schema import telemetry_schema
 from connectors.dimo.settings import DimoSettings
 from connectors.dimo.store import TelemetryStore
@@ -99,13 +100,22 @@ def test_metrics_artifacts_are_json_and_name_the_verdict() -> None:
 # ------------------------------------------------------------------------------------------------- ingest
 
 
-def test_batches_and_the_rate_split_between_parallel_tasks() -> None:
+def test_batches_and_one_pace_for_the_tasks_of_a_process() -> None:
     assert S.plan_batches([5, 1, 2, 3, 4], 2) == [[5, 1], [2, 3], [4]]
     assert S.plan_batches([], 3) == []
     settings = DimoSettings(rate_limit_per_s=10)
-    assert S.batch_settings(settings, IngestParams(), 4).rate_limit_per_s == 2.5
-    assert S.batch_settings(settings, IngestParams(rate_limit_per_s=2), 1).rate_limit_per_s == 2
-    assert S.batch_settings(settings, IngestParams(rate_limit_per_s=0), 4).rate_limit_per_s == 0
+    assert S.batch_settings(settings, IngestParams()).rate_limit_per_s == 10
+    assert S.batch_settings(settings, IngestParams(rate_limit_per_s=2)).rate_limit_per_s == 2
+    assert S.batch_settings(settings, IngestParams(rate_limit_per_s=0)).rate_limit_per_s == 0
+    # every task's client gives its pacing to the process's one pacer for this license and rate
+    client_settings, admit = S.paced(settings, None)
+    assert client_settings.rate_limit_per_s == 0 and isinstance(admit, Pacer) and admit.rate == 10
+    assert S.paced(settings, None)[1] is admit
+    assert S.paced(settings.model_copy(update={"rate_limit_per_s": 5}), None)[1] is not admit
+    fleet = object()  # a fleet-wide admission is used as given, the client keeps its own limiter
+    assert S.paced(settings, fleet)[1] is fleet  # type: ignore[arg-type]
+    assert S.paced(settings, fleet)[0].rate_limit_per_s == 10  # type: ignore[arg-type]
+    assert S.paced(DimoSettings(rate_limit_per_s=0), None) == (DimoSettings(rate_limit_per_s=0), None)
 
 
 def test_window_is_resolved_once_and_checked() -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
 
 import pytest
 
 from connectors.dimo._http import (
     ClientStats,
+    Pacer,
     RateLimiter,
     RetryPolicy,
     Service,
@@ -158,6 +160,34 @@ async def test_rate_limiter_spaces_requests_with_a_small_burst():
     assert now[0] == pytest.approx(0.4)
     off = RateLimiter(0)
     await off.acquire()
+
+
+async def test_pacer_is_shared_by_threads_and_paces_each_service_on_its_own():
+    now = [0.0]
+    pacer = Pacer(10, burst=2, clock=lambda: now[0])
+    # two threads with their own event loops (a flow's tasks) reserve from one pacer: one pace between them
+    waits: list[float] = []
+    threads = [threading.Thread(target=lambda: waits.extend(pacer.reserve("telemetry") for _ in range(3)))
+               for _ in range(2)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(waits) == pytest.approx([0.0, 0.0, 0.1, 0.2, 0.3, 0.4])  # a burst of 2, then 0.1 s apart
+    assert pacer.reserve("auth") == 0.0  # another service has its own pace
+    now[0] = 10.0  # idle: the burst is available again, not the time missed
+    assert [pacer.reserve("telemetry") for _ in range(3)] == pytest.approx([0.0, 0.0, 0.1])
+    assert Pacer(0).reserve("telemetry") == 0.0
+
+    slept: list[float] = []
+
+    async def sleep(s: float) -> None:
+        slept.append(s)
+
+    paced = Pacer(4, burst=1, clock=lambda: 0.0, sleep=sleep)
+    for _ in range(3):
+        await paced("identity")  # an Admission: called with the service's name
+    assert slept == pytest.approx([0.25, 0.5])
 
 
 def test_stats_as_dict():

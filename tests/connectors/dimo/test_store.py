@@ -355,6 +355,42 @@ def test_two_concurrent_writers_both_commit_and_equal_one_run(
     assert store.watermarks() == dict.fromkeys(range(1, total + 1), DAY_END)
 
 
+def test_writers_starting_together_on_a_new_table_all_commit(
+    table: tuple[str, dict[str, str], dict[str, str]], tmp_path: Path
+) -> None:
+    """Shards of one ingest on a dataset that does not exist yet: each writer creates the table, one creation
+    wins and the others write into its table (delta-rs answers the losers "protocol changed")."""
+    uri, opts, env = table
+    n, writers = VEHICLES_PER_COMMIT, 4
+    barrier = tmp_path / "go"
+    procs = [_writer(uri, env, "write", 1 + i * n, n, str(barrier)) for i in range(writers)]
+    barrier.touch()
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * writers, outs
+    store = TelemetryStore(uri, storage_options=opts)
+    assert store.read().equals(_clean_run(tmp_path, 1, writers * n))
+    assert store.watermarks() == dict.fromkeys(range(1, writers * n + 1), DAY_END)
+
+
+def test_a_lost_creation_race_writes_into_the_winners_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deterministic form of the race above: the other writer's version 0 lands just before ours."""
+    from deltalake.exceptions import CommitFailedError
+
+    real_create = DeltaTable.create
+
+    def lose_the_race(uri: str, schema: pa.Schema, **kw: object) -> None:
+        real_create(uri, schema, **kw)  # type: ignore[arg-type]  # the winner's commit
+        raise CommitFailedError("Failed to commit transaction: Protocol changed since last commit")
+
+    monkeypatch.setattr("connectors.dimo.store.DeltaTable.create", lose_the_race)
+    store = TelemetryStore(tmp_path / "telemetry")
+    write_vehicles(store, 1, VEHICLES_PER_COMMIT)
+    monkeypatch.undo()
+    assert TelemetryStore(tmp_path / "telemetry").read().equals(_clean_run(tmp_path, 1, VEHICLES_PER_COMMIT))
+
+
 def test_vehicle_rows_helper_is_a_valid_contract_table() -> None:
     t = vehicle_rows([1, 2])
     assert t.num_rows == 2 * MINUTES and t.schema.metadata[b"depin.interval"] == b"1m0s"
