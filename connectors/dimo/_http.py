@@ -83,44 +83,10 @@ class ClientStats:
         }
 
 
-class RateLimiter:
-    """Async token bucket: ``rate`` requests/s with a small ``burst``; ``rate <= 0`` disables it."""
-
-    def __init__(
-        self,
-        rate: float,
-        burst: int = 2,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Sleep = asyncio.sleep,
-    ) -> None:
-        self.rate = rate
-        self.burst = max(1, burst)
-        self._tokens = float(self.burst)
-        self._clock = clock
-        self._sleep = sleep
-        self._last = clock()
-        self._lock = asyncio.Lock()
-
-    async def acquire(self) -> None:
-        """Wait until one request may be sent."""
-        if self.rate <= 0:
-            return
-        async with self._lock:  # FIFO: waiters are served in arrival order
-            while True:
-                now = self._clock()
-                self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-                self._last = now
-                if self._tokens >= 1:
-                    self._tokens -= 1
-                    return
-                await self._sleep((1 - self._tokens) / self.rate)
-
-
 class Pacer:
-    """An :data:`Admission` pacing each DIMO service at ``rate`` requests/s (``burst`` at once) for every client
-    of a process that shares it, across threads and event loops (a Prefect run's tasks each run their own loop
-    in a thread). DIMO's limit belongs to the license, so a run's tasks share one pace rather than each taking a
+    """An :data:`Admission` pacing each DIMO service at ``rate`` requests/s (``burst`` at once): each client's
+    own limiter, and one shared by every client of a process, across threads and event loops (a Prefect run's
+    tasks each run their own loop in a thread). DIMO's limit belongs to the license, so a run's tasks share one pace rather than each taking a
     fixed share: their bursts do not stack, and the tasks still running get the rate the finished ones left.
 
     A request reserves its send time under a thread lock (GCRA: a theoretical arrival time advanced by
@@ -268,7 +234,7 @@ class Service:
         self.name = name
         self.policy = policy
         self.stats = stats
-        self.limiter = RateLimiter(rate, sleep=policy.sleep)
+        self.limiter = Pacer(rate, sleep=policy.sleep)
         self.admit = admit
         self.slots = asyncio.Semaphore(concurrency)
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -284,7 +250,7 @@ class Service:
 
     async def _send(self, method: str, url: str, what: str, **kwargs: Any) -> httpx.Response:
         async with self.slots:
-            await self.limiter.acquire()
+            await self.limiter(self.name)
             if self.admit is not None:
                 await self.admit(self.name)
             started = time.perf_counter()

@@ -11,7 +11,6 @@ import pytest
 from connectors.dimo._http import (
     ClientStats,
     Pacer,
-    RateLimiter,
     RetryPolicy,
     Service,
     graphql_data,
@@ -153,13 +152,13 @@ async def test_rate_limiter_spaces_requests_with_a_small_burst():
         sleeps.append(s)
         now[0] += s
 
-    limiter = RateLimiter(10, burst=2, clock=lambda: now[0], sleep=sleep)
+    limiter = Pacer(10, burst=2, clock=lambda: now[0], sleep=sleep)
     for _ in range(6):
-        await limiter.acquire()
+        await limiter("telemetry")
     assert len(sleeps) == 4  # two free (burst), then one per 0.1 s
     assert now[0] == pytest.approx(0.4)
-    off = RateLimiter(0)
-    await off.acquire()
+    off = Pacer(0)
+    await off("telemetry")
 
 
 async def test_pacer_is_shared_by_threads_and_paces_each_service_on_its_own():
