@@ -19,6 +19,7 @@ DATASET_DIR = HOME / "datasets" / "telemetry"  # the ingested telemetry (a Delta
 DATASET_CACHE_DIR = HOME / "cache" / "datasets"  # local copies of job inputs read from object storage
 MODELS_DIR = HOME / "models"  # trained model artifacts
 SCORES_DIR = HOME / "scores"  # batch-scoring outputs
+PLANS_DIR = HOME / "plans"  # charging plans (depin plan, the plan-charging flow)
 
 REGISTRY_DIR = HOME / "registry"  # the local function registry (serving)
 FLUENCE_STATE_DIR = HOME / "fluence"  # what `depin publish --target fluence` created (serving.fluence)
@@ -46,6 +47,7 @@ __all__ = [
     "KEYS_DIR",
     "MODELS_DIR",
     "NODES_FILE",
+    "PLANS_DIR",
     "PREFECT_HOME",
     "PSEUDONYM_KEY_FILE",
     "PUBLISHER_KEY_FILE",

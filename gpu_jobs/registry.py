@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 FAMILIES: dict[str, str] = {
     "range": "gpu_jobs.models.range:RangeFamily",
     "anomaly": "gpu_jobs.models.anomaly:AnomalyFamily",
+    "charging": "gpu_jobs.models.charging:ChargingFamily",
 }
 PLUGINS_ENV = "DEPIN_FAMILIES"  # read through GpuJobsSettings.families
 

@@ -6,7 +6,8 @@ The Python flow API (imported lazily, so ``depin`` commands do not pay for ``imp
     run = train_and_publish(TrainAndPublishParams())
     print(run.function_url, run.metrics, run.baseline)
 
-Flows: ``ingest_telemetry``, ``train_model``, ``publish_function``, ``batch_score``, ``train_and_publish``;
+Flows: ``ingest_telemetry``, ``train_model``, ``publish_function``, ``batch_score``, ``train_and_publish``,
+``plan_charging`` (:mod:`pipelines.charging`);
 their parameter models (``pipelines.params``) and results (``pipelines.results``); ``DimoCredentials``.
 """
 
@@ -22,6 +23,8 @@ _WHERE = {
     "publish_function": "pipelines.flows",
     "batch_score": "pipelines.flows",
     "train_and_publish": "pipelines.flows",
+    "plan_charging": "pipelines.charging",
+    "PlanChargingFlowParams": "pipelines.charging",
     "IngestParams": "pipelines.params",
     "TrainParams": "pipelines.params",
     "PublishParams": "pipelines.params",
@@ -39,6 +42,7 @@ __all__ = [
     "DimoCredentials",
     "IngestParams",
     "IngestResult",
+    "PlanChargingFlowParams",
     "PublishFunctionResult",
     "PublishParams",
     "ScoreParams",
@@ -49,6 +53,7 @@ __all__ = [
     "TrainResult",
     "batch_score",
     "ingest_telemetry",
+    "plan_charging",
     "publish_function",
     "train_and_publish",
     "train_model",
@@ -56,6 +61,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from pipelines.blocks import DimoCredentials
+    from pipelines.charging import PlanChargingFlowParams, plan_charging
     from pipelines.flows import (
         batch_score,
         ingest_telemetry,

@@ -54,7 +54,7 @@ def deployments(settings: ScheduleSettings | None = None) -> list[RunnerDeployme
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
 
-    from pipelines import flows
+    from pipelines import charging, flows
     from pipelines.params import IngestParams, TrainAndPublishParams
 
     s = settings or ScheduleSettings()
@@ -81,6 +81,7 @@ def deployments(settings: ScheduleSettings | None = None) -> list[RunnerDeployme
             flows.train_model,
             flows.publish_function,
             flows.batch_score,
+            charging.plan_charging,
         )
     ]
     # called from sync code, to_deployment returns the deployment (Prefect types it as that | a coroutine)

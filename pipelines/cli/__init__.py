@@ -3,7 +3,7 @@ object as its last stdout line; progress and human text go to stderr.
 
 This package only parses flags and prints; the work is done by the library calls the commands make. One
 module per command group: :mod:`~pipelines.cli.emulator`, :mod:`~pipelines.cli.ingest` (and ``signals``),
-:mod:`~pipelines.cli.dataset` (``dataset info|optimize|vacuum|migrate``), :mod:`~pipelines.cli.jobs` (``train``, ``score``), :mod:`~pipelines.cli.report` (``report``), :mod:`~pipelines.cli.serve` (``serve``, ``publish``,
+:mod:`~pipelines.cli.dataset` (``dataset info|optimize|vacuum|migrate``), :mod:`~pipelines.cli.jobs` (``train``, ``score``), :mod:`~pipelines.cli.report` (``report``), :mod:`~pipelines.cli.plan` (``plan``), :mod:`~pipelines.cli.serve` (``serve``, ``publish``,
 ``invoke``), :mod:`~pipelines.cli.stack` (``up``, ``down``, ``demo``), :mod:`~pipelines.cli.deploy` (``deploy``, ``pool-worker``), :mod:`~pipelines.cli.fluence` and
 :mod:`~pipelines.cli.worker` (with :mod:`~pipelines.cli.nodes`); output helpers in ``_output``."""
 
@@ -15,7 +15,7 @@ import typer
 from pydantic import ValidationError
 
 from depin_core.errors import DepinError
-from pipelines.cli import dataset, deploy, emulator, fluence, ingest, jobs, report, serve, stack, worker
+from pipelines.cli import dataset, deploy, emulator, fluence, ingest, jobs, plan, report, serve, stack, worker
 from pipelines.cli._output import error
 
 app = typer.Typer(
@@ -38,6 +38,7 @@ app.command()(report.report)
 app.command()(serve.serve)
 app.command()(serve.publish)
 app.command()(serve.invoke)
+app.command()(plan.plan)
 app.command()(stack.up)
 app.command()(stack.down)
 app.command()(deploy.deploy)

@@ -136,7 +136,7 @@ def test_bad_input_is_a_clear_error(small_fleet: FleetData, tmp_path: Path) -> N
         str(tmp_path / "m"),
         cwd=tmp_path,
     )
-    assert proc.returncode == 2 and "--model 'gpt': choose one of anomaly, range" in proc.stderr
+    assert proc.returncode == 2 and "--model 'gpt': choose one of anomaly, charging, range" in proc.stderr
     proc = depin(
         "score",
         "--model",

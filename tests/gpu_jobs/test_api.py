@@ -63,7 +63,7 @@ def test_bad_arguments_are_config_errors_before_any_job_runs(tmp_path: Path) -> 
     data = tmp_path / "telemetry"
     data.mkdir()
     (data / "part-0.parquet").write_bytes(b"not read: nothing runs")
-    with pytest.raises(ConfigError, match=r"--model 'gpt': choose one of anomaly, range"):
+    with pytest.raises(ConfigError, match=r"--model 'gpt': choose one of anomaly, charging, range"):
         api.train(dataset=data, model="gpt", out=tmp_path / "m", jobs_dir=jobs_dir)
     with pytest.raises(ConfigError, match=r"--dataset .*missing: does not exist"):
         api.train(dataset=tmp_path / "missing", model="range", out=tmp_path / "m", jobs_dir=jobs_dir)
@@ -79,7 +79,7 @@ def test_bad_arguments_are_config_errors_before_any_job_runs(tmp_path: Path) -> 
     ):
         api.score(model_dir=model, dataset=data, out=tmp_path / "s.parquet", jobs_dir=jobs_dir)
     for content, message in (
-        ('{"family": "gpt"}', "model.json names family 'gpt', not one of anomaly, range"),
+        ('{"family": "gpt"}', "model.json names family 'gpt', not one of anomaly, charging, range"),
         ("{not json", "model.json is not a JSON object"),
         ("[1]", "model.json is not a JSON object"),
     ):

@@ -101,7 +101,7 @@ def test_deploy_to_pool_is_idempotent_and_keeps_schedules(pool: str) -> None:
 
     assert [(d.name, d.id) for d in first] == [(d.name, d.id) for d in second]
     by_name = {d.name: d for d in second}
-    assert len(by_name) == len(second) == 7
+    assert len(by_name) == len(second) == 8
     assert by_name["ingest-telemetry/nightly"].schedules == ["5 1 * * *"]
     assert by_name["train-and-publish/weekly"].schedules == ["0 3 * * 1"]
     assert by_name["batch-score/on-demand"].schedules == []
@@ -175,7 +175,7 @@ def test_depin_deploy_cli_prints_the_pool_and_deployments(pool: str) -> None:
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert (out["pool"], out["created"], len(out["deployments"])) == (pool, True, 7)
+    assert (out["pool"], out["created"], len(out["deployments"])) == (pool, True, 8)
     nightly = next(d for d in out["deployments"] if d["name"] == "ingest-telemetry/nightly")
     assert nightly["schedules"] == ["0 2 * * *"]
     stored = _read_deployments([d["id"] for d in out["deployments"]])

@@ -311,6 +311,7 @@ def test_deployments_schedules_and_time_zone(monkeypatch: pytest.MonkeyPatch) ->
                 "train-model",
                 "publish-function",
                 "batch-score",
+                "plan-charging",
             )
         ),
     }
