@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from depin_core.errors import ConfigError
+from depin_core.paths import PLANS_DIR
 from depin_core.plots import quantity, sig
 from pipelines.cli._output import JsonOpt, emit_json, say
 
@@ -39,7 +40,7 @@ def plan(
     kwh_per_100km: Annotated[
         float | None, typer.Option(help="use this consumption for every EV instead of the range function")
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="plans directory (default .depin/plans)")] = None,
+    out: Annotated[Path | None, typer.Option(help=f"plans directory (default {PLANS_DIR})")] = None,
     seed: Annotated[int, typer.Option(help="seed of the stochastic solvers")] = 0,
     time_limit_s: Annotated[float, typer.Option(help="limit of one solver attempt (s)")] = 60.0,
     as_json: JsonOpt = False,
