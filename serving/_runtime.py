@@ -99,6 +99,13 @@ class LoadedVersion:
     batcher: DynamicBatcher
     max_rows: int
     last_used: float = 0.0  # time.perf_counter() of the last request (LRU of unaliased versions)
+    own_thread: concurrent.futures.ThreadPoolExecutor | None = None  # a slow function's inference thread
+
+    async def aclose(self) -> None:
+        """Drain the batcher, then stop the version's own inference thread (if it has one)."""
+        await self.batcher.aclose(drain=True)
+        if self.own_thread is not None:
+            self.own_thread.shutdown(wait=False, cancel_futures=True)
 
 
 def _make_run(predictor: Predictor) -> Callable[[Columns], list[dict[str, Any]]]:
@@ -153,7 +160,7 @@ class Runtime:
         for task in list(self._loading.values()):
             task.cancel()
         loaded, self.loaded = list(self.loaded.values()), {}
-        await asyncio.gather(*(lv.batcher.aclose(drain=True) for lv in loaded), *self._closing)
+        await asyncio.gather(*(lv.aclose() for lv in loaded), *self._closing)
         self.infer.shutdown(wait=True, cancel_futures=True)
         self.loader.shutdown(wait=True, cancel_futures=True)
         self.prep.shutdown(wait=True, cancel_futures=True)
@@ -251,18 +258,26 @@ class Runtime:
             route = self.table.functions.get(name)
             info = route.info.versions.get(version) if route else None
             bundle = info.bundle if info is not None else None
+        own_thread: concurrent.futures.ThreadPoolExecutor | None = None
         try:
             if bundle is None:
                 bundle = await self.in_loader(self.registry.bundle, name, version)
             manifest = bundle.manifest
             predictor = await self.in_loader(self._load_predictor, bundle, self.settings.device)
             max_rows = int(manifest.max_batch_size)
+            # A function whose calls take seconds (the charging planner) gets a thread of its own: in the
+            # shared inference thread every other function's requests would wait behind its solves.
+            own_thread = (
+                concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"depin-infer-{name}")
+                if getattr(predictor, "dedicated_thread", False)  # tests wrap predictors in bare objects
+                else None
+            )
             batcher = DynamicBatcher(
                 _make_run(predictor),
                 max_batch_rows=max_rows,
                 max_wait_ms=self.settings.max_wait_ms,
                 max_queue_rows=max(self.settings.max_queue_rows, max_rows),
-                executor=self.infer,
+                executor=own_thread or self.infer,
                 max_in_flight=self.settings.max_in_flight,
                 name=f"{name}@{version}",
                 inline_max_ms=self.settings.inline_max_ms,
@@ -282,13 +297,15 @@ class Runtime:
         except NotFound:
             raise
         except Exception as exc:
+            if own_thread is not None:
+                own_thread.shutdown(wait=False, cancel_futures=True)
             reason = f"{name}@{version} failed to load: {exc}"
             log.error("gateway: %s", reason)
             self._failed[(name, version)] = (self.table.revision, reason)
             raise LoadFailed(reason) from exc
         if self.metrics is not None:
             batcher.on_batch = self.metrics.batch_observer(name, version)
-        lv = LoadedVersion(name, version, predictor, batcher, max_rows, time.perf_counter())
+        lv = LoadedVersion(name, version, predictor, batcher, max_rows, time.perf_counter(), own_thread)
         self.loaded[(name, version)] = lv
         self._failed.pop((name, version), None)
         log.info("gateway: loaded and warmed %s@%s", name, version)
@@ -389,7 +406,7 @@ class Runtime:
         if lv is None:
             return
         log.info("gateway: unloading %s@%s (draining %d queued rows)", *key, lv.batcher.queue_rows)
-        task = asyncio.create_task(lv.batcher.aclose(drain=True))
+        task = asyncio.create_task(lv.aclose())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 

@@ -322,6 +322,12 @@ class Predictor:
         """The other request forms the model accepts (``telemetry``, ``plan``, …), by body key."""
         return {f.key: f for f in getattr(self.impl, "forms", ())}
 
+    @property
+    def dedicated_thread(self) -> bool:
+        """True when one call may run for seconds (an optimisation, not a forward pass): a gateway then runs
+        this function in an inference thread of its own, so it never holds up the other functions."""
+        return bool(getattr(self.impl, "dedicated_thread", False))
+
     def columns(self, rows: Any) -> Columns:
         """Validate a JSON-decoded list of rows → columns; raises :class:`InvalidInput` naming the field."""
         return self.impl.columns(rows)

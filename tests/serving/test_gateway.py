@@ -497,6 +497,41 @@ async def test_overload_429_and_deadline_504(
         assert 'status="504"' in (await client.get("/metrics")).text
 
 
+async def test_a_slow_function_runs_in_its_own_thread_and_holds_up_no_other(
+    tmp_path: Path, publisher: LocalAccount, make_bundle: MakeBundle, range_artifact: Path
+) -> None:
+    """A function whose calls take seconds (the charging planner declares ``dedicated_thread``) gets an
+    inference thread of its own: while its call is stuck, the other functions still answer."""
+    slow, fast = (make_bundle(range_artifact, name) for name in ("slow-fn", "fast-fn"))
+    registry(tmp_path, publisher, slow, fast)
+    gate = threading.Event()
+    gate.set()
+
+    def load(bundle: Bundle, device: str) -> Any:
+        predictor = default_load_predictor(bundle, device)
+        if bundle.manifest.name != "slow-fn":
+            return predictor
+        gated = GatedPredictor(predictor, gate)
+        gated.dedicated_thread = True  # type: ignore[attr-defined]
+        return gated
+
+    settings = settings_for(tmp_path, publisher, inline_max_ms=0)  # every batch on an inference thread
+    async with serving(settings, load_predictor=load) as (gw, client):
+        gate.clear()
+        slow_batcher = gw.runtime.loaded[("slow-fn", slow.version)].batcher
+        stuck = asyncio.create_task(
+            client.post("/v1/functions/slow-fn/invoke", json={"inputs": slow.manifest.example})
+        )
+        await until(lambda: slow_batcher.in_flight_rows > 0, "the slow call to block its thread")
+        r = await client.post("/v1/functions/fast-fn/invoke", json={"inputs": fast.manifest.example})
+        assert r.status_code == 200 and not stuck.done()  # answered while the slow call is still stuck
+        gate.set()
+        assert (await stuck).status_code == 200
+        own = gw.runtime.loaded[("slow-fn", slow.version)].own_thread
+        assert own is not None and gw.runtime.loaded[("fast-fn", fast.version)].own_thread is None
+    assert own._shutdown  # stopped with the gateway
+
+
 # ----------------------------------------------------------------------------------------------- status
 
 

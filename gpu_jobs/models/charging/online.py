@@ -41,6 +41,10 @@ EXAMPLE_SITE = {
 class ChargingOnline:
     """``charging``: fleet snapshot → charging plan (see the module docstring)."""
 
+    dedicated_thread = (
+        True  # a solve takes up to the planner's time limit per attempt: not in the shared thread
+    )
+
     def __init__(self, config: dict[str, Any]) -> None:
         self.planner = PlannerConfig.model_validate(config["planner"])
         self.input_schema = inline_refs(FleetSnapshot.model_json_schema())

@@ -50,6 +50,7 @@ def test_the_online_model_answers_a_checked_plan(planner_dir: Path, make_bundle:
     from serving.bundle import predictor
 
     pred = predictor(make_bundle(planner_dir, "charging-plan"))
+    assert pred.dedicated_thread  # a gateway solves its plans in a thread of their own
     example = pred.example
     out = pred.invoke({"inputs": example + example})["outputs"]
     assert len(out) == 2  # two independent snapshots, the same answer
