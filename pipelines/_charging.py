@@ -386,6 +386,12 @@ def snapshot(fleet: Fleet, site_file: SiteFile) -> FleetSnapshot:
         )
     if not rows:
         raise ConfigError("the dataset has no EV with a state of charge and a battery size; nothing to plan")
+    known = {str(v.token_id) for v in fleet.vehicles} | {str(s["token_id"]) for s in fleet.skipped}
+    if unknown := sorted(set(site_file.windows.vehicles) - known, key=lambda t: (len(t), t)):
+        raise ConfigError(
+            f"site.json: vehicles: {', '.join(unknown)} not in the dataset (its EVs: "
+            f"{', '.join(str(v.token_id) for v in fleet.vehicles)}); fix the token ids or remove the overrides"
+        )
     return FleetSnapshot(site=site, fleet=rows)
 
 

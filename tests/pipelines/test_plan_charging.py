@@ -199,6 +199,28 @@ def test_a_window_outside_the_horizon_is_a_site_error(serving_fleet: FleetData, 
         run_plan(params)
 
 
+def test_an_override_for_a_vehicle_not_in_the_dataset_is_a_site_error(
+    serving_fleet: FleetData, tmp_path: Path
+) -> None:
+    fleet = fleet_states(serving_fleet.telemetry)
+    ev_id, ice = fleet.vehicles[0].token_id, fleet.skipped[0]["token_id"]
+    overrides = {str(ev_id): {"max_kw": 7.4}, str(ice): {"plug_in": "20:00"}}  # a known EV and a known non-EV
+    params = PlanChargingParams(
+        dataset=str(serving_fleet.telemetry), site=write_site(tmp_path / "ok.json", vehicles=overrides),
+        kwh_per_100km=18.0, out=tmp_path,
+    )  # fmt: skip
+    result, problem, _ = run_plan(params)
+    assert result.feasible
+    assert (
+        next(ev.max_kw for ev in problem.vehicles if ev.vehicle == str(ev_id)) == 7.4
+    )  # the override applied
+    typo = write_site(tmp_path / "typo.json", vehicles={**overrides, "999999": {"max_kw": 7.4}})
+    with pytest.raises(
+        ConfigError, match=r"site.json: vehicles: 999999 not in the dataset .*fix the token ids"
+    ):
+        run_plan(params.model_copy(update={"site": typo}))
+
+
 # --------------------------------------------------------------------------------------------- CLI
 
 
