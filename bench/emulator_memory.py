@@ -31,6 +31,7 @@ from connectors.dimo.client import DimoClient
 from connectors.dimo.emulator.server import EmulatorProcess
 from connectors.dimo.emulator.state import EmulatorConfig
 from connectors.dimo.settings import DimoSettings
+from depin_core.proc import status_kb
 
 TARGET_RSS_MB = 600.0
 TARGET_AT = 10_000
@@ -39,13 +40,8 @@ END = datetime(2026, 1, 15, tzinfo=UTC)
 
 def status_mb(pid: int, key: str) -> float | None:
     """``key`` (``VmHWM``, ``VmRSS``) of ``/proc/<pid>/status`` in MB; None if the process is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(f"{key}:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    kb = status_kb(pid, key)
+    return None if kb is None else round(kb / 1024, 1)
 
 
 async def fetch(credentials: Path, n: int | None, concurrency: int) -> dict[str, Any]:

@@ -79,7 +79,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from depin_core.proc import descendants
+from depin_core.proc import descendants, status_kb
 from depin_core.proc.tree import stop_tree
 from tests.support.up_stack import DEPIN, clean_env, last_json, up_args
 
@@ -93,17 +93,6 @@ RUN_DEADLINE_S = 1800.0
 
 def log(msg: str) -> None:
     print(f"[fanout {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def status_kb(pid: int, key: str) -> int | None:
-    """``key`` (``VmHWM``) of ``/proc/<pid>/status`` in kB; None if the process is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(f"{key}:"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 class PeakSampler:

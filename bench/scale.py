@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 from connectors.dimo.emulator.server import EmulatorProcess
 from connectors.dimo.emulator.state import EmulatorConfig
 from depin_core.proc.child import Child
-from depin_core.proc.tree import descendants
+from depin_core.proc.tree import descendants, status_kb
 
 # store name → extra `depin ingest` arguments selecting it (the Delta table is the only store)
 STORES: dict[str, list[str]] = {"delta": []}
@@ -65,17 +65,6 @@ TARGET_INGEST_RSS_MB = 600.0
 TARGET_EMULATOR_RSS_MB = 600.0
 TARGET_EMULATOR_AT = 10_000
 BASE_SIZE = 100
-
-
-def status_kb(pid: int, key: str) -> int | None:
-    """``key`` (``VmHWM``, ``VmRSS``) of ``/proc/<pid>/status`` in kB; None if the process is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(f"{key}:"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def tree_hwm_mb(pid: int) -> float | None:

@@ -10,6 +10,7 @@ from depin_core.proc.tree import (
     descendants,
     group_alive,
     start_time,
+    status_kb,
     stop_process,
     stop_tree,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "descendants",
     "group_alive",
     "start_time",
+    "status_kb",
     "stop_process",
     "stop_tree",
 ]

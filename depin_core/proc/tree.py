@@ -74,6 +74,18 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def status_kb(pid: int, key: str) -> int | None:
+    """``key`` (``VmHWM``: peak RSS, ``VmRSS``) of ``/proc/<pid>/status`` in kB; None if the process is gone
+    or the field is missing (or without ``/proc``)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def group_alive(pgid: int) -> bool:
     """Whether any process of group ``pgid`` is left (zombies of reaped-later leaders count as gone)."""
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import httpx
 import pytest
 
 from depin_core.errors import DepinError
-from depin_core.proc import Child, ServerProcess, alive, children, descendants, stop_process
+from depin_core.proc import Child, ServerProcess, alive, children, descendants, status_kb, stop_process
 
 # a loopback HTTP server that answers 200 on /healthz, writes {KEY: url} to READY once listening and, with a
 # third argument, first starts a grandchild (in its own process group unless told to leave it) that ignores
@@ -112,3 +113,13 @@ def test_child_is_pinned_to_its_cpu(tmp_path: Path) -> None:
     child = Child("pinned", [sys.executable, "-c", code], log_path=tmp_path / "log", cpu=cpu).start()
     assert child.proc is not None and child.proc.wait(timeout=60) == 0
     assert json.loads(child.log_tail()) == [cpu]
+
+
+def test_status_kb_reads_proc_status() -> None:
+    peak, now = status_kb(os.getpid(), "VmHWM"), status_kb(os.getpid(), "VmRSS")
+    assert peak is not None and now is not None and 0 < now <= peak  # kB: the peak is never below the current
+    assert status_kb(os.getpid(), "NoSuchField") is None
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    assert status_kb(int(done.stdout), "VmHWM") is None  # the process is gone
