@@ -128,9 +128,7 @@ def plan(
         record["raw_cost"] = round(lay.cost(raw), 6)
         record["raw_violations"] = len(violations)
         if violations and solver in UNTRUSTED:
-            reason = f"infeasible as returned: {violations[0]}" + (
-                f" (+{len(violations) - 1} more)" if len(violations) > 1 else ""
-            )
+            reason = _violations_text("infeasible as returned", violations)
             attempts.append({**record, "outcome": "rejected", "reason": reason, "wall_s": _since(t0)})
             continue
         schedule = raw
@@ -138,9 +136,7 @@ def plan(
             schedule = repair(lay, raw, improve=solver in HEURISTIC)
         left = check(lay, schedule)
         if left:
-            reason = f"still infeasible after repair: {left[0]}" + (
-                f" (+{len(left) - 1} more)" if len(left) > 1 else ""
-            )
+            reason = _violations_text("still infeasible after repair", left)
             attempts.append({**record, "outcome": "rejected", "reason": reason, "wall_s": _since(t0)})
             continue
         attempts.append({**record, "outcome": "ok", "reason": "", "wall_s": _since(t0)})
@@ -155,6 +151,12 @@ def plan(
             f"no solver produced a plan: {outcomes}; retry, or add 'exact' or 'greedy' to solvers"
         )
     raise PermanentError(f"no solver produced a feasible plan: {outcomes}")
+
+
+def _violations_text(what: str, violations: Sequence[str]) -> str:
+    """``"<what>: <first violation> (+n more)"``: an attempt's reason."""
+    more = f" (+{len(violations) - 1} more)" if len(violations) > 1 else ""
+    return f"{what}: {violations[0]}{more}"
 
 
 def _since(t0: float) -> float:
