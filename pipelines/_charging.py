@@ -261,44 +261,56 @@ class PlanChargingResult(BaseModel):
 
 
 def fleet_states(dataset: Path | str) -> Fleet:
-    """Each EV's latest SoC and battery, its km per day and driving conditions (see the module docstring)."""
+    """Each EV's latest SoC and battery, its km per day and driving conditions (see the module docstring).
+
+    Three passes of polars' streaming engine over the table (its time extent; per vehicle, when each value
+    was last seen, odometer extremes and means; the values seen then): memory follows the fleet's size in
+    vehicles, not its rows (reading the table whole took 1.4 GB at 1,200 vehicles × 3 days at 1 minute)."""
     import polars as pl
 
     from connectors.dimo.store import TelemetryStore
 
     store = TelemetryStore(dataset)
-    schema = store.schema()
-    if schema is None:
+    schema, data = store.schema(), store.dataset()
+    if schema is None or data is None:
         raise ConfigError(f"--dataset {dataset}: no telemetry there; ingest first (depin ingest)")
-    wanted = (F.SOC, F.GROSS, F.SOH, F.ODOMETER, F.SPEED, F.AIR)
-    present = [c for c in wanted if c in schema.names]
-    df = pl.from_arrow(store.read(columns=present))
-    assert isinstance(df, pl.DataFrame)
-    if df.is_empty():
+
+    def signal(name: str) -> pl.Expr:  # a signal the table lacks counts as never reported
+        return pl.col(name) if name in schema.names else pl.lit(None, dtype=pl.Float64).alias(name)
+
+    ts = pl.col("timestamp")
+    rows = pl.scan_pyarrow_dataset(data).select(
+        "token_id", "timestamp", *(signal(c) for c in (F.SOC, F.GROSS, F.SOH, F.ODOMETER, F.SPEED, F.AIR))
+    )
+    first, latest = rows.select(ts.min(), ts.max().alias("latest")).collect(engine="streaming").row(0)
+    if latest is None:
         raise ConfigError(f"--dataset {dataset}: the table is empty; ingest first (depin ingest)")
-    for c in wanted:
-        if c not in df.columns:
-            df = df.with_columns(pl.lit(None, dtype=pl.Float64).alias(c))
-    first, latest = df["timestamp"].min(), df["timestamp"].max()
-    assert isinstance(first, datetime) and isinstance(latest, datetime)
     span_days = max((latest - first).total_seconds() / 86400.0, 1.0)
     last_day = latest - timedelta(days=1)
-    has_soc = pl.col(F.SOC).is_not_null()
+    seen = {name: f"{name}_at" for name in (F.SOC, F.GROSS, F.SOH)}
     agg = (
-        df.sort("token_id", "timestamp")
-        .group_by("token_id", maintain_order=True)
+        rows.group_by("token_id")
         .agg(
-            pl.col(F.SOC).drop_nulls().last().alias("soc"),
-            pl.col("timestamp").filter(has_soc).last().alias("soc_at"),
-            pl.col(F.GROSS).drop_nulls().last().alias("gross"),
-            pl.col(F.SOH).drop_nulls().last().alias("soh"),
-            (pl.col(F.ODOMETER).max() - pl.col(F.ODOMETER).min()).alias("km"),
-            pl.col(F.SPEED).filter(pl.col(F.SPEED) > 0).mean().alias("speed"),
-            pl.col(F.AIR).filter(pl.col("timestamp") >= last_day).mean().alias("air"),
+            *(pl.when(pl.col(c).is_not_null()).then(ts).max().alias(at) for c, at in seen.items()),
+            pl.col(F.ODOMETER).min().alias("odo_min"),
+            pl.col(F.ODOMETER).max().alias("odo_max"),
+            pl.when(pl.col(F.SPEED) > 0).then(pl.col(F.SPEED)).mean().alias("speed"),
+            pl.when(ts >= last_day).then(pl.col(F.AIR)).mean().alias("air"),
         )
+        .collect(engine="streaming")
+    )
+    values = (  # each value at the time it was last seen
+        rows.join(agg.lazy().select("token_id", *seen.values()), on="token_id")
+        .filter(pl.any_horizontal(ts == pl.col(at) for at in seen.values()))
+        .group_by("token_id")
+        .agg(pl.when(ts == pl.col(at)).then(pl.col(c)).drop_nulls().last() for c, at in seen.items())
+        .collect(engine="streaming")
+    )
+    agg = agg.join(values, on="token_id", how="left").rename(
+        {F.SOC: "soc", seen[F.SOC]: "soc_at", F.GROSS: "gross", F.SOH: "soh"}
     )
     vehicles, skipped = [], []
-    for r in agg.iter_rows(named=True):
+    for r in agg.sort("token_id").iter_rows(named=True):
         tid = int(r["token_id"])
         if r["soc"] is None or r["gross"] is None or not r["gross"] > 0:
             what = "state of charge" if r["soc"] is None else "battery capacity"
@@ -307,7 +319,7 @@ def fleet_states(dataset: Path | str) -> Fleet:
             )
             continue
         soh = r["soh"] if r["soh"] is not None and 0 < r["soh"] <= 100 else 100.0
-        km = float(r["km"] or 0.0)
+        km = float(r["odo_max"] - r["odo_min"]) if r["odo_max"] is not None else 0.0
         vehicles.append(
             VehicleState(
                 token_id=tid,
